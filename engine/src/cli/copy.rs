@@ -1,0 +1,159 @@
+//! `ferry copy`: an offline base copy, with this process as the source.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use ferry_wire::path::RelPath;
+use ferry_wire::session::Progress;
+use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
+use tokio::sync::watch;
+
+use crate::quic::QuicTuning;
+use crate::read::ReadMode;
+use crate::tls::NodeIdentity;
+use crate::transfer::source::{self, CopyRequest, RateHandle};
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// This (source) node's id: the name in its certificate.
+    #[arg(long)]
+    pub node_id: String,
+    /// Certificate folder made by `ferry certs`.
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// The target daemon's QUIC address.
+    #[arg(long)]
+    pub target: SocketAddr,
+    /// The target's node id (the name its certificate must carry).
+    #[arg(long)]
+    pub target_node: String,
+    /// Folder holding the shard's immutable files.
+    #[arg(long)]
+    pub segments_root: PathBuf,
+    /// Files to ship, relative to the root (repeatable); default: every file under it.
+    #[arg(long = "file")]
+    pub files: Vec<String>,
+    /// Migration id (names the staging folder); default: copy-<vshard>-<base-lsn>.
+    #[arg(long)]
+    pub migration_id: Option<String>,
+    #[arg(long)]
+    pub vshard: u32,
+    /// Every write with an LSN at or below this one is in the files.
+    #[arg(long, default_value_t = 0)]
+    pub base_lsn: u64,
+    /// Chunk size in bytes.
+    #[arg(long, default_value_t = ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES)]
+    pub chunk_len: u32,
+    /// Parallel uni streams.
+    #[arg(long, default_value_t = 4)]
+    pub streams: u32,
+    /// Rate limit in bytes per second (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit: u64,
+    /// How chunks are read: mmap, uring, uring-direct or pread.
+    #[arg(long, default_value = "mmap")]
+    pub read_mode: ReadMode,
+    /// Opaque JSON copied into the target's MANIFEST.json.
+    #[arg(long)]
+    pub db_meta: Option<String>,
+    /// Leave the staging in state `copying` instead of `released` (a live migration continues).
+    #[arg(long)]
+    pub no_commit: bool,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: CopyArgs) -> anyhow::Result<()> {
+    let node_id = NodeId::new(args.node_id).context("invalid --node-id")?;
+    let target_node = NodeId::new(args.target_node).context("invalid --target-node")?;
+    let migration_id =
+        MigrationId::new(args.migration_id.unwrap_or_else(|| format!("copy-{}-{}", args.vshard, args.base_lsn)))
+            .context("invalid --migration-id")?;
+    let files = if args.files.is_empty() {
+        None
+    } else {
+        Some(args.files.into_iter().map(RelPath::new).collect::<Result<Vec<_>, _>>().context("invalid --file")?)
+    };
+    let db_meta = match args.db_meta {
+        Some(text) => serde_json::from_str(&text).context("--db-meta is not valid JSON")?,
+        None => serde_json::Value::Null,
+    };
+    let identity = NodeIdentity::from_dir(&args.certs, &node_id)?;
+    let request = CopyRequest {
+        migration_id,
+        vshard_id: VShardId(args.vshard),
+        base_lsn: Lsn(args.base_lsn),
+        segments_root: args.segments_root,
+        files,
+        db_meta,
+        target_addr: args.target,
+        target_node,
+        chunk_len_bytes: args.chunk_len,
+        streams_count: args.streams,
+        rate_limit_bytes_per_sec: args.rate_limit,
+        read_mode: args.read_mode,
+        commit: !args.no_commit,
+    };
+    let json = args.json;
+    let runtime = super::runtime()?;
+    let report = runtime.block_on(async move {
+        let (progress_tx, progress_rx) = watch::channel(Progress::default());
+        let printer = tokio::spawn(print_progress(progress_rx));
+        let rate = RateHandle::new(request.rate_limit_bytes_per_sec, u64::from(request.chunk_len_bytes));
+        let result = source::copy(&identity, &QuicTuning::default(), request, progress_tx, rate).await;
+        printer.abort();
+        result
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.already_staged {
+        println!(
+            "{} files, {} bytes were already staged on the target: nothing sent; staging {}",
+            report.files_count,
+            report.bytes_total,
+            if report.committed { "released" } else { "copying" },
+        );
+    } else {
+        println!(
+            "copied {} files, {} bytes in {:.3} s ({:.1} MB/s), resent {} bytes, read with {}, staging {}",
+            report.files_count,
+            report.bytes_total,
+            report.elapsed_us as f64 / 1e6,
+            report.throughput_bytes_per_sec as f64 / 1e6,
+            report.bytes_resent,
+            report.read_mode,
+            if report.committed { "released" } else { "copying" },
+        );
+    }
+    Ok(())
+}
+
+async fn print_progress(mut progress: watch::Receiver<Progress>) {
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let p = *progress.borrow_and_update();
+        if p.bytes_total == 0 && p.files_total_count == 0 {
+            continue;
+        }
+        let percent =
+            if p.bytes_total == 0 { 100.0 } else { p.bytes_transferred as f64 * 100.0 / p.bytes_total as f64 };
+        let rate = p.bytes_transferred as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(
+            err,
+            "copy: {}/{} bytes ({percent:.1}%), {}/{} files staged, {:.1} MB/s",
+            p.bytes_transferred,
+            p.bytes_total,
+            p.files_staged_count,
+            p.files_total_count,
+            rate / 1e6
+        );
+    }
+}

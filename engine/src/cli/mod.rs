@@ -1,0 +1,112 @@
+//! The `ferry` command line: daemon, reference coordinator commands and tools.
+//!
+//! What it does: parses arguments (clap), sets up logging, and runs one command. Every command
+//! prints a clear error and exits non-zero on failure; `--json` gives machine-readable output.
+//!
+//! What it does not: hold transfer logic; it calls the library.
+
+mod certs_cmd;
+mod copy;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// ferry: moves a database shard between nodes, fast, verified and resumable.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node daemon: receives inbound base copies over QUIC into <data-dir>/migrations/.
+    Serve(serve::ServeArgs),
+    /// Copy a shard's files to a target daemon (offline base copy; this process is the source).
+    Copy(copy::CopyArgs),
+    /// Make development certificates: a cluster CA and node certificates signed by it.
+    #[command(subcommand)]
+    Certs(certs_cmd::CertsCommand),
+    /// Inspect WAL folders.
+    #[command(subcommand)]
+    Wal(WalCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// List the records of a WAL folder; exits non-zero naming the file and offset on corruption.
+    Dump {
+        /// The WAL folder (holding wal-<lsn>.seg files).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Only records of this vShard.
+        #[arg(long)]
+        vshard: Option<u32>,
+        /// Only records with an LSN at or above this one.
+        #[arg(long)]
+        from_lsn: Option<u64>,
+        /// Read a staged WAL (strictly increasing, not dense, LSNs).
+        #[arg(long)]
+        staged: bool,
+        /// One JSON object per record.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Copy(args) => copy::run(args),
+        Command::Certs(command) => certs_cmd::run(command),
+        Command::Wal(WalCommand::Dump { dir, vshard, from_lsn, staged, json }) => {
+            let options = crate::wal::dump::DumpOptions {
+                dir,
+                vshard: vshard.map(ferry_wire::VShardId),
+                from_lsn: from_lsn.map(ferry_wire::Lsn),
+                staged,
+                json,
+            };
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            crate::wal::dump::dump(&options, &mut out).map(|_| ()).map_err(anyhow::Error::from)
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A multi-threaded tokio runtime for the async commands.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("ferry").build()?)
+}

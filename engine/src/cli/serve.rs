@@ -1,0 +1,96 @@
+//! `ferry serve`: the node daemon (for now: the target side of base copies).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use ferry_wire::NodeId;
+
+use crate::quic::QuicTuning;
+use crate::storage::DiskStorage;
+use crate::tls::NodeIdentity;
+use crate::transfer::target::{self, TargetContext};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// This node's id: the name in its certificate.
+    #[arg(long)]
+    pub node_id: String,
+    /// Data folder: staging lands in <data-dir>/migrations/<migration_id>/.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// QUIC listen address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Certificate folder made by `ferry certs` (ca.pem, <node-id>.pem, <node-id>-key.pem).
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// Node ids allowed to connect (repeatable); none: any node with a certificate from the CA.
+    #[arg(long = "allow-peer")]
+    pub allow_peers: Vec<String>,
+    /// Print each inbound transfer's progress this often, in milliseconds (0: never).
+    #[arg(long, default_value_t = 2000)]
+    pub progress_interval_ms: u64,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let node_id = NodeId::new(args.node_id).context("invalid --node-id")?;
+    let allowed: Vec<NodeId> =
+        args.allow_peers.into_iter().map(NodeId::new).collect::<Result<_, _>>().context("invalid --allow-peer")?;
+    let identity = NodeIdentity::from_dir(&args.certs, &node_id)?;
+    let crypto = crate::tls::server_crypto(&identity, &allowed)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data folder {}", args.data_dir.display()))?;
+    let runtime = super::runtime()?;
+    runtime.block_on(async move {
+        let endpoint = crate::quic::server_endpoint(args.listen, crypto, &QuicTuning::default())
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let listening = endpoint.local_addr()?;
+        tracing::info!(node = %node_id, %listening, data_dir = %args.data_dir.display(), "ferry serve: listening");
+        // A line on stdout that scripts and tests can wait for.
+        println!("listening on {listening}");
+        let ctx = Arc::new(TargetContext::new(node_id, args.data_dir, Arc::new(DiskStorage)));
+        let server = tokio::spawn(target::serve(endpoint.clone(), ctx.clone()));
+        if args.progress_interval_ms > 0 {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(args.progress_interval_ms));
+                loop {
+                    tick.tick().await;
+                    for (id, status) in ctx.inbound() {
+                        if status.state == "receiving" {
+                            tracing::info!(
+                                migration = %id,
+                                bytes_transferred = status.bytes_verified,
+                                bytes_total = status.bytes_total,
+                                files_staged = status.files_staged_count,
+                                files_total = status.files_total_count,
+                                "inbound base copy"
+                            );
+                        }
+                    }
+                }
+            });
+        }
+        shutdown_signal().await?;
+        tracing::info!("shutting down");
+        endpoint.close(quinn::VarInt::from_u32(crate::quic::close_code::CANCELLED), b"daemon shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+        server.abort();
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

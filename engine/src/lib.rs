@@ -1,0 +1,24 @@
+//! ferry-engine: everything in ferry that touches the operating system.
+//!
+//! What it does: owns every syscall, socket, thread and clock. It reads segment files (io_uring,
+//! mmap, pread), runs the QUIC transport (quinn + rustls), writes the target's staging through
+//! the [`storage`] seam, tails WALs, and hosts the `ferry` daemon and CLI. It feeds bytes and
+//! time into the sans-IO machines of `ferry-wire` and executes the actions they return.
+//!
+//! What it does not: define formats or protocol rules. Those live in `ferry-wire`, so they can
+//! be tested without I/O.
+//!
+//! Invariants: `unsafe` is confined to the reader module (io_uring submission and mmap), each
+//! block with a `// SAFETY:` line. A failed write or fsync fails the transfer; it is never
+//! retried.
+
+pub mod certs;
+pub mod cli;
+pub mod quic;
+pub mod read;
+pub mod snapshot;
+pub mod staging;
+pub mod storage;
+pub mod tls;
+pub mod transfer;
+pub mod wal;

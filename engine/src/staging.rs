@@ -1,0 +1,200 @@
+//! The target's staging folder (DESIGN section 3), written only through the storage seam.
+//!
+//! ```text
+//! <data dir>/migrations/<migration_id>/
+//!   segments/<relative path>   each file verified and fsynced, renamed in from .ferry/tmp
+//!   MANIFEST.json              written last, by temp file, fsync, rename, folder fsync
+//!   .ferry/tmp/<index>.part    files being received
+//! ```
+//!
+//! What it does: prepares the folders, finalises a received file (fsync, re-read and check
+//! its CRC32C against the source's, rename into `segments/`), makes the whole tree's names
+//! durable, and writes and reads `MANIFEST.json`.
+//!
+//! What it does not: decide when (the transfer code does) or retry a failed write or sync: any
+//! failure is returned and fails the transfer.
+//!
+//! Invariant: `MANIFEST.json` is written only after every file it lists is durable under its
+//! final name, so a manifest on disk never claims bytes that are missing or wrong.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_wire::manifest::{ManifestError, StagingManifest, MANIFEST_FILE_NAME};
+use ferry_wire::path::RelPath;
+use ferry_wire::MigrationId;
+
+use crate::storage::{Storage, StorageFile};
+
+/// Size of the buffer used to re-read a finished file.
+const VERIFY_BUFFER_BYTES: usize = 1 << 20;
+
+/// A staging write or check failed. Both fail the transfer.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error("staging: cannot {what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+    #[error("staged file {path} reads back with CRC32C {found:#010x}, the source sent {expected:#010x}: the target's disk or memory corrupted it")]
+    Checksum { path: PathBuf, expected: u32, found: u32 },
+    #[error("staged file {path} has {found} bytes, expected {expected}")]
+    Size { path: PathBuf, expected: u64, found: u64 },
+    #[error("{path}: {source}")]
+    Manifest { path: PathBuf, source: ManifestError },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StagingError + 'a {
+    move |source| StagingError::Io { what, path: path.to_path_buf(), source }
+}
+
+/// Paths of one migration's staging.
+#[derive(Debug, Clone)]
+pub struct StagingLayout {
+    pub data_dir: PathBuf,
+    pub root: PathBuf,
+}
+
+impl StagingLayout {
+    pub fn new(data_dir: &Path, migration_id: &MigrationId) -> Self {
+        Self { data_dir: data_dir.to_path_buf(), root: data_dir.join("migrations").join(migration_id.as_str()) }
+    }
+    pub fn migrations_dir(&self) -> PathBuf {
+        self.data_dir.join("migrations")
+    }
+    pub fn segments_dir(&self) -> PathBuf {
+        self.root.join("segments")
+    }
+    pub fn ferry_dir(&self) -> PathBuf {
+        self.root.join(".ferry")
+    }
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.ferry_dir().join("tmp")
+    }
+    pub fn part_path(&self, file_index: u32) -> PathBuf {
+        self.tmp_dir().join(format!("{file_index}.part"))
+    }
+    pub fn segment_path(&self, path: &RelPath) -> PathBuf {
+        self.segments_dir().join(path.as_str())
+    }
+    pub fn manifest_path(&self) -> PathBuf {
+        self.root.join(MANIFEST_FILE_NAME)
+    }
+    fn manifest_tmp_path(&self) -> PathBuf {
+        self.ferry_dir().join("MANIFEST.json.tmp")
+    }
+}
+
+/// Reads `MANIFEST.json` when there is one.
+pub fn read_manifest(storage: &dyn Storage, layout: &StagingLayout) -> Result<Option<StagingManifest>, StagingError> {
+    let path = layout.manifest_path();
+    if !storage.exists(&path) {
+        return Ok(None);
+    }
+    let bytes = storage.read_all(&path).map_err(io_err("read", &path))?;
+    StagingManifest::decode(&bytes).map(Some).map_err(|source| StagingError::Manifest { path, source })
+}
+
+/// Writes `MANIFEST.json` durably (temp file, fsync, rename, folder fsync).
+pub fn write_manifest(
+    storage: &dyn Storage,
+    layout: &StagingLayout,
+    manifest: &StagingManifest,
+) -> Result<(), StagingError> {
+    let path = layout.manifest_path();
+    storage.write_atomic(&layout.manifest_tmp_path(), &path, &manifest.encode()).map_err(io_err("write", &path))
+}
+
+/// Starts a fresh staging: removes what an earlier, unfinished attempt left and creates the
+/// folders. Folder names are made durable now, so later syncs only cover new entries.
+pub fn prepare_fresh(storage: &dyn Storage, layout: &StagingLayout) -> Result<(), StagingError> {
+    if storage.exists(&layout.root) {
+        storage.remove_dir_all(&layout.root).map_err(io_err("remove stale staging", &layout.root))?;
+    }
+    for dir in [layout.tmp_dir(), layout.segments_dir()] {
+        storage.create_dir_all(&dir).map_err(io_err("create", &dir))?;
+    }
+    for dir in [layout.data_dir.clone(), layout.migrations_dir(), layout.root.clone(), layout.ferry_dir()] {
+        storage.sync_dir(&dir).map_err(io_err("sync folder", &dir))?;
+    }
+    Ok(())
+}
+
+/// Opens (creating) the part file of a file being received.
+pub fn open_part(
+    storage: &dyn Storage,
+    layout: &StagingLayout,
+    file_index: u32,
+) -> Result<Arc<dyn StorageFile>, StagingError> {
+    let path = layout.part_path(file_index);
+    storage.open_rw(&path).map_err(io_err("create", &path))
+}
+
+/// Finalises a received file: fsync, re-read and check size and CRC32C, rename into
+/// `segments/`. The new name becomes durable in [`sync_segment_tree`].
+pub fn finalize_file(
+    storage: &dyn Storage,
+    layout: &StagingLayout,
+    file_index: u32,
+    path: &RelPath,
+    size_bytes: u64,
+    crc32c: u32,
+) -> Result<(), StagingError> {
+    let part_path = layout.part_path(file_index);
+    let part = storage.open_rw(&part_path).map_err(io_err("open", &part_path))?;
+    part.set_len(size_bytes).map_err(io_err("set the length of", &part_path))?;
+    part.sync_data().map_err(io_err("fsync", &part_path))?;
+    let found = part.len_bytes().map_err(io_err("stat", &part_path))?;
+    if found != size_bytes {
+        return Err(StagingError::Size { path: part_path, expected: size_bytes, found });
+    }
+    let mut buf = vec![0u8; VERIFY_BUFFER_BYTES];
+    let mut crc = 0u32;
+    let mut offset = 0u64;
+    while offset < size_bytes {
+        let want =
+            usize::try_from((size_bytes - offset).min(VERIFY_BUFFER_BYTES as u64)).unwrap_or(VERIFY_BUFFER_BYTES);
+        let n = part.read_at(&mut buf[..want], offset).map_err(io_err("re-read", &part_path))?;
+        if n == 0 {
+            return Err(StagingError::Size { path: part_path, expected: size_bytes, found: offset });
+        }
+        crc = ferry_wire::crc32c_append(crc, &buf[..n]);
+        offset += n as u64;
+    }
+    if crc != crc32c {
+        return Err(StagingError::Checksum { path: part_path, expected: crc32c, found: crc });
+    }
+    drop(part);
+    let final_path = layout.segment_path(path);
+    if let Some(parent) = final_path.parent() {
+        storage.create_dir_all(parent).map_err(io_err("create", parent))?;
+    }
+    storage.rename(&part_path, &final_path).map_err(io_err("rename into", &final_path))
+}
+
+/// Makes every name under `segments/` durable: each folder holding a staged file or folder is
+/// synced, deepest first, then `segments/` itself.
+pub fn sync_segment_tree(storage: &dyn Storage, layout: &StagingLayout, paths: &[RelPath]) -> Result<(), StagingError> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for path in paths {
+        for parent in path.parents() {
+            dirs.push(layout.segments_dir().join(parent));
+        }
+    }
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    dirs.dedup();
+    dirs.push(layout.segments_dir());
+    for dir in dirs {
+        storage.sync_dir(&dir).map_err(io_err("sync folder", &dir))?;
+    }
+    Ok(())
+}
+
+/// Removes a staging entirely (abort, forget).
+pub fn remove(storage: &dyn Storage, layout: &StagingLayout) -> Result<(), StagingError> {
+    if storage.exists(&layout.root) {
+        storage.remove_dir_all(&layout.root).map_err(io_err("remove", &layout.root))?;
+        let parent = layout.migrations_dir();
+        storage.sync_dir(&parent).map_err(io_err("sync folder", &parent))?;
+    }
+    Ok(())
+}

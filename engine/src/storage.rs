@@ -1,0 +1,474 @@
+//! The storage seam: every staged and checkpoint file write on the target goes through it.
+//!
+//! What it does: a small trait ([`Storage`], [`StorageFile`]) with the operations staging
+//! needs (create, positional write and read, set length, fsync, rename, folder fsync,
+//! remove), a real implementation on the local filesystem ([`DiskStorage`]), and a fake
+//! ([`FakeStorage`]) that keeps written and synced bytes apart and can crash at the N-th
+//! sync. Killing a process keeps the page cache, so only the fake can prove an fsync is there.
+//!
+//! What it does not: retry. A failed write or sync is returned as is, and the caller fails
+//! the transfer (DESIGN section 8).
+//!
+//! The fake's durability model (like redb's crash tests): a file's bytes are durable when the
+//! file is synced; a name (create, rename, remove) is durable when its parent folder is
+//! synced; a folder's own name is durable when its parent is synced. After a crash, only
+//! durable names pointing at durable bytes remain.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// One open file of a [`Storage`].
+pub trait StorageFile: Send + Sync + Debug {
+    /// Writes all of `buf` at `offset_bytes`.
+    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()>;
+    /// Reads up to `buf.len()` bytes at `offset_bytes`; returns how many were read.
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<usize>;
+    fn set_len(&self, len_bytes: u64) -> io::Result<()>;
+    fn len_bytes(&self) -> io::Result<u64>;
+    /// Makes the file's bytes and size durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+/// A filesystem as staging sees it.
+pub trait Storage: Send + Sync + Debug {
+    /// Opens a file for reading and writing, creating it when it does not exist.
+    fn open_rw(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
+    /// Opens an existing file for reading.
+    fn open_read(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Makes a folder's entries durable (fsync of the folder).
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+    fn exists(&self, path: &Path) -> bool;
+    /// The names in a folder (files and folders), sorted.
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
+
+    /// Reads a whole file.
+    fn read_all(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let file = self.open_read(path)?;
+        let len = usize::try_from(file.len_bytes()?).map_err(|_| io::Error::other("file too large to read whole"))?;
+        let mut buf = vec![0; len];
+        let mut done = 0;
+        while done < len {
+            let n = file.read_at(&mut buf[done..], done as u64)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{} shrank while read", path.display()),
+                ));
+            }
+            done += n;
+        }
+        Ok(buf)
+    }
+
+    /// Writes a whole file durably under `path` via `tmp`: write, fsync, rename, fsync of the
+    /// folder of `path`.
+    fn write_atomic(&self, tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let file = self.open_rw(tmp)?;
+        file.set_len(0)?;
+        file.write_at(bytes, 0)?;
+        file.sync_data()?;
+        drop(file);
+        self.rename(tmp, path)?;
+        self.sync_dir(path.parent().unwrap_or(Path::new("/")))
+    }
+}
+
+/// The real filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DiskStorage;
+
+#[derive(Debug)]
+struct DiskFile(File);
+
+impl StorageFile for DiskFile {
+    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset_bytes)
+    }
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<usize> {
+        FileExt::read_at(&self.0, buf, offset_bytes)
+    }
+    fn set_len(&self, len_bytes: u64) -> io::Result<()> {
+        self.0.set_len(len_bytes)
+    }
+    fn len_bytes(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl Storage for DiskStorage {
+    fn open_rw(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        Ok(Arc::new(DiskFile(file)))
+    }
+    fn open_read(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(DiskFile(File::open(path)?)))
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir_all(path)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(path)? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Node {
+    Dir,
+    File(u64),
+}
+
+#[derive(Debug, Default, Clone)]
+struct Inode {
+    written: Vec<u8>,
+    synced: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    live: BTreeMap<PathBuf, Node>,
+    durable: BTreeMap<PathBuf, Node>,
+    inodes: HashMap<u64, Inode>,
+    next_inode: u64,
+    syncs_count: u64,
+    crash_at_sync: Option<u64>,
+    crashed: bool,
+}
+
+/// An in-memory filesystem that keeps written and synced bytes apart and can crash at the
+/// N-th sync (file or folder; counted from 1). After the crash every call fails, as a dead
+/// process would; [`FakeStorage::recover`] gives the filesystem a restarted node would find.
+#[derive(Debug, Clone, Default)]
+pub struct FakeStorage {
+    state: Arc<Mutex<FakeState>>,
+}
+
+fn crashed() -> io::Error {
+    io::Error::other("fake storage crashed (simulated power loss)")
+}
+
+fn not_found(path: &Path) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{}: no such file or folder", path.display()))
+}
+
+impl FakeStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Crashes at the `n`-th sync from now on (1 = the next one).
+    pub fn crash_at_sync(&self, n: u64) {
+        let mut state = self.lock();
+        state.crash_at_sync = Some(state.syncs_count + n);
+    }
+
+    /// How many syncs succeeded so far.
+    pub fn syncs_count(&self) -> u64 {
+        self.lock().syncs_count
+    }
+
+    pub fn has_crashed(&self) -> bool {
+        self.lock().crashed
+    }
+
+    /// The filesystem after a power loss: durable names with their durable bytes.
+    pub fn recover(&self) -> FakeStorage {
+        let state = self.lock();
+        let mut live = BTreeMap::new();
+        for (path, node) in &state.durable {
+            let reachable = path
+                .ancestors()
+                .skip(1)
+                .all(|a| a.as_os_str().is_empty() || a == Path::new("/") || state.durable.get(a) == Some(&Node::Dir));
+            if reachable {
+                live.insert(path.clone(), *node);
+            }
+        }
+        let inodes = state
+            .inodes
+            .iter()
+            .map(|(id, inode)| (*id, Inode { written: inode.synced.clone(), synced: inode.synced.clone() }))
+            .collect();
+        let recovered = FakeState {
+            durable: live.clone(),
+            live,
+            inodes,
+            next_inode: state.next_inode,
+            syncs_count: 0,
+            crash_at_sync: None,
+            crashed: false,
+        };
+        FakeStorage { state: Arc::new(Mutex::new(recovered)) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FakeState> {
+        // A panic while holding the lock is a bug in a test; keep going with the data.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn alive(&self) -> io::Result<MutexGuard<'_, FakeState>> {
+        let state = self.lock();
+        if state.crashed {
+            return Err(crashed());
+        }
+        Ok(state)
+    }
+
+    fn count_sync(state: &mut FakeState) -> io::Result<()> {
+        if state.crash_at_sync == Some(state.syncs_count + 1) {
+            state.crashed = true;
+            return Err(crashed());
+        }
+        state.syncs_count += 1;
+        Ok(())
+    }
+}
+
+impl FakeState {
+    fn parent_is_dir(&self, path: &Path) -> bool {
+        match path.parent() {
+            None => true,
+            Some(p) if p.as_os_str().is_empty() || p == Path::new("/") => true,
+            Some(p) => self.live.get(p) == Some(&Node::Dir),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct FakeFile {
+    storage: FakeStorage,
+    inode: u64,
+}
+
+impl StorageFile for FakeFile {
+    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> io::Result<()> {
+        let mut state = self.storage.alive()?;
+        let inode = state.inodes.entry(self.inode).or_default();
+        let start = usize::try_from(offset_bytes).map_err(|_| io::Error::other("offset too large"))?;
+        let end = start + buf.len();
+        if inode.written.len() < end {
+            inode.written.resize(end, 0);
+        }
+        inode.written[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> io::Result<usize> {
+        let state = self.storage.alive()?;
+        let data = state.inodes.get(&self.inode).map(|i| i.written.as_slice()).unwrap_or_default();
+        let start = usize::try_from(offset_bytes).unwrap_or(usize::MAX).min(data.len());
+        let n = buf.len().min(data.len() - start);
+        buf[..n].copy_from_slice(&data[start..start + n]);
+        Ok(n)
+    }
+    fn set_len(&self, len_bytes: u64) -> io::Result<()> {
+        let mut state = self.storage.alive()?;
+        let len = usize::try_from(len_bytes).map_err(|_| io::Error::other("length too large"))?;
+        state.inodes.entry(self.inode).or_default().written.resize(len, 0);
+        Ok(())
+    }
+    fn len_bytes(&self) -> io::Result<u64> {
+        let state = self.storage.alive()?;
+        Ok(state.inodes.get(&self.inode).map_or(0, |i| i.written.len() as u64))
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let mut state = self.storage.alive()?;
+        FakeStorage::count_sync(&mut state)?;
+        let inode = state.inodes.entry(self.inode).or_default();
+        inode.synced = inode.written.clone();
+        Ok(())
+    }
+}
+
+impl Storage for FakeStorage {
+    fn open_rw(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        let mut state = self.alive()?;
+        let inode = match state.live.get(path) {
+            Some(Node::File(inode)) => *inode,
+            Some(Node::Dir) => return Err(io::Error::other(format!("{} is a folder", path.display()))),
+            None => {
+                if !state.parent_is_dir(path) {
+                    return Err(not_found(path));
+                }
+                state.next_inode += 1;
+                let inode = state.next_inode;
+                state.inodes.insert(inode, Inode::default());
+                state.live.insert(path.to_path_buf(), Node::File(inode));
+                inode
+            }
+        };
+        Ok(Arc::new(FakeFile { storage: self.clone(), inode }))
+    }
+    fn open_read(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        let state = self.alive()?;
+        match state.live.get(path) {
+            Some(Node::File(inode)) => Ok(Arc::new(FakeFile { storage: self.clone(), inode: *inode })),
+            _ => Err(not_found(path)),
+        }
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.alive()?;
+        let mut ancestors: Vec<&Path> =
+            path.ancestors().filter(|a| !a.as_os_str().is_empty() && *a != Path::new("/")).collect();
+        ancestors.reverse();
+        for dir in ancestors {
+            match state.live.get(dir) {
+                Some(Node::Dir) => {}
+                Some(Node::File(_)) => return Err(io::Error::other(format!("{} is a file", dir.display()))),
+                None => {
+                    state.live.insert(dir.to_path_buf(), Node::Dir);
+                }
+            }
+        }
+        Ok(())
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = self.alive()?;
+        let node = *state.live.get(from).ok_or_else(|| not_found(from))?;
+        if !state.parent_is_dir(to) {
+            return Err(not_found(to));
+        }
+        if node == Node::Dir {
+            return Err(io::Error::other("the fake renames files only"));
+        }
+        state.live.remove(from);
+        state.live.insert(to.to_path_buf(), node);
+        Ok(())
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.alive()?;
+        match state.live.get(path) {
+            Some(Node::File(_)) => {
+                state.live.remove(path);
+                Ok(())
+            }
+            _ => Err(not_found(path)),
+        }
+    }
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.alive()?;
+        if !state.live.contains_key(path) {
+            return Err(not_found(path));
+        }
+        state.live.retain(|p, _| !p.starts_with(path));
+        Ok(())
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.alive()?;
+        let is_root = path.as_os_str().is_empty() || path == Path::new("/");
+        if !is_root && state.live.get(path) != Some(&Node::Dir) {
+            return Err(not_found(path));
+        }
+        FakeStorage::count_sync(&mut state)?;
+        let child_of = |p: &Path| p.parent() == Some(path);
+        let live_children: Vec<(PathBuf, Node)> =
+            state.live.iter().filter(|(p, _)| child_of(p)).map(|(p, n)| (p.clone(), *n)).collect();
+        state.durable.retain(|p, _| !child_of(p));
+        state.durable.extend(live_children);
+        Ok(())
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.lock().live.contains_key(path)
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let state = self.alive()?;
+        if state.live.get(path) != Some(&Node::Dir) {
+            return Err(not_found(path));
+        }
+        Ok(state
+            .live
+            .keys()
+            .filter(|p| p.parent() == Some(path))
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn p(s: &str) -> PathBuf {
+        PathBuf::from(s)
+    }
+
+    #[test]
+    fn unsynced_bytes_and_names_are_lost_in_a_crash() {
+        let fs = FakeStorage::new();
+        fs.create_dir_all(&p("/d")).unwrap();
+        fs.sync_dir(&p("/")).unwrap();
+        let f = fs.open_rw(&p("/d/a")).unwrap();
+        f.write_at(b"hello", 0).unwrap();
+        // Bytes synced, name not: the file is gone after a crash.
+        f.sync_data().unwrap();
+        assert!(!fs.recover().exists(&p("/d/a")));
+        // Name synced too: it survives, with the synced bytes only.
+        fs.sync_dir(&p("/d")).unwrap();
+        f.write_at(b"HELLO world", 0).unwrap();
+        let after = fs.recover();
+        assert_eq!(after.read_all(&p("/d/a")).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn a_rename_is_durable_only_after_the_folder_sync() {
+        let fs = FakeStorage::new();
+        fs.create_dir_all(&p("/d")).unwrap();
+        fs.sync_dir(&p("/")).unwrap();
+        fs.write_atomic(&p("/d/t"), &p("/d/m"), b"one").unwrap();
+        fs.open_rw(&p("/d/t2")).unwrap().write_at(b"two", 0).unwrap();
+        fs.rename(&p("/d/t2"), &p("/d/m")).unwrap();
+        assert_eq!(fs.recover().read_all(&p("/d/m")).unwrap(), b"one");
+    }
+
+    #[test]
+    fn crash_at_the_nth_sync_stops_everything() {
+        let fs = FakeStorage::new();
+        fs.crash_at_sync(2);
+        fs.sync_dir(&p("/")).unwrap();
+        assert!(fs.sync_dir(&p("/")).is_err());
+        assert!(fs.has_crashed());
+        assert!(fs.create_dir_all(&p("/x")).is_err());
+        assert!(!fs.recover().has_crashed());
+    }
+
+    #[test]
+    fn disk_storage_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = DiskStorage;
+        let path = dir.path().join("m");
+        fs.write_atomic(&dir.path().join("t"), &path, b"data").unwrap();
+        assert_eq!(fs.read_all(&path).unwrap(), b"data");
+        assert_eq!(fs.list_dir(dir.path()).unwrap(), vec!["m".to_owned()]);
+    }
+}

@@ -1,0 +1,381 @@
+//! Mutual TLS for the data plane: a node's identity and the rustls configs quinn runs on.
+//!
+//! What it does: loads a [`NodeIdentity`] (the pinned cluster CA, the node's certificate and
+//! key, as [`crate::certs`] writes them) and builds the QUIC server and client crypto configs:
+//! TLS 1.3 only, the `ring` provider built explicitly, AES-128-GCM first, ALPN `ferry/1` on both
+//! sides. The server requires a client certificate that chains to the pinned CA and, when an
+//! allow-list is given, names an allowed node; the client requires a server certificate that
+//! chains to the same CA and names the node it dialled (quinn's `server_name`).
+//!
+//! What it does not: open sockets or endpoints (that is [`crate::quic`]), exchange protocol
+//! versions (the first frame does), or revoke certificates.
+//!
+//! Invariants:
+//! - Every refusal happens inside the TLS handshake, so quinn never hands the server a
+//!   connection from a peer it would refuse: no certificate, another CA, expired, a node not in
+//!   the allow-list, another ALPN.
+//! - Only the cluster CA is trusted; the system's roots are never consulted.
+//! - A node id is the first DNS subject alternative name of its certificate that is a valid
+//!   [`NodeId`] (the common name is not consulted, as webpki does not either).
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_wire::ids::NodeId;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use crate::certs;
+
+/// The one application protocol ferry speaks. A bump is a new ALPN, refused at the handshake
+/// by peers that do not speak it.
+pub const ALPN: &[u8] = b"ferry/1";
+
+/// A node's TLS identity: the pinned cluster CA, its certificate chain and its private key.
+pub struct NodeIdentity {
+    ca_cert: CertificateDer<'static>,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    node_id: NodeId,
+}
+
+impl fmt::Debug for NodeIdentity {
+    // Never prints the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("node_id", &self.node_id)
+            .field("cert_chain_count", &self.cert_chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a TLS identity or config could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Configuration: a file that should exist does not.
+    #[error("no {what} at {path}: {hint}")]
+    Missing { what: &'static str, path: PathBuf, hint: String },
+    /// Configuration: a file that is not the PEM it should be, or a certificate without a
+    /// usable node id.
+    #[error("{path} is not a usable {what} ({reason}): {hint}")]
+    BadFile { what: &'static str, path: PathBuf, reason: String, hint: String },
+    /// Configuration: rustls refused the identity (for example a key that does not match
+    /// the certificate).
+    #[error("tls refused the node identity ({0}): reissue the node certificate with `ferry certs issue`")]
+    Rustls(#[from] rustls::Error),
+    /// Configuration: quinn refused the TLS config (a missing QUIC cipher suite).
+    #[error("quic cannot use this tls config ({0}): this is a bug in ferry's tls setup")]
+    Quic(String),
+    /// I/O reading a certificate or key.
+    #[error("could not read {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl NodeIdentity {
+    /// Loads the CA certificate, the node certificate chain and the node key from PEM files.
+    pub fn load(ca_cert: &Path, node_cert: &Path, node_key: &Path) -> Result<Self, TlsError> {
+        let hint = "make one with `ferry certs init` and `ferry certs issue`";
+        Self::load_with_hints(ca_cert, node_cert, node_key, hint, hint)
+    }
+
+    /// Loads node `name`'s identity from a folder laid out by [`crate::certs`].
+    pub fn from_dir(dir: &Path, name: &NodeId) -> Result<Self, TlsError> {
+        let ca_hint = format!("run `ferry certs init --dir {}`", dir.display());
+        let node_hint = format!("run `ferry certs issue --dir {} --name {name}`", dir.display());
+        Self::load_with_hints(
+            &dir.join(certs::CA_CERT_FILE),
+            &dir.join(certs::node_cert_file(name)),
+            &dir.join(certs::node_key_file(name)),
+            &ca_hint,
+            &node_hint,
+        )
+    }
+
+    fn load_with_hints(
+        ca_cert: &Path,
+        node_cert: &Path,
+        node_key: &Path,
+        ca_hint: &str,
+        node_hint: &str,
+    ) -> Result<Self, TlsError> {
+        let ca_pem = read("CA certificate", ca_cert, ca_hint)?;
+        let ca_cert_der = CertificateDer::from_pem_slice(&ca_pem)
+            .map_err(|e| bad_file("CA certificate", ca_cert, e.to_string(), ca_hint))?;
+        webpki::anchor_from_trusted_cert(&ca_cert_der)
+            .map_err(|e| bad_file("CA certificate", ca_cert, format!("{e:?}"), ca_hint))?;
+
+        let cert_pem = read("node certificate", node_cert, node_hint)?;
+        let cert_chain = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad_file("node certificate", node_cert, e.to_string(), node_hint))?;
+        let leaf = cert_chain
+            .first()
+            .ok_or_else(|| bad_file("node certificate", node_cert, "no certificate in it".into(), node_hint))?;
+        let node_id = cert_node_id(leaf)
+            .ok_or_else(|| bad_file("node certificate", node_cert, "no node id in its DNS names".into(), node_hint))?;
+
+        let key_pem = read("node key", node_key, node_hint)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| bad_file("node key", node_key, e.to_string(), node_hint))?;
+        Ok(Self { ca_cert: ca_cert_der, cert_chain, key, node_id })
+    }
+
+    /// The node id this identity's certificate names.
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    /// The pinned cluster CA certificate.
+    pub fn ca_cert(&self) -> &CertificateDer<'static> {
+        &self.ca_cert
+    }
+
+    /// This node's certificate chain, leaf first.
+    pub fn cert_chain(&self) -> &[CertificateDer<'static>] {
+        &self.cert_chain
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca_cert.clone())?;
+        Ok(Arc::new(roots))
+    }
+}
+
+/// The rustls provider ferry uses: `ring`, TLS 1.3 suites only, AES-128-GCM first (hardware
+/// AES on the hosts we target; also the suite QUIC requires for its initial packets).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
+}
+
+/// The rustls server config behind [`server_crypto`], for callers that need to adjust it.
+pub fn server_tls_config(identity: &NodeIdentity, allowed_peers: &[NodeId]) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = crypto_provider();
+    let webpki = WebPkiClientVerifier::builder_with_provider(identity.roots()?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let verifier = Arc::new(NodeClientVerifier { inner: webpki, allowed_peers: allowed_peers.to_vec() });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// The rustls client config behind [`client_crypto`], for callers that need to adjust it.
+pub fn client_tls_config(identity: &NodeIdentity) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(identity.roots()?)
+        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// QUIC server crypto: requires a client certificate from the cluster CA whose node id is in
+/// `allowed_peers` (an empty list allows any node of the cluster).
+pub fn server_crypto(identity: &NodeIdentity, allowed_peers: &[NodeId]) -> Result<Arc<QuicServerConfig>, TlsError> {
+    let config = server_tls_config(identity, allowed_peers)?;
+    let quic = QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(Arc::new(quic))
+}
+
+/// QUIC client crypto: presents this node's certificate and requires the server's to come
+/// from the cluster CA and name the node dialled (pass its node id as quinn's `server_name`).
+pub fn client_crypto(identity: &NodeIdentity) -> Result<Arc<QuicClientConfig>, TlsError> {
+    let config = client_tls_config(identity)?;
+    let quic = QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(Arc::new(quic))
+}
+
+/// The node id of the peer on an established connection, from its certificate.
+pub fn peer_node_id(conn: &quinn::Connection) -> Option<NodeId> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    cert_node_id(chain.first()?)
+}
+
+/// The node id a certificate names: its first DNS SAN that is a valid [`NodeId`].
+pub fn cert_node_id(cert: &CertificateDer<'_>) -> Option<NodeId> {
+    let cert = webpki::EndEntityCert::try_from(cert).ok()?;
+    let first = cert.valid_dns_names().find_map(|name| NodeId::new(name).ok());
+    first
+}
+
+/// Wraps webpki's client verifier (chain to the pinned CA, validity, client-auth EKU) and then
+/// checks the client's node id against the allow-list, so a refusal is a handshake failure.
+#[derive(Debug)]
+struct NodeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    allowed_peers: Vec<NodeId>,
+}
+
+/// Why a client certificate that chains to the cluster CA was refused.
+#[derive(thiserror::Error)]
+#[error("client certificate names no node in this server's allow-list ({allowed}): issue it for an allowed node or add the node to the allow-list")]
+struct NotAllowedPeer {
+    allowed: String,
+}
+
+// rustls prints certificate errors with `Debug`: make that the readable message.
+impl fmt::Debug for NotAllowedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl ClientCertVerifier for NodeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        if self.allowed_peers.is_empty() {
+            return Ok(verified);
+        }
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let allowed = self.allowed_peers.iter().any(|peer| {
+            ServerName::try_from(peer.as_str()).is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+        });
+        if allowed {
+            return Ok(verified);
+        }
+        let allowed: Vec<&str> = self.allowed_peers.iter().map(NodeId::as_str).collect();
+        let err = NotAllowedPeer { allowed: allowed.join(", ") };
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(err)))))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn read(what: &'static str, path: &Path, hint: &str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => TlsError::Missing { what, path: path.to_owned(), hint: hint.to_owned() },
+        _ => TlsError::Io { path: path.to_owned(), source },
+    })
+}
+
+fn bad_file(what: &'static str, path: &Path, reason: String, hint: &str) -> TlsError {
+    TlsError::BadFile { what, path: path.to_owned(), reason, hint: hint.to_owned() }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::certs::{init_ca, issue, IssueOptions};
+
+    fn node(name: &str) -> NodeId {
+        NodeId::new(name).unwrap()
+    }
+
+    #[test]
+    fn from_dir_loads_what_certs_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        init_ca(tmp.path(), false).unwrap();
+        issue(tmp.path(), &node("node-a"), &IssueOptions::default()).unwrap();
+        let identity = NodeIdentity::from_dir(tmp.path(), &node("node-a")).unwrap();
+        assert_eq!(identity.node_id(), &node("node-a"));
+        assert_eq!(cert_node_id(&identity.cert_chain()[0]), Some(node("node-a")));
+        assert!(server_crypto(&identity, &[]).is_ok());
+        assert!(client_crypto(&identity).is_ok());
+        let debug = format!("{identity:?}");
+        assert!(!debug.contains("PRIVATE"), "{debug}");
+    }
+
+    #[test]
+    fn missing_files_say_which_command_makes_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = NodeIdentity::from_dir(tmp.path(), &node("node-a")).unwrap_err();
+        assert!(err.to_string().contains("ferry certs init --dir"), "{err}");
+        init_ca(tmp.path(), false).unwrap();
+        let err = NodeIdentity::from_dir(tmp.path(), &node("node-a")).unwrap_err();
+        assert!(matches!(err, TlsError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("ferry certs issue --dir"), "{err}");
+        assert!(err.to_string().contains("--name node-a"), "{err}");
+    }
+
+    #[test]
+    fn garbage_pem_is_a_config_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        init_ca(tmp.path(), false).unwrap();
+        issue(tmp.path(), &node("node-a"), &IssueOptions::default()).unwrap();
+        std::fs::write(tmp.path().join("node-a-key.pem"), b"not pem").unwrap();
+        let err = NodeIdentity::from_dir(tmp.path(), &node("node-a")).unwrap_err();
+        assert!(matches!(err, TlsError::BadFile { what: "node key", .. }), "{err}");
+    }
+
+    #[test]
+    fn provider_prefers_aes_128_gcm_and_speaks_only_tls13() {
+        let provider = crypto_provider();
+        let suites: Vec<_> = provider.cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(
+            suites,
+            [
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+                rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+                rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+            ]
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        init_ca(tmp.path(), false).unwrap();
+        issue(tmp.path(), &node("node-a"), &IssueOptions::default()).unwrap();
+        let identity = NodeIdentity::from_dir(tmp.path(), &node("node-a")).unwrap();
+        let server = server_tls_config(&identity, &[]).unwrap();
+        assert_eq!(server.alpn_protocols, [ALPN.to_vec()]);
+        let client = client_tls_config(&identity).unwrap();
+        assert_eq!(client.alpn_protocols, [ALPN.to_vec()]);
+    }
+}

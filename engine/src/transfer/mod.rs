@@ -1,0 +1,96 @@
+//! The base copy over QUIC: the source's sender and the target's receiver.
+//!
+//! What it does: runs the conversation of [`ferry_wire::message`] on a control stream and ships
+//! chunk frames on several uni streams, feeding the [`ferry_wire::session`] machines; the
+//! target lands files through [`crate::staging`].
+//!
+//! What it does not: decide protocol rules (ferry-wire does) or talk to coordinators (the
+//! daemon does).
+
+pub mod framing;
+pub mod source;
+pub mod target;
+
+use ferry_wire::frame::FrameError;
+use ferry_wire::message::{ErrorKind, MessageError};
+use ferry_wire::session::SessionError;
+
+use crate::quic::close_code;
+use crate::snapshot::SnapshotError;
+use crate::staging::StagingError;
+
+/// Why a transfer failed, split by blame.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The peer sent bytes that are not frames or messages.
+    #[error("malformed data from the peer: {0}")]
+    Malformed(String),
+    /// The peer sent well-formed messages that break the protocol.
+    #[error("the peer broke the protocol: {0}")]
+    Protocol(String),
+    #[error("incompatible protocol version: this node speaks {ours}, the peer {theirs}; upgrade the older node")]
+    IncompatibleVersion { ours: u16, theirs: u16 },
+    /// The peer gave up and said why.
+    #[error("the peer failed the transfer ({kind:?}): {message}")]
+    Peer { kind: ErrorKind, message: String },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+    #[error("cannot read source file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("chunk {offset_bytes} of file {file_index} arrived with CRC32C {found:#010x}, the source computed {expected:#010x}")]
+    ChunkChecksum { file_index: u32, offset_bytes: u64, expected: u32, found: u32 },
+    #[error("the target refused the transfer: {0}")]
+    Refused(String),
+    #[error("connection to the peer failed: {0}")]
+    Connection(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("{0}")]
+    Local(String),
+}
+
+impl From<FrameError> for TransferError {
+    fn from(e: FrameError) -> Self {
+        Self::Malformed(e.to_string())
+    }
+}
+
+impl From<MessageError> for TransferError {
+    fn from(e: MessageError) -> Self {
+        Self::Malformed(e.to_string())
+    }
+}
+
+impl From<SessionError> for TransferError {
+    fn from(e: SessionError) -> Self {
+        Self::Protocol(e.to_string())
+    }
+}
+
+impl From<quinn::ConnectionError> for TransferError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        Self::Connection(e.to_string())
+    }
+}
+
+impl TransferError {
+    /// The error kind and close code to tell the peer.
+    pub fn kind_and_code(&self) -> (ErrorKind, u32) {
+        match self {
+            Self::Malformed(_) => (ErrorKind::Malformed, close_code::MALFORMED),
+            Self::Protocol(_) | Self::Peer { .. } | Self::Connection(_) | Self::Local(_) => {
+                (ErrorKind::Protocol, close_code::PROTOCOL)
+            }
+            Self::IncompatibleVersion { .. } => (ErrorKind::IncompatibleVersion, close_code::INCOMPATIBLE_VERSION),
+            Self::Snapshot(SnapshotError::Changed { .. }) => (ErrorKind::SourceChanged, close_code::SOURCE_CHANGED),
+            Self::Snapshot(_)
+            | Self::Staging(StagingError::Io { .. } | StagingError::Manifest { .. })
+            | Self::Read { .. } => (ErrorKind::Storage, close_code::STORAGE),
+            Self::Staging(_) | Self::ChunkChecksum { .. } => (ErrorKind::Checksum, close_code::CHECKSUM),
+            Self::Refused(_) => (ErrorKind::Refused, close_code::REFUSED),
+            Self::Timeout(_) => (ErrorKind::Cancelled, close_code::TIMEOUT),
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The source's sender: pins the files, offers them, ships chunks, waits for staging.
+//!
+//! What it does: snapshots the files ([`crate::snapshot`]), connects to the target with mutual
+//! TLS, runs the source side of the conversation in [`ferry_wire::message`], and ships chunks
+//! on `streams_count` uni streams, each reading with the [`ChunkReader`] (zero-copy `Bytes`)
+//! and honouring a [`TokenBucket`] rate limit that can change while the copy runs. It
+//! announces each file with the CRC32C built from its chunks as read, after checking the file
+//! did not change.
+//!
+//! What it does not: resume a partial staging (a later step), or retry a failed connection.
+//!
+//! Bounds: the reader's buffer pool bounds chunks in memory (a chunk's buffer returns when
+//! quinn has it acknowledged and drops it); the control queue is bounded.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_wire::frame::{FrameHeader, PROTOCOL_VERSION};
+use ferry_wire::message::{Message, Offer, OfferFile};
+use ferry_wire::path::RelPath;
+use ferry_wire::rate::TokenBucket;
+use ferry_wire::session::{Progress, SourceSession};
+use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
+use quinn::{Connection, SendStream, VarInt};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+
+use super::framing::{read_control, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::TransferError;
+use crate::quic::{close_code, QuicTuning};
+use crate::read::{ChunkReader, ReadMode, ReaderConfig, SourceFile};
+use crate::snapshot::{Snapshot, SnapshotFile};
+use crate::tls::NodeIdentity;
+
+/// How long to wait for the target to answer the handshake and hello.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What to copy, where, and how.
+#[derive(Debug, Clone)]
+pub struct CopyRequest {
+    pub migration_id: MigrationId,
+    pub vshard_id: VShardId,
+    pub base_lsn: Lsn,
+    pub segments_root: PathBuf,
+    /// The files to ship, relative to the root; `None` ships every file under it.
+    pub files: Option<Vec<RelPath>>,
+    pub db_meta: serde_json::Value,
+    pub target_addr: SocketAddr,
+    /// The name the target's certificate must carry.
+    pub target_node: NodeId,
+    pub chunk_len_bytes: u32,
+    pub streams_count: u32,
+    /// 0: unlimited.
+    pub rate_limit_bytes_per_sec: u64,
+    pub read_mode: ReadMode,
+    /// Offline copy: mark the staging `released` at `base_lsn` once the base is staged.
+    pub commit: bool,
+}
+
+/// What a finished copy reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CopyReport {
+    pub migration_id: MigrationId,
+    pub files_count: u64,
+    pub bytes_total: u64,
+    pub bytes_resent: u64,
+    pub elapsed_us: u64,
+    pub throughput_bytes_per_sec: u64,
+    pub already_staged: bool,
+    pub read_mode: String,
+    pub committed: bool,
+}
+
+/// A handle to change the rate limit of a running copy.
+#[derive(Debug, Clone)]
+pub struct RateHandle(Arc<Mutex<TokenBucket>>);
+
+impl RateHandle {
+    pub fn new(rate_bytes_per_sec: u64, burst_bytes: u64) -> Self {
+        Self(Arc::new(Mutex::new(TokenBucket::new(rate_bytes_per_sec, burst_bytes, 0))))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TokenBucket> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a new rate at once (0: unlimited).
+    pub fn set(&self, rate_bytes_per_sec: u64, now_ns: u64) {
+        self.lock().set_rate(rate_bytes_per_sec, now_ns);
+    }
+}
+
+/// Monotonic nanoseconds since `origin`.
+fn since(origin: Instant) -> u64 {
+    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Runs a whole base copy as the source. Progress is published on `progress`.
+pub async fn copy(
+    identity: &NodeIdentity,
+    tuning: &QuicTuning,
+    request: CopyRequest,
+    progress: watch::Sender<Progress>,
+    rate: RateHandle,
+) -> Result<CopyReport, TransferError> {
+    let started = Instant::now();
+    let snapshot = {
+        let (root, id, files) = (request.segments_root.clone(), request.migration_id.clone(), request.files.clone());
+        tokio::task::spawn_blocking(move || Snapshot::create(&root, &id, files.as_deref()))
+            .await
+            .map_err(|e| TransferError::Local(format!("snapshot task failed: {e}")))??
+    };
+    let offer = Offer {
+        migration_id: request.migration_id.clone(),
+        vshard_id: request.vshard_id,
+        base_lsn: request.base_lsn,
+        chunk_len_bytes: request.chunk_len_bytes,
+        files: snapshot.files.iter().map(|f| OfferFile { path: f.path.clone(), size_bytes: f.size_bytes }).collect(),
+        db_meta: request.db_meta.clone(),
+    };
+    offer.validate().map_err(|e| TransferError::Local(format!("cannot offer these files: {e}")))?;
+    let reader = ChunkReader::new_or_pread(
+        request.read_mode,
+        ReaderConfig { chunk_len_max_bytes: request.chunk_len_bytes, ..ReaderConfig::default() },
+    )
+    .map_err(|e| TransferError::Local(format!("cannot start the chunk reader: {e}")))?;
+    let read_mode = reader.mode().to_string();
+
+    let endpoint = crate::quic::client_endpoint(request.target_addr, tuning)
+        .map_err(|e| TransferError::Connection(format!("cannot open a UDP socket: {e}")))?;
+    let crypto = crate::tls::client_crypto(identity).map_err(|e| TransferError::Local(e.to_string()))?;
+    let connecting = endpoint
+        .connect_with(crate::quic::client_config(crypto, tuning), request.target_addr, request.target_node.as_str())
+        .map_err(|e| TransferError::Connection(e.to_string()))?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| TransferError::Timeout("the target's handshake"))??;
+    let result = run(&conn, identity, &request, offer, snapshot, reader, &progress, rate).await;
+    match &result {
+        Ok(_) => conn.close(VarInt::from_u32(close_code::DONE), b"done"),
+        Err(e) => conn.close(VarInt::from_u32(e.kind_and_code().1), e.to_string().as_bytes()),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let (already_staged, bytes_resent, committed) = result?;
+    let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let bytes_total = snapshot_bytes(&progress);
+    Ok(CopyReport {
+        migration_id: request.migration_id,
+        files_count: progress.borrow().files_total_count,
+        bytes_total,
+        bytes_resent,
+        elapsed_us,
+        throughput_bytes_per_sec: u64::try_from(u128::from(bytes_total) * 1_000_000 / u128::from(elapsed_us.max(1)))
+            .unwrap_or(u64::MAX),
+        already_staged,
+        read_mode,
+        committed,
+    })
+}
+
+fn snapshot_bytes(progress: &watch::Sender<Progress>) -> u64 {
+    progress.borrow().bytes_total
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    conn: &Connection,
+    identity: &NodeIdentity,
+    request: &CopyRequest,
+    offer: Offer,
+    snapshot: Snapshot,
+    reader: ChunkReader,
+    progress: &watch::Sender<Progress>,
+    rate: RateHandle,
+) -> Result<(bool, u64, bool), TransferError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_control(
+        &mut send,
+        &Message::Hello { protocol_version: PROTOCOL_VERSION, node_id: identity.node_id().clone() },
+    )
+    .await?;
+    let hello = tokio::time::timeout(CONNECT_TIMEOUT, read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES))
+        .await
+        .map_err(|_| TransferError::Timeout("the target's hello"))??;
+    match hello {
+        Some(Message::Hello { protocol_version, .. }) if protocol_version == PROTOCOL_VERSION => {}
+        Some(Message::Hello { protocol_version, .. }) => {
+            return Err(TransferError::IncompatibleVersion { ours: PROTOCOL_VERSION, theirs: protocol_version })
+        }
+        Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
+        other => {
+            return Err(TransferError::Protocol(format!(
+                "expected hello, got {}",
+                other.map_or("the end of the stream", |m| m.name())
+            )))
+        }
+    }
+    write_control(&mut send, &Message::Offer(offer.clone())).await?;
+    let already_staged = match read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES * 64).await? {
+        Some(Message::Accept { already_staged, .. }) => already_staged,
+        Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
+        other => {
+            return Err(TransferError::Protocol(format!(
+                "expected accept, got {}",
+                other.map_or("the end of the stream", |m| m.name())
+            )))
+        }
+    };
+    let session = Arc::new(Mutex::new(SourceSession::new(&offer)));
+    progress.send_replace(lock(&session).progress());
+
+    // The control stream's reader runs on its own task: reads are not cancel-safe.
+    let (messages_tx, mut messages) = mpsc::channel(64);
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let next = read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES * 64).await;
+            let end = !matches!(next, Ok(Some(_)));
+            if messages_tx.send(next).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let _reader_guard = super::target::AbortOnDrop(reader_task);
+
+    let bytes_resent = if already_staged {
+        wait_base_staged(&mut messages).await?
+    } else {
+        ship(conn, request, &snapshot, reader, &session, &mut send, &mut messages, progress, rate).await?
+    };
+    let mut committed = false;
+    if request.commit {
+        write_control(&mut send, &Message::Commit { final_lsn: request.base_lsn }).await?;
+        match messages.recv().await {
+            Some(Ok(Some(Message::Committed))) => committed = true,
+            Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
+            Some(Ok(other)) => {
+                return Err(TransferError::Protocol(format!(
+                    "expected committed, got {}",
+                    other.map_or("the end of the stream", |m| m.name())
+                )))
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(TransferError::Connection("the control stream ended before commit".into())),
+        }
+    }
+    // Finish our side, then wait for the target to finish its side, so neither end sees the
+    // connection close while it still expects a message.
+    let _ = send.finish();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(Some(_))) = messages.recv().await {} })
+            .await;
+    Ok((already_staged, bytes_resent, committed))
+}
+
+fn lock(session: &Mutex<SourceSession>) -> MutexGuard<'_, SourceSession> {
+    session.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Messages = mpsc::Receiver<Result<Option<Message>, TransferError>>;
+
+async fn wait_base_staged(messages: &mut Messages) -> Result<u64, TransferError> {
+    loop {
+        match messages.recv().await {
+            Some(Ok(Some(Message::BaseStaged { bytes_resent }))) => return Ok(bytes_resent),
+            Some(Ok(Some(Message::Acks { .. } | Message::FileStaged { .. }))) => {}
+            Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
+            Some(Ok(Some(other))) => {
+                return Err(TransferError::Protocol(format!("unexpected {} from the target", other.name())))
+            }
+            Some(Ok(None)) | None => {
+                return Err(TransferError::Connection("the target closed the control stream".into()))
+            }
+            Some(Err(e)) => return Err(e),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn ship(
+    conn: &Connection,
+    request: &CopyRequest,
+    snapshot: &Snapshot,
+    reader: ChunkReader,
+    session: &Arc<Mutex<SourceSession>>,
+    send: &mut SendStream,
+    messages: &mut Messages,
+    progress: &watch::Sender<Progress>,
+    rate: RateHandle,
+) -> Result<u64, TransferError> {
+    let origin = Instant::now();
+    {
+        let mut bucket = rate.lock();
+        let rate_now = if request.rate_limit_bytes_per_sec > 0 {
+            request.rate_limit_bytes_per_sec
+        } else {
+            bucket.rate_bytes_per_sec()
+        };
+        *bucket = TokenBucket::new(rate_now, u64::from(request.chunk_len_bytes), 0);
+    }
+    let mut files = Vec::with_capacity(snapshot.files.len());
+    for file in &snapshot.files {
+        let opened = SourceFile::open_shared(&file.snapshot_path).map_err(|e| TransferError::Read {
+            path: file.path.to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        files.push(opened);
+    }
+    let files = Arc::new(files);
+    let reader = Arc::new(reader);
+    let chunk_read = Arc::new(Notify::new());
+    let mut streams = JoinSet::new();
+    for _ in 0..request.streams_count.max(1) {
+        let (conn, files, reader, session, chunk_read, rate) =
+            (conn.clone(), files.clone(), reader.clone(), session.clone(), chunk_read.clone(), rate.clone());
+        streams.spawn(async move { send_stream(conn, files, reader, session, chunk_read, rate, origin).await });
+    }
+    announce_done_files(session, &snapshot.files, send).await?;
+    let mut streams_left = streams.len();
+    loop {
+        tokio::select! {
+            message = messages.recv() => match message {
+                Some(Ok(Some(Message::Acks { chunks }))) => {
+                    let mut s = lock(session);
+                    s.on_acks(&chunks)?;
+                    progress.send_replace(s.progress());
+                }
+                Some(Ok(Some(Message::FileStaged { .. }))) => {
+                    let mut s = lock(session);
+                    s.on_file_staged();
+                    progress.send_replace(s.progress());
+                }
+                Some(Ok(Some(Message::BaseStaged { bytes_resent }))) => {
+                    if !lock(session).all_acked() {
+                        return Err(TransferError::Protocol("the target reported the base staged before every chunk was acknowledged".into()));
+                    }
+                    let mut p = lock(session).progress();
+                    p.files_staged_count = p.files_total_count;
+                    progress.send_replace(p);
+                    return Ok(bytes_resent);
+                }
+                Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
+                Some(Ok(Some(other))) => return Err(TransferError::Protocol(format!("unexpected {} from the target", other.name()))),
+                Some(Ok(None)) | None => return Err(TransferError::Connection("the target closed the control stream".into())),
+                Some(Err(e)) => return Err(e),
+            },
+            () = chunk_read.notified() => announce_done_files(session, &snapshot.files, send).await?,
+            joined = streams.join_next(), if streams_left > 0 => {
+                streams_left -= 1;
+                match joined {
+                    Some(Ok(Ok(()))) => announce_done_files(session, &snapshot.files, send).await?,
+                    Some(Ok(Err(e))) => return Err(e),
+                    Some(Err(e)) => return Err(TransferError::Local(format!("a stream task failed: {e}"))),
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// Sends `FileDone` for every file whose chunks have all been read, after checking that the
+/// file did not change since it was pinned.
+async fn announce_done_files(
+    session: &Mutex<SourceSession>,
+    pinned: &[SnapshotFile],
+    send: &mut SendStream,
+) -> Result<(), TransferError> {
+    let done = lock(session).take_files_done();
+    for file in done {
+        if let Some(pinned) = pinned.get(file.file_index as usize) {
+            pinned.check_unchanged()?;
+        }
+        write_control(
+            send,
+            &Message::FileDone { file_index: file.file_index, size_bytes: file.size_bytes, crc32c: file.crc32c },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn send_stream(
+    conn: Connection,
+    files: Arc<Vec<Arc<SourceFile>>>,
+    reader: Arc<ChunkReader>,
+    session: Arc<Mutex<SourceSession>>,
+    chunk_read: Arc<Notify>,
+    rate: RateHandle,
+    origin: Instant,
+) -> Result<(), TransferError> {
+    let mut stream = conn.open_uni().await?;
+    loop {
+        let Some(span) = lock(&session).next_chunk(since(origin)) else { break };
+        let file = files
+            .get(span.chunk.file_index as usize)
+            .ok_or_else(|| TransferError::Local(format!("no open file {}", span.chunk.file_index)))?;
+        let data = reader.read(file, span.offset_bytes, span.len_bytes).await.map_err(|e| TransferError::Read {
+            path: file.path().display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let crc = ferry_wire::crc32c(&data);
+        lock(&session).on_chunk_read(span.chunk, crc)?;
+        chunk_read.notify_one();
+        let wait_ns = rate.lock().take(u64::from(span.len_bytes), since(origin));
+        if wait_ns > 0 {
+            tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
+        }
+        let header = FrameHeader::chunk(span.chunk.file_index, span.offset_bytes, data.len(), crc)?;
+        write_chunk(&mut stream, &header, data).await?;
+    }
+    stream.finish().map_err(|e| TransferError::Connection(e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! The limits that bound every length ferry accepts from a peer, a file or a caller.
+//!
+//! Decoders check a length against these before they allocate, so a hostile peer cannot make
+//! a daemon allocate more than these numbers say. Each limit says why it has its value.
+
+/// Default chunk size for segment files: large enough that per-chunk costs (a frame header,
+/// an ack, a CRC) vanish next to the bytes, small enough that a resend after an interruption
+/// costs little.
+pub const CHUNK_LEN_DEFAULT_BYTES: u32 = 1 << 20;
+/// Smallest chunk size accepted: below it per-chunk overhead dominates.
+pub const CHUNK_LEN_MIN_BYTES: u32 = 4 << 10;
+/// Largest chunk size accepted: a chunk is buffered whole on the target before it is checked.
+pub const CHUNK_LEN_MAX_BYTES: u32 = 16 << 20;
+
+/// Largest control frame body (everything but chunk data): a manifest of
+/// [`FILE_COUNT_MAX`] files with long paths fits, a hostile length does not.
+pub const CONTROL_BODY_LEN_MAX_BYTES: u32 = 64 << 20;
+
+/// Most files in one transfer.
+pub const FILE_COUNT_MAX: u32 = 1_000_000;
+/// Longest relative path of a segment file, in bytes (Linux's PATH_MAX).
+pub const PATH_LEN_MAX_BYTES: u32 = 4096;
+/// Largest single segment file: 16 TiB. Bounds chunk counts and offsets.
+pub const FILE_SIZE_MAX_BYTES: u64 = 16 << 40;
+/// Most chunks of one transfer across all files: bounds the target's in-memory chunk table
+/// (one bit and one CRC per chunk: 5 bytes each, so at most 320 MiB at the limit).
+pub const CHUNK_COUNT_MAX: u64 = 1 << 26;
+/// Longest opaque `db_meta` a caller may attach.
+pub const DB_META_LEN_MAX_BYTES: u32 = 1 << 20;
+/// Longest error message a peer may send.
+pub const REASON_LEN_MAX_BYTES: u32 = 4096;
