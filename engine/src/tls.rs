@@ -15,6 +15,8 @@
 //!   connection from a peer it would refuse: no certificate, another CA, expired, a node not in
 //!   the allow-list, another ALPN.
 //! - Only the cluster CA is trusted; the system's roots are never consulted.
+//! - Every connection is a full handshake (no session resumption, no 0-RTT), so every
+//!   connection's certificates are checked against the clock and the allow-list.
 //! - A node id is the first DNS subject alternative name of its certificate that is a valid
 //!   [`NodeId`] (the common name is not consulted, as webpki does not either).
 
@@ -74,6 +76,10 @@ pub enum TlsError {
     /// Configuration: quinn refused the TLS config (a missing QUIC cipher suite).
     #[error("quic cannot use this tls config ({0}): this is a bug in ferry's tls setup")]
     Quic(String),
+    /// Configuration: the node certificate does not chain to the pinned CA, or is not valid
+    /// now (see [`NodeIdentity::verify`]).
+    #[error("the node certificate is not usable with this cluster CA ({reason}): reissue it with `ferry certs issue`")]
+    Unusable { reason: String },
     /// I/O reading a certificate or key.
     #[error("could not read {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
@@ -90,13 +96,44 @@ impl NodeIdentity {
     pub fn from_dir(dir: &Path, name: &NodeId) -> Result<Self, TlsError> {
         let ca_hint = format!("run `ferry certs init --dir {}`", dir.display());
         let node_hint = format!("run `ferry certs issue --dir {} --name {name}`", dir.display());
-        Self::load_with_hints(
+        let node_cert = dir.join(certs::node_cert_file(name));
+        let identity = Self::load_with_hints(
             &dir.join(certs::CA_CERT_FILE),
-            &dir.join(certs::node_cert_file(name)),
+            &node_cert,
             &dir.join(certs::node_key_file(name)),
             &ca_hint,
             &node_hint,
-        )
+        )?;
+        if identity.node_id != *name {
+            let reason = format!("it names node {}, not {name}", identity.node_id);
+            return Err(bad_file("node certificate", &node_cert, reason, &node_hint));
+        }
+        Ok(identity)
+    }
+
+    /// Checks, before any peer does, that the node certificate chains to the pinned CA and is
+    /// valid now for both server and client authentication. Daemons call it at start so a bad
+    /// identity fails there with a clear message rather than as refused handshakes.
+    pub fn verify(&self) -> Result<(), TlsError> {
+        let leaf = self.cert_chain.first().ok_or_else(|| TlsError::Unusable { reason: "no certificate".into() })?;
+        let unusable = |e: webpki::Error| TlsError::Unusable { reason: format!("{e:?}") };
+        let anchor = webpki::anchor_from_trusted_cert(&self.ca_cert).map_err(unusable)?;
+        let cert = webpki::EndEntityCert::try_from(leaf).map_err(unusable)?;
+        let intermediates = self.cert_chain.get(1..).unwrap_or_default();
+        let algs = crypto_provider().signature_verification_algorithms.all;
+        for usage in [webpki::KeyUsage::server_auth(), webpki::KeyUsage::client_auth()] {
+            cert.verify_for_usage(
+                algs,
+                std::slice::from_ref(&anchor),
+                intermediates,
+                UnixTime::now(),
+                usage,
+                None,
+                None,
+            )
+            .map_err(unusable)?;
+        }
+        Ok(())
     }
 
     fn load_with_hints(
@@ -176,6 +213,10 @@ pub fn server_tls_config(identity: &NodeIdentity, allowed_peers: &[NodeId]) -> R
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // No resumption: a resumed session would skip the client certificate checks (expiry,
+    // allow-list), and ferry's few long-lived connections gain nothing from it.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -186,6 +227,7 @@ pub fn client_tls_config(identity: &NodeIdentity) -> Result<rustls::ClientConfig
         .with_root_certificates(identity.roots()?)
         .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }
 
@@ -331,6 +373,7 @@ mod tests {
         assert_eq!(cert_node_id(&identity.cert_chain()[0]), Some(node("node-a")));
         assert!(server_crypto(&identity, &[]).is_ok());
         assert!(client_crypto(&identity).is_ok());
+        identity.verify().unwrap();
         let debug = format!("{identity:?}");
         assert!(!debug.contains("PRIVATE"), "{debug}");
     }
@@ -345,6 +388,37 @@ mod tests {
         assert!(matches!(err, TlsError::Missing { .. }), "{err}");
         assert!(err.to_string().contains("ferry certs issue --dir"), "{err}");
         assert!(err.to_string().contains("--name node-a"), "{err}");
+    }
+
+    #[test]
+    fn verify_refuses_expired_and_foreign_certificates() {
+        let tmp = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        init_ca(tmp.path(), false).unwrap();
+        init_ca(other.path(), false).unwrap();
+        let now = std::time::SystemTime::now();
+        let day = std::time::Duration::from_secs(86_400);
+        let expired =
+            IssueOptions { not_before: Some(now - 2 * day), not_after: Some(now - day), ..Default::default() };
+        issue(tmp.path(), &node("old"), &expired).unwrap();
+        let err = NodeIdentity::from_dir(tmp.path(), &node("old")).unwrap().verify().unwrap_err();
+        assert!(err.to_string().contains("Expired"), "{err}");
+
+        let foreign = issue(other.path(), &node("node-a"), &IssueOptions::default()).unwrap();
+        let identity = NodeIdentity::load(&tmp.path().join(certs::CA_CERT_FILE), &foreign.cert, &foreign.key).unwrap();
+        let err = identity.verify().unwrap_err();
+        assert!(matches!(err, TlsError::Unusable { .. }), "{err}");
+    }
+
+    #[test]
+    fn from_dir_refuses_a_certificate_for_another_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        init_ca(tmp.path(), false).unwrap();
+        let b = issue(tmp.path(), &node("node-b"), &IssueOptions::default()).unwrap();
+        std::fs::copy(&b.cert, tmp.path().join("node-a.pem")).unwrap();
+        std::fs::copy(&b.key, tmp.path().join("node-a-key.pem")).unwrap();
+        let err = NodeIdentity::from_dir(tmp.path(), &node("node-a")).unwrap_err();
+        assert!(err.to_string().contains("names node node-b"), "{err}");
     }
 
     #[test]
@@ -375,7 +449,10 @@ mod tests {
         let identity = NodeIdentity::from_dir(tmp.path(), &node("node-a")).unwrap();
         let server = server_tls_config(&identity, &[]).unwrap();
         assert_eq!(server.alpn_protocols, [ALPN.to_vec()]);
+        assert_eq!(server.send_tls13_tickets, 0);
+        assert_eq!(server.max_early_data_size, 0);
         let client = client_tls_config(&identity).unwrap();
         assert_eq!(client.alpn_protocols, [ALPN.to_vec()]);
+        assert!(!client.enable_early_data);
     }
 }

@@ -50,11 +50,8 @@ impl Cluster {
             issue(cluster.path(), &node(name), &IssueOptions::default()).unwrap();
         }
         let now = SystemTime::now();
-        let expired = IssueOptions {
-            not_before: Some(now - 2 * DAY),
-            not_after: Some(now - DAY),
-            ..IssueOptions::default()
-        };
+        let expired =
+            IssueOptions { not_before: Some(now - 2 * DAY), not_after: Some(now - DAY), ..IssueOptions::default() };
         issue(cluster.path(), &node("node-old"), &expired).unwrap();
         for name in ["node-a", "node-b"] {
             issue(other.path(), &node(name), &IssueOptions::default()).unwrap();
@@ -116,9 +113,7 @@ impl Server {
                 tokio::spawn(async move {
                     match incoming.await {
                         Ok(conn) => {
-                            let _ = tx.send(Accepted::Connection {
-                                peer: tls::peer_node_id(&conn),
-                            });
+                            let _ = tx.send(Accepted::Connection { peer: tls::peer_node_id(&conn) });
                             let _ = timeout(WAIT, echo_one_byte(&conn)).await;
                         }
                         Err(e) => {
@@ -128,11 +123,7 @@ impl Server {
                 });
             }
         });
-        Self {
-            endpoint,
-            addr,
-            outcomes,
-        }
+        Self { endpoint, addr, outcomes }
     }
 
     async fn next(&mut self) -> Accepted {
@@ -148,10 +139,7 @@ impl Server {
         match self.next().await {
             Accepted::Refused(reason) => {
                 eprintln!("server refused as expected: {reason}");
-                assert!(
-                    reason.to_lowercase().contains(why),
-                    "refused for {reason:?}, expected {why:?}"
-                )
+                assert!(reason.to_lowercase().contains(why), "refused for {reason:?}, expected {why:?}")
             }
             Accepted::Connection { peer } => panic!("server got a connection from {peer:?}"),
         }
@@ -162,10 +150,7 @@ impl Server {
             Accepted::Connection { peer } => assert_eq!(peer, Some(node(expected))),
             Accepted::Refused(reason) => panic!("server refused a good client: {reason}"),
         }
-        assert!(
-            self.outcomes.try_recv().is_err(),
-            "server saw an extra connection"
-        );
+        assert!(self.outcomes.try_recv().is_err(), "server saw an extra connection");
     }
 }
 
@@ -192,23 +177,16 @@ async fn exchange(crypto: Arc<QuicClientConfig>, addr: SocketAddr, server_name: 
     let endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let result = timeout(WAIT, async {
         let connecting = endpoint.connect_with(ClientConfig::new(crypto), addr, server_name)?;
-        let conn = connecting
-            .await
-            .map_err(|e| anyhow::anyhow!("connect: {e}"))?;
+        let conn = connecting.await.map_err(|e| anyhow::anyhow!("connect: {e}"))?;
         let closed = |step: &str| {
             let reason = conn.close_reason().map(|e| e.to_string());
-            anyhow::anyhow!(
-                "{step}: {}",
-                reason.unwrap_or_else(|| "no close reason".into())
-            )
+            anyhow::anyhow!("{step}: {}", reason.unwrap_or_else(|| "no close reason".into()))
         };
         let (mut send, mut recv) = conn.open_bi().await.map_err(|_| closed("open"))?;
         send.write_all(&[41]).await.map_err(|_| closed("write"))?;
         send.finish().map_err(|_| closed("finish"))?;
         let mut byte = [0u8; 1];
-        recv.read_exact(&mut byte)
-            .await
-            .map_err(|_| closed("read"))?;
+        recv.read_exact(&mut byte).await.map_err(|_| closed("read"))?;
         anyhow::ensure!(byte == [42], "server answered {byte:?}");
         let server = tls::peer_node_id(&conn);
         conn.close(0u32.into(), b"done");
@@ -228,10 +206,7 @@ fn assert_client_failed(outcome: &Exchange) {
     match outcome {
         Exchange::Failed(reason) => {
             eprintln!("client failed as expected: {reason}");
-            assert!(
-                reason.contains("handshake failed"),
-                "client failed for {reason:?}"
-            );
+            assert!(reason.contains("handshake failed"), "client failed for {reason:?}");
         }
         Exchange::Done { server } => panic!("client exchanged data with {server:?}"),
     }
@@ -246,13 +221,9 @@ async fn assert_good_client(cluster: &Cluster, server: &mut Server) {
     server.assert_accepted("node-b").await;
 }
 
-fn rustls_client(
-    cluster: &Cluster,
-) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+fn rustls_client(cluster: &Cluster) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(cluster.identity("node-b").ca_cert().clone())
-        .unwrap();
+    roots.add(cluster.identity("node-b").ca_cert().clone()).unwrap();
     rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -299,8 +270,7 @@ async fn assert_refusal(cluster: &Cluster, server: &mut Server, case: Refusal) {
             (crypto, "node-a", "unknownissuer")
         }
         Refusal::ServerFromOtherCa => {
-            let mut impostor =
-                Server::start(&cluster.foreign_identity("node-a"), &Cluster::allowed());
+            let mut impostor = Server::start(&cluster.foreign_identity("node-a"), &Cluster::allowed());
             let outcome = exchange(cluster.client("node-b"), impostor.addr, "node-a").await;
             assert_client_failed(&outcome);
             impostor.assert_refused("unknownissuer").await;

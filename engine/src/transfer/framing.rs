@@ -16,10 +16,6 @@ use super::TransferError;
 /// Largest control body accepted before the offer is known (hellos, small messages).
 pub const SMALL_CONTROL_BODY_MAX_BYTES: u32 = 1 << 20;
 
-fn read_err(e: quinn::ReadError) -> TransferError {
-    TransferError::Connection(e.to_string())
-}
-
 /// Reads one frame header; `None` when the stream ended cleanly between frames.
 pub async fn read_header(recv: &mut RecvStream) -> Result<Option<FrameHeader>, TransferError> {
     let mut buf = [0u8; HEADER_LEN_BYTES];
@@ -29,7 +25,7 @@ pub async fn read_header(recv: &mut RecvStream) -> Result<Option<FrameHeader>, T
         Err(ReadExactError::FinishedEarly(n)) => Err(TransferError::Malformed(format!(
             "stream ended inside a frame header ({n} of {HEADER_LEN_BYTES} bytes)"
         ))),
-        Err(ReadExactError::ReadError(e)) => Err(read_err(e)),
+        Err(ReadExactError::ReadError(e)) => Err(e.into()),
     }
 }
 
@@ -42,7 +38,7 @@ pub async fn read_body(recv: &mut RecvStream, header: &FrameHeader) -> Result<Ve
             "stream ended inside a frame body ({n} of {} bytes)",
             header.body_len_bytes
         ))),
-        Err(ReadExactError::ReadError(e)) => Err(read_err(e)),
+        Err(ReadExactError::ReadError(e)) => Err(e.into()),
     }
 }
 
@@ -66,12 +62,12 @@ pub async fn read_control(recv: &mut RecvStream, body_max_bytes: u32) -> Result<
 /// Writes one control message.
 pub async fn write_control(send: &mut SendStream, message: &Message) -> Result<(), TransferError> {
     let framed = frame::encode_control(&message.encode())?;
-    send.write_all(&framed).await.map_err(|e| TransferError::Connection(e.to_string()))
+    Ok(send.write_all(&framed).await?)
 }
 
 /// Writes one chunk frame: the header, then the chunk's bytes as they are.
 pub async fn write_chunk(send: &mut SendStream, header: &FrameHeader, data: Bytes) -> Result<(), TransferError> {
     let head = Bytes::copy_from_slice(&header.encode());
     let mut pieces = [head, data];
-    send.write_all_chunks(&mut pieces).await.map_err(|e| TransferError::Connection(e.to_string()))
+    Ok(send.write_all_chunks(&mut pieces).await?)
 }

@@ -70,9 +70,54 @@ impl From<SessionError> for TransferError {
 }
 
 impl From<quinn::ConnectionError> for TransferError {
+    /// A peer that closes with an application code says why in the reason: keep it, so the
+    /// user reads the peer's error and not just "connection lost".
     fn from(e: quinn::ConnectionError) -> Self {
-        Self::Connection(e.to_string())
+        match e {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                let code = u32::try_from(close.error_code.into_inner()).unwrap_or(u32::MAX);
+                let message = String::from_utf8_lossy(&close.reason).into_owned();
+                match kind_of_close_code(code) {
+                    Some(kind) => Self::Peer { kind, message },
+                    None => Self::Connection(format!("the peer closed the connection (code {code}): {message}")),
+                }
+            }
+            other => Self::Connection(other.to_string()),
+        }
     }
+}
+
+impl From<quinn::ReadError> for TransferError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::ConnectionLost(e) => e.into(),
+            other => Self::Connection(other.to_string()),
+        }
+    }
+}
+
+impl From<quinn::WriteError> for TransferError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(e) => e.into(),
+            other => Self::Connection(other.to_string()),
+        }
+    }
+}
+
+/// The error kind a close code stands for (`None` for a normal close or an unknown code).
+fn kind_of_close_code(code: u32) -> Option<ErrorKind> {
+    Some(match code {
+        close_code::PROTOCOL => ErrorKind::Protocol,
+        close_code::MALFORMED => ErrorKind::Malformed,
+        close_code::INCOMPATIBLE_VERSION => ErrorKind::IncompatibleVersion,
+        close_code::STORAGE => ErrorKind::Storage,
+        close_code::REFUSED => ErrorKind::Refused,
+        close_code::CHECKSUM => ErrorKind::Checksum,
+        close_code::SOURCE_CHANGED => ErrorKind::SourceChanged,
+        close_code::CANCELLED | close_code::TIMEOUT => ErrorKind::Cancelled,
+        _ => return None,
+    })
 }
 
 impl TransferError {

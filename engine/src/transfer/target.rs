@@ -309,9 +309,11 @@ impl Inbound {
     }
 }
 
+/// What chunk streams tell the control loop. Only the control loop marks chunks verified, so
+/// an acknowledgement is always sent before the file it completes is reported staged.
 enum Event {
-    Acked(ChunkRef),
-    Ready(FileDone),
+    Written { chunk: ChunkRef, crc32c: u32 },
+    Duplicate(ChunkRef),
     Failed(TransferError),
 }
 
@@ -351,8 +353,11 @@ async fn receive_base(
                 let mut next = event;
                 while let Some(event) = next {
                     match event {
-                        Event::Acked(chunk) => acks.push(chunk),
-                        Event::Ready(done) => ready.push(done),
+                        Event::Written { chunk, crc32c } => {
+                            ready.extend(inbound.session().on_chunk_written(chunk.file_index, chunk.chunk_index, crc32c)?);
+                            acks.push(chunk);
+                        }
+                        Event::Duplicate(chunk) => acks.push(chunk),
                         Event::Failed(e) => return Err(e),
                     }
                     next = events.try_recv().ok();
@@ -462,8 +467,8 @@ async fn receive_chunks(
         if found != header.body_crc32c {
             return Err(TransferError::ChunkChecksum { file_index, offset_bytes, expected: header.body_crc32c, found });
         }
-        let chunk_index = match verdict {
-            ChunkVerdict::Duplicate { chunk_index } => chunk_index,
+        let event = match verdict {
+            ChunkVerdict::Duplicate { chunk_index } => Event::Duplicate(ChunkRef { file_index, chunk_index }),
             ChunkVerdict::Write { chunk_index } => {
                 let part = inbound.part(file_index)?;
                 let path = inbound.layout.part_path(file_index);
@@ -473,17 +478,10 @@ async fn receive_chunks(
                     })
                 })
                 .await?;
-                let ready = inbound.session().on_chunk_written(file_index, chunk_index, found)?;
-                if let Some(done) = ready {
-                    events.send(Event::Ready(done)).await.map_err(|_| TransferError::Local("transfer ended".into()))?;
-                }
-                chunk_index
+                Event::Written { chunk: ChunkRef { file_index, chunk_index }, crc32c: found }
             }
         };
-        events
-            .send(Event::Acked(ChunkRef { file_index, chunk_index }))
-            .await
-            .map_err(|_| TransferError::Local("transfer ended".into()))?;
+        events.send(event).await.map_err(|_| TransferError::Local("transfer ended".into()))?;
     }
     Ok(())
 }

@@ -212,72 +212,16 @@ fn buffered_writer_output_reads_in_staged_mode_too() {
     assert_eq!(read_wal(dir.path(), Mode::Staged).len(), 50);
 }
 
-/// A test tailer: follows a WAL folder the way the engine's tailer is meant to (pread the
-/// active segment, poll; when a newer segment has a valid first record, re-read the old
-/// one as sealed, then move on).
-struct TestTail {
-    dir: std::path::PathBuf,
-    cursor: Cursor,
-    current: Option<(Lsn, String)>,
+fn drain_tail(tail: &mut FolderTail, seen: &mut Vec<u64>) {
+    while let Some(record) = tail.poll().unwrap() {
+        assert_eq!(record.bytes.len(), record.header.record_len_bytes());
+        assert_eq!(record.payload(), &payload(record.header.lsn.0, record.payload().len())[..]);
+        seen.push(record.header.lsn.0);
+    }
 }
 
-impl TestTail {
-    fn new(dir: &Path) -> Self {
-        let config = CursorConfig { layout: LayoutChoice::Auto, alignment_bytes: 4096, mode: Mode::Live };
-        TestTail { dir: dir.to_path_buf(), cursor: Cursor::new(config, None).unwrap(), current: None }
-    }
-
-    fn segments(&self) -> Vec<(Lsn, String)> {
-        let mut names: Vec<_> = std::fs::read_dir(&self.dir)
-            .unwrap()
-            .filter_map(|e| {
-                let name = e.unwrap().file_name().into_string().unwrap();
-                parse_segment_name(&name).map(|lsn| (lsn, name))
-            })
-            .collect();
-        names.sort();
-        names
-    }
-
-    fn catch_up(&mut self, seen: &mut Vec<u64>) {
-        if self.current.is_none() {
-            let first = self.segments().into_iter().next().unwrap();
-            self.cursor.open_segment(first.0).unwrap();
-            self.current = Some(first);
-        }
-        loop {
-            let (lsn, name) = self.current.clone().unwrap();
-            let bytes = std::fs::read(self.dir.join(&name)).unwrap();
-            loop {
-                match self.cursor.poll(&bytes, false).unwrap() {
-                    Step::Record(r) => seen.push(r.header.lsn.0),
-                    Step::Wait { .. } => break,
-                    Step::EndOfSegment { .. } => panic!("an active segment never ends"),
-                }
-            }
-            let newer = self.segments().into_iter().find(|(l, _)| *l > lsn);
-            let Some((next_lsn, next_name)) = newer else {
-                return;
-            };
-            let next_bytes = std::fs::read(self.dir.join(&next_name)).unwrap();
-            if ferry_wire::wal::first_record(&next_bytes).is_none() {
-                return;
-            }
-            let bytes = std::fs::read(self.dir.join(&name)).unwrap();
-            loop {
-                match self.cursor.poll(&bytes, true).unwrap() {
-                    Step::Record(r) => seen.push(r.header.lsn.0),
-                    Step::EndOfSegment { next_lsn: expected } => {
-                        assert_eq!(expected, next_lsn);
-                        break;
-                    }
-                    Step::Wait { .. } => panic!("a sealed segment never waits"),
-                }
-            }
-            self.cursor.open_segment(next_lsn).unwrap();
-            self.current = Some((next_lsn, next_name));
-        }
-    }
+fn live_config() -> CursorConfig {
+    CursorConfig { layout: LayoutChoice::Auto, alignment_bytes: 4096, mode: Mode::Live }
 }
 
 #[test]
@@ -285,17 +229,59 @@ fn a_tail_following_the_writer_sees_every_record_once() {
     for opts in all_options() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = WalWriter::create(dir.path(), opts, Lsn(1)).unwrap();
-        let mut tail = TestTail::new(dir.path());
+        let mut tail = FolderTail::new(dir.path(), live_config(), None).unwrap();
         let mut seen = Vec::new();
         for i in 1..=150u64 {
             w.append(&RecordSpec::new(1, VShardId(1)), &payload(i, (i as usize * 53) % 700)).unwrap();
             if i % 3 == 0 {
                 w.flush().unwrap();
-                tail.catch_up(&mut seen);
+                drain_tail(&mut tail, &mut seen);
             }
         }
         w.flush().unwrap();
-        tail.catch_up(&mut seen);
+        drain_tail(&mut tail, &mut seen);
         assert_eq!(seen, (1..=150).collect::<Vec<_>>(), "{opts:?}");
+        assert!(tail.segment_name().unwrap() != "wal-00000000000000000001.seg", "{opts:?} never rolled");
     }
+}
+
+#[test]
+fn a_tail_starts_in_the_segment_holding_its_start_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wal(dir.path(), WriterOptions { roll_size_bytes: 20_000, ..WriterOptions::default() }, 120);
+    let mut tail = FolderTail::new(dir.path(), live_config(), Some(Lsn(77))).unwrap();
+    let mut seen = Vec::new();
+    while let Some(record) = tail.poll().unwrap() {
+        seen.push(record.header.lsn.0);
+    }
+    assert_eq!(seen, (77..=120).collect::<Vec<_>>());
+    assert!(tail.segment_name().unwrap() != "wal-00000000000000000001.seg");
+    // An empty folder is nothing written yet, not an error.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(FolderTail::new(empty.path(), live_config(), None).unwrap().poll().unwrap().is_none());
+}
+
+#[test]
+fn a_tail_stops_on_a_gap_between_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = WalWriter::create(dir.path(), WriterOptions::default(), Lsn(1)).unwrap();
+    for _ in 0..5 {
+        w.append(&RecordSpec::new(1, VShardId(1)), b"x").unwrap();
+    }
+    w.flush().unwrap();
+    w.skip_lsns_for_tests(2);
+    w.roll().unwrap();
+    w.append(&RecordSpec::new(1, VShardId(1)), b"y").unwrap();
+    w.flush().unwrap();
+    let mut tail = FolderTail::new(dir.path(), live_config(), None).unwrap();
+    let mut seen = Vec::new();
+    let err = loop {
+        match tail.poll() {
+            Ok(Some(r)) => seen.push(r.header.lsn.0),
+            Ok(None) => panic!("the gap was not reported"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(seen, vec![1, 2, 3, 4, 5]);
+    assert!(matches!(err, TailError::Cursor(ferry_wire::wal::CursorError::Corruption { .. })), "{err}");
 }

@@ -61,7 +61,7 @@ const COMMON_LEN_BYTES: usize = 42;
 /// Which NodeDB header layout a segment is written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Layout {
-    /// nodedb-wal 0.1 to 0.4: 54-byte header, reserved[8] then crc at 50..54; O_DIRECT flushes
+    /// nodedb-wal 0.1 to 0.4: 54-byte header, `reserved[8]` then crc at 50..54; O_DIRECT flushes
     /// leave unframed leftovers up to the block boundary.
     A,
     /// nodedb-wal 0.6: 63-byte header with apply_key, event_source, commit_hlc, crc at 59..63;

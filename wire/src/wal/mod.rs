@@ -10,7 +10,8 @@
 //!   records, "wait", "end of segment" or corruption, applying every tailing rule of the
 //!   design (dense LSNs, leftovers, padding, gaps, torn tails, sealed segments), in a live
 //!   mode for the database's WAL and a staged mode for ferry's staged WALs;
-//! - [`select`]: which records a migration keeps.
+//! - [`select`]: which records a migration keeps;
+//! - [`staged`]: where kept records go in a staged WAL (segment names, preambles, rolls).
 //!
 //! What it does not: read files (the engine preads segments and feeds the bytes), decrypt
 //! payloads (encrypted records pass through opaque, headers are never rewritten), or know
@@ -27,6 +28,7 @@ pub mod header;
 pub mod preamble;
 pub mod segment;
 pub mod select;
+pub mod staged;
 
 pub use cursor::{Cursor, CursorConfig, CursorError, LayoutChoice, Mode, Record, Step};
 pub use header::{
@@ -35,6 +37,7 @@ pub use header::{
 pub use preamble::{Preamble, PREAMBLE_LEN_BYTES};
 pub use segment::{parse_segment_name, segment_name};
 pub use select::Selection;
+pub use staged::{Placement, StagedError, StagedPlan};
 
 /// Default block size of O_DIRECT flushes: the alignment leftovers and padding round up to.
 pub const ALIGNMENT_DEFAULT_BYTES: u32 = 4096;
