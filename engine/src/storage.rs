@@ -193,6 +193,22 @@ impl FakeStorage {
         state.crash_at_sync = Some(state.syncs_count + n);
     }
 
+    /// An independent copy of this filesystem as it is now (written and synced bytes alike),
+    /// so a test can replay several crashes from the same starting point.
+    pub fn fork(&self) -> FakeStorage {
+        let state = self.lock();
+        let copy = FakeState {
+            live: state.live.clone(),
+            durable: state.durable.clone(),
+            inodes: state.inodes.clone(),
+            next_inode: state.next_inode,
+            syncs_count: 0,
+            crash_at_sync: None,
+            crashed: state.crashed,
+        };
+        FakeStorage { state: Arc::new(Mutex::new(copy)) }
+    }
+
     /// How many syncs succeeded so far.
     pub fn syncs_count(&self) -> u64 {
         self.lock().syncs_count

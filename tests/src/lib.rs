@@ -92,6 +92,7 @@ pub fn request(id: &str, root: &Path, target: SocketAddr, chunk_len_bytes: u32) 
         target_node: node("target"),
         chunk_len_bytes,
         streams_count: 4,
+        connections_count: 1,
         rate_limit_bytes_per_sec: 0,
         read_mode: ReadMode::Mmap,
         commit: true,

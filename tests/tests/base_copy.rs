@@ -1,5 +1,5 @@
 //! Base copy scenarios: byte-identical trees, staging layout, path refusals, progress.
-#![allow(clippy::unwrap_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
 
 use std::sync::Arc;
 

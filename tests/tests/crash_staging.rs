@@ -1,6 +1,6 @@
 //! Crash consistency of staging: a power loss at every sync of a copy (fake storage that keeps
 //! written and synced bytes apart), then recovery and a restarted copy.
-#![allow(clippy::unwrap_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
 
 use std::path::Path;
 use std::sync::Arc;

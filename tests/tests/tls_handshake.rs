@@ -10,7 +10,7 @@
 //! What it does not: test frames, versions or transfers (other scenarios do), or timing.
 //! Every await has a timeout so a wrong behaviour fails the test instead of hanging it.
 
-#![allow(clippy::unwrap_used, clippy::panic)]
+#![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
 
 use std::net::SocketAddr;
 use std::path::Path;

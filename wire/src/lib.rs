@@ -13,6 +13,7 @@
 //! Decoders check lengths against [`limits`] before allocating.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod frame;
 pub mod ids;
 pub mod limits;

@@ -42,6 +42,12 @@ pub enum Message {
     Hello { protocol_version: u16, node_id: NodeId },
     /// The transfer manifest.
     Offer(Offer),
+    /// Instead of an offer: this connection carries more chunk streams of a transfer already
+    /// offered on another connection from the same node (one endpoint per connection spreads
+    /// the QUIC work over cores).
+    Join { migration_id: MigrationId },
+    /// The target took the extra connection.
+    Joined,
     /// The target takes the transfer; `resume` lists chunks it already holds verified;
     /// `already_staged` says the whole base is staged already (a repeated transfer): the
     /// source sends no chunks and waits for `BaseStaged`.
@@ -201,6 +207,8 @@ impl Message {
         match self {
             Self::Hello { .. } => "hello",
             Self::Offer(_) => "offer",
+            Self::Join { .. } => "join",
+            Self::Joined => "joined",
             Self::Accept { .. } => "accept",
             Self::Acks { .. } => "acks",
             Self::FileDone { .. } => "file_done",

@@ -301,6 +301,8 @@ struct TargetFile {
     crc_by_chunk: Vec<u32>,
     done: Option<FileDone>,
     ready_reported: bool,
+    /// Set when the file was found staged (renamed into place) by an earlier run.
+    staged_crc: Option<u32>,
 }
 
 /// What the target should do with a chunk that passed the checks.
@@ -317,7 +319,9 @@ pub enum ChunkVerdict {
 pub struct TargetSession {
     chunk_len_bytes: u32,
     files: Vec<TargetFile>,
-    bytes_resent: u64,
+    /// Chunk bytes received (headers checked), over every run.
+    bytes_received: u64,
+    /// Bytes of distinct chunks verified.
     bytes_verified: u64,
 }
 
@@ -336,10 +340,11 @@ impl TargetSession {
                     crc_by_chunk: vec![0; usize::try_from(chunk_count).unwrap_or(0)],
                     done: None,
                     ready_reported: false,
+                    staged_crc: None,
                 }
             })
             .collect();
-        Self { chunk_len_bytes: offer.chunk_len_bytes, files, bytes_resent: 0, bytes_verified: 0 }
+        Self { chunk_len_bytes: offer.chunk_len_bytes, files, bytes_received: 0, bytes_verified: 0 }
     }
 
     fn file(&self, file_index: u32) -> Result<&TargetFile, SessionError> {
@@ -369,8 +374,9 @@ impl TargetSession {
                 expected_bytes: u64::from(expected.len_bytes),
             });
         }
-        if file.verified.get(chunk_index) {
-            self.bytes_resent = self.bytes_resent.saturating_add(u64::from(len_bytes));
+        let duplicate = file.verified.get(chunk_index);
+        self.bytes_received = self.bytes_received.saturating_add(u64::from(len_bytes));
+        if duplicate {
             return Ok(ChunkVerdict::Duplicate { chunk_index });
         }
         Ok(ChunkVerdict::Write { chunk_index })
@@ -422,6 +428,14 @@ impl TargetSession {
             return Ok(None);
         };
         let Some(done) = file.done else { return Ok(None) };
+        if let Some(staged_crc) = file.staged_crc {
+            if staged_crc != done.crc32c {
+                return Err(SessionError::FileCrc { file_index, source_crc: done.crc32c, target_crc: staged_crc });
+            }
+            let fresh = !file.ready_reported;
+            file.ready_reported = true;
+            return Ok(fresh.then_some(done));
+        }
         if file.ready_reported || file.verified.count_ones() != file.chunk_count {
             return Ok(None);
         }
@@ -441,22 +455,47 @@ impl TargetSession {
     /// The CRC32C of a file once it is ready (verified against the source's).
     pub fn file_crc(&self, file_index: u32) -> Option<u32> {
         let file = self.files.get(file_index as usize)?;
-        file.ready_reported.then_some(file.done?.crc32c)
+        file.ready_reported.then_some(file.done?.crc32c).or(file.staged_crc)
     }
 
-    /// Bytes of chunks received again after they were already held verified.
+    /// Chunk bytes received beyond the distinct chunks verified: what was sent again (after an
+    /// interruption, or a duplicate), plus chunks still being written.
     pub fn bytes_resent(&self) -> u64 {
-        self.bytes_resent
+        self.bytes_received.saturating_sub(self.bytes_verified)
+    }
+
+    /// Adds chunk bytes received by earlier runs (from the chunk log).
+    pub fn add_bytes_received(&mut self, bytes: u64) {
+        self.bytes_received = self.bytes_received.saturating_add(bytes);
+    }
+
+    /// Marks a chunk verified from an earlier run (after the engine re-checked its bytes).
+    pub fn restore_chunk(&mut self, file_index: u32, chunk_index: u64, crc32c: u32) -> Result<(), SessionError> {
+        self.on_chunk_written(file_index, chunk_index, crc32c).map(|_| ())
+    }
+
+    /// Marks a whole file staged by an earlier run (after the engine re-checked it).
+    pub fn restore_staged(&mut self, file_index: u32, crc32c: u32) -> Result<(), SessionError> {
+        let file_count = self.files.len();
+        let file =
+            self.files.get_mut(file_index as usize).ok_or(SessionError::NoSuchFile { file_index, file_count })?;
+        for chunk in 0..file.chunk_count {
+            file.verified.set(chunk);
+        }
+        file.staged_crc = Some(crc32c);
+        let size = file.size_bytes;
+        self.bytes_verified = self.bytes_verified.saturating_add(size);
+        Ok(())
+    }
+
+    /// Whether a file was found staged by an earlier run.
+    pub fn is_staged(&self, file_index: u32) -> bool {
+        self.files.get(file_index as usize).is_some_and(|f| f.staged_crc.is_some())
     }
 
     /// Bytes of distinct chunks verified so far.
     pub fn bytes_verified(&self) -> u64 {
         self.bytes_verified
-    }
-
-    /// Adds resent bytes carried over from an earlier run (kept across restarts).
-    pub fn add_bytes_resent(&mut self, bytes: u64) {
-        self.bytes_resent = self.bytes_resent.saturating_add(bytes);
     }
 
     /// The verified chunks of every file, with their CRCs, for a resuming source.
@@ -600,5 +639,47 @@ mod tests {
             let mut target = TargetSession::new(&offer(&[100_000, 0, 1], 4096));
             let _ = target.check_chunk(file, offset, len);
         }
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::ids::{Lsn, MigrationId, VShardId};
+    use crate::message::OfferFile;
+    use crate::path::RelPath;
+
+    fn offer() -> Offer {
+        Offer {
+            migration_id: MigrationId::new("m").unwrap(),
+            vshard_id: VShardId(1),
+            base_lsn: Lsn(0),
+            chunk_len_bytes: 4096,
+            files: vec![
+                OfferFile { path: RelPath::new("a").unwrap(), size_bytes: 8192 },
+                OfferFile { path: RelPath::new("b").unwrap(), size_bytes: 100 },
+            ],
+            db_meta: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn restored_state_resumes_and_counts_resent_bytes() {
+        let mut target = TargetSession::new(&offer());
+        target.add_bytes_received(8192 + 4096 + 100);
+        target.restore_chunk(0, 0, 5).unwrap();
+        target.restore_staged(1, 77).unwrap();
+        assert!(target.is_staged(1));
+        // Chunk 1 of file 0 was received but lost: it comes again.
+        assert_eq!(target.check_chunk(0, 4096, 4096).unwrap(), ChunkVerdict::Write { chunk_index: 1 });
+        target.on_chunk_written(0, 1, 6).unwrap();
+        assert_eq!(target.bytes_resent(), 4096);
+        // The staged file is ready as soon as the source's CRC agrees, and only then.
+        assert!(target.on_file_done(FileDone { file_index: 1, size_bytes: 100, crc32c: 78 }).is_err());
+        assert!(target.on_file_done(FileDone { file_index: 1, size_bytes: 100, crc32c: 77 }).unwrap().is_some());
+        let resume = target.resume_list();
+        assert_eq!(resume.len(), 2);
+        assert_eq!(resume[0].chunks, vec![(0, 5), (1, 6)]);
     }
 }

@@ -37,8 +37,9 @@ pub struct CopyArgs {
     /// Files to ship, relative to the root (repeatable); default: every file under it.
     #[arg(long = "file")]
     pub files: Vec<String>,
-    /// Migration id (names the staging folder); default: copy-<vshard>-<base-lsn>.
-    #[arg(long)]
+    /// Migration id (names the staging folder); default: copy-<vshard>-<base-lsn>. Running
+    /// the same copy again resumes it from what the target holds.
+    #[arg(long, visible_alias = "resume")]
     pub migration_id: Option<String>,
     #[arg(long)]
     pub vshard: u32,
@@ -48,9 +49,13 @@ pub struct CopyArgs {
     /// Chunk size in bytes.
     #[arg(long, default_value_t = ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES)]
     pub chunk_len: u32,
-    /// Parallel uni streams.
+    /// Parallel uni streams per connection.
     #[arg(long, default_value_t = 4)]
     pub streams: u32,
+    /// QUIC connections, each on its own endpoint (one endpoint drives its connections on one
+    /// task: more connections use more cores).
+    #[arg(long, default_value_t = 1)]
+    pub connections: u32,
     /// Rate limit in bytes per second (0: unlimited).
     #[arg(long, default_value_t = 0)]
     pub rate_limit: u64,
@@ -95,6 +100,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         target_node,
         chunk_len_bytes: args.chunk_len,
         streams_count: args.streams,
+        connections_count: args.connections,
         rate_limit_bytes_per_sec: args.rate_limit,
         read_mode: args.read_mode,
         commit: !args.no_commit,
@@ -120,12 +126,13 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "copied {} files, {} bytes in {:.3} s ({:.1} MB/s), resent {} bytes, read with {}, staging {}",
+            "copied {} files, {} bytes in {:.3} s ({:.1} MB/s), resent {} bytes, {} reconnects, read with {}, staging {}",
             report.files_count,
             report.bytes_total,
             report.elapsed_us as f64 / 1e6,
             report.throughput_bytes_per_sec as f64 / 1e6,
             report.bytes_resent,
+            report.reconnects_count,
             report.read_mode,
             if report.committed { "released" } else { "copying" },
         );

@@ -7,6 +7,7 @@
 //! What it does not: decide protocol rules (ferry-wire does) or talk to coordinators (the
 //! daemon does).
 
+pub mod chunklog;
 pub mod framing;
 pub mod source;
 pub mod target;
@@ -121,6 +122,12 @@ fn kind_of_close_code(code: u32) -> Option<ErrorKind> {
 }
 
 impl TransferError {
+    /// Whether a new connection may get past this error (the source then reconnects and
+    /// resumes): a lost or cut connection, a timeout, a target that was shutting down.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Connection(_) | Self::Timeout(_) | Self::Peer { kind: ErrorKind::Cancelled, .. })
+    }
+
     /// The error kind and close code to tell the peer.
     pub fn kind_and_code(&self) -> (ErrorKind, u32) {
         match self {

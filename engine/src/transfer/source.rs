@@ -33,6 +33,7 @@ use crate::quic::{close_code, QuicTuning};
 use crate::read::{ChunkReader, ReadMode, ReaderConfig, SourceFile};
 use crate::snapshot::{Snapshot, SnapshotFile};
 use crate::tls::NodeIdentity;
+use ferry_wire::limits::CONTROL_BODY_LEN_MAX_BYTES;
 
 /// How long to wait for the target to answer the handshake and hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -51,7 +52,10 @@ pub struct CopyRequest {
     /// The name the target's certificate must carry.
     pub target_node: NodeId,
     pub chunk_len_bytes: u32,
+    /// Uni streams per connection.
     pub streams_count: u32,
+    /// QUIC connections, each on its own endpoint (spreads the QUIC work over cores).
+    pub connections_count: u32,
     /// 0: unlimited.
     pub rate_limit_bytes_per_sec: u64,
     pub read_mode: ReadMode,
@@ -71,24 +75,49 @@ pub struct CopyReport {
     pub already_staged: bool,
     pub read_mode: String,
     pub committed: bool,
+    pub connections_count: u32,
+    pub reconnects_count: u32,
+    /// Bytes the target already held when the last (successful) attempt began: what
+    /// resumption did not send again.
+    pub bytes_resumed: u64,
 }
 
 /// A handle to change the rate limit of a running copy.
 #[derive(Debug, Clone)]
-pub struct RateHandle(Arc<Mutex<TokenBucket>>);
+pub struct RateHandle(Arc<Mutex<TokenBucket>>, Instant);
 
 impl RateHandle {
     pub fn new(rate_bytes_per_sec: u64, burst_bytes: u64) -> Self {
-        Self(Arc::new(Mutex::new(TokenBucket::new(rate_bytes_per_sec, burst_bytes, 0))))
+        Self(Arc::new(Mutex::new(TokenBucket::new(rate_bytes_per_sec, burst_bytes, 0))), Instant::now())
     }
 
     fn lock(&self) -> MutexGuard<'_, TokenBucket> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies a new rate at once (0: unlimited).
-    pub fn set(&self, rate_bytes_per_sec: u64, now_ns: u64) {
-        self.lock().set_rate(rate_bytes_per_sec, now_ns);
+    /// Applies a new rate at once (0: unlimited), to a running copy or the next one.
+    pub fn set(&self, rate_bytes_per_sec: u64) {
+        let mut bucket = self.lock();
+        let now_ns = since(self.1);
+        bucket.set_rate(rate_bytes_per_sec, now_ns);
+    }
+
+    /// The rate in force.
+    pub fn rate_bytes_per_sec(&self) -> u64 {
+        self.lock().rate_bytes_per_sec()
+    }
+
+    /// Sets the burst for a copy; a rate given in the request wins over the handle's.
+    fn start(&self, request_rate_bytes_per_sec: u64, burst_bytes: u64) {
+        let mut bucket = self.lock();
+        let rate =
+            if request_rate_bytes_per_sec > 0 { request_rate_bytes_per_sec } else { bucket.rate_bytes_per_sec() };
+        *bucket = TokenBucket::new(rate, burst_bytes, since(self.1));
+    }
+
+    fn take(&self, bytes: u64) -> u64 {
+        let now_ns = since(self.1);
+        self.lock().take(bytes, now_ns)
     }
 }
 
@@ -97,7 +126,11 @@ fn since(origin: Instant) -> u64 {
     u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Runs a whole base copy as the source. Progress is published on `progress`.
+/// Consecutive attempts without progress before a copy gives up reconnecting.
+const RECONNECT_ATTEMPTS_MAX: u32 = 40;
+
+/// Runs a whole base copy as the source. Progress is published on `progress`. A lost
+/// connection is reconnected and the copy resumes from what the target holds.
 pub async fn copy(
     identity: &NodeIdentity,
     tuning: &QuicTuning,
@@ -121,85 +154,151 @@ pub async fn copy(
         db_meta: request.db_meta.clone(),
     };
     offer.validate().map_err(|e| TransferError::Local(format!("cannot offer these files: {e}")))?;
-    let reader = ChunkReader::new_or_pread(
-        request.read_mode,
-        ReaderConfig { chunk_len_max_bytes: request.chunk_len_bytes, ..ReaderConfig::default() },
-    )
-    .map_err(|e| TransferError::Local(format!("cannot start the chunk reader: {e}")))?;
+    let reader = Arc::new(
+        ChunkReader::new_or_pread(
+            request.read_mode,
+            ReaderConfig { chunk_len_max_bytes: request.chunk_len_bytes, ..ReaderConfig::default() },
+        )
+        .map_err(|e| TransferError::Local(format!("cannot start the chunk reader: {e}")))?,
+    );
     let read_mode = reader.mode().to_string();
-
-    let endpoint = crate::quic::client_endpoint(request.target_addr, tuning)
-        .map_err(|e| TransferError::Connection(format!("cannot open a UDP socket: {e}")))?;
-    let crypto = crate::tls::client_crypto(identity).map_err(|e| TransferError::Local(e.to_string()))?;
-    let connecting = endpoint
-        .connect_with(crate::quic::client_config(crypto, tuning), request.target_addr, request.target_node.as_str())
-        .map_err(|e| TransferError::Connection(e.to_string()))?;
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-        .await
-        .map_err(|_| TransferError::Timeout("the target's handshake"))??;
-    let result = run(&conn, identity, &request, offer, snapshot, reader, &progress, rate).await;
-    match &result {
-        Ok(_) => conn.close(VarInt::from_u32(close_code::DONE), b"done"),
-        Err(e) => conn.close(VarInt::from_u32(e.kind_and_code().1), e.to_string().as_bytes()),
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    let (already_staged, bytes_resent, committed) = result?;
+    let mut failures = 0u32;
+    let mut reconnects_count = 0u32;
+    let outcome = loop {
+        let before = progress.borrow().bytes_transferred;
+        match attempt(identity, tuning, &request, &offer, &snapshot, &reader, &progress, &rate).await {
+            Ok(outcome) => break outcome,
+            Err(e) if e.is_retryable() => {
+                failures = if progress.borrow().bytes_transferred > before { 1 } else { failures + 1 };
+                if failures >= RECONNECT_ATTEMPTS_MAX {
+                    return Err(e);
+                }
+                reconnects_count += 1;
+                let backoff = Duration::from_millis(u64::from(failures.min(8)) * 250);
+                tracing::warn!(migration = %request.migration_id, "transfer interrupted ({e}); reconnecting in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    let bytes_total = snapshot_bytes(&progress);
+    let bytes_total = offer.bytes_total();
     Ok(CopyReport {
         migration_id: request.migration_id,
-        files_count: progress.borrow().files_total_count,
+        files_count: offer.files.len() as u64,
         bytes_total,
-        bytes_resent,
+        bytes_resent: outcome.bytes_resent,
         elapsed_us,
         throughput_bytes_per_sec: u64::try_from(u128::from(bytes_total) * 1_000_000 / u128::from(elapsed_us.max(1)))
             .unwrap_or(u64::MAX),
-        already_staged,
+        already_staged: outcome.already_staged,
         read_mode,
-        committed,
+        committed: outcome.committed,
+        connections_count: request.connections_count.max(1),
+        reconnects_count,
+        bytes_resumed: outcome.bytes_resumed,
     })
 }
 
-fn snapshot_bytes(progress: &watch::Sender<Progress>) -> u64 {
-    progress.borrow().bytes_total
+/// How one successful attempt ended.
+struct Outcome {
+    already_staged: bool,
+    bytes_resent: u64,
+    committed: bool,
+    bytes_resumed: u64,
+}
+
+/// A connection on its own endpoint (so its QUIC work runs on its own task).
+struct Link {
+    endpoint: quinn::Endpoint,
+    conn: Connection,
+}
+
+impl Link {
+    async fn open(identity: &NodeIdentity, tuning: &QuicTuning, request: &CopyRequest) -> Result<Self, TransferError> {
+        let endpoint = crate::quic::client_endpoint(request.target_addr, tuning)
+            .map_err(|e| TransferError::Connection(format!("cannot open a UDP socket: {e}")))?;
+        let crypto = crate::tls::client_crypto(identity).map_err(|e| TransferError::Local(e.to_string()))?;
+        let connecting = endpoint
+            .connect_with(crate::quic::client_config(crypto, tuning), request.target_addr, request.target_node.as_str())
+            .map_err(|e| TransferError::Connection(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| TransferError::Timeout("the target's handshake"))??;
+        Ok(Self { endpoint, conn })
+    }
+
+    async fn close(self, result: &Result<Outcome, TransferError>) {
+        match result {
+            Ok(_) => self.conn.close(VarInt::from_u32(close_code::DONE), b"done"),
+            Err(e) => self.conn.close(VarInt::from_u32(e.kind_and_code().1), e.to_string().as_bytes()),
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn run(
-    conn: &Connection,
+async fn attempt(
     identity: &NodeIdentity,
+    tuning: &QuicTuning,
     request: &CopyRequest,
-    offer: Offer,
-    snapshot: Snapshot,
-    reader: ChunkReader,
+    offer: &Offer,
+    snapshot: &Snapshot,
+    reader: &Arc<ChunkReader>,
     progress: &watch::Sender<Progress>,
-    rate: RateHandle,
-) -> Result<(bool, u64, bool), TransferError> {
+    rate: &RateHandle,
+) -> Result<Outcome, TransferError> {
+    let link = Link::open(identity, tuning, request).await?;
+    let mut extra = Vec::new();
+    let result = run(&link.conn, &mut extra, identity, tuning, request, offer, snapshot, reader, progress, rate).await;
+    for link in extra {
+        link.close(&result).await;
+    }
+    link.close(&result).await;
+    result
+}
+
+/// Says hello on a fresh control stream and checks the answer.
+async fn hello(conn: &Connection, identity: &NodeIdentity) -> Result<(SendStream, quinn::RecvStream), TransferError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     write_control(
         &mut send,
         &Message::Hello { protocol_version: PROTOCOL_VERSION, node_id: identity.node_id().clone() },
     )
     .await?;
-    let hello = tokio::time::timeout(CONNECT_TIMEOUT, read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES))
+    let answer = tokio::time::timeout(CONNECT_TIMEOUT, read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES))
         .await
         .map_err(|_| TransferError::Timeout("the target's hello"))??;
-    match hello {
-        Some(Message::Hello { protocol_version, .. }) if protocol_version == PROTOCOL_VERSION => {}
+    match answer {
+        Some(Message::Hello { protocol_version, .. }) if protocol_version == PROTOCOL_VERSION => Ok((send, recv)),
         Some(Message::Hello { protocol_version, .. }) => {
-            return Err(TransferError::IncompatibleVersion { ours: PROTOCOL_VERSION, theirs: protocol_version })
+            Err(TransferError::IncompatibleVersion { ours: PROTOCOL_VERSION, theirs: protocol_version })
         }
-        Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
-        other => {
-            return Err(TransferError::Protocol(format!(
-                "expected hello, got {}",
-                other.map_or("the end of the stream", |m| m.name())
-            )))
-        }
+        Some(Message::Error { kind, message }) => Err(TransferError::Peer { kind, message }),
+        other => Err(TransferError::Protocol(format!(
+            "expected hello, got {}",
+            other.map_or("the end of the stream", |m| m.name())
+        ))),
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    conn: &Connection,
+    extra: &mut Vec<Link>,
+    identity: &NodeIdentity,
+    tuning: &QuicTuning,
+    request: &CopyRequest,
+    offer: &Offer,
+    snapshot: &Snapshot,
+    reader: &Arc<ChunkReader>,
+    progress: &watch::Sender<Progress>,
+    rate: &RateHandle,
+) -> Result<Outcome, TransferError> {
+    let (mut send, mut recv) = hello(conn, identity).await?;
     write_control(&mut send, &Message::Offer(offer.clone())).await?;
-    let already_staged = match read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES * 64).await? {
-        Some(Message::Accept { already_staged, .. }) => already_staged,
+    let (resume, already_staged) = match read_control(&mut recv, CONTROL_BODY_LEN_MAX_BYTES).await? {
+        Some(Message::Accept { resume, already_staged, .. }) => (resume, already_staged),
         Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
         other => {
             return Err(TransferError::Protocol(format!(
@@ -208,14 +307,16 @@ async fn run(
             )))
         }
     };
-    let session = Arc::new(Mutex::new(SourceSession::new(&offer)));
+    let session = Arc::new(Mutex::new(SourceSession::new(offer)));
+    let rechecks = lock(&session).on_resume(&resume)?;
+    let bytes_resumed = lock(&session).progress().bytes_transferred;
     progress.send_replace(lock(&session).progress());
 
     // The control stream's reader runs on its own task: reads are not cancel-safe.
     let (messages_tx, mut messages) = mpsc::channel(64);
     let reader_task = tokio::spawn(async move {
         loop {
-            let next = read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES * 64).await;
+            let next = read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await;
             let end = !matches!(next, Ok(Some(_)));
             if messages_tx.send(next).await.is_err() || end {
                 return;
@@ -227,8 +328,39 @@ async fn run(
     let bytes_resent = if already_staged {
         wait_base_staged(&mut messages).await?
     } else {
-        ship(conn, request, &snapshot, reader, &session, &mut send, &mut messages, progress, rate).await?
+        // Chunks the target holds are not sent again, but their CRCs still come from the
+        // source's own bytes, so the file CRC checks the source against the target.
+        for span in rechecks {
+            let file = snapshot_file(snapshot, span.chunk.file_index)?;
+            let opened = SourceFile::open_shared(&file.snapshot_path).map_err(|e| read_error(&file.path, e))?;
+            let data =
+                reader.read(&opened, span.offset_bytes, span.len_bytes).await.map_err(|e| read_error(&file.path, e))?;
+            lock(&session).on_chunk_read(span.chunk, ferry_wire::crc32c(&data))?;
+        }
+        let mut conns = vec![conn.clone()];
+        for _ in 1..request.connections_count.max(1) {
+            let link = Link::open(identity, tuning, request).await?;
+            let (mut data_send, mut data_recv) = hello(&link.conn, identity).await?;
+            write_control(&mut data_send, &Message::Join { migration_id: offer.migration_id.clone() }).await?;
+            match read_control(&mut data_recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
+                Some(Message::Joined) => {}
+                Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
+                other => {
+                    return Err(TransferError::Protocol(format!(
+                        "expected joined, got {}",
+                        other.map_or("the end of the stream", |m| m.name())
+                    )))
+                }
+            }
+            conns.push(link.conn.clone());
+            extra.push(link);
+        }
+        ship(&conns, request, snapshot, reader, &session, &mut send, &mut messages, progress, rate).await?
     };
+    // A file that changed after it was announced still fails the copy.
+    for file in &snapshot.files {
+        file.check_unchanged()?;
+    }
     let mut committed = false;
     if request.commit {
         write_control(&mut send, &Message::Commit { final_lsn: request.base_lsn }).await?;
@@ -251,7 +383,15 @@ async fn run(
     let _ =
         tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(Some(_))) = messages.recv().await {} })
             .await;
-    Ok((already_staged, bytes_resent, committed))
+    Ok(Outcome { already_staged, bytes_resent, committed, bytes_resumed })
+}
+
+fn snapshot_file(snapshot: &Snapshot, file_index: u32) -> Result<&SnapshotFile, TransferError> {
+    snapshot.files.get(file_index as usize).ok_or_else(|| TransferError::Protocol(format!("no file {file_index}")))
+}
+
+fn read_error(path: &RelPath, e: crate::read::ReadError) -> TransferError {
+    TransferError::Read { path: path.to_string(), source: std::io::Error::other(e.to_string()) }
 }
 
 fn lock(session: &Mutex<SourceSession>) -> MutexGuard<'_, SourceSession> {
@@ -279,42 +419,31 @@ async fn wait_base_staged(messages: &mut Messages) -> Result<u64, TransferError>
 
 #[allow(clippy::too_many_arguments)]
 async fn ship(
-    conn: &Connection,
+    conns: &[Connection],
     request: &CopyRequest,
     snapshot: &Snapshot,
-    reader: ChunkReader,
+    reader: &Arc<ChunkReader>,
     session: &Arc<Mutex<SourceSession>>,
     send: &mut SendStream,
     messages: &mut Messages,
     progress: &watch::Sender<Progress>,
-    rate: RateHandle,
+    rate: &RateHandle,
 ) -> Result<u64, TransferError> {
     let origin = Instant::now();
-    {
-        let mut bucket = rate.lock();
-        let rate_now = if request.rate_limit_bytes_per_sec > 0 {
-            request.rate_limit_bytes_per_sec
-        } else {
-            bucket.rate_bytes_per_sec()
-        };
-        *bucket = TokenBucket::new(rate_now, u64::from(request.chunk_len_bytes), 0);
-    }
+    rate.start(request.rate_limit_bytes_per_sec, u64::from(request.chunk_len_bytes));
     let mut files = Vec::with_capacity(snapshot.files.len());
     for file in &snapshot.files {
-        let opened = SourceFile::open_shared(&file.snapshot_path).map_err(|e| TransferError::Read {
-            path: file.path.to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        files.push(opened);
+        files.push(SourceFile::open_shared(&file.snapshot_path).map_err(|e| read_error(&file.path, e))?);
     }
     let files = Arc::new(files);
-    let reader = Arc::new(reader);
     let chunk_read = Arc::new(Notify::new());
     let mut streams = JoinSet::new();
-    for _ in 0..request.streams_count.max(1) {
-        let (conn, files, reader, session, chunk_read, rate) =
-            (conn.clone(), files.clone(), reader.clone(), session.clone(), chunk_read.clone(), rate.clone());
-        streams.spawn(async move { send_stream(conn, files, reader, session, chunk_read, rate, origin).await });
+    for conn in conns {
+        for _ in 0..request.streams_count.max(1) {
+            let (conn, files, reader, session, chunk_read, rate) =
+                (conn.clone(), files.clone(), reader.clone(), session.clone(), chunk_read.clone(), rate.clone());
+            streams.spawn(async move { send_stream(conn, files, reader, session, chunk_read, rate, origin).await });
+        }
     }
     announce_done_files(session, &snapshot.files, send).await?;
     let mut streams_left = streams.len();
@@ -402,7 +531,7 @@ async fn send_stream(
         let crc = ferry_wire::crc32c(&data);
         lock(&session).on_chunk_read(span.chunk, crc)?;
         chunk_read.notify_one();
-        let wait_ns = rate.lock().take(u64::from(span.len_bytes), since(origin));
+        let wait_ns = rate.take(u64::from(span.len_bytes));
         if wait_ns > 0 {
             tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
         }

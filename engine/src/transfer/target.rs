@@ -14,9 +14,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ferry_wire::checkpoint::LogRecord;
 use ferry_wire::frame::{FrameKind, PROTOCOL_VERSION};
 use ferry_wire::limits::CONTROL_BODY_LEN_MAX_BYTES;
 use ferry_wire::manifest::{StagedSegment, StagingManifest, StagingState, MANIFEST_FORMAT_VERSION};
@@ -26,6 +28,7 @@ use ferry_wire::{MigrationId, NodeId};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 
+use super::chunklog::{self, ChunkLog};
 use super::framing::{read_body, read_control, read_header, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::TransferError;
 use crate::staging::{self, StagingLayout};
@@ -33,8 +36,11 @@ use crate::storage::{Storage, StorageFile};
 
 /// How long a connected peer has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Events (acks, ready files) queued between chunk streams and the control loop.
+/// Events (written chunks) queued between chunk streams and the control loop.
 const EVENT_QUEUE_MAX_COUNT: usize = 1024;
+/// Written bytes after which part files and the chunk log are synced (data first). Bounds what
+/// a power loss makes the source send again; a killed process loses nothing of it.
+const SYNC_BATCH_BYTES: u64 = 64 << 20;
 
 /// Progress of one inbound transfer, as the daemon shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,36 +48,83 @@ pub struct InboundStatus {
     pub source_node: Option<String>,
     pub bytes_verified: u64,
     pub bytes_total: u64,
+    pub bytes_resent: u64,
+    /// Chunk bytes received for this migration by this process, over every connection. Unlike
+    /// `bytes_resent` it does not survive a restart; it shows what resumption saved.
+    pub bytes_received_in_process: u64,
     pub files_staged_count: u64,
     pub files_total_count: u64,
     pub state: String,
 }
 
+/// A transfer being received, as extra data connections find it.
+struct Joinable {
+    inbound: Arc<Inbound>,
+    events: mpsc::Sender<Event>,
+}
+
 /// What the receiver needs: where staging goes, how it is written, who this node is.
-#[derive(Debug)]
 pub struct TargetContext {
     pub node_id: NodeId,
     pub data_dir: PathBuf,
     pub storage: Arc<dyn Storage>,
     status: Mutex<BTreeMap<MigrationId, InboundStatus>>,
+    /// Migrations being received, with the control connection and peer that hold them.
+    claims: Mutex<HashMap<MigrationId, (Connection, Option<String>)>>,
+    joinable: Mutex<HashMap<MigrationId, Joinable>>,
+    connections: Mutex<Vec<Connection>>,
+    received: Mutex<HashMap<MigrationId, Arc<AtomicU64>>>,
+}
+
+impl std::fmt::Debug for TargetContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetContext").field("node_id", &self.node_id).field("data_dir", &self.data_dir).finish()
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl TargetContext {
     pub fn new(node_id: NodeId, data_dir: PathBuf, storage: Arc<dyn Storage>) -> Self {
-        Self { node_id, data_dir, storage, status: Mutex::new(BTreeMap::new()) }
+        Self {
+            node_id,
+            data_dir,
+            storage,
+            status: Mutex::new(BTreeMap::new()),
+            claims: Mutex::new(HashMap::new()),
+            joinable: Mutex::new(HashMap::new()),
+            connections: Mutex::new(Vec::new()),
+            received: Mutex::new(HashMap::new()),
+        }
     }
 
-    fn status(&self) -> MutexGuard<'_, BTreeMap<MigrationId, InboundStatus>> {
-        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    fn received_counter(&self, id: &MigrationId) -> Arc<AtomicU64> {
+        locked(&self.received).entry(id.clone()).or_default().clone()
     }
 
     /// A copy of every inbound transfer's status.
     pub fn inbound(&self) -> BTreeMap<MigrationId, InboundStatus> {
-        self.status().clone()
+        let mut status = locked(&self.status).clone();
+        for (id, s) in status.iter_mut() {
+            s.bytes_received_in_process = self.received_counter(id).load(Ordering::Relaxed);
+        }
+        status
     }
 
     fn update(&self, id: &MigrationId, f: impl FnOnce(&mut InboundStatus)) {
-        f(self.status().entry(id.clone()).or_default());
+        f(locked(&self.status).entry(id.clone()).or_default());
+    }
+
+    /// Closes every live peer connection, as a network cut would. Transfers resume when their
+    /// source reconnects. Tests use it to interrupt copies at chosen points.
+    pub fn drop_connections(&self) -> usize {
+        let connections = std::mem::take(&mut *locked(&self.connections));
+        for conn in &connections {
+            conn.close(VarInt::from_u32(crate::quic::close_code::CANCELLED), b"connection dropped on purpose");
+        }
+        connections.len()
     }
 }
 
@@ -88,15 +141,17 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<TargetContext>) {
                     return;
                 }
             };
+            locked(&ctx.connections).push(conn.clone());
             let peer = crate::tls::peer_node_id(&conn).map(|n| n.to_string());
             match handle_connection(&conn, &ctx, peer.clone()).await {
-                Ok(()) => tracing::info!(%remote, ?peer, "inbound transfer connection finished"),
+                Ok(()) => tracing::debug!(%remote, ?peer, "inbound transfer connection finished"),
                 Err(e) => {
                     let (_, code) = e.kind_and_code();
                     tracing::warn!(%remote, ?peer, "inbound transfer failed: {e}");
                     conn.close(VarInt::from_u32(code), e.to_string().as_bytes());
                 }
             }
+            locked(&ctx.connections).retain(|c| c.stable_id() != conn.stable_id());
         });
     }
 }
@@ -182,10 +237,11 @@ async fn converse(
     write_control(send, &Message::Hello { protocol_version: PROTOCOL_VERSION, node_id: ctx.node_id.clone() }).await?;
     let offer = match read_control(&mut recv, CONTROL_BODY_LEN_MAX_BYTES).await? {
         Some(Message::Offer(offer)) => offer,
+        Some(Message::Join { migration_id }) => return join(conn, ctx, peer, send, &migration_id).await,
         other => return Err(TransferError::Protocol(format!("expected an offer, got {}", describe(other.as_ref())))),
     };
     offer.validate().map_err(|e| TransferError::Protocol(e.to_string()))?;
-    let _claim = Claim::take(ctx, &offer.migration_id)?;
+    let _claim = Claim::take(ctx, &offer.migration_id, conn, peer.clone()).await?;
     let id = offer.migration_id.clone();
     ctx.update(&id, |s| {
         *s = InboundStatus {
@@ -197,29 +253,67 @@ async fn converse(
         }
     });
     let layout = StagingLayout::new(&ctx.data_dir, &id);
-    let storage = ctx.storage.clone();
-    let (already_staged, offer) = {
-        let layout = layout.clone();
-        blocking(move || check_existing(&*storage, &layout, offer)).await?
+    let start = {
+        let (storage, layout, offer) = (ctx.storage.clone(), layout.clone(), offer.clone());
+        blocking(move || start_staging(&*storage, &layout, &offer)).await?
     };
-    write_control(send, &Message::Accept { resume: Vec::new(), bytes_resent: 0, already_staged }).await?;
-    let (mut messages, _reader) = spawn_reader(recv);
-    let bytes_resent = if already_staged {
-        0
-    } else {
-        let result = receive_base(conn, ctx, &offer, &layout, send, &mut messages).await;
-        if result.is_err() {
-            ctx.update(&id, |s| s.state = "failed".into());
+    let (mut messages, _reader) = match start {
+        Start::AlreadyStaged => {
+            write_control(send, &Message::Accept { resume: Vec::new(), bytes_resent: 0, already_staged: true }).await?;
+            spawn_reader(recv)
         }
-        result?
+        Start::Receive { session, log, restored } => {
+            tracing::info!(
+                migration = %id,
+                chunks_kept = restored.chunks_kept_count,
+                chunks_dropped = restored.chunks_dropped_count,
+                files_staged = restored.files_staged_count,
+                "staging ready"
+            );
+            let resume = session.resume_list();
+            let bytes_resent = session.bytes_resent();
+            write_control(send, &Message::Accept { resume, bytes_resent, already_staged: false }).await?;
+            let (mut messages, reader) = spawn_reader(recv);
+            let result = receive_base(conn, ctx, &offer, &layout, session, log, send, &mut messages).await;
+            if result.is_err() {
+                ctx.update(&id, |s| s.state = "interrupted".into());
+            }
+            let bytes_resent = result?;
+            ctx.update(&id, |s| s.bytes_resent = bytes_resent);
+            (messages, reader)
+        }
     };
     ctx.update(&id, |s| {
         s.state = "base_staged".into();
         s.bytes_verified = s.bytes_total;
         s.files_staged_count = s.files_total_count;
     });
+    let bytes_resent = ctx.inbound().get(&id).map_or(0, |s| s.bytes_resent);
     write_control(send, &Message::BaseStaged { bytes_resent }).await?;
     commit_phase(ctx, &layout, send, &mut messages).await
+}
+
+/// An extra data connection: its uni streams feed the transfer offered on another connection.
+async fn join(
+    conn: &Connection,
+    ctx: &Arc<TargetContext>,
+    peer: Option<String>,
+    send: &mut SendStream,
+    id: &MigrationId,
+) -> Result<(), TransferError> {
+    let holder = locked(&ctx.claims).get(id).map(|(_, p)| p.clone());
+    if holder.is_none() || holder != Some(peer) {
+        return Err(TransferError::Refused(format!("no transfer {id} from this node is being received to join")));
+    }
+    let (inbound, events) = {
+        let joinable = locked(&ctx.joinable);
+        let j =
+            joinable.get(id).ok_or_else(|| TransferError::Refused(format!("transfer {id} is not receiving chunks")))?;
+        (j.inbound.clone(), j.events.clone())
+    };
+    write_control(send, &Message::Joined).await?;
+    accept_chunk_streams(conn.clone(), inbound, events).await;
+    Ok(())
 }
 
 fn describe(message: Option<&Message>) -> String {
@@ -229,39 +323,67 @@ fn describe(message: Option<&Message>) -> String {
     }
 }
 
-/// Marks a migration as being received on one connection, so a second connection for the
-/// same id is refused instead of writing into the same staging.
+/// Marks a migration as being received on one control connection, so a second connection
+/// for the same id cannot write into the same staging. A new connection from the same node
+/// takes over (its source reconnected; the old connection is dead or dying).
 struct Claim {
     ctx: Arc<TargetContext>,
     id: MigrationId,
+    conn_id: usize,
 }
 
-static ACTIVE: Mutex<Vec<(usize, MigrationId)>> = Mutex::new(Vec::new());
-
 impl Claim {
-    fn take(ctx: &Arc<TargetContext>, id: &MigrationId) -> Result<Self, TransferError> {
-        let key = Arc::as_ptr(ctx) as usize;
-        let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
-        if active.iter().any(|(k, i)| *k == key && i == id) {
-            return Err(TransferError::Refused(format!(
-                "migration {id} is already being received on another connection"
-            )));
+    async fn take(
+        ctx: &Arc<TargetContext>,
+        id: &MigrationId,
+        conn: &Connection,
+        peer: Option<String>,
+    ) -> Result<Self, TransferError> {
+        for _ in 0..100 {
+            {
+                let mut claims = locked(&ctx.claims);
+                match claims.get(id) {
+                    None => {
+                        claims.insert(id.clone(), (conn.clone(), peer));
+                        return Ok(Self { ctx: ctx.clone(), id: id.clone(), conn_id: conn.stable_id() });
+                    }
+                    Some((old, holder)) if *holder == peer => {
+                        old.close(
+                            VarInt::from_u32(crate::quic::close_code::CANCELLED),
+                            b"superseded by a new connection",
+                        );
+                    }
+                    Some(_) => {
+                        return Err(TransferError::Refused(format!(
+                            "migration {id} is being received from another node"
+                        )))
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        active.push((key, id.clone()));
-        Ok(Self { ctx: ctx.clone(), id: id.clone() })
+        Err(TransferError::Refused(format!("migration {id} is still held by an old connection; retry")))
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let key = Arc::as_ptr(&self.ctx) as usize;
-        let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
-        active.retain(|(k, i)| !(*k == key && *i == self.id));
+        let mut claims = locked(&self.ctx.claims);
+        if claims.get(&self.id).is_some_and(|(c, _)| c.stable_id() == self.conn_id) {
+            claims.remove(&self.id);
+            locked(&self.ctx.joinable).remove(&self.id);
+        }
     }
 }
 
-/// Whether this exact base is staged already; otherwise prepares a fresh staging.
-fn check_existing(storage: &dyn Storage, layout: &StagingLayout, offer: Offer) -> Result<(bool, Offer), TransferError> {
+enum Start {
+    AlreadyStaged,
+    Receive { session: TargetSession, log: Arc<ChunkLog>, restored: chunklog::Restored },
+}
+
+/// Decides how to start: the base is staged already; an earlier run left chunks to resume
+/// from; or a fresh staging.
+fn start_staging(storage: &dyn Storage, layout: &StagingLayout, offer: &Offer) -> Result<Start, TransferError> {
     if let Some(manifest) = staging::read_manifest(storage, layout)? {
         let same = manifest.base_complete
             && manifest.vshard_id == offer.vshard_id
@@ -279,10 +401,17 @@ fn check_existing(storage: &dyn Storage, layout: &StagingLayout, offer: Offer) -
                 manifest.migration_id
             )));
         }
-        return Ok((true, offer));
+        return Ok(Start::AlreadyStaged);
+    }
+    let mut session = TargetSession::new(offer);
+    if let Some(replay) = ChunkLog::replay_existing(storage, layout, offer) {
+        let log = ChunkLog::reopen(storage, layout, &replay)?;
+        let restored = chunklog::restore(storage, layout, offer, &replay, &mut session)?;
+        return Ok(Start::Receive { session, log: Arc::new(log), restored });
     }
     staging::prepare_fresh(storage, layout)?;
-    Ok((false, offer))
+    let log = ChunkLog::create(storage, layout, offer)?;
+    Ok(Start::Receive { session, log: Arc::new(log), restored: chunklog::Restored::default() })
 }
 
 /// State shared by the chunk streams of one inbound transfer.
@@ -291,15 +420,17 @@ struct Inbound {
     parts: Mutex<HashMap<u32, Arc<dyn StorageFile>>>,
     layout: StagingLayout,
     storage: Arc<dyn Storage>,
+    log: Arc<ChunkLog>,
+    received: Arc<AtomicU64>,
 }
 
 impl Inbound {
     fn session(&self) -> MutexGuard<'_, TargetSession> {
-        self.session.lock().unwrap_or_else(|e| e.into_inner())
+        locked(&self.session)
     }
 
     fn part(&self, file_index: u32) -> Result<Arc<dyn StorageFile>, TransferError> {
-        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut parts = locked(&self.parts);
         if let Some(part) = parts.get(&file_index) {
             return Ok(part.clone());
         }
@@ -307,34 +438,58 @@ impl Inbound {
         parts.insert(file_index, part.clone());
         Ok(part)
     }
+
+    /// Makes written chunks durable: the part files first, then the log that names them.
+    fn sync(&self) -> Result<(), TransferError> {
+        let parts: Vec<_> = locked(&self.parts).iter().map(|(i, p)| (*i, p.clone())).collect();
+        for (index, part) in parts {
+            part.sync_data().map_err(|source| {
+                TransferError::Staging(staging::StagingError::Io {
+                    what: "fsync",
+                    path: self.layout.part_path(index),
+                    source,
+                })
+            })?;
+        }
+        Ok(self.log.sync()?)
+    }
 }
 
 /// What chunk streams tell the control loop. Only the control loop marks chunks verified, so
 /// an acknowledgement is always sent before the file it completes is reported staged.
 enum Event {
-    Written { chunk: ChunkRef, crc32c: u32 },
+    Written { chunk: ChunkRef, crc32c: u32, len_bytes: u32 },
     Duplicate(ChunkRef),
     Failed(TransferError),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn receive_base(
     conn: &Connection,
     ctx: &Arc<TargetContext>,
     offer: &Offer,
     layout: &StagingLayout,
+    session: TargetSession,
+    log: Arc<ChunkLog>,
     send: &mut SendStream,
     messages: &mut Messages,
 ) -> Result<u64, TransferError> {
     let inbound = Arc::new(Inbound {
-        session: Mutex::new(TargetSession::new(offer)),
+        session: Mutex::new(session),
         parts: Mutex::new(HashMap::new()),
         layout: layout.clone(),
         storage: ctx.storage.clone(),
+        log,
+        received: ctx.received_counter(&offer.migration_id),
     });
     let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE_MAX_COUNT);
+    locked(&ctx.joinable)
+        .insert(offer.migration_id.clone(), Joinable { inbound: inbound.clone(), events: events_tx.clone() });
     let _acceptor = AbortOnDrop(tokio::spawn(accept_chunk_streams(conn.clone(), inbound.clone(), events_tx)));
     let files_count = offer.files.len();
+    let mut staged = vec![false; files_count];
     let mut staged_count = 0usize;
+    let mut unsynced_bytes = 0u64;
     while staged_count < files_count {
         let mut ready = Vec::new();
         tokio::select! {
@@ -353,8 +508,9 @@ async fn receive_base(
                 let mut next = event;
                 while let Some(event) = next {
                     match event {
-                        Event::Written { chunk, crc32c } => {
+                        Event::Written { chunk, crc32c, len_bytes } => {
                             ready.extend(inbound.session().on_chunk_written(chunk.file_index, chunk.chunk_index, crc32c)?);
+                            unsynced_bytes += u64::from(len_bytes);
                             acks.push(chunk);
                         }
                         Event::Duplicate(chunk) => acks.push(chunk),
@@ -362,31 +518,52 @@ async fn receive_base(
                     }
                     next = events.try_recv().ok();
                 }
+                if unsynced_bytes >= SYNC_BATCH_BYTES {
+                    let inbound = inbound.clone();
+                    blocking(move || inbound.sync()).await?;
+                    unsynced_bytes = 0;
+                }
                 if !acks.is_empty() {
                     write_control(send, &Message::Acks { chunks: acks }).await?;
                 }
-                let verified = inbound.session().bytes_verified();
-                ctx.update(&offer.migration_id, |s| s.bytes_verified = verified);
+                let (verified, resent) = { let s = inbound.session(); (s.bytes_verified(), s.bytes_resent()) };
+                ctx.update(&offer.migration_id, |s| { s.bytes_verified = verified; s.bytes_resent = resent; });
             }
         }
         for done in ready {
+            let index = done.file_index as usize;
             let path = offer
                 .files
-                .get(done.file_index as usize)
+                .get(index)
                 .map(|f| f.path.clone())
                 .ok_or_else(|| TransferError::Protocol(format!("no file {}", done.file_index)))?;
-            let (storage, layout_owned) = (ctx.storage.clone(), layout.clone());
-            inbound.parts.lock().unwrap_or_else(|e| e.into_inner()).remove(&done.file_index);
-            blocking(move || {
-                staging::finalize_file(&*storage, &layout_owned, done.file_index, &path, done.size_bytes, done.crc32c)?;
-                Ok(())
-            })
-            .await?;
+            if staged.get(index).copied().unwrap_or(true) {
+                continue;
+            }
+            if !inbound.session().is_staged(done.file_index) {
+                let (storage, layout_owned, log) = (ctx.storage.clone(), layout.clone(), inbound.log.clone());
+                locked(&inbound.parts).remove(&done.file_index);
+                blocking(move || {
+                    staging::finalize_file(
+                        &*storage,
+                        &layout_owned,
+                        done.file_index,
+                        &path,
+                        done.size_bytes,
+                        done.crc32c,
+                    )?;
+                    log.append(LogRecord::Staged { file_index: done.file_index, crc32c: done.crc32c })?;
+                    Ok(())
+                })
+                .await?;
+            }
+            staged[index] = true;
             staged_count += 1;
             ctx.update(&offer.migration_id, |s| s.files_staged_count = staged_count as u64);
             write_control(send, &Message::FileStaged { file_index: done.file_index }).await?;
         }
     }
+    locked(&ctx.joinable).remove(&offer.migration_id);
     let manifest = StagingManifest {
         format_version: MANIFEST_FORMAT_VERSION,
         migration_id: offer.migration_id.clone(),
@@ -402,7 +579,9 @@ async fn receive_base(
     let bytes_resent = inbound.session().bytes_resent();
     let (storage, layout_owned, offer_owned) = (ctx.storage.clone(), layout.clone(), offer.clone());
     let crcs = inbound_crcs(&inbound, offer)?;
+    let sync_inbound = inbound.clone();
     blocking(move || {
+        sync_inbound.sync()?;
         let paths: Vec<_> = offer_owned.files.iter().map(|f| f.path.clone()).collect();
         staging::sync_segment_tree(&*storage, &layout_owned, &paths)?;
         let segments = offer_owned
@@ -460,25 +639,35 @@ async fn receive_chunks(
         if header.kind != FrameKind::Chunk {
             return Err(TransferError::Protocol(format!("a {:?} frame on a chunk stream", header.kind)));
         }
-        let (file_index, offset_bytes) = (header.chunk_file_index, header.chunk_offset_bytes);
-        let verdict = inbound.session().check_chunk(file_index, offset_bytes, header.body_len_bytes)?;
+        let (file_index, offset_bytes, len_bytes) =
+            (header.chunk_file_index, header.chunk_offset_bytes, header.body_len_bytes);
+        let verdict = inbound.session().check_chunk(file_index, offset_bytes, len_bytes)?;
+        let chunk_index = match verdict {
+            ChunkVerdict::Duplicate { chunk_index } | ChunkVerdict::Write { chunk_index } => chunk_index,
+        };
+        // Counted before the body is read: bytes in flight when a run dies count as received,
+        // so a resend after it shows in bytes_resent.
+        inbound.log.append(LogRecord::Receiving { file_index, chunk_index, len_bytes })?;
+        inbound.received.fetch_add(u64::from(len_bytes), Ordering::Relaxed);
         let body = read_body(&mut recv, &header).await?;
         let found = ferry_wire::crc32c(&body);
         if found != header.body_crc32c {
             return Err(TransferError::ChunkChecksum { file_index, offset_bytes, expected: header.body_crc32c, found });
         }
         let event = match verdict {
-            ChunkVerdict::Duplicate { chunk_index } => Event::Duplicate(ChunkRef { file_index, chunk_index }),
-            ChunkVerdict::Write { chunk_index } => {
+            ChunkVerdict::Duplicate { .. } => Event::Duplicate(ChunkRef { file_index, chunk_index }),
+            ChunkVerdict::Write { .. } => {
                 let part = inbound.part(file_index)?;
                 let path = inbound.layout.part_path(file_index);
+                let log = inbound.log.clone();
                 blocking(move || {
                     part.write_at(&body, offset_bytes).map_err(|source| {
                         TransferError::Staging(staging::StagingError::Io { what: "write", path, source })
-                    })
+                    })?;
+                    Ok(log.append(LogRecord::Verified { file_index, chunk_index, crc32c: found })?)
                 })
                 .await?;
-                Event::Written { chunk: ChunkRef { file_index, chunk_index }, crc32c: found }
+                Event::Written { chunk: ChunkRef { file_index, chunk_index }, crc32c: found, len_bytes }
             }
         };
         events.send(event).await.map_err(|_| TransferError::Local("transfer ended".into()))?;

@@ -43,6 +43,10 @@ pub struct SegmentSummary {
     pub records_count: u64,
     /// Where its records stop.
     pub end_offset_bytes: u64,
+    /// The file's size: bytes past `end_offset_bytes` are leftovers, a torn tail, or (in
+    /// a WAL written without O_DIRECT, where the gap rule only sees block boundaries)
+    /// records the cursor could not reach.
+    pub len_bytes: u64,
 }
 
 /// What a dump saw.
@@ -99,8 +103,14 @@ pub fn dump(opts: &DumpOptions, out: &mut dyn Write) -> Result<DumpSummary, Dump
         cursor.open_segment(*first_lsn).map_err(|e| map_cursor(&opts.dir, e))?;
         let bytes = read_segment(&path)?;
         let sealed = i < last_index;
-        let mut seg =
-            SegmentSummary { name: name.clone(), layout: None, key_id: None, records_count: 0, end_offset_bytes: 0 };
+        let mut seg = SegmentSummary {
+            name: name.clone(),
+            layout: None,
+            key_id: None,
+            records_count: 0,
+            end_offset_bytes: 0,
+            len_bytes: bytes.len() as u64,
+        };
         let mut waits = 0;
         loop {
             match cursor.poll(&bytes, sealed).map_err(|e| map_cursor(&opts.dir, e))? {

@@ -14,6 +14,7 @@
 //! dump and the tailer agree on what a WAL holds.
 
 pub mod dump;
+pub mod stage;
 pub mod tail;
 pub mod writer;
 

@@ -161,11 +161,8 @@ mod tests {
             let count = segments.len();
             for (i, (name, bytes)) in segments.iter().enumerate() {
                 cursor.open_segment(*name).unwrap();
-                loop {
-                    match cursor.poll(bytes, i + 1 < count).unwrap() {
-                        Step::Record(r) => read.push(r.header.lsn.0),
-                        _ => break,
-                    }
+                while let Step::Record(r) = cursor.poll(bytes, i + 1 < count).unwrap() {
+                    read.push(r.header.lsn.0);
                 }
             }
             prop_assert_eq!(read, written);

@@ -1,0 +1,325 @@
+//! ferry-bench-e2e: the base-copy benchmark of issue 3, every contender in one run.
+//!
+//! What it does: generates one shard (default 1 GiB, on tmpfs), then, interleaved over
+//! `--rounds` rounds, copies it over loopback with: the raw quinn baseline, ferry in-process
+//! staging on tmpfs, ferry in-process staging on disk, plain TCP, and `scp` (OpenSSH default
+//! cipher, and aes128-gcm) against a throwaway sshd. It prints the median rate of each and the
+//! ratios the issue sets goals for. Then it runs ferry as two processes (`ferry serve` and
+//! `ferry copy`) for chunk sizes 1 and 4 MiB and 1, 2, 4 streams (or connections, when
+//! `ferry copy` has `--connections`), and prints per daemon the peak RssAnon, RssFile and
+//! RssShmem and CPU-seconds per GiB. With `--rss-shard-size 4GiB` it repeats the daemon run
+//! on a shard of that size for the peak-memory figure.
+//!
+//! What it does not: assert on any figure. It fails only when a copy fails.
+//!
+//! Run: `cargo build --release -p ferry-engine --bin ferry && cargo run --release -p
+//! ferry-bench --bin ferry-bench-e2e -- --shard-size 1GiB`.
+#![allow(clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use ferry_bench::certs::BenchCerts;
+use ferry_bench::daemons::{self, DaemonRun, DaemonShape};
+use ferry_bench::ferry_copy::{ferry_copy, FerryShape};
+use ferry_bench::raw_quinn::raw_quinn_copy;
+use ferry_bench::scp::{scp_copy, Sshd};
+use ferry_bench::shard::Shard;
+use ferry_bench::tcp::tcp_copy;
+use ferry_bench::{format_bytes, fs_type, parse_size_bytes, RunResult};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+#[derive(Debug, Parser)]
+#[command(about = "ferry's base-copy benchmark (issue 3): ferry vs raw quinn, TCP and scp over loopback")]
+struct Args {
+    /// Shard size (binary units: 1GiB, 256MiB).
+    #[arg(long, default_value = "1GiB")]
+    shard_size: String,
+    /// Files in the shard.
+    #[arg(long, default_value_t = 8)]
+    files: u32,
+    /// Where the shard is generated (the source side's files).
+    #[arg(long, default_value = "/dev/shm")]
+    shard_dir: PathBuf,
+    /// A tmpfs folder for the "tmpfs" staging.
+    #[arg(long, default_value = "/dev/shm")]
+    tmpfs_dir: PathBuf,
+    /// A disk folder for the "disk" staging (default: the system temp dir).
+    #[arg(long)]
+    disk_dir: Option<PathBuf>,
+    /// Rounds of the in-process comparison; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Also run the daemon copy on a shard of this size (e.g. 4GiB) for the peak-memory figure.
+    #[arg(long)]
+    rss_shard_size: Option<String>,
+    /// Skip the two-process (daemon) measurements.
+    #[arg(long)]
+    skip_daemons: bool,
+    /// Skip scp.
+    #[arg(long)]
+    skip_scp: bool,
+    /// Also write every measurement as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The contenders of the in-process comparison, in the order each round runs them.
+const RAW_QUINN: &str = "raw_quinn";
+const FERRY_TMPFS: &str = "ferry_tmpfs";
+const FERRY_TMPFS_2C: &str = "ferry_tmpfs_2c";
+const FERRY_DISK: &str = "ferry_disk";
+const TCP_TMPFS: &str = "tcp_tmpfs";
+const SCP_DEFAULT: &str = "scp";
+const SCP_AES: &str = "scp_aes128gcm";
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let shard_size = parse_size_bytes(&args.shard_size)?;
+    let disk_dir = args.disk_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("# ferry base-copy bench (issue 3)");
+    println!("cores: {cores}; shard: {} in {} files", format_bytes(shard_size), args.files);
+    println!("load average at start: {}", loadavg());
+    for (what, dir) in [("shard", &args.shard_dir), ("tmpfs staging", &args.tmpfs_dir), ("disk staging", &disk_dir)] {
+        println!("{what}: {} ({})", dir.display(), fs_type(dir).unwrap_or_else(|e| format!("unknown: {e}")));
+    }
+    if fs_type(&args.tmpfs_dir).ok().as_deref() != Some("tmpfs") {
+        println!("WARNING: {} is not tmpfs; the tmpfs column is not what it says", args.tmpfs_dir.display());
+    }
+    if fs_type(&disk_dir).ok().as_deref() == Some("tmpfs") {
+        println!("WARNING: {} is tmpfs; pass --disk-dir on a real disk for the disk column", disk_dir.display());
+    }
+
+    let generated = Instant::now();
+    let shard = Shard::generate(&args.shard_dir, shard_size, args.files, 0xfe77)?;
+    println!("generated the shard in {:.1} s", generated.elapsed().as_secs_f64());
+    let certs = BenchCerts::new()?;
+    let sshd = if args.skip_scp {
+        println!("scp: skipped (--skip-scp)");
+        None
+    } else {
+        match Sshd::start() {
+            Ok(sshd) => {
+                println!("scp: throwaway sshd on 127.0.0.1:{}", sshd.port);
+                Some(sshd)
+            }
+            Err(e) => {
+                println!("!!!!! SCP COLUMN SKIPPED: cannot start an OpenSSH server on 127.0.0.1: {e:#}");
+                None
+            }
+        }
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("bench").build()?;
+    let mut runs: Vec<(&str, Vec<RunResult>)> = Vec::new();
+    let mut record = |name: &'static str, run: RunResult| {
+        println!("  {name:<14} {:>8.1} MB/s  ({:.3} s)", run.bytes_per_sec() / 1e6, run.elapsed.as_secs_f64());
+        match runs.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, list)) => list.push(run),
+            None => runs.push((name, vec![run])),
+        }
+    };
+    for round in 0..args.rounds {
+        println!("round {}/{}", round + 1, args.rounds);
+        record(RAW_QUINN, runtime.block_on(raw_quinn_copy(&certs, shard.size_bytes))?);
+        let id = format!("bench-tmpfs-{round}");
+        record(
+            FERRY_TMPFS,
+            runtime.block_on(ferry_copy(&certs, &shard, &args.tmpfs_dir, &id, FerryShape::default()))?.0,
+        );
+        let id = format!("bench-tmpfs2c-{round}");
+        let two = FerryShape { streams_count: 2, connections_count: 2, ..FerryShape::default() };
+        record(FERRY_TMPFS_2C, runtime.block_on(ferry_copy(&certs, &shard, &args.tmpfs_dir, &id, two))?.0);
+        let id = format!("bench-disk-{round}");
+        record(FERRY_DISK, runtime.block_on(ferry_copy(&certs, &shard, &disk_dir, &id, FerryShape::default()))?.0);
+        record(TCP_TMPFS, with_target_dir(&args.tmpfs_dir, |dir| tcp_copy(&shard, dir))?);
+        if let Some(sshd) = &sshd {
+            record(SCP_DEFAULT, with_target_dir(&args.tmpfs_dir, |dir| scp_copy(sshd, &shard, dir, None))?);
+            let aes = Some("aes128-gcm@openssh.com");
+            record(SCP_AES, with_target_dir(&args.tmpfs_dir, |dir| scp_copy(sshd, &shard, dir, aes))?);
+        }
+    }
+    drop(sshd);
+    drop(runtime);
+
+    println!("load average after the in-process rounds: {}", loadavg());
+    println!();
+    println!("## in-process comparison: {} shard, median of {} rounds", format_bytes(shard.size_bytes), args.rounds);
+    println!("{:<16} {:>12} {:>12} {:>12}", "variant", "median MB/s", "min MB/s", "max MB/s");
+    let mut medians = Vec::new();
+    for (name, list) in &runs {
+        let mut rates: Vec<f64> = list.iter().map(RunResult::bytes_per_sec).collect();
+        rates.sort_by(f64::total_cmp);
+        let median = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
+        let (min, max) = (rates.first().copied().unwrap_or(0.0), rates.last().copied().unwrap_or(0.0));
+        println!("{name:<16} {:>12.1} {:>12.1} {:>12.1}", median / 1e6, min / 1e6, max / 1e6);
+        medians.push((*name, median));
+    }
+    let median_of = |name: &str| medians.iter().find(|(n, _)| *n == name).map(|(_, m)| *m);
+    println!();
+    println!("ratios (medians):");
+    let mut ratios = Vec::new();
+    for (top, bottom, goal) in [
+        (FERRY_TMPFS, RAW_QUINN, Some(">= 0.85")),
+        (FERRY_TMPFS, SCP_DEFAULT, Some(">= 1.8")),
+        (FERRY_TMPFS_2C, RAW_QUINN, None),
+        (FERRY_TMPFS_2C, SCP_DEFAULT, None),
+        (FERRY_DISK, RAW_QUINN, None),
+        (FERRY_TMPFS, SCP_AES, None),
+        (FERRY_TMPFS, TCP_TMPFS, None),
+    ] {
+        let label = format!("{top}/{bottom}");
+        match (median_of(top), median_of(bottom)) {
+            (Some(t), Some(b)) if b > 0.0 => {
+                let goal = goal.map_or(String::new(), |g| format!("   (goal {g})"));
+                println!("  {label:<28} {:>6.3}{goal}", t / b);
+                ratios.push((label, t / b));
+            }
+            _ => println!("  {label:<28}    n/a   ({bottom} was not measured)"),
+        }
+    }
+
+    let mut daemon_runs: Vec<(String, DaemonRun)> = Vec::new();
+    if !args.skip_daemons {
+        let bin = daemons::ferry_bin()?;
+        let connections = daemons::copy_has_connections_flag(&bin);
+        println!();
+        println!("## two processes: `ferry serve` (target) + `ferry copy` (source), {}", bin.display());
+        if connections {
+            println!("`ferry copy` has --connections: varying connections, 4 streams in all (4/k per connection)");
+        } else {
+            println!(
+                "NOTE: `ferry copy` has no --connections flag yet (one QUIC connection per copy): varying --streams"
+            );
+        }
+        let mut n = 0;
+        for chunk_len_bytes in [1u32 << 20, 4 << 20] {
+            for k in [1u32, 2, 4] {
+                let shape = if connections {
+                    DaemonShape { chunk_len_bytes, streams_count: 4 / k, connections_count: Some(k) }
+                } else {
+                    DaemonShape { chunk_len_bytes, streams_count: k, connections_count: None }
+                };
+                n += 1;
+                let run = daemons::daemon_copy(&bin, &certs, &shard, &args.tmpfs_dir, &format!("bench-d{n}"), shape)?;
+                daemon_runs.push(("tmpfs".into(), run));
+            }
+        }
+        let shape = DaemonShape { chunk_len_bytes: 1 << 20, streams_count: 4, connections_count: None };
+        let run = daemons::daemon_copy(&bin, &certs, &shard, &disk_dir, "bench-ddisk", shape)?;
+        daemon_runs.push(("disk".into(), run));
+        print_daemon_table(&format_bytes(shard.size_bytes), &daemon_runs);
+        println!("load average after the daemon runs: {}", loadavg());
+        if let (Some(quinn), Some((_, run))) = (
+            median_of(RAW_QUINN),
+            daemon_runs
+                .iter()
+                .find(|(s, r)| s == "tmpfs" && r.shape.chunk_len_bytes == 1 << 20 && r.shape.streams_count == 4),
+        ) {
+            println!(
+                "two-process ferry_tmpfs (1 MiB, 4 streams, copy's own rate) / raw_quinn: {:.3}",
+                run.report_bytes_per_sec as f64 / quinn
+            );
+        }
+
+        if let Some(size) = &args.rss_shard_size {
+            let size = parse_size_bytes(size)?;
+            drop(shard);
+            println!();
+            println!("## peak memory on a {} shard (two processes, tmpfs staging)", format_bytes(size));
+            let generated = Instant::now();
+            let big = Shard::generate(&args.shard_dir, size, args.files, 0xb16)?;
+            println!("generated the shard in {:.1} s", generated.elapsed().as_secs_f64());
+            let mut big_runs = Vec::new();
+            for (i, chunk_len_bytes) in [1u32 << 20, 4 << 20].into_iter().enumerate() {
+                let shape = DaemonShape { chunk_len_bytes, streams_count: 4, connections_count: None };
+                let run = daemons::daemon_copy(&bin, &certs, &big, &args.tmpfs_dir, &format!("bench-big{i}"), shape)?;
+                big_runs.push(("tmpfs".to_string(), run));
+            }
+            print_daemon_table(&format_bytes(size), &big_runs);
+            daemon_runs.extend(big_runs);
+        }
+    }
+
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "shard_size_bytes": shard_size,
+            "files": args.files,
+            "rounds": args.rounds,
+            "in_process": runs.iter().map(|(name, list)| serde_json::json!({
+                "variant": name,
+                "bytes_per_sec": list.iter().map(RunResult::bytes_per_sec).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "ratios": ratios.iter().map(|(l, r)| serde_json::json!({"ratio": l, "value": r})).collect::<Vec<_>>(),
+            "daemons": daemon_runs.iter().map(|(staging, run)| serde_json::json!({"staging": staging, "run": run})).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs `f` with a fresh folder under `parent`, removed afterwards.
+fn with_target_dir(parent: &Path, f: impl FnOnce(&Path) -> anyhow::Result<RunResult>) -> anyhow::Result<RunResult> {
+    let dir = tempfile::Builder::new().prefix("ferry-bench-out-").tempdir_in(parent)?;
+    f(dir.path())
+}
+
+/// `/proc/loadavg`'s first three fields: other work on this shared machine skews the figures.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn print_daemon_table(shard: &str, runs: &[(String, DaemonRun)]) {
+    println!();
+    println!("{shard} shard; memory peaks in MiB (sampled every 10 ms); CPU in CPU-seconds per GiB copied");
+    println!(
+        "{:<7} {:>5} {:>5} {:>5} {:>9} {:>7} | {:>8} {:>8} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>7}",
+        "staging",
+        "chunk",
+        "strm",
+        "conn",
+        "MB/s",
+        "wall s",
+        "src anon",
+        "src file",
+        "src shm",
+        "src cpu",
+        "tgt anon",
+        "tgt file",
+        "tgt shm",
+        "tgt cpu",
+    );
+    for (staging, run) in runs {
+        let gib = run.bytes_total as f64 / GIB;
+        let per_gib = |secs: f64| if gib > 0.0 { secs / gib } else { 0.0 };
+        println!(
+            "{:<7} {:>4}M {:>5} {:>5} {:>9.1} {:>7.2} | {:>8.1} {:>8.1} {:>8.1} {:>7.2} | {:>8.1} {:>8.1} {:>8.1} {:>7.2}",
+            staging,
+            run.shape.chunk_len_bytes >> 20,
+            run.shape.streams_count,
+            run.shape.connections_count.map_or("1".to_string(), |c| c.to_string()),
+            run.report_bytes_per_sec as f64 / 1e6,
+            run.wall_secs,
+            mib(run.source.peak.rss_anon_bytes),
+            mib(run.source.peak.rss_file_bytes),
+            mib(run.source.peak.rss_shmem_bytes),
+            per_gib(run.source.cpu_secs),
+            mib(run.target.peak.rss_anon_bytes),
+            mib(run.target.peak.rss_file_bytes),
+            mib(run.target.peak.rss_shmem_bytes),
+            per_gib(run.target.cpu_secs),
+        );
+    }
+}
