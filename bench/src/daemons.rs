@@ -126,7 +126,7 @@ pub fn daemon_copy(
     );
     let serve_pid = serve.0.id();
     sampler.watch(serve_pid);
-    let addr = wait_listening(&mut serve.0)?;
+    let (addr, _serve_lines) = wait_listening(&mut serve.0)?;
     let (_, serve_ticks_before) = procstat::read_cpu_ticks(serve_pid)?;
 
     let mut command = Command::new(bin);
@@ -195,20 +195,28 @@ pub fn daemon_copy(
     })
 }
 
-/// Reads the serve child's stdout until its `listening on ADDR` line.
-fn wait_listening(serve: &mut Child) -> anyhow::Result<SocketAddr> {
-    let stdout = serve.stdout.take().context("no stdout pipe")?;
+/// Reads a child's stdout until its `listening on ADDR` line (as `ferry serve` prints it);
+/// returns the address and the child's later stdout lines.
+pub fn wait_listening(child: &mut Child) -> anyhow::Result<(SocketAddr, mpsc::Receiver<String>)> {
+    let stdout = child.stdout.take().context("no stdout pipe")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         while let Some(Ok(line)) = lines.next() {
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                let _ = tx.send(addr.trim().to_string());
+            if tx.send(line).is_err() {
+                return;
             }
         }
     });
-    let addr = rx
-        .recv_timeout(SERVE_READY_TIMEOUT)
-        .map_err(|_| anyhow::anyhow!("ferry serve did not print its listening line within {SERVE_READY_TIMEOUT:?}"))?;
-    addr.parse().with_context(|| format!("ferry serve printed an odd address {addr:?}"))
+    let deadline = Instant::now() + SERVE_READY_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).map_err(|_| {
+            anyhow::anyhow!("the child did not print its listening line within {SERVE_READY_TIMEOUT:?}")
+        })?;
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            let addr = addr.trim().parse().with_context(|| format!("the child printed an odd address {addr:?}"))?;
+            return Ok((addr, rx));
+        }
+    }
 }

@@ -11,12 +11,19 @@
 //! What it does not: read files, checksum, frame, write or fsync anything. It is the ceiling
 //! ferry's transport is measured against, in the same run.
 //!
-//! Timing: from before the client connects until the receiver has counted every byte.
+//! Timing: from before the client connects until the receiver, having read every byte, has
+//! closed the connection and the sender has seen the close.
+//!
+//! Two shapes: sender and receiver in one process ([`raw_quinn_copy`]), or the receiver in a
+//! child process ([`receiver_endpoint`] + [`receive_all`], which `ferry-bench-e2e` runs as a
+//! hidden mode) and the sender in the bench ([`send_all`]), like ferry's two daemons.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ferry_engine::tls::NodeIdentity;
 use quinn::{ClientConfig, Endpoint, ServerConfig, VarInt};
 
 use crate::certs::{node, BenchCerts, SOURCE_NODE, TARGET_NODE};
@@ -25,20 +32,57 @@ use crate::RunResult;
 /// The one block the sender writes, over and over.
 pub const RAW_QUINN_BLOCK_BYTES: usize = 1 << 20;
 
-/// Sends `bytes_total` bytes over one quinn uni stream on loopback and times it.
+/// Sends `bytes_total` bytes over one quinn uni stream on loopback and times it, sender and
+/// receiver in this process.
 pub async fn raw_quinn_copy(certs: &BenchCerts, bytes_total: u64) -> anyhow::Result<RunResult> {
-    let server_crypto = ferry_engine::tls::server_crypto(&certs.identity(TARGET_NODE)?, &[node(SOURCE_NODE)?])?;
-    let client_crypto = ferry_engine::tls::client_crypto(&certs.identity(SOURCE_NODE)?)?;
-    // `with_crypto` and `ClientConfig::new` keep quinn's default transport config.
-    let server = Endpoint::server(ServerConfig::with_crypto(server_crypto), SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let server = receiver_endpoint(certs.path())?;
     let server_addr = server.local_addr()?;
     let receiver = tokio::spawn(receive_all(server.clone()));
+    let sent = send_all(certs.path(), server_addr, bytes_total).await;
+    let received = receiver.await.map_err(|e| anyhow::anyhow!("the receiver task failed: {e}"))??;
+    server.close(VarInt::from_u32(0), b"done");
+    let run = sent?;
+    anyhow::ensure!(received == bytes_total, "the raw quinn receiver got {received} bytes, {bytes_total} were sent");
+    Ok(run)
+}
 
+/// The receiver's endpoint on an ephemeral loopback port: quinn's default transport, endpoint
+/// config and socket, ferry's server crypto for node `target` (allowing node `source`), with
+/// the certificates in `certs_dir`.
+pub fn receiver_endpoint(certs_dir: &Path) -> anyhow::Result<Endpoint> {
+    let identity = NodeIdentity::from_dir(certs_dir, &node(TARGET_NODE)?)?;
+    let crypto = ferry_engine::tls::server_crypto(&identity, &[node(SOURCE_NODE)?])?;
+    // `with_crypto` keeps quinn's default transport config.
+    Ok(Endpoint::server(ServerConfig::with_crypto(crypto), SocketAddr::from(([127, 0, 0, 1], 0)))?)
+}
+
+/// Accepts one connection and one uni stream, reads it to the end with `read_chunk`
+/// (discarding), closes the connection (so the sender learns every byte arrived), and returns
+/// the stream's length.
+pub async fn receive_all(endpoint: Endpoint) -> anyhow::Result<u64> {
+    let incoming = endpoint.accept().await.ok_or_else(|| anyhow::anyhow!("the endpoint closed before a peer came"))?;
+    let conn = incoming.await?;
+    let mut recv = conn.accept_uni().await?;
+    let mut received = 0u64;
+    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+        received += chunk.bytes.len() as u64;
+    }
+    conn.close(VarInt::from_u32(0), b"received");
+    Ok(received)
+}
+
+/// Connects to `server_addr` as node `source` (certificates in `certs_dir`), writes
+/// `bytes_total` bytes on one uni stream, and returns once the receiver has closed the
+/// connection after reading them all. Timed from before the client endpoint is made.
+pub async fn send_all(certs_dir: &Path, server_addr: SocketAddr, bytes_total: u64) -> anyhow::Result<RunResult> {
+    let identity = NodeIdentity::from_dir(certs_dir, &node(SOURCE_NODE)?)?;
+    let crypto = ferry_engine::tls::client_crypto(&identity)?;
+    let block = Bytes::from(block_bytes());
     let started = Instant::now();
     let client = Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-    let conn = client.connect_with(ClientConfig::new(client_crypto), server_addr, TARGET_NODE)?.await?;
+    // `ClientConfig::new` keeps quinn's default transport config.
+    let conn = client.connect_with(ClientConfig::new(crypto), server_addr, TARGET_NODE)?.await?;
     let mut stream = conn.open_uni().await?;
-    let block = Bytes::from(block_bytes());
     let mut left = bytes_total;
     while left > 0 {
         let n = usize::try_from(left.min(RAW_QUINN_BLOCK_BYTES as u64)).unwrap_or(RAW_QUINN_BLOCK_BYTES);
@@ -47,25 +91,13 @@ pub async fn raw_quinn_copy(certs: &BenchCerts, bytes_total: u64) -> anyhow::Res
         left -= n as u64;
     }
     stream.finish()?;
-    let received = receiver.await.map_err(|e| anyhow::anyhow!("the receiver task failed: {e}"))??;
-    let elapsed = started.elapsed();
-    conn.close(VarInt::from_u32(0), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(2), client.wait_idle()).await;
-    server.close(VarInt::from_u32(0), b"done");
-    anyhow::ensure!(received == bytes_total, "the raw quinn receiver got {received} bytes, {bytes_total} were sent");
-    Ok(RunResult { bytes_total: received, elapsed })
-}
-
-/// Accepts one connection and one uni stream, reads it to the end, and returns its length.
-async fn receive_all(endpoint: Endpoint) -> anyhow::Result<u64> {
-    let incoming = endpoint.accept().await.ok_or_else(|| anyhow::anyhow!("the endpoint closed before a peer came"))?;
-    let conn = incoming.await?;
-    let mut recv = conn.accept_uni().await?;
-    let mut received = 0u64;
-    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
-        received += chunk.bytes.len() as u64;
+    match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == VarInt::from_u32(0) => {}
+        other => anyhow::bail!("the raw quinn connection ended badly: {other}"),
     }
-    Ok(received)
+    let elapsed = started.elapsed();
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.wait_idle()).await;
+    Ok(RunResult { bytes_total, elapsed })
 }
 
 /// Non-constant content, so nothing on the way could take a shortcut on zeros.

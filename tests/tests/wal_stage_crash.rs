@@ -11,9 +11,10 @@
 //!   every record exactly once, in order, in the same segments, same manifest entries;
 //! - the staged-mode cursor, and `ferry wal dump --staged` on a real-disk copy, accept it.
 //!
-//! Each N is run twice: as the fake recovers it, and with a torn tail added after recovery
-//! (part of the next record at the end of the last segment, as a real filesystem can leave
-//! when writeback of an unsynced write was under way), which the reopen must cut.
+//! Each N is run as the fake recovers it, and with a torn tail added after recovery (part of
+//! the next record at the end of the last segment, as a real filesystem can leave when
+//! writeback of an unsynced write was under way), which the reopen must cut; and with a
+//! second crash at each of the first syncs of the recovering open itself.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
 
 use std::path::{Path, PathBuf};
@@ -178,7 +179,9 @@ fn reference(recs: &[Rec]) -> Reference {
     Reference { files: files(&fs), entries: wal.segments(), syncs_count: fs.syncs_count() - before }
 }
 
-fn run_crash_at(recs: &[Rec], reference: &Reference, n: u64, torn: bool) {
+/// Crashes at sync `n` while staging; optionally adds a torn tail after recovery, and
+/// optionally crashes again at sync `reopen_crash` of the recovering open.
+fn run_crash_at(recs: &[Rec], reference: &Reference, n: u64, torn: bool, reopen_crash: Option<u64>) {
     let fs = fresh_disk();
     fs.crash_at_sync(n);
     let mut acked = None;
@@ -192,7 +195,7 @@ fn run_crash_at(recs: &[Rec], reference: &Reference, n: u64, torn: bool) {
         Err(e) => panic!("open: {e}"),
     }
     assert!(fs.has_crashed());
-    let recovered = fs.recover();
+    let mut recovered = fs.recover();
     let mut torn_bytes = 0;
     if torn {
         // Part of the next record at the end of the last segment.
@@ -205,14 +208,31 @@ fn run_crash_at(recs: &[Rec], reference: &Reference, n: u64, torn: bool) {
             file.write_at(&next[..torn_bytes], len).unwrap();
         }
     }
+    let mut crashed_again = false;
+    if let Some(m) = reopen_crash {
+        recovered.crash_at_sync(m);
+        match open(&recovered) {
+            // The open made fewer than m syncs: lose power after it instead (which also
+            // disarms the crash).
+            Ok(_) => recovered = recovered.recover(),
+            Err(StageError::Io { .. }) => {
+                recovered = recovered.recover();
+                crashed_again = true;
+            }
+            Err(e) => panic!("crash at sync {n}, reopen crash at {m}: {e}"),
+        }
+    }
     let (mut wal, report) = open(&recovered).unwrap();
     let durable = report.durable_lsn;
     if let Some(acked) = acked {
         assert!(durable >= acked, "crash at sync {n}: acknowledged LSN {acked} lost (durable {durable})");
     }
     assert!(durable == Lsn(BASE_LSN) || recs.iter().any(|r| r.lsn == durable), "durable LSN {durable} was never sent");
-    if torn && torn_bytes > 0 {
+    if torn && torn_bytes > 0 && reopen_crash.is_none() {
         assert_eq!(report.truncated_bytes, torn_bytes as u64, "crash at sync {n}: torn tail not cut");
+    }
+    if !crashed_again {
+        assert!(reopen_crash.is_none() || report.truncated_bytes == 0);
     }
     // The sender resumes from the durable LSN.
     let rest: Vec<&Rec> = recs.iter().filter(|r| r.lsn > durable).collect();
@@ -252,7 +272,7 @@ fn a_crash_at_every_sync_loses_nothing_acknowledged_and_resumes_exactly() {
     let reference = reference(&recs);
     assert!(reference.syncs_count > 20, "{}", reference.syncs_count);
     for n in 1..=reference.syncs_count {
-        run_crash_at(&recs, &reference, n, false);
+        run_crash_at(&recs, &reference, n, false, None);
     }
 }
 
@@ -261,6 +281,17 @@ fn a_crash_at_every_sync_with_a_torn_tail_is_cut_and_resumed() {
     let recs = stream();
     let reference = reference(&recs);
     for n in 1..=reference.syncs_count {
-        run_crash_at(&recs, &reference, n, true);
+        run_crash_at(&recs, &reference, n, true, None);
+    }
+}
+
+#[test]
+fn a_second_crash_while_recovering_is_recovered_too() {
+    let recs = stream();
+    let reference = reference(&recs);
+    for n in 1..=reference.syncs_count {
+        for m in 1..=4 {
+            run_crash_at(&recs, &reference, n, true, Some(m));
+        }
     }
 }

@@ -24,7 +24,8 @@ use clap::Parser;
 use ferry_bench::certs::BenchCerts;
 use ferry_bench::daemons::{self, DaemonRun, DaemonShape};
 use ferry_bench::ferry_copy::{ferry_copy, FerryShape};
-use ferry_bench::raw_quinn::raw_quinn_copy;
+use ferry_bench::procstat;
+use ferry_bench::raw_quinn::{self, raw_quinn_copy};
 use ferry_bench::scp::{scp_copy, Sshd};
 use ferry_bench::shard::Shard;
 use ferry_bench::tcp::tcp_copy;
@@ -69,6 +70,7 @@ struct Args {
 
 /// The contenders of the in-process comparison, in the order each round runs them.
 const RAW_QUINN: &str = "raw_quinn";
+const RAW_QUINN_2P: &str = "raw_quinn_2proc";
 const FERRY_TMPFS: &str = "ferry_tmpfs";
 const FERRY_TMPFS_2C: &str = "ferry_tmpfs_2c";
 const FERRY_DISK: &str = "ferry_disk";
@@ -76,7 +78,16 @@ const TCP_TMPFS: &str = "tcp_tmpfs";
 const SCP_DEFAULT: &str = "scp";
 const SCP_AES: &str = "scp_aes128gcm";
 
+/// The hidden first argument that makes this binary the raw quinn receiver of the
+/// two-process baseline: `ferry-bench-e2e __raw-quinn-receiver <certs dir>`.
+const RAW_QUINN_RECEIVER_MODE: &str = "__raw-quinn-receiver";
+
 fn main() -> anyhow::Result<()> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == RAW_QUINN_RECEIVER_MODE) {
+        let certs_dir = argv.get(2).context("usage: ferry-bench-e2e __raw-quinn-receiver <certs dir>")?;
+        return raw_quinn_receiver(Path::new(certs_dir));
+    }
     let args = Args::parse();
     let shard_size = parse_size_bytes(&args.shard_size)?;
     let disk_dir = args.disk_dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -126,6 +137,12 @@ fn main() -> anyhow::Result<()> {
     for round in 0..args.rounds {
         println!("round {}/{}", round + 1, args.rounds);
         record(RAW_QUINN, runtime.block_on(raw_quinn_copy(&certs, shard.size_bytes))?);
+        let (run, receiver_cpu_secs) = raw_quinn_two_process(&runtime, &certs, shard.size_bytes)?;
+        println!(
+            "  (raw quinn receiver process: {:.2} CPU-s/GiB)",
+            receiver_cpu_secs / (shard.size_bytes as f64 / GIB)
+        );
+        record(RAW_QUINN_2P, run);
         let id = format!("bench-tmpfs-{round}");
         record(
             FERRY_TMPFS,
@@ -165,6 +182,7 @@ fn main() -> anyhow::Result<()> {
     let mut ratios = Vec::new();
     for (top, bottom, goal) in [
         (FERRY_TMPFS, RAW_QUINN, Some(">= 0.85")),
+        (RAW_QUINN_2P, RAW_QUINN, None),
         (FERRY_TMPFS, SCP_DEFAULT, Some(">= 1.8")),
         (FERRY_TMPFS_2C, RAW_QUINN, None),
         (FERRY_TMPFS_2C, SCP_DEFAULT, None),
@@ -221,9 +239,15 @@ fn main() -> anyhow::Result<()> {
                 .find(|(s, r)| s == "tmpfs" && r.shape.chunk_len_bytes == 1 << 20 && r.shape.streams_count == 4),
         ) {
             println!(
-                "two-process ferry_tmpfs (1 MiB, 4 streams, copy's own rate) / raw_quinn: {:.3}",
-                run.report_bytes_per_sec as f64 / quinn
+                "two-process ferry_tmpfs (1 MiB, 4 streams, 1 connection; wall clock around `ferry copy`) / raw_quinn: {:.3}",
+                (run.bytes_total as f64 / run.wall_secs) / quinn
             );
+            if let Some(quinn_2p) = median_of(RAW_QUINN_2P) {
+                println!(
+                    "two-process ferry_tmpfs (same run) / raw_quinn_2proc: {:.3}",
+                    (run.bytes_total as f64 / run.wall_secs) / quinn_2p
+                );
+            }
         }
 
         if let Some(size) = &args.rss_shard_size {
@@ -262,6 +286,53 @@ fn main() -> anyhow::Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The child side of the two-process raw quinn baseline: listen, print the address, receive
+/// one stream, print its length.
+fn raw_quinn_receiver(certs_dir: &Path) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let endpoint = raw_quinn::receiver_endpoint(certs_dir)?;
+        println!("listening on {}", endpoint.local_addr()?);
+        std::io::Write::flush(&mut std::io::stdout())?;
+        let received = raw_quinn::receive_all(endpoint.clone()).await?;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
+        println!("received {received}");
+        Ok(())
+    })
+}
+
+/// The raw quinn baseline with the receiver in a child process (like `ferry serve`) and the
+/// sender in this process; returns the run and the receiver's CPU-seconds.
+fn raw_quinn_two_process(
+    runtime: &tokio::runtime::Runtime,
+    certs: &BenchCerts,
+    bytes_total: u64,
+) -> anyhow::Result<(RunResult, f64)> {
+    let exe = std::env::current_exe()?;
+    let mut child = std::process::Command::new(exe)
+        .arg(RAW_QUINN_RECEIVER_MODE)
+        .arg(certs.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start the raw quinn receiver process")?;
+    let result = (|| {
+        let (addr, lines) = daemons::wait_listening(&mut child)?;
+        let run = runtime.block_on(raw_quinn::send_all(certs.path(), addr, bytes_total))?;
+        let (status, cpu_secs) = procstat::wait_with_cpu(&mut child)?;
+        anyhow::ensure!(status.success(), "the raw quinn receiver failed ({status})");
+        let received = lines
+            .iter()
+            .find_map(|line| line.strip_prefix("received ").and_then(|n| n.trim().parse::<u64>().ok()))
+            .context("the raw quinn receiver did not say how much it received")?;
+        anyhow::ensure!(received == bytes_total, "the raw quinn receiver got {received} of {bytes_total} bytes");
+        Ok((run, cpu_secs))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 /// Runs `f` with a fresh folder under `parent`, removed afterwards.

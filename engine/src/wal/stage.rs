@@ -21,7 +21,10 @@
 //! staged-mode [`Cursor`], keeps the longest valid prefix of records, truncates what follows
 //! it (a torn tail: a batch that was being written when the node died), removes segment files
 //! after that point and segment files holding no record, and reports the durable LSN to
-//! resume from (the last staged LSN, or `base_lsn` when nothing is staged).
+//! resume from (the last staged LSN, or `base_lsn` when nothing is staged). It fdatasyncs
+//! every segment it keeps and fsyncs the folder before reporting: after a process crash (not
+//! a power loss) the page cache still holds written but unsynced bytes, which read back like
+//! durable ones.
 //! [`StagedWal::segments`] gives the `MANIFEST.json` entry of every staged segment.
 //!
 //! Decisions, written down:
@@ -249,7 +252,13 @@ impl StagedWal {
                 kept.push((seg, file));
             }
         }
-        if dir_changed {
+        // What is reported durable must be: after a process crash (not a power loss) the page
+        // cache still holds bytes that were written but never synced, and they read back
+        // like any others.
+        for (seg, file) in &kept {
+            file.sync_data().map_err(io_err("sync", &dir.join(&seg.name)))?;
+        }
+        if dir_changed || !kept.is_empty() {
             storage.sync_dir(dir).map_err(io_err("sync folder", dir))?;
         }
         if let Some((first, _)) = kept.first() {
@@ -802,6 +811,25 @@ mod tests {
         let err = StagedWal::open(Arc::clone(&storage), &dir, options(5, 1000)).unwrap_err();
         assert!(matches!(err, StageError::BelowBase { first_lsn: Lsn(5), base_lsn: Lsn(5) }), "{err}");
         assert!(matches!(StagedWal::open(storage, &dir, options(0, 0)), Err(StageError::Misuse(_))));
+    }
+
+    /// A process that died after writing a batch but before syncing it leaves the bytes in
+    /// the page cache; the reopen reads them back and must make them durable before it
+    /// reports them.
+    #[test]
+    fn open_makes_what_it_reports_durable() {
+        let (fs, storage, dir) = fake();
+        let (mut wal, _) = StagedWal::open(Arc::clone(&storage), &dir, options(0, 1000)).unwrap();
+        let r1 = record(Layout::A, 1, 3);
+        wal.append_batch(&batch(&[(1, r1.clone(), None)])).unwrap();
+        drop(wal);
+        let r2 = record(Layout::A, 2, 3);
+        storage.open_rw(&dir.join(segment_name(Lsn(1)))).unwrap().write_at(&r2, r1.len() as u64).unwrap();
+        let (_, report) = StagedWal::open(Arc::clone(&storage), &dir, options(0, 1000)).unwrap();
+        assert_eq!(report.durable_lsn, Lsn(2));
+        let after_power_loss: Arc<dyn Storage> = Arc::new(fs.recover());
+        let (wal, _) = StagedWal::open(after_power_loss, &dir, options(0, 1000)).unwrap();
+        assert_eq!(wal.durable_lsn(), Lsn(2));
     }
 
     #[test]

@@ -1,0 +1,122 @@
+//! SIGKILL of either side mid-copy, with real `ferry serve` and `ferry copy` processes: the
+//! copy completes byte-identical, resending at most one chunk per stream.
+#![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_tests::{ferry_bin, tree_sha256, write_file, Certs};
+
+const CHUNK_LEN: u64 = 256 << 10;
+const STREAMS: u64 = 4;
+const TOTAL: u64 = 48 << 20;
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(certs: &Certs, data_dir: &Path, listen: &str) -> (Proc, String) {
+    let mut child = Command::new(ferry_bin())
+        .args(["serve", "--node-id", "target", "--allow-peer", "source", "--listen", listen])
+        .arg("--certs")
+        .arg(certs.dir.path())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected serve output {line:?}"));
+    (Proc(child), addr.to_owned())
+}
+
+fn copy_cmd(certs: &Certs, root: &Path, addr: &str, rate: u64) -> Command {
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["copy", "--node-id", "source", "--target-node", "target", "--vshard", "1", "--migration-id", "killed"])
+        .args(["--target", addr, "--json"])
+        .args(["--chunk-len", &CHUNK_LEN.to_string(), "--streams", &STREAMS.to_string(), "--rate-limit", &rate.to_string()])
+        .arg("--certs")
+        .arg(certs.dir.path())
+        .arg("--segments-root")
+        .arg(root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Waits until the target's chunk log names about `fraction` of the chunks as received.
+fn wait_for_log(data_dir: &Path, fraction: f64) {
+    let log = data_dir.join("migrations/killed/.ferry/chunks.log");
+    let chunks = TOTAL.div_ceil(CHUNK_LEN) as f64;
+    let want = 32 + (chunks * fraction * 2.0) as u64 * 24;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&log).map_or(0, |m| m.len()) < want {
+        assert!(Instant::now() < deadline, "the copy never reached {fraction} of the chunks");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn finish(mut copy: Proc) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = copy.0.try_wait().unwrap() {
+            let mut out = String::new();
+            std::io::Read::read_to_string(copy.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+            assert!(status.success(), "ferry copy failed: {status}; stdout {out}");
+            return serde_json::from_str(&out).unwrap();
+        }
+        assert!(Instant::now() < deadline, "ferry copy did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn setup() -> (Certs, tempfile::TempDir, tempfile::TempDir) {
+    let certs = Certs::new().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    write_file(source.path(), "L1/a.seg", (TOTAL / 2) as usize, 1);
+    write_file(source.path(), "L1/b.seg", (TOTAL / 2) as usize, 2);
+    (certs, source, data)
+}
+
+fn check(report: &serde_json::Value, source: &Path, data: &Path) {
+    let resent = report["bytes_resent"].as_u64().unwrap();
+    assert!(resent <= STREAMS * CHUNK_LEN, "resent {resent} bytes after one interruption, bound {}", STREAMS * CHUNK_LEN);
+    assert_eq!(tree_sha256(&data.join("migrations/killed/segments")).unwrap(), tree_sha256(source).unwrap());
+}
+
+#[test]
+fn sigkill_of_the_target_mid_copy_then_restart_completes_the_copy() {
+    let (certs, source, data) = setup();
+    let (target, addr) = serve(&certs, data.path(), "127.0.0.1:0");
+    let copy = Proc(copy_cmd(&certs, source.path(), &addr, 24 << 20).spawn().unwrap());
+    wait_for_log(data.path(), 0.4);
+    drop(target); // SIGKILL
+    let (_target, _) = serve(&certs, data.path(), &addr);
+    let report = finish(copy);
+    assert!(report["reconnects_count"].as_u64().unwrap() >= 1, "{report}");
+    assert!(report["bytes_resumed"].as_u64().unwrap() >= TOTAL / 4, "resumed too little: {report}");
+    check(&report, source.path(), data.path());
+}
+
+#[test]
+fn sigkill_of_the_source_mid_copy_then_rerun_resumes_it() {
+    let (certs, source, data) = setup();
+    let (_target, addr) = serve(&certs, data.path(), "127.0.0.1:0");
+    let first = Proc(copy_cmd(&certs, source.path(), &addr, 24 << 20).spawn().unwrap());
+    wait_for_log(data.path(), 0.4);
+    drop(first); // SIGKILL
+    let report = finish(Proc(copy_cmd(&certs, source.path(), &addr, 0).spawn().unwrap()));
+    assert!(report["bytes_resumed"].as_u64().unwrap() >= TOTAL / 4, "resumed too little: {report}");
+    check(&report, source.path(), data.path());
+}
