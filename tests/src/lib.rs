@@ -101,8 +101,13 @@ pub fn request(id: &str, root: &Path, target: SocketAddr, chunk_len_bytes: u32) 
 
 /// Runs the source side of a copy with the `source` identity.
 pub async fn copy(certs: &Certs, request: CopyRequest) -> Result<CopyReport, TransferError> {
-    let (progress, _rx) = watch::channel(Progress::default());
     let rate = RateHandle::new(request.rate_limit_bytes_per_sec, u64::from(request.chunk_len_bytes));
+    copy_with_rate(certs, request, rate).await
+}
+
+/// Runs the source side of a copy whose rate limit the caller can change while it runs.
+pub async fn copy_with_rate(certs: &Certs, request: CopyRequest, rate: RateHandle) -> Result<CopyReport, TransferError> {
+    let (progress, _rx) = watch::channel(Progress::default());
     source::copy(&certs.identity("source"), &QuicTuning::default(), request, progress, rate).await
 }
 

@@ -148,3 +148,40 @@ fn the_cli_refuses_escaping_paths_with_a_clear_error() {
         assert!(stderr.contains("invalid --file") && stderr.contains(bad), "{bad}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_changes_while_a_copy_runs() {
+    use ferry_engine::transfer::source::RateHandle;
+    let certs = Arc::new(Certs::new().unwrap());
+    let source = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    write_file(source.path(), "big.seg", 64 << 20, 3);
+    let target = Target::start(&certs, target_dir.path(), Arc::new(DiskStorage)).unwrap();
+    // At 1 MB/s this copy would take over a minute.
+    let mut req = request("rate", source.path(), target.addr, 256 << 10);
+    req.rate_limit_bytes_per_sec = 0;
+    let rate = RateHandle::new(1_000_000, 256 << 10);
+    let task = {
+        let (certs, rate) = (certs.clone(), rate.clone());
+        tokio::spawn(async move { ferry_tests::copy_with_rate(&certs, req, rate).await })
+    };
+    // Limited: it makes progress, slowly.
+    loop {
+        let verified = target.ctx.inbound().values().map(|s| s.bytes_verified).max().unwrap_or(0);
+        if verified >= 1 << 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!task.is_finished());
+    assert_eq!(rate.rate_bytes_per_sec(), 1_000_000);
+    // Lifted at run time: the copy finishes long before the old rate would allow.
+    rate.set(0);
+    let report = tokio::time::timeout(std::time::Duration::from_secs(45), task)
+        .await
+        .expect("the new rate did not take effect")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.bytes_total, 64 << 20);
+    target.stop();
+}

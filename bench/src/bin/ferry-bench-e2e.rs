@@ -163,9 +163,9 @@ fn main() -> anyhow::Result<()> {
     drop(sshd);
     drop(runtime);
 
-    println!("load average after the in-process rounds: {}", loadavg());
+    println!("load average after the rounds: {}", loadavg());
     println!();
-    println!("## in-process comparison: {} shard, median of {} rounds", format_bytes(shard.size_bytes), args.rounds);
+    println!("## throughput: {} shard, median of {} rounds (raw_quinn, ferry_*: sender and receiver in this process; raw_quinn_2proc: receiver in a child process)", format_bytes(shard.size_bytes), args.rounds);
     println!("{:<16} {:>12} {:>12} {:>12}", "variant", "median MB/s", "min MB/s", "max MB/s");
     let mut medians = Vec::new();
     for (name, list) in &runs {

@@ -212,8 +212,10 @@ impl StagedWal {
         dir: &Path,
         options: StageOptions,
     ) -> Result<(StagedWal, OpenReport), StageError> {
-        if options.roll_size_bytes == 0 {
-            return Err(StageError::Misuse("roll_size_bytes must be above zero"));
+        // A segment is at most the roll size, or one record (64 MiB) alone: within what a
+        // reader reads whole.
+        if options.roll_size_bytes == 0 || options.roll_size_bytes > SEGMENT_LEN_MAX_BYTES {
+            return Err(StageError::Misuse("roll_size_bytes must be above zero and at most 1 GiB"));
         }
         if !storage.exists(dir) {
             storage.create_dir_all(dir).map_err(io_err("create", dir))?;
