@@ -64,7 +64,7 @@ fn bench(c: &mut Criterion) {
         .sample_size(10)
         .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(8))
+        .measurement_time(Duration::from_secs(12))
         .throughput(Throughput::Bytes(SHARD_BYTES));
     group.bench_function("raw_quinn", |b| {
         b.iter_custom(|iters| {

@@ -83,6 +83,7 @@ pub async fn ferry_copy(
         rate_limit_bytes_per_sec: 0,
         read_mode: ReadMode::Mmap,
         commit: true,
+        wal: None,
     };
     let identity = certs.identity(SOURCE_NODE)?;
     let (progress, _progress_rx) = watch::channel(Progress::default());

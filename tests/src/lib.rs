@@ -96,6 +96,7 @@ pub fn request(id: &str, root: &Path, target: SocketAddr, chunk_len_bytes: u32) 
         rate_limit_bytes_per_sec: 0,
         read_mode: ReadMode::Mmap,
         commit: true,
+        wal: None,
     }
 }
 
@@ -106,7 +107,11 @@ pub async fn copy(certs: &Certs, request: CopyRequest) -> Result<CopyReport, Tra
 }
 
 /// Runs the source side of a copy whose rate limit the caller can change while it runs.
-pub async fn copy_with_rate(certs: &Certs, request: CopyRequest, rate: RateHandle) -> Result<CopyReport, TransferError> {
+pub async fn copy_with_rate(
+    certs: &Certs,
+    request: CopyRequest,
+    rate: RateHandle,
+) -> Result<CopyReport, TransferError> {
     let (progress, _rx) = watch::channel(Progress::default());
     source::copy(&certs.identity("source"), &QuicTuning::default(), request, progress, rate).await
 }

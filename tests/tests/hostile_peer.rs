@@ -45,6 +45,7 @@ fn offer() -> Vec<u8> {
         chunk_len_bytes: 4096,
         files: vec![OfferFile { path: RelPath::new("f").unwrap(), size_bytes: 8192 }],
         db_meta: serde_json::Value::Null,
+        wal: false,
     };
     encode_control(&Message::Offer(offer).encode()).unwrap()
 }

@@ -44,7 +44,14 @@ fn copy_cmd(certs: &Certs, root: &Path, addr: &str, rate: u64) -> Command {
     let mut cmd = Command::new(ferry_bin());
     cmd.args(["copy", "--node-id", "source", "--target-node", "target", "--vshard", "1", "--migration-id", "killed"])
         .args(["--target", addr, "--json"])
-        .args(["--chunk-len", &CHUNK_LEN.to_string(), "--streams", &STREAMS.to_string(), "--rate-limit", &rate.to_string()])
+        .args([
+            "--chunk-len",
+            &CHUNK_LEN.to_string(),
+            "--streams",
+            &STREAMS.to_string(),
+            "--rate-limit",
+            &rate.to_string(),
+        ])
         .arg("--certs")
         .arg(certs.dir.path())
         .arg("--segments-root")
@@ -91,7 +98,11 @@ fn setup() -> (Certs, tempfile::TempDir, tempfile::TempDir) {
 
 fn check(report: &serde_json::Value, source: &Path, data: &Path) {
     let resent = report["bytes_resent"].as_u64().unwrap();
-    assert!(resent <= STREAMS * CHUNK_LEN, "resent {resent} bytes after one interruption, bound {}", STREAMS * CHUNK_LEN);
+    assert!(
+        resent <= STREAMS * CHUNK_LEN,
+        "resent {resent} bytes after one interruption, bound {}",
+        STREAMS * CHUNK_LEN
+    );
     assert_eq!(tree_sha256(&data.join("migrations/killed/segments")).unwrap(), tree_sha256(source).unwrap());
 }
 

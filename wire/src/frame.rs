@@ -22,7 +22,7 @@
 //! computed from the source file, which the target checks against the bytes it writes.
 //! `header_crc` covers bytes 0..28, so a corrupted length is caught before it is trusted.
 
-use crate::limits::{CHUNK_LEN_MAX_BYTES, CONTROL_BODY_LEN_MAX_BYTES};
+use crate::limits::{CHUNK_LEN_MAX_BYTES, CONTROL_BODY_LEN_MAX_BYTES, WAL_BATCH_BODY_LEN_MAX_BYTES};
 
 /// The protocol version this build speaks, exchanged in the first frame of a connection.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -39,6 +39,8 @@ pub enum FrameKind {
     Control = 1,
     /// A chunk of a segment file: raw bytes at (`chunk_file_index`, `chunk_offset_bytes`).
     Chunk = 2,
+    /// A batch of WAL records ([`crate::walstream`]).
+    WalBatch = 3,
 }
 
 impl FrameKind {
@@ -46,6 +48,7 @@ impl FrameKind {
         match value {
             1 => Some(Self::Control),
             2 => Some(Self::Chunk),
+            3 => Some(Self::WalBatch),
             _ => None,
         }
     }
@@ -55,6 +58,7 @@ impl FrameKind {
         match self {
             Self::Control => CONTROL_BODY_LEN_MAX_BYTES,
             Self::Chunk => CHUNK_LEN_MAX_BYTES,
+            Self::WalBatch => WAL_BATCH_BODY_LEN_MAX_BYTES,
         }
     }
 }
@@ -92,6 +96,11 @@ impl FrameHeader {
     /// The header of a control frame carrying `body`.
     pub fn control(body: &[u8]) -> Result<Self, FrameError> {
         Self::new(FrameKind::Control, body.len(), 0, 0, crate::crc32c(body))
+    }
+
+    /// The header of a WAL batch frame carrying `body`.
+    pub fn wal_batch(body: &[u8]) -> Result<Self, FrameError> {
+        Self::new(FrameKind::WalBatch, body.len(), 0, 0, crate::crc32c(body))
     }
 
     /// The header of a chunk frame; `body_crc32c` is the chunk's CRC32C as read at the source.

@@ -23,6 +23,7 @@ pub mod path;
 pub mod rate;
 pub mod session;
 pub mod wal;
+pub mod walstream;
 
 pub use ids::{Lsn, MigrationId, NodeId, VShardId};
 

@@ -29,3 +29,9 @@ pub const CHUNK_COUNT_MAX: u64 = 1 << 26;
 pub const DB_META_LEN_MAX_BYTES: u32 = 1 << 20;
 /// Longest error message a peer may send.
 pub const REASON_LEN_MAX_BYTES: u32 = 4096;
+/// Largest WAL batch frame body: one record of the largest size (64 MiB payload and a header)
+/// with room to spare; smaller records are batched up to [`WAL_BATCH_TARGET_BYTES`].
+pub const WAL_BATCH_BODY_LEN_MAX_BYTES: u32 = (64 << 20) + (64 << 10);
+/// Batch size a sender aims for: large enough to amortise a frame and a group commit, small
+/// enough to keep the lag low.
+pub const WAL_BATCH_TARGET_BYTES: usize = 1 << 20;

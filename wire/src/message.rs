@@ -48,6 +48,11 @@ pub enum Message {
     Join { migration_id: MigrationId },
     /// The target took the extra connection.
     Joined,
+    /// First message on the WAL stream: the source will stream the vShard's records.
+    WalStart,
+    /// The target's staged WAL is durable up to `durable_lsn` (the base LSN when empty): the
+    /// source streams from the next record. Sent again after every group commit.
+    WalDurable { durable_lsn: Lsn },
     /// The target takes the transfer; `resume` lists chunks it already holds verified;
     /// `already_staged` says the whole base is staged already (a repeated transfer): the
     /// source sends no chunks and waits for `BaseStaged`.
@@ -125,6 +130,9 @@ pub struct Offer {
     /// The caller's opaque metadata, copied into `MANIFEST.json`.
     #[serde(default)]
     pub db_meta: serde_json::Value,
+    /// Whether a WAL stream follows (the vShard's records above `base_lsn`).
+    #[serde(default)]
+    pub wal: bool,
 }
 
 /// An offer with impossible values: the peer broke the protocol.
@@ -209,6 +217,8 @@ impl Message {
             Self::Offer(_) => "offer",
             Self::Join { .. } => "join",
             Self::Joined => "joined",
+            Self::WalStart => "wal_start",
+            Self::WalDurable { .. } => "wal_durable",
             Self::Accept { .. } => "accept",
             Self::Acks { .. } => "acks",
             Self::FileDone { .. } => "file_done",
@@ -257,6 +267,7 @@ mod tests {
             chunk_len_bytes: 1 << 20,
             files: paths.iter().map(|p| OfferFile { path: RelPath::new(*p).unwrap(), size_bytes: 10 }).collect(),
             db_meta: serde_json::json!({"k": "v"}),
+            wal: false,
         }
     }
 

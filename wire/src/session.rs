@@ -115,6 +115,12 @@ pub struct Progress {
     pub bytes_total: u64,
     pub files_staged_count: u64,
     pub files_total_count: u64,
+    /// The base is staged: the phase is WAL catch-up (or done, without a WAL).
+    pub base_staged: bool,
+    /// The WAL stream, when there is one: the target's durable LSN and the last selected
+    /// LSN the source's tail has read.
+    pub wal_durable_lsn: Option<u64>,
+    pub wal_source_lsn: Option<u64>,
 }
 
 /// The source side of a transfer.
@@ -280,6 +286,7 @@ impl SourceSession {
             bytes_total: self.bytes_total,
             files_staged_count: self.files_staged_count,
             files_total_count: self.files.len() as u64,
+            ..Progress::default()
         }
     }
 
@@ -535,6 +542,7 @@ mod tests {
                 .map(|(i, s)| OfferFile { path: RelPath::new(format!("f{i}")).unwrap(), size_bytes: *s })
                 .collect(),
             db_meta: serde_json::Value::Null,
+            wal: false,
         }
     }
 
@@ -661,13 +669,14 @@ mod restore_tests {
                 OfferFile { path: RelPath::new("b").unwrap(), size_bytes: 100 },
             ],
             db_meta: serde_json::Value::Null,
+            wal: false,
         }
     }
 
     #[test]
     fn restored_state_resumes_and_counts_resent_bytes() {
         let mut target = TargetSession::new(&offer());
-        target.add_bytes_received(8192 + 4096 + 100);
+        target.add_bytes_received(4096 + 4096 + 100);
         target.restore_chunk(0, 0, 5).unwrap();
         target.restore_staged(1, 77).unwrap();
         assert!(target.is_staged(1));

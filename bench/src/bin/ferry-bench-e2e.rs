@@ -57,6 +57,9 @@ struct Args {
     /// Also run the daemon copy on a shard of this size (e.g. 4GiB) for the peak-memory figure.
     #[arg(long)]
     rss_shard_size: Option<String>,
+    /// Rounds of the two-process measurements (each shape runs this many times, interleaved).
+    #[arg(long, default_value_t = 1)]
+    daemon_rounds: u32,
     /// Skip the two-process (daemon) measurements.
     #[arg(long)]
     skip_daemons: bool,
@@ -137,10 +140,12 @@ fn main() -> anyhow::Result<()> {
     for round in 0..args.rounds {
         println!("round {}/{}", round + 1, args.rounds);
         record(RAW_QUINN, runtime.block_on(raw_quinn_copy(&certs, shard.size_bytes))?);
-        let (run, receiver_cpu_secs) = raw_quinn_two_process(&runtime, &certs, shard.size_bytes)?;
+        let (run, sender_cpu_secs, receiver_cpu_secs) = raw_quinn_two_process(&runtime, &certs, shard.size_bytes)?;
+        let gib = shard.size_bytes as f64 / GIB;
         println!(
-            "  (raw quinn receiver process: {:.2} CPU-s/GiB)",
-            receiver_cpu_secs / (shard.size_bytes as f64 / GIB)
+            "  (raw_quinn_2proc CPU-s/GiB: sender {:.2}, receiver {:.2})",
+            sender_cpu_secs / gib,
+            receiver_cpu_secs / gib
         );
         record(RAW_QUINN_2P, run);
         let id = format!("bench-tmpfs-{round}");
@@ -201,7 +206,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    let mut daemon_runs: Vec<(String, DaemonRun)> = Vec::new();
+    let mut daemon_rows: Vec<DaemonRow> = Vec::new();
     if !args.skip_daemons {
         let bin = daemons::ferry_bin()?;
         let connections = daemons::copy_has_connections_flag(&bin);
@@ -214,7 +219,7 @@ fn main() -> anyhow::Result<()> {
                 "NOTE: `ferry copy` has no --connections flag yet (one QUIC connection per copy): varying --streams"
             );
         }
-        let mut n = 0;
+        let mut plan = Vec::new();
         for chunk_len_bytes in [1u32 << 20, 4 << 20] {
             for k in [1u32, 2, 4] {
                 let shape = if connections {
@@ -222,33 +227,26 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     DaemonShape { chunk_len_bytes, streams_count: k, connections_count: None }
                 };
-                n += 1;
-                let run = daemons::daemon_copy(&bin, &certs, &shard, &args.tmpfs_dir, &format!("bench-d{n}"), shape)?;
-                daemon_runs.push(("tmpfs".into(), run));
+                plan.push(("tmpfs", args.tmpfs_dir.clone(), shape));
             }
         }
-        let shape = DaemonShape { chunk_len_bytes: 1 << 20, streams_count: 4, connections_count: None };
-        let run = daemons::daemon_copy(&bin, &certs, &shard, &disk_dir, "bench-ddisk", shape)?;
-        daemon_runs.push(("disk".into(), run));
-        print_daemon_table(&format_bytes(shard.size_bytes), &daemon_runs);
+        let default_shape = DaemonShape { chunk_len_bytes: 1 << 20, streams_count: 4, connections_count: None };
+        plan.push(("disk", disk_dir.clone(), default_shape));
+        let rows = run_daemon_plan(&bin, &certs, &shard, &plan, args.daemon_rounds, "d")?;
+        print_daemon_table(&format_bytes(shard.size_bytes), &rows);
         println!("load average after the daemon runs: {}", loadavg());
-        if let (Some(quinn), Some((_, run))) = (
-            median_of(RAW_QUINN),
-            daemon_runs
-                .iter()
-                .find(|(s, r)| s == "tmpfs" && r.shape.chunk_len_bytes == 1 << 20 && r.shape.streams_count == 4),
-        ) {
-            println!(
-                "two-process ferry_tmpfs (1 MiB, 4 streams, 1 connection; wall clock around `ferry copy`) / raw_quinn: {:.3}",
-                (run.bytes_total as f64 / run.wall_secs) / quinn
-            );
-            if let Some(quinn_2p) = median_of(RAW_QUINN_2P) {
-                println!(
-                    "two-process ferry_tmpfs (same run) / raw_quinn_2proc: {:.3}",
-                    (run.bytes_total as f64 / run.wall_secs) / quinn_2p
-                );
+        if let Some(row) = rows.first() {
+            let rate = row.median_wall_bytes_per_sec();
+            for (name, base) in [(RAW_QUINN, median_of(RAW_QUINN)), (RAW_QUINN_2P, median_of(RAW_QUINN_2P))] {
+                if let Some(base) = base {
+                    println!(
+                        "two-process ferry_tmpfs (1 MiB chunks, 4 streams, 1 connection; median wall-clock rate around `ferry copy`) / {name}: {:.3}",
+                        rate / base
+                    );
+                }
             }
         }
+        daemon_rows.extend(rows);
 
         if let Some(size) = &args.rss_shard_size {
             let size = parse_size_bytes(size)?;
@@ -258,14 +256,15 @@ fn main() -> anyhow::Result<()> {
             let generated = Instant::now();
             let big = Shard::generate(&args.shard_dir, size, args.files, 0xb16)?;
             println!("generated the shard in {:.1} s", generated.elapsed().as_secs_f64());
-            let mut big_runs = Vec::new();
-            for (i, chunk_len_bytes) in [1u32 << 20, 4 << 20].into_iter().enumerate() {
-                let shape = DaemonShape { chunk_len_bytes, streams_count: 4, connections_count: None };
-                let run = daemons::daemon_copy(&bin, &certs, &big, &args.tmpfs_dir, &format!("bench-big{i}"), shape)?;
-                big_runs.push(("tmpfs".to_string(), run));
-            }
-            print_daemon_table(&format_bytes(size), &big_runs);
-            daemon_runs.extend(big_runs);
+            let plan: Vec<_> = [1u32 << 20, 4 << 20]
+                .into_iter()
+                .map(|chunk_len_bytes| {
+                    ("tmpfs", args.tmpfs_dir.clone(), DaemonShape { chunk_len_bytes, ..default_shape })
+                })
+                .collect();
+            let rows = run_daemon_plan(&bin, &certs, &big, &plan, 1, "big")?;
+            print_daemon_table(&format_bytes(size), &rows);
+            daemon_rows.extend(rows);
         }
     }
 
@@ -279,7 +278,7 @@ fn main() -> anyhow::Result<()> {
                 "bytes_per_sec": list.iter().map(RunResult::bytes_per_sec).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "ratios": ratios.iter().map(|(l, r)| serde_json::json!({"ratio": l, "value": r})).collect::<Vec<_>>(),
-            "daemons": daemon_runs.iter().map(|(staging, run)| serde_json::json!({"staging": staging, "run": run})).collect::<Vec<_>>(),
+            "daemons": daemon_rows.iter().map(|row| serde_json::json!({"staging": row.staging, "runs": row.runs})).collect::<Vec<_>>(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -304,12 +303,12 @@ fn raw_quinn_receiver(certs_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The raw quinn baseline with the receiver in a child process (like `ferry serve`) and the
-/// sender in this process; returns the run and the receiver's CPU-seconds.
+/// sender in this process; returns the run and the sender's and receiver's CPU-seconds.
 fn raw_quinn_two_process(
     runtime: &tokio::runtime::Runtime,
     certs: &BenchCerts,
     bytes_total: u64,
-) -> anyhow::Result<(RunResult, f64)> {
+) -> anyhow::Result<(RunResult, f64, f64)> {
     let exe = std::env::current_exe()?;
     let mut child = std::process::Command::new(exe)
         .arg(RAW_QUINN_RECEIVER_MODE)
@@ -320,15 +319,19 @@ fn raw_quinn_two_process(
         .context("cannot start the raw quinn receiver process")?;
     let result = (|| {
         let (addr, lines) = daemons::wait_listening(&mut child)?;
+        // This process is otherwise idle while it sends: its CPU time is the sender's.
+        let (_, sender_ticks_before) = procstat::read_cpu_ticks(std::process::id())?;
         let run = runtime.block_on(raw_quinn::send_all(certs.path(), addr, bytes_total))?;
-        let (status, cpu_secs) = procstat::wait_with_cpu(&mut child)?;
+        let (_, sender_ticks_after) = procstat::read_cpu_ticks(std::process::id())?;
+        let sender_cpu_secs = procstat::ticks_to_secs(sender_ticks_after.saturating_sub(sender_ticks_before));
+        let (status, receiver_cpu_secs) = procstat::wait_with_cpu(&mut child)?;
         anyhow::ensure!(status.success(), "the raw quinn receiver failed ({status})");
         let received = lines
             .iter()
             .find_map(|line| line.strip_prefix("received ").and_then(|n| n.trim().parse::<u64>().ok()))
             .context("the raw quinn receiver did not say how much it received")?;
         anyhow::ensure!(received == bytes_total, "the raw quinn receiver got {received} of {bytes_total} bytes");
-        Ok((run, cpu_secs))
+        Ok((run, sender_cpu_secs, receiver_cpu_secs))
     })();
     let _ = child.kill();
     let _ = child.wait();
@@ -352,17 +355,74 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
-fn print_daemon_table(shard: &str, runs: &[(String, DaemonRun)]) {
+/// Every run of one daemon shape.
+#[derive(Debug)]
+struct DaemonRow {
+    staging: &'static str,
+    shape: DaemonShape,
+    runs: Vec<DaemonRun>,
+}
+
+impl DaemonRow {
+    fn median(&self, f: impl Fn(&DaemonRun) -> f64) -> f64 {
+        let mut values: Vec<f64> = self.runs.iter().map(f).collect();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(0.0)
+    }
+
+    fn median_wall_bytes_per_sec(&self) -> f64 {
+        self.median(|r| r.bytes_total as f64 / r.wall_secs.max(1e-9))
+    }
+
+    fn peak(&self, f: impl Fn(&DaemonRun) -> u64) -> u64 {
+        self.runs.iter().map(f).max().unwrap_or(0)
+    }
+}
+
+/// Runs every `(staging name, staging folder, shape)` of `plan` `rounds` times, interleaved.
+fn run_daemon_plan(
+    bin: &Path,
+    certs: &BenchCerts,
+    shard: &Shard,
+    plan: &[(&'static str, PathBuf, DaemonShape)],
+    rounds: u32,
+    tag: &str,
+) -> anyhow::Result<Vec<DaemonRow>> {
+    let mut rows: Vec<DaemonRow> =
+        plan.iter().map(|(staging, _, shape)| DaemonRow { staging, shape: *shape, runs: Vec::new() }).collect();
+    for round in 0..rounds.max(1) {
+        for (i, ((_, dir, shape), row)) in plan.iter().zip(rows.iter_mut()).enumerate() {
+            let id = format!("bench-{tag}-{round}-{i}");
+            let run = daemons::daemon_copy(bin, certs, shard, dir, &id, *shape)?;
+            println!(
+                "  {:<5} {}M x {} streams x {} conn: {:.1} MB/s wall",
+                row.staging,
+                shape.chunk_len_bytes >> 20,
+                shape.streams_count,
+                shape.connections_count.unwrap_or(1),
+                run.bytes_total as f64 / run.wall_secs.max(1e-9) / 1e6
+            );
+            row.runs.push(run);
+        }
+    }
+    Ok(rows)
+}
+
+fn print_daemon_table(shard: &str, rows: &[DaemonRow]) {
     println!();
-    println!("{shard} shard; memory peaks in MiB (sampled every 10 ms); CPU in CPU-seconds per GiB copied");
     println!(
-        "{:<7} {:>5} {:>5} {:>5} {:>9} {:>7} | {:>8} {:>8} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>7}",
+        "{shard} shard, {} run(s) per row: MB/s = median wall-clock rate around `ferry copy` (min-max); \
+         memory = highest peak over the runs in MiB (sampled every 10 ms); cpu = median CPU-seconds per GiB",
+        rows.first().map_or(0, |r| r.runs.len())
+    );
+    println!(
+        "{:<7} {:>5} {:>6} {:>4} {:>7} {:>15} | {:>8} {:>8} {:>8} {:>7} | {:>8} {:>8} {:>8} {:>7}",
         "staging",
         "chunk",
-        "strm",
+        "str/c",
         "conn",
         "MB/s",
-        "wall s",
+        "(min-max)",
         "src anon",
         "src file",
         "src shm",
@@ -372,25 +432,27 @@ fn print_daemon_table(shard: &str, runs: &[(String, DaemonRun)]) {
         "tgt shm",
         "tgt cpu",
     );
-    for (staging, run) in runs {
-        let gib = run.bytes_total as f64 / GIB;
-        let per_gib = |secs: f64| if gib > 0.0 { secs / gib } else { 0.0 };
+    for row in rows {
+        let rates: Vec<f64> = row.runs.iter().map(|r| r.bytes_total as f64 / r.wall_secs.max(1e-9) / 1e6).collect();
+        let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = rates.iter().copied().fold(0.0, f64::max);
+        let per_gib = |r: &DaemonRun, secs: f64| secs / (r.bytes_total as f64 / GIB).max(1e-9);
         println!(
-            "{:<7} {:>4}M {:>5} {:>5} {:>9.1} {:>7.2} | {:>8.1} {:>8.1} {:>8.1} {:>7.2} | {:>8.1} {:>8.1} {:>8.1} {:>7.2}",
-            staging,
-            run.shape.chunk_len_bytes >> 20,
-            run.shape.streams_count,
-            run.shape.connections_count.map_or("1".to_string(), |c| c.to_string()),
-            run.report_bytes_per_sec as f64 / 1e6,
-            run.wall_secs,
-            mib(run.source.peak.rss_anon_bytes),
-            mib(run.source.peak.rss_file_bytes),
-            mib(run.source.peak.rss_shmem_bytes),
-            per_gib(run.source.cpu_secs),
-            mib(run.target.peak.rss_anon_bytes),
-            mib(run.target.peak.rss_file_bytes),
-            mib(run.target.peak.rss_shmem_bytes),
-            per_gib(run.target.cpu_secs),
+            "{:<7} {:>4}M {:>6} {:>4} {:>7.1} {:>15} | {:>8.1} {:>8.1} {:>8.1} {:>7.2} | {:>8.1} {:>8.1} {:>8.1} {:>7.2}",
+            row.staging,
+            row.shape.chunk_len_bytes >> 20,
+            row.shape.streams_count,
+            row.shape.connections_count.unwrap_or(1),
+            row.median_wall_bytes_per_sec() / 1e6,
+            format!("({min:.0}-{max:.0})"),
+            mib(row.peak(|r| r.source.peak.rss_anon_bytes)),
+            mib(row.peak(|r| r.source.peak.rss_file_bytes)),
+            mib(row.peak(|r| r.source.peak.rss_shmem_bytes)),
+            row.median(|r| per_gib(r, r.source.cpu_secs)),
+            mib(row.peak(|r| r.target.peak.rss_anon_bytes)),
+            mib(row.peak(|r| r.target.peak.rss_file_bytes)),
+            mib(row.peak(|r| r.target.peak.rss_shmem_bytes)),
+            row.median(|r| per_gib(r, r.target.cpu_secs)),
         );
     }
 }

@@ -16,6 +16,8 @@ use crate::quic::QuicTuning;
 use crate::read::ReadMode;
 use crate::tls::NodeIdentity;
 use crate::transfer::source::{self, CopyRequest, RateHandle};
+use crate::transfer::walsend::WalSourceConfig;
+use ferry_wire::wal::{Layout, LayoutChoice};
 
 #[derive(Debug, Args)]
 pub struct CopyArgs {
@@ -68,6 +70,23 @@ pub struct CopyArgs {
     /// Leave the staging in state `copying` instead of `released` (a live migration continues).
     #[arg(long)]
     pub no_commit: bool,
+    /// The source node's WAL folder: stream the vShard's records above --base-lsn alongside
+    /// the base copy (WAL catch-up). Without it, only the base is copied.
+    #[arg(long)]
+    pub wal_dir: Option<PathBuf>,
+    /// WAL layout: auto, a (nodedb-wal 0.1-0.4, 54-byte header) or b (nodedb-wal 0.6).
+    #[arg(long, default_value = "auto")]
+    pub wal_layout: String,
+    /// The WAL writer's flush alignment in bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub wal_alignment: u32,
+    /// End the catch-up once every selected record at or below this LSN is durable on the
+    /// target, and release the staging there. Without it, catch-up runs until interrupted.
+    #[arg(long)]
+    pub until_lsn: Option<u64>,
+    /// Most bytes of WAL segments held (hard-linked) for the target; over it the copy fails.
+    #[arg(long, default_value_t = 4 << 30)]
+    pub max_held_wal_bytes: u64,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -88,6 +107,24 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         Some(text) => serde_json::from_str(&text).context("--db-meta is not valid JSON")?,
         None => serde_json::Value::Null,
     };
+    let wal = match args.wal_dir {
+        None => None,
+        Some(dir) => {
+            let layout = match args.wal_layout.as_str() {
+                "auto" => LayoutChoice::Auto,
+                "a" | "A" => LayoutChoice::Fixed(Layout::A),
+                "b" | "B" => LayoutChoice::Fixed(Layout::B),
+                other => anyhow::bail!("invalid --wal-layout {other:?}: use auto, a or b"),
+            };
+            Some(WalSourceConfig {
+                dir,
+                layout,
+                alignment_bytes: args.wal_alignment,
+                until_lsn: args.until_lsn.map(Lsn),
+                max_held_wal_bytes: args.max_held_wal_bytes,
+            })
+        }
+    };
     let identity = NodeIdentity::from_dir(&args.certs, &node_id)?;
     let request = CopyRequest {
         migration_id,
@@ -104,6 +141,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         rate_limit_bytes_per_sec: args.rate_limit,
         read_mode: args.read_mode,
         commit: !args.no_commit,
+        wal,
     };
     let json = args.json;
     let runtime = super::runtime()?;
@@ -153,9 +191,16 @@ async fn print_progress(mut progress: watch::Receiver<Progress>) {
             if p.bytes_total == 0 { 100.0 } else { p.bytes_transferred as f64 * 100.0 / p.bytes_total as f64 };
         let rate = p.bytes_transferred as f64 / started.elapsed().as_secs_f64().max(1e-3);
         let mut err = std::io::stderr().lock();
+        let wal = match (p.wal_durable_lsn, p.wal_source_lsn) {
+            (Some(durable), Some(source)) => {
+                format!(", WAL durable LSN {durable}, source LSN {source}, lag {}", source.saturating_sub(durable))
+            }
+            _ => String::new(),
+        };
+        let phase = if p.base_staged { "WalCatchUp" } else { "BaseCopy" };
         let _ = writeln!(
             err,
-            "copy: {}/{} bytes ({percent:.1}%), {}/{} files staged, {:.1} MB/s",
+            "{phase}: {}/{} bytes ({percent:.1}%), {}/{} files staged, {:.1} MB/s{wal}",
             p.bytes_transferred,
             p.bytes_total,
             p.files_staged_count,

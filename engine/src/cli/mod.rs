@@ -7,6 +7,7 @@
 
 mod certs_cmd;
 mod copy;
+mod demo;
 mod serve;
 
 use std::path::PathBuf;
@@ -36,6 +37,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Copy a shard's files to a target daemon (offline base copy; this process is the source).
     Copy(copy::CopyArgs),
+    /// Run an offline migration of a generated shard end to end and verify it (WAL catch-up and
+    /// cut-over are not implemented yet: see issues 4 and 6).
+    Demo(demo::DemoArgs),
     /// Make development certificates: a cluster CA and node certificates signed by it.
     #[command(subcommand)]
     Certs(certs_cmd::CertsCommand),
@@ -83,6 +87,7 @@ pub fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Copy(args) => copy::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Certs(command) => certs_cmd::run(command),
         Command::Wal(WalCommand::Dump { dir, vshard, from_lsn, staged, json }) => {
             let options = crate::wal::dump::DumpOptions {

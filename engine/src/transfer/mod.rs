@@ -11,6 +11,8 @@ pub mod chunklog;
 pub mod framing;
 pub mod source;
 pub mod target;
+pub mod walrecv;
+pub mod walsend;
 
 use ferry_wire::frame::FrameError;
 use ferry_wire::message::{ErrorKind, MessageError};

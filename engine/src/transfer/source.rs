@@ -28,12 +28,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use super::framing::{read_control, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::walsend::{self, TailShared, WalSourceConfig};
 use super::TransferError;
 use crate::quic::{close_code, QuicTuning};
 use crate::read::{ChunkReader, ReadMode, ReaderConfig, SourceFile};
 use crate::snapshot::{Snapshot, SnapshotFile};
 use crate::tls::NodeIdentity;
 use ferry_wire::limits::CONTROL_BODY_LEN_MAX_BYTES;
+use std::sync::atomic::Ordering;
 
 /// How long to wait for the target to answer the handshake and hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -59,8 +61,11 @@ pub struct CopyRequest {
     /// 0: unlimited.
     pub rate_limit_bytes_per_sec: u64,
     pub read_mode: ReadMode,
-    /// Offline copy: mark the staging `released` at `base_lsn` once the base is staged.
+    /// Offline copy: mark the staging `released` once the base is staged (and, with a WAL,
+    /// once every selected record up to `until_lsn` is durable), at that LSN.
     pub commit: bool,
+    /// Stream the vShard's WAL records above `base_lsn` alongside the base copy.
+    pub wal: Option<WalSourceConfig>,
 }
 
 /// What a finished copy reports.
@@ -75,6 +80,8 @@ pub struct CopyReport {
     pub already_staged: bool,
     pub read_mode: String,
     pub committed: bool,
+    /// The LSN the staging was released at (offline: `base_lsn`, or `until_lsn` with a WAL).
+    pub final_lsn: Lsn,
     pub connections_count: u32,
     pub reconnects_count: u32,
     /// Bytes the target already held when the last (successful) attempt began: what
@@ -152,6 +159,7 @@ pub async fn copy(
         chunk_len_bytes: request.chunk_len_bytes,
         files: snapshot.files.iter().map(|f| OfferFile { path: f.path.clone(), size_bytes: f.size_bytes }).collect(),
         db_meta: request.db_meta.clone(),
+        wal: request.wal.is_some(),
     };
     offer.validate().map_err(|e| TransferError::Local(format!("cannot offer these files: {e}")))?;
     let reader = Arc::new(
@@ -194,6 +202,7 @@ pub async fn copy(
         already_staged: outcome.already_staged,
         read_mode,
         committed: outcome.committed,
+        final_lsn: outcome.final_lsn,
         connections_count: request.connections_count.max(1),
         reconnects_count,
         bytes_resumed: outcome.bytes_resumed,
@@ -206,6 +215,7 @@ struct Outcome {
     bytes_resent: u64,
     committed: bool,
     bytes_resumed: u64,
+    final_lsn: Lsn,
 }
 
 /// A connection on its own endpoint (so its QUIC work runs on its own task).
@@ -310,7 +320,7 @@ async fn run(
     let session = Arc::new(Mutex::new(SourceSession::new(offer)));
     let rechecks = lock(&session).on_resume(&resume)?;
     let bytes_resumed = lock(&session).progress().bytes_transferred;
-    progress.send_replace(lock(&session).progress());
+    publish(progress, lock(&session).progress());
 
     // The control stream's reader runs on its own task: reads are not cancel-safe.
     let (messages_tx, mut messages) = mpsc::channel(64);
@@ -325,6 +335,10 @@ async fn run(
     });
     let _reader_guard = super::target::AbortOnDrop(reader_task);
 
+    let wal = match &request.wal {
+        Some(config) => Some(start_wal(conn, config, request, offer, progress).await?),
+        None => None,
+    };
     let bytes_resent = if already_staged {
         wait_base_staged(&mut messages).await?
     } else {
@@ -357,13 +371,18 @@ async fn run(
         }
         ship(&conns, request, snapshot, reader, &session, &mut send, &mut messages, progress, rate).await?
     };
+    progress.send_modify(|p| p.base_staged = true);
     // A file that changed after it was announced still fails the copy.
     for file in &snapshot.files {
         file.check_unchanged()?;
     }
+    let final_lsn = match wal {
+        Some(mut wal) => wal.finish(progress).await?,
+        None => request.base_lsn,
+    };
     let mut committed = false;
     if request.commit {
-        write_control(&mut send, &Message::Commit { final_lsn: request.base_lsn }).await?;
+        write_control(&mut send, &Message::Commit { final_lsn }).await?;
         match messages.recv().await {
             Some(Ok(Some(Message::Committed))) => committed = true,
             Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
@@ -383,7 +402,12 @@ async fn run(
     let _ =
         tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(Some(_))) = messages.recv().await {} })
             .await;
-    Ok(Outcome { already_staged, bytes_resent, committed, bytes_resumed })
+    if committed {
+        if let Some(config) = &request.wal {
+            walsend::Holder::remove_all(&config.dir, &request.migration_id);
+        }
+    }
+    Ok(Outcome { already_staged, bytes_resent, committed, bytes_resumed, final_lsn })
 }
 
 fn snapshot_file(snapshot: &Snapshot, file_index: u32) -> Result<&SnapshotFile, TransferError> {
@@ -392,6 +416,99 @@ fn snapshot_file(snapshot: &Snapshot, file_index: u32) -> Result<&SnapshotFile, 
 
 fn read_error(path: &RelPath, e: crate::read::ReadError) -> TransferError {
     TransferError::Read { path: path.to_string(), source: std::io::Error::other(e.to_string()) }
+}
+
+/// Publishes the base copy's progress, keeping the WAL fields.
+fn publish(progress: &watch::Sender<Progress>, base: Progress) {
+    progress.send_modify(|p| {
+        *p = Progress {
+            base_staged: p.base_staged,
+            wal_durable_lsn: p.wal_durable_lsn,
+            wal_source_lsn: p.wal_source_lsn,
+            ..base
+        }
+    });
+}
+
+/// The WAL stream of one attempt: its task, the tail thread's shared state.
+struct WalRun {
+    task: Option<tokio::task::JoinHandle<Result<Lsn, TransferError>>>,
+    shared: Arc<TailShared>,
+    until: Option<Lsn>,
+}
+
+impl Drop for WalRun {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl WalRun {
+    /// Waits until every selected record up to `until_lsn` is durable (forever without one),
+    /// publishing the catch-up progress. Returns the final LSN.
+    async fn finish(&mut self, progress: &watch::Sender<Progress>) -> Result<Lsn, TransferError> {
+        let shared = self.shared.clone();
+        let Some(task) = self.task.as_mut() else {
+            return Err(TransferError::Local("the WAL stream already ended".into()));
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let durable = loop {
+            tokio::select! {
+                joined = &mut *task => break joined,
+                _ = tick.tick() => publish_wal(&shared, progress),
+            }
+        };
+        self.task = None;
+        let durable = durable.map_err(|e| TransferError::Local(format!("the WAL task failed: {e}")))??;
+        publish_wal(&shared, progress);
+        Ok(self.until.unwrap_or(durable))
+    }
+
+    fn publish(&self, progress: &watch::Sender<Progress>) {
+        publish_wal(&self.shared, progress);
+    }
+}
+
+fn publish_wal(shared: &TailShared, progress: &watch::Sender<Progress>) {
+    let durable = shared.durable_lsn.load(Ordering::Relaxed);
+    let source = shared.source_lsn.load(Ordering::Relaxed);
+    progress.send_modify(|p| {
+        p.wal_durable_lsn = Some(durable);
+        p.wal_source_lsn = Some(source.max(durable));
+    });
+}
+
+/// Opens the WAL stream, starts the tail from the first record the target does not hold.
+async fn start_wal(
+    conn: &Connection,
+    config: &WalSourceConfig,
+    request: &CopyRequest,
+    offer: &Offer,
+    progress: &watch::Sender<Progress>,
+) -> Result<WalRun, TransferError> {
+    let (wal_send, wal_recv, durable) = walsend::open(conn).await?;
+    let durable = durable.max(offer.base_lsn);
+    let start = durable.next().ok_or_else(|| TransferError::Local("the LSN space is exhausted".into()))?;
+    let shared = Arc::new(TailShared::default());
+    shared.durable_lsn.store(durable.0, Ordering::Relaxed);
+    shared.source_lsn.store(durable.0, Ordering::Relaxed);
+    let (events_tx, events) = mpsc::channel(1024);
+    let _tail_thread = walsend::spawn_tail(
+        config.clone(),
+        request.migration_id.clone(),
+        request.vshard_id,
+        start,
+        shared.clone(),
+        events_tx,
+    )?;
+    let (durable_tx, _durable_rx) = watch::channel(durable);
+    let task = tokio::spawn(walsend::stream(wal_send, wal_recv, events, shared.clone(), durable_tx));
+    let run = WalRun { task: Some(task), shared, until: config.until_lsn };
+    run.publish(progress);
+    Ok(run)
 }
 
 fn lock(session: &Mutex<SourceSession>) -> MutexGuard<'_, SourceSession> {
@@ -453,12 +570,12 @@ async fn ship(
                 Some(Ok(Some(Message::Acks { chunks }))) => {
                     let mut s = lock(session);
                     s.on_acks(&chunks)?;
-                    progress.send_replace(s.progress());
+                    publish(progress, s.progress());
                 }
                 Some(Ok(Some(Message::FileStaged { .. }))) => {
                     let mut s = lock(session);
                     s.on_file_staged();
-                    progress.send_replace(s.progress());
+                    publish(progress, s.progress());
                 }
                 Some(Ok(Some(Message::BaseStaged { bytes_resent }))) => {
                     if !lock(session).all_acked() {
@@ -466,7 +583,7 @@ async fn ship(
                     }
                     let mut p = lock(session).progress();
                     p.files_staged_count = p.files_total_count;
-                    progress.send_replace(p);
+                    publish(progress, p);
                     return Ok(bytes_resent);
                 }
                 Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),

@@ -55,6 +55,8 @@ pub struct InboundStatus {
     pub files_staged_count: u64,
     pub files_total_count: u64,
     pub state: String,
+    /// The staged WAL's durable LSN, when the transfer has a WAL stream.
+    pub wal_durable_lsn: Option<u64>,
 }
 
 /// A transfer being received, as extra data connections find it.
@@ -74,6 +76,8 @@ pub struct TargetContext {
     joinable: Mutex<HashMap<MigrationId, Joinable>>,
     connections: Mutex<Vec<Connection>>,
     received: Mutex<HashMap<MigrationId, Arc<AtomicU64>>>,
+    /// The staged WALs open on this node.
+    pub wal_stages: super::walrecv::WalStages,
 }
 
 impl std::fmt::Debug for TargetContext {
@@ -97,6 +101,7 @@ impl TargetContext {
             joinable: Mutex::new(HashMap::new()),
             connections: Mutex::new(Vec::new()),
             received: Mutex::new(HashMap::new()),
+            wal_stages: super::walrecv::WalStages::default(),
         }
     }
 
@@ -257,6 +262,7 @@ async fn converse(
         let (storage, layout, offer) = (ctx.storage.clone(), layout.clone(), offer.clone());
         blocking(move || start_staging(&*storage, &layout, &offer)).await?
     };
+    let _wal = offer.wal.then(|| spawn_wal_stream(conn.clone(), ctx.clone(), &offer, &layout));
     let (mut messages, _reader) = match start {
         Start::AlreadyStaged => {
             write_control(send, &Message::Accept { resume: Vec::new(), bytes_resent: 0, already_staged: true }).await?;
@@ -290,7 +296,33 @@ async fn converse(
     });
     let bytes_resent = ctx.inbound().get(&id).map_or(0, |s| s.bytes_resent);
     write_control(send, &Message::BaseStaged { bytes_resent }).await?;
-    commit_phase(ctx, &layout, send, &mut messages).await
+    commit_phase(ctx, &offer, &layout, send, &mut messages).await
+}
+
+/// Serves the WAL stream the source opens next on this connection.
+fn spawn_wal_stream(conn: Connection, ctx: Arc<TargetContext>, offer: &Offer, layout: &StagingLayout) -> AbortOnDrop {
+    let (id, base_lsn, layout) = (offer.migration_id.clone(), offer.base_lsn, layout.clone());
+    AbortOnDrop(tokio::spawn(async move {
+        let result = async {
+            let (send, recv) = conn.accept_bi().await?;
+            let wal = {
+                let (ctx, id) = (ctx.clone(), id.clone());
+                blocking(move || ctx.wal_stages.get_or_open(&ctx.storage, &layout, &id, base_lsn)).await?
+            };
+            let ctx_durable = ctx.clone();
+            let id_durable = id.clone();
+            super::walrecv::serve_stream(send, recv, wal, move |lsn| {
+                ctx_durable.update(&id_durable, |s| s.wal_durable_lsn = Some(lsn.0));
+            })
+            .await
+        }
+        .await;
+        if let Err(e) = result {
+            let (_, code) = e.kind_and_code();
+            tracing::warn!(migration = %id, "WAL stream failed: {e}");
+            conn.close(VarInt::from_u32(code), e.to_string().as_bytes());
+        }
+    }))
 }
 
 /// An extra data connection: its uni streams feed the transfer offered on another connection.
@@ -677,6 +709,7 @@ async fn receive_chunks(
 
 async fn commit_phase(
     ctx: &Arc<TargetContext>,
+    offer: &Offer,
     layout: &StagingLayout,
     send: &mut SendStream,
     messages: &mut Messages,
@@ -685,12 +718,19 @@ async fn commit_phase(
         match messages.recv().await {
             Some(Ok(Message::Commit { final_lsn })) => {
                 let (storage, layout_owned) = (ctx.storage.clone(), layout.clone());
+                let wal = if offer.wal { ctx.wal_stages.segments(&offer.migration_id) } else { None };
+                if offer.wal && wal.is_none() {
+                    return Err(TransferError::Protocol("commit before the WAL stream was opened".into()));
+                }
                 blocking(move || {
                     let mut manifest = staging::read_manifest(&*storage, &layout_owned)?
                         .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before commit".into()))?;
                     if manifest.state != StagingState::Released {
                         manifest.state = StagingState::Released;
                         manifest.final_lsn = Some(final_lsn);
+                        if let Some((segments, _durable)) = wal {
+                            manifest.wal_segments = segments;
+                        }
                         staging::write_manifest(&*storage, &layout_owned, &manifest)?;
                     }
                     Ok(())

@@ -812,7 +812,9 @@ mod tests {
         drop(wal);
         let err = StagedWal::open(Arc::clone(&storage), &dir, options(5, 1000)).unwrap_err();
         assert!(matches!(err, StageError::BelowBase { first_lsn: Lsn(5), base_lsn: Lsn(5) }), "{err}");
-        assert!(matches!(StagedWal::open(storage, &dir, options(0, 0)), Err(StageError::Misuse(_))));
+        assert!(matches!(StagedWal::open(Arc::clone(&storage), &dir, options(0, 0)), Err(StageError::Misuse(_))));
+        let too_large = options(0, SEGMENT_LEN_MAX_BYTES + 1);
+        assert!(matches!(StagedWal::open(storage, &dir, too_large), Err(StageError::Misuse(_))));
     }
 
     /// A process that died after writing a batch but before syncing it leaves the bytes in

@@ -1,0 +1,238 @@
+//! WAL catch-up alongside the base copy: while a writer appends (several vShards interleaved,
+//! payloads of 0, 1, 128 bytes and 1 MiB, encrypted-flag and unknown-kind records, rollovers
+//! and O_DIRECT-style flushes, both layouts), exactly the migrating vShard's records in
+//! (base_lsn, tip] are staged, in order, once, byte-identical; and the database truncating its
+//! WAL during the copy loses nothing.
+#![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_engine::storage::DiskStorage;
+use ferry_engine::transfer::walsend::WalSourceConfig;
+use ferry_engine::wal::tail::FolderTail;
+use ferry_engine::wal::writer::{FlushStyle, Leftovers, PreambleOptions, RecordSpec, WalWriter, WriterOptions};
+use ferry_tests::{copy, request, tree_sha256, write_file, Certs, Target};
+use ferry_wire::manifest::{StagingManifest, StagingState};
+use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
+use ferry_wire::{Lsn, VShardId};
+
+const VSHARD: u32 = 7;
+
+/// What the writer wrote: (lsn, vshard, record_type, payload).
+type Written = Vec<(Lsn, u32, u32, Vec<u8>)>;
+
+fn payload(i: u64) -> Vec<u8> {
+    let len = match i % 7 {
+        0 => 0,
+        1 => 1,
+        6 if i % 50 == 6 => 1 << 20,
+        _ => 128,
+    };
+    (0..len).map(|b| (b as u64 ^ i.wrapping_mul(31)) as u8).collect()
+}
+
+fn append(writer: &mut WalWriter, i: u64, out: &mut Written) {
+    let vshard = if i % 3 == 0 { VSHARD } else { (i % 5) as u32 + 20 };
+    // Some records carry the encrypted flag (bit 14) or an unknown kind: passed through opaque.
+    let record_type = match i % 11 {
+        0 => 0x8000 | 0x4000 | 3,
+        1 => 0x0123,
+        _ => 0x8000 | 1,
+    };
+    let data = payload(i);
+    let lsn = writer.append(&RecordSpec::new(record_type, VShardId(vshard)), &data).unwrap();
+    out.push((lsn, vshard, record_type, data));
+    if i % 4 == 0 {
+        writer.flush().unwrap();
+    }
+}
+
+fn staged_records(dir: &Path) -> Vec<(Lsn, u32, u32, Vec<u8>)> {
+    let config = CursorConfig { layout: LayoutChoice::Auto, alignment_bytes: 4096, mode: Mode::Staged };
+    let mut tail = FolderTail::new(dir, config, None).unwrap();
+    let mut out = Vec::new();
+    while let Some(record) = tail.poll().unwrap() {
+        let h = record.header;
+        out.push((h.lsn, h.vshard_id.0, h.record_type, record.payload().to_vec()));
+    }
+    out
+}
+
+async fn live_copy(layout: Layout, preamble: bool, truncate: bool) {
+    let certs = Arc::new(Certs::new().unwrap());
+    let root = tempfile::tempdir().unwrap();
+    let wal_dir = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    write_file(root.path(), "L1/base.seg", 24 << 20, 5);
+    let options = WriterOptions {
+        layout,
+        roll_size_bytes: 256 << 10,
+        flush: FlushStyle::Direct,
+        leftovers: Leftovers::Stale,
+        preamble: preamble.then_some(PreambleOptions { cipher_alg: 1, key_id: 9, epoch_start: 100 }),
+        ..WriterOptions::default()
+    };
+    let mut writer = WalWriter::create(wal_dir.path(), options, Lsn(1)).unwrap();
+    let mut written = Written::new();
+    for i in 0..300 {
+        append(&mut writer, i, &mut written);
+    }
+    writer.flush().unwrap();
+    let base_lsn = written.last().unwrap().0;
+    let more = 1500u64;
+    let tip = Lsn(base_lsn.0 + more);
+
+    let target = Target::start(&certs, target_dir.path(), Arc::new(DiskStorage)).unwrap();
+    let mut req = request("live", root.path(), target.addr, 256 << 10);
+    req.base_lsn = base_lsn;
+    req.vshard_id = VShardId(VSHARD);
+    req.rate_limit_bytes_per_sec = 24 << 20; // about a second of base copy, with the writer running
+    req.wal = Some(WalSourceConfig {
+        dir: wal_dir.path().to_path_buf(),
+        layout: LayoutChoice::Auto,
+        alignment_bytes: 4096,
+        until_lsn: Some(tip),
+        max_held_wal_bytes: 1 << 30,
+    });
+    let copy_task = {
+        let certs = certs.clone();
+        tokio::spawn(async move { copy(&certs, req).await })
+    };
+    let wal_path = wal_dir.path().to_path_buf();
+    let writer_task = tokio::task::spawn_blocking(move || {
+        for i in 300..300 + more {
+            append(&mut writer, i, &mut written);
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+                if truncate {
+                    // The database drops segments it considers old, as it may during a long
+                    // base copy: everything but the active segment.
+                    let mut names: Vec<_> = std::fs::read_dir(&wal_path)
+                        .unwrap()
+                        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.starts_with("wal-"))
+                        .collect();
+                    names.sort();
+                    names.pop();
+                    for name in names {
+                        std::fs::remove_file(wal_path.join(name)).unwrap();
+                    }
+                }
+            }
+        }
+        writer.flush().unwrap();
+        written
+    });
+    let written = writer_task.await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(120), copy_task).await.expect("copy hung").unwrap().unwrap();
+    assert_eq!(report.final_lsn, tip);
+    target.stop();
+
+    let staging = target_dir.path().join("migrations/live");
+    assert_eq!(tree_sha256(&staging.join("segments")).unwrap(), tree_sha256(root.path()).unwrap());
+    let expected: Vec<_> =
+        written.into_iter().filter(|(lsn, vshard, _, _)| *vshard == VSHARD && *lsn > base_lsn && *lsn <= tip).collect();
+    let staged = staged_records(&staging.join("wal"));
+    assert_eq!(staged.len(), expected.len(), "record count");
+    for (s, e) in staged.iter().zip(&expected) {
+        assert_eq!(s.0, e.0);
+        assert_eq!((s.1, s.2), (e.1, e.2), "lsn {}", e.0);
+        assert!(s.3 == e.3, "payload of lsn {} differs", e.0);
+    }
+    let manifest = StagingManifest::decode(&std::fs::read(staging.join("MANIFEST.json")).unwrap()).unwrap();
+    assert_eq!(manifest.state, StagingState::Released);
+    assert_eq!(manifest.final_lsn, Some(tip));
+    assert_eq!(manifest.wal_segments.last().unwrap().last_lsn, expected.last().unwrap().0);
+    if preamble {
+        // Each staged segment starts with its source segment's preamble, whose epoch changes
+        // at every roll: the records of several source segments make several staged ones.
+        assert!(manifest.wal_segments.len() > 1, "expected several staged segments");
+        assert!(manifest.wal_segments.iter().all(|s| s.key_id == Some(9)));
+    }
+    // The held links are released once the migration is over.
+    assert!(!wal_dir.path().join(".ferry-held/live").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layout_a_with_leftovers_streams_exactly_the_vshard() {
+    live_copy(Layout::A, false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layout_b_with_padding_and_preambles_streams_exactly_the_vshard() {
+    live_copy(Layout::B, true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_truncating_its_wal_during_the_copy_loses_nothing() {
+    live_copy(Layout::A, false, true).await;
+}
+
+/// The whole tail is written before the copy starts, so the tail has far to go; once ferry
+/// holds its links, the database deletes every segment but the active one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_deleted_before_the_tail_reads_them_are_still_streamed() {
+    let certs = Arc::new(Certs::new().unwrap());
+    let root = tempfile::tempdir().unwrap();
+    let wal_dir = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    write_file(root.path(), "base.seg", 8 << 20, 6);
+    let options = WriterOptions { layout: Layout::A, roll_size_bytes: 128 << 10, ..WriterOptions::default() };
+    let mut writer = WalWriter::create(wal_dir.path(), options, Lsn(1)).unwrap();
+    let mut written = Written::new();
+    for i in 0..50 {
+        append(&mut writer, i, &mut written);
+    }
+    writer.flush().unwrap();
+    let base_lsn = written.last().unwrap().0;
+    for i in 50..3000 {
+        append(&mut writer, i, &mut written);
+    }
+    writer.flush().unwrap();
+    let tip = written.last().unwrap().0;
+    let segments_count = std::fs::read_dir(wal_dir.path()).unwrap().count();
+    assert!(segments_count > 20, "{segments_count} segments");
+
+    let target = Target::start(&certs, target_dir.path(), Arc::new(DiskStorage)).unwrap();
+    let mut req = request("truncated", root.path(), target.addr, 256 << 10);
+    req.base_lsn = base_lsn;
+    req.vshard_id = VShardId(VSHARD);
+    req.wal = Some(WalSourceConfig {
+        dir: wal_dir.path().to_path_buf(),
+        layout: LayoutChoice::Fixed(Layout::A),
+        alignment_bytes: 4096,
+        until_lsn: Some(tip),
+        max_held_wal_bytes: 1 << 30,
+    });
+    let copy_task = {
+        let certs = certs.clone();
+        tokio::spawn(async move { copy(&certs, req).await })
+    };
+    let held = wal_dir.path().join(".ferry-held/truncated");
+    for _ in 0..5000 {
+        if std::fs::read_dir(&held).map(|d| d.count()).unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut names: Vec<_> = std::fs::read_dir(wal_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("wal-"))
+        .collect();
+    names.sort();
+    names.pop();
+    for name in names {
+        std::fs::remove_file(wal_dir.path().join(name)).unwrap();
+    }
+    let report = tokio::time::timeout(Duration::from_secs(120), copy_task).await.expect("copy hung").unwrap().unwrap();
+    assert_eq!(report.final_lsn, tip);
+    target.stop();
+    let expected: Vec<_> =
+        written.into_iter().filter(|(lsn, vshard, _, _)| *vshard == VSHARD && *lsn > base_lsn).collect();
+    let staged = staged_records(&target_dir.path().join("migrations/truncated/wal"));
+    assert_eq!(staged.len(), expected.len());
+    assert!(staged.iter().zip(&expected).all(|(s, e)| s.0 == e.0 && s.3 == e.3));
+}
