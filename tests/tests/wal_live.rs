@@ -60,7 +60,7 @@ fn staged_records(dir: &Path) -> Vec<(Lsn, u32, u32, Vec<u8>)> {
     out
 }
 
-async fn live_copy(layout: Layout, preamble: bool, truncate: bool) {
+async fn live_copy(layout: Layout, preamble: bool, truncate: bool, drops: usize) {
     let certs = Arc::new(Certs::new().unwrap());
     let root = tempfile::tempdir().unwrap();
     let wal_dir = tempfile::tempdir().unwrap();
@@ -108,14 +108,14 @@ async fn live_copy(layout: Layout, preamble: bool, truncate: bool) {
                 std::thread::sleep(Duration::from_millis(20));
                 if truncate {
                     // The database drops segments it considers old, as it may during a long
-                    // base copy: everything but the active segment.
+                    // base copy: all but the newest two.
                     let mut names: Vec<_> = std::fs::read_dir(&wal_path)
                         .unwrap()
                         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                         .filter(|n| n.starts_with("wal-"))
                         .collect();
                     names.sort();
-                    names.pop();
+                    names.truncate(names.len().saturating_sub(2));
                     for name in names {
                         std::fs::remove_file(wal_path.join(name)).unwrap();
                     }
@@ -125,9 +125,22 @@ async fn live_copy(layout: Layout, preamble: bool, truncate: bool) {
         writer.flush().unwrap();
         written
     });
+    // Cut the connection now and then: the base resumes from its chunk log, the WAL from the
+    // staged WAL's durable LSN.
+    let mut dropped = 0;
+    while dropped < drops && !copy_task.is_finished() {
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        if target.ctx.drop_connections() > 0 {
+            dropped += 1;
+        }
+    }
     let written = writer_task.await.unwrap();
     let report = tokio::time::timeout(Duration::from_secs(120), copy_task).await.expect("copy hung").unwrap().unwrap();
     assert_eq!(report.final_lsn, tip);
+    assert!(report.reconnects_count as usize >= dropped, "{} reconnects for {dropped} drops", report.reconnects_count);
+    if drops > 0 {
+        assert!(dropped >= 2, "only {dropped} drops happened");
+    }
     target.stop();
 
     let staging = target_dir.path().join("migrations/live");
@@ -157,17 +170,22 @@ async fn live_copy(layout: Layout, preamble: bool, truncate: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layout_a_with_leftovers_streams_exactly_the_vshard() {
-    live_copy(Layout::A, false, false).await;
+    live_copy(Layout::A, false, false, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layout_b_with_padding_and_preambles_streams_exactly_the_vshard() {
-    live_copy(Layout::B, true, false).await;
+    live_copy(Layout::B, true, false, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_truncating_its_wal_during_the_copy_loses_nothing() {
-    live_copy(Layout::A, false, true).await;
+    live_copy(Layout::A, false, true, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_during_catch_up_lose_and_duplicate_nothing() {
+    live_copy(Layout::B, true, false, 6).await;
 }
 
 /// The whole tail is written before the copy starts, so the tail has far to go; once ferry

@@ -1,14 +1,17 @@
 //! ferry-bench-e2e: the base-copy benchmark of issue 3, every contender in one run.
 //!
 //! What it does: generates one shard (default 1 GiB, on tmpfs), then, interleaved over
-//! `--rounds` rounds, copies it over loopback with: the raw quinn baseline, ferry in-process
-//! staging on tmpfs, ferry in-process staging on disk, plain TCP, and `scp` (OpenSSH default
-//! cipher, and aes128-gcm) against a throwaway sshd. It prints the median rate of each and the
-//! ratios the issue sets goals for. Then it runs ferry as two processes (`ferry serve` and
-//! `ferry copy`) for chunk sizes 1 and 4 MiB and 1, 2, 4 streams (or connections, when
-//! `ferry copy` has `--connections`), and prints per daemon the peak RssAnon, RssFile and
-//! RssShmem and CPU-seconds per GiB. With `--rss-shard-size 4GiB` it repeats the daemon run
-//! on a shard of that size for the peak-memory figure.
+//! `--rounds` rounds, copies it over loopback with: the raw quinn baseline in one process
+//! (`raw_quinn`) and with its receiver in a child process (`raw_quinn_2proc`, this binary run
+//! with a hidden first argument), ferry in-process staging on tmpfs with 1 connection
+//! (`ferry_tmpfs`) and 2 connections (`ferry_tmpfs_2c`), ferry in-process staging on disk,
+//! plain TCP landing on tmpfs, and `scp` (OpenSSH's default cipher, and aes128-gcm) against a
+//! throwaway sshd. It prints each one's median rate and the ratios the issue sets goals for.
+//! Then it runs ferry as two processes (`ferry serve` and `ferry copy`), `--daemon-rounds`
+//! times per shape, for chunk sizes 1 and 4 MiB and 1, 2, 4 connections (or streams, when
+//! `ferry copy` has no `--connections`), and prints per daemon the peak RssAnon, RssFile and
+//! RssShmem and CPU-seconds per GiB. With `--rss-shard-size 4GiB` it repeats the daemon run on
+//! a shard of that size for the peak-memory figure.
 //!
 //! What it does not: assert on any figure. It fails only when a copy fails.
 //!

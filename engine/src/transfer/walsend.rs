@@ -225,7 +225,15 @@ fn tail_loop(
         CursorConfig { layout: config.layout, alignment_bytes: config.alignment_bytes, ..CursorConfig::default() };
     let mut tail = FolderTail::new(&held_dir, cursor, Some(start)).map_err(|e| TransferError::Local(e.to_string()))?;
     let selection = Selection::new(vshard);
+    let mut refreshed_at = std::time::Instant::now();
     while !shared.stop.load(Ordering::Relaxed) {
+        // Link new segments at least every poll interval, also while busy streaming, so a
+        // segment the database deletes soon after rolling past it is still held.
+        if refreshed_at.elapsed() >= POLL_INTERVAL {
+            holder.refresh(tail.cursor().next_lsn().unwrap_or(start))?;
+            shared.held_bytes.store(holder.held_bytes(), Ordering::Relaxed);
+            refreshed_at = std::time::Instant::now();
+        }
         let next = tail.poll().map_err(|e| TransferError::Local(format!("source WAL: {e}")))?;
         let Some(record) = next else {
             if config.until_lsn.is_some_and(|until| tail.cursor().next_lsn().is_some_and(|next| next > until)) {
@@ -233,8 +241,6 @@ fn tail_loop(
                 return Ok(());
             }
             holder.release(tail.segment_name(), Lsn(shared.durable_lsn.load(Ordering::Relaxed)));
-            holder.refresh(tail.cursor().next_lsn().unwrap_or(start))?;
-            shared.held_bytes.store(holder.held_bytes(), Ordering::Relaxed);
             std::thread::sleep(POLL_INTERVAL);
             continue;
         };
