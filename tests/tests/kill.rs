@@ -131,3 +131,69 @@ fn sigkill_of_the_source_mid_copy_then_rerun_resumes_it() {
     assert!(report["bytes_resumed"].as_u64().unwrap() >= TOTAL / 4, "resumed too little: {report}");
     check(&report, source.path(), data.path());
 }
+
+/// SIGKILL of the target while a writer appends and the WAL streams: after a restart the copy
+/// completes and the staged WAL holds every record of the vShard exactly once.
+#[test]
+fn sigkill_of_the_target_during_wal_catch_up_loses_and_duplicates_nothing() {
+    use ferry_engine::wal::tail::FolderTail;
+    use ferry_engine::wal::writer::{RecordSpec, WalWriter, WriterOptions};
+    use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
+    use ferry_wire::{Lsn, VShardId};
+
+    let (certs, source, data) = setup();
+    let wal_dir = tempfile::tempdir().unwrap();
+    let options = WriterOptions { layout: Layout::A, roll_size_bytes: 1 << 20, ..WriterOptions::default() };
+    let mut writer = WalWriter::create(wal_dir.path(), options, Lsn(1)).unwrap();
+    let spec = |i: u64| RecordSpec::new(0x8001, VShardId(if i % 2 == 0 { 1 } else { 2 }));
+    for i in 0..100u64 {
+        writer.append(&spec(i), &i.to_le_bytes()).unwrap();
+    }
+    writer.flush().unwrap();
+    let base_lsn = 100u64;
+    let total_records = 40_000u64;
+    let tip = base_lsn + total_records;
+
+    let (target, addr) = serve(&certs, data.path(), "127.0.0.1:0");
+    let mut cmd = copy_cmd(&certs, source.path(), &addr, 24 << 20);
+    cmd.args(["--base-lsn", &base_lsn.to_string(), "--until-lsn", &tip.to_string(), "--wal-layout", "a"])
+        .arg("--wal-dir")
+        .arg(wal_dir.path());
+    let copy = Proc(cmd.spawn().unwrap());
+    let writer_thread = std::thread::spawn(move || {
+        for i in 100..100 + total_records {
+            writer.append(&spec(i), &[7u8; 120]).unwrap();
+            if i % 64 == 0 {
+                writer.flush().unwrap();
+                std::thread::sleep(Duration::from_micros(1500));
+            }
+        }
+        writer.flush().unwrap();
+    });
+    // Kill the target once the staged WAL has started and the base is part way.
+    let staged_wal = data.path().join("migrations/killed/wal");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&staged_wal).map_or(0, |d| d.count()) == 0 {
+        assert!(Instant::now() < deadline, "the WAL stream never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_for_log(data.path(), 0.3);
+    drop(target); // SIGKILL
+    let (_target, _) = serve(&certs, data.path(), &addr);
+    writer_thread.join().unwrap();
+    let report = finish(copy);
+    assert_eq!(report["final_lsn"].as_u64().unwrap(), tip, "{report}");
+    assert!(report["reconnects_count"].as_u64().unwrap() >= 1, "{report}");
+    check(&report, source.path(), data.path());
+
+    let config = CursorConfig { layout: LayoutChoice::Auto, alignment_bytes: 4096, mode: Mode::Staged };
+    let mut tail = FolderTail::new(&staged_wal, config, None).unwrap();
+    let mut lsns = Vec::new();
+    while let Some(record) = tail.poll().unwrap() {
+        assert_eq!(record.header.vshard_id, VShardId(1));
+        lsns.push(record.header.lsn.0);
+    }
+    let expected: Vec<u64> = (base_lsn + 1..=tip).filter(|lsn| (lsn - 1) % 2 == 0).collect();
+    assert_eq!(lsns.len(), expected.len(), "staged {} records, expected {}", lsns.len(), expected.len());
+    assert_eq!(lsns, expected);
+}
