@@ -254,3 +254,61 @@ async fn segments_deleted_before_the_tail_reads_them_are_still_streamed() {
     assert_eq!(staged.len(), expected.len());
     assert!(staged.iter().zip(&expected).all(|(s, e)| s.0 == e.0 && s.3 == e.3));
 }
+
+/// A flipped bit in a sealed source segment stops the copy with an error naming the segment
+/// file and the byte offset, instead of streaming around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_bit_in_the_source_wal_fails_the_copy_naming_file_and_offset() {
+    let certs = Arc::new(Certs::new().unwrap());
+    let root = tempfile::tempdir().unwrap();
+    let wal_dir = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    write_file(root.path(), "base.seg", 4 << 20, 8);
+    let options = WriterOptions {
+        layout: Layout::A,
+        roll_size_bytes: 64 << 10,
+        flush: FlushStyle::Buffered,
+        ..WriterOptions::default()
+    };
+    let mut writer = WalWriter::create(wal_dir.path(), options, Lsn(1)).unwrap();
+    let mut written = Written::new();
+    for i in 0..2000 {
+        let spec = RecordSpec::new(0x8001, VShardId(if i % 2 == 0 { VSHARD } else { 3 }));
+        let lsn = writer.append(&spec, &[i as u8; 100]).unwrap();
+        written.push((lsn, 0, 0, Vec::new()));
+    }
+    writer.flush().unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(wal_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(names.len() > 4);
+    let victim = wal_dir.path().join(&names[2]);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[1000] ^= 0x10;
+    std::fs::write(&victim, &bytes).unwrap();
+
+    let target = Target::start(&certs, target_dir.path(), Arc::new(DiskStorage)).unwrap();
+    let mut req = request("corrupt", root.path(), target.addr, 256 << 10);
+    req.base_lsn = Lsn(10);
+    req.vshard_id = VShardId(VSHARD);
+    req.wal = Some(WalSourceConfig {
+        dir: wal_dir.path().to_path_buf(),
+        layout: LayoutChoice::Auto,
+        alignment_bytes: 4096,
+        until_lsn: Some(written.last().unwrap().0),
+        max_held_wal_bytes: 1 << 30,
+    });
+    let err = tokio::time::timeout(Duration::from_secs(60), copy(&certs, req)).await.expect("copy hung").unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&names[2]) && text.contains("corrupt at byte"), "{text}");
+    // Nothing was released.
+    assert!(
+        !target_dir.path().join("migrations/corrupt/MANIFEST.json").exists()
+            || !std::fs::read_to_string(target_dir.path().join("migrations/corrupt/MANIFEST.json"))
+                .unwrap()
+                .contains("released")
+    );
+    target.stop();
+}

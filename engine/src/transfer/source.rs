@@ -335,7 +335,7 @@ async fn run(
     });
     let _reader_guard = super::target::AbortOnDrop(reader_task);
 
-    let wal = match &request.wal {
+    let mut wal = match &request.wal {
         Some(config) => Some(start_wal(conn, config, request, offer, progress).await?),
         None => None,
     };
@@ -369,7 +369,8 @@ async fn run(
             conns.push(link.conn.clone());
             extra.push(link);
         }
-        ship(&conns, request, snapshot, reader, &session, &mut send, &mut messages, progress, rate).await?
+        ship(&conns, request, snapshot, reader, &session, &mut send, &mut messages, progress, rate, wal.as_mut())
+            .await?
     };
     progress.send_modify(|p| p.base_staged = true);
     // A file that changed after it was announced still fails the copy.
@@ -433,6 +434,8 @@ fn publish(progress: &watch::Sender<Progress>, base: Progress) {
 /// The WAL stream of one attempt: its task, the tail thread's shared state.
 struct WalRun {
     task: Option<tokio::task::JoinHandle<Result<Lsn, TransferError>>>,
+    /// The durable LSN the stream ended with, when it ended before `finish`.
+    ended_at: Option<Lsn>,
     shared: Arc<TailShared>,
     until: Option<Lsn>,
 }
@@ -449,7 +452,21 @@ impl Drop for WalRun {
 impl WalRun {
     /// Waits until every selected record up to `until_lsn` is durable (forever without one),
     /// publishing the catch-up progress. Returns the final LSN.
+    /// Waits for the stream task to end (while the base copy runs); keeps its result.
+    async fn ended(&mut self) -> Result<(), TransferError> {
+        let Some(task) = self.task.as_mut() else { return Ok(()) };
+        let joined = task.await;
+        self.task = None;
+        let durable = joined.map_err(|e| TransferError::Local(format!("the WAL task failed: {e}")))??;
+        self.ended_at = Some(durable);
+        Ok(())
+    }
+
     async fn finish(&mut self, progress: &watch::Sender<Progress>) -> Result<Lsn, TransferError> {
+        if let Some(durable) = self.ended_at {
+            publish_wal(&self.shared, progress);
+            return Ok(self.until.unwrap_or(durable));
+        }
         let shared = self.shared.clone();
         let Some(task) = self.task.as_mut() else {
             return Err(TransferError::Local("the WAL stream already ended".into()));
@@ -506,7 +523,7 @@ async fn start_wal(
     )?;
     let (durable_tx, _durable_rx) = watch::channel(durable);
     let task = tokio::spawn(walsend::stream(wal_send, wal_recv, events, shared.clone(), durable_tx));
-    let run = WalRun { task: Some(task), shared, until: config.until_lsn };
+    let run = WalRun { task: Some(task), ended_at: None, shared, until: config.until_lsn };
     run.publish(progress);
     Ok(run)
 }
@@ -545,6 +562,7 @@ async fn ship(
     messages: &mut Messages,
     progress: &watch::Sender<Progress>,
     rate: &RateHandle,
+    mut wal: Option<&mut WalRun>,
 ) -> Result<u64, TransferError> {
     let origin = Instant::now();
     rate.start(request.rate_limit_bytes_per_sec, u64::from(request.chunk_len_bytes));
@@ -592,6 +610,10 @@ async fn ship(
                 Some(Err(e)) => return Err(e),
             },
             () = chunk_read.notified() => announce_done_files(session, &snapshot.files, send).await?,
+            // A WAL stream that fails (a corrupt source WAL, too many held bytes) fails the copy
+            // now, with its own error, not after the base copy.
+            ended = async { match wal.as_mut() { Some(w) => w.ended().await, None => std::future::pending().await } },
+                if wal.as_ref().is_some_and(|w| w.task.is_some()) => ended?,
             joined = streams.join_next(), if streams_left > 0 => {
                 streams_left -= 1;
                 match joined {
