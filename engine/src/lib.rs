@@ -14,6 +14,8 @@
 
 pub mod certs;
 pub mod cli;
+pub mod config;
+pub mod control;
 pub mod quic;
 pub mod read;
 pub mod snapshot;

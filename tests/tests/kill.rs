@@ -197,3 +197,50 @@ fn sigkill_of_the_target_during_wal_catch_up_loses_and_duplicates_nothing() {
     assert_eq!(lsns.len(), expected.len(), "staged {} records, expected {}", lsns.len(), expected.len());
     assert_eq!(lsns, expected);
 }
+
+/// `ferry serve --config FILE` starts from a configuration file, and SIGTERM stops it cleanly
+/// with exit status 0.
+#[test]
+fn serve_reads_its_config_file_and_exits_0_on_sigterm() {
+    let certs = Certs::new().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = \"target\"\ndata_dir = {:?}\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\nallowed_peers = [\"source\"]\n",
+            data.path().join("data"),
+            certs.dir.path()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(ferry_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening on 127.0.0.1:"), "{line:?}");
+    assert!(data.path().join("data").is_dir());
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "ferry serve ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit}");
+
+    // A configuration with a typo is refused with a message naming the file.
+    std::fs::write(&config, "nod_id = \"x\"\n").unwrap();
+    let out = Command::new(ferry_bin()).args(["serve", "--config"]).arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("node.toml") && stderr.contains("nod_id"), "{stderr}");
+}

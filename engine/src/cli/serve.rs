@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use ferry_wire::NodeId;
 
+use crate::config::NodeConfig;
 use crate::quic::QuicTuning;
 use crate::storage::DiskStorage;
 use crate::tls::NodeIdentity;
@@ -16,34 +17,78 @@ use crate::transfer::target::{self, TargetContext};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Configuration file (TOML); flags given here override it. See --print-default-config.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the default configuration, commented, and exit.
+    #[arg(long)]
+    pub print_default_config: bool,
     /// This node's id: the name in its certificate.
     #[arg(long)]
-    pub node_id: String,
+    pub node_id: Option<String>,
     /// Data folder: staging lands in <data-dir>/migrations/<migration_id>/.
     #[arg(long)]
-    pub data_dir: PathBuf,
+    pub data_dir: Option<PathBuf>,
     /// QUIC listen address.
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    pub listen: SocketAddr,
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
     /// Certificate folder made by `ferry certs` (ca.pem, <node-id>.pem, <node-id>-key.pem).
     #[arg(long)]
-    pub certs: PathBuf,
+    pub certs: Option<PathBuf>,
     /// Node ids allowed to connect (repeatable); none: any node with a certificate from the CA.
     #[arg(long = "allow-peer")]
     pub allow_peers: Vec<String>,
-    /// Print each inbound transfer's progress this often, in milliseconds (0: never).
-    #[arg(long, default_value_t = 2000)]
-    pub progress_interval_ms: u64,
+    /// Log each inbound transfer's progress this often, in milliseconds (0: never).
+    #[arg(long)]
+    pub progress_interval_ms: Option<u64>,
+}
+
+/// The configuration in force: the file (or the defaults), then the flags.
+fn resolve(args: ServeArgs) -> anyhow::Result<NodeConfig> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::load(path)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(v) = args.node_id {
+        config.node_id = v;
+    }
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.certs {
+        config.certs_dir = v;
+    }
+    if !args.allow_peers.is_empty() {
+        config.allowed_peers = args.allow_peers;
+    }
+    if let Some(v) = args.progress_interval_ms {
+        config.progress_interval_ms = v;
+    }
+    Ok(config)
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let node_id = NodeId::new(args.node_id).context("invalid --node-id")?;
-    let allowed: Vec<NodeId> =
-        args.allow_peers.into_iter().map(NodeId::new).collect::<Result<_, _>>().context("invalid --allow-peer")?;
-    let identity = NodeIdentity::from_dir(&args.certs, &node_id)?;
+    if args.print_default_config {
+        print!("{}", NodeConfig::default_toml());
+        return Ok(());
+    }
+    let config = resolve(args)?;
+    let node_id = NodeId::new(config.node_id.clone()).context("invalid node id")?;
+    let allowed: Vec<NodeId> = config
+        .allowed_peers
+        .iter()
+        .cloned()
+        .map(NodeId::new)
+        .collect::<Result<_, _>>()
+        .context("invalid allowed peer")?;
+    let identity = NodeIdentity::from_dir(&config.certs_dir, &node_id)?;
     let crypto = crate::tls::server_crypto(&identity, &allowed)?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create data folder {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data folder {}", config.data_dir.display()))?;
+    let args = config;
     let runtime = super::runtime()?;
     runtime.block_on(async move {
         let endpoint = crate::quic::server_endpoint(args.listen, crypto, &QuicTuning::default())
