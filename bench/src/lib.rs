@@ -29,6 +29,7 @@ pub mod raw_quinn;
 pub mod scp;
 pub mod shard;
 pub mod tcp;
+pub mod wal;
 
 use std::time::Duration;
 

@@ -4,8 +4,7 @@
 //! TOML into it (unknown keys are an error, so a typo is not silently ignored), checks it, and
 //! prints the defaults as a commented file (`ferry serve --print-default-config`).
 //!
-//! What it does not: hold settings for parts not built yet (the control socket, limits,
-//! metrics); they are added with the code that reads them. The log format is the global
+//! What it does not: hold settings for parts not built yet (limits, metrics); they are added with the code that reads them. The log format is the global
 //! `--log-format` flag, set before any file is read.
 
 use std::net::SocketAddr;
@@ -31,6 +30,11 @@ pub struct NodeConfig {
     pub allowed_peers: Vec<String>,
     /// How often inbound progress is logged, in milliseconds (0: never).
     pub progress_interval_ms: u64,
+    /// The coordinator's Unix socket; its folder must be 0700 (created so when missing).
+    /// Default: `<data_dir>/control/ferry.sock`.
+    pub control_socket: Option<PathBuf>,
+    /// Uids allowed on the control socket besides the daemon's own.
+    pub control_allowed_uids: Vec<u32>,
 }
 
 impl Default for NodeConfig {
@@ -42,6 +46,8 @@ impl Default for NodeConfig {
             certs_dir: PathBuf::from("/etc/ferry/certs"),
             allowed_peers: Vec::new(),
             progress_interval_ms: 2000,
+            control_socket: None,
+            control_allowed_uids: Vec::new(),
         }
     }
 }
@@ -58,6 +64,11 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
+    /// The control socket path in force.
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| self.data_dir.join("control").join("ferry.sock"))
+    }
+
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
@@ -99,7 +110,11 @@ impl NodeConfig {
              # Node ids allowed to connect; empty: any node with a certificate from the cluster CA.\n\
              allowed_peers = []\n\
              # How often inbound progress is logged, in milliseconds (0: never).\n\
-             progress_interval_ms = {}\n",
+             progress_interval_ms = {}\n\
+             # The coordinator's Unix socket (its folder must be mode 0700); default <data_dir>/control/ferry.sock.\n\
+             # control_socket = \"/run/ferry/ferry.sock\"\n\
+             # Uids allowed on the control socket besides the daemon's own.\n\
+             control_allowed_uids = []\n",
             d.node_id,
             d.data_dir.display().to_string(),
             d.listen,

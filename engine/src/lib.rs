@@ -16,6 +16,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod quic;
 pub mod read;
 pub mod snapshot;

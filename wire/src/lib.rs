@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod control;
 pub mod frame;
 pub mod ids;
 pub mod limits;

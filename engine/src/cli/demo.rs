@@ -1,26 +1,46 @@
-//! `ferry demo`: an offline migration of one generated shard, end to end, verified.
+//! `ferry demo`: one generated shard moved while a reference writer appends to the source WAL:
+//! base copy and WAL catch-up, live; an offline end; everything verified.
 //!
 //! What it does: in one process, makes a work folder, development certificates
 //! (`demo-source`, `demo-target`), a target daemon on a loopback QUIC port (mutual TLS, staging
 //! on disk through [`DiskStorage`]) and a source shard of pseudo-random files in nested folders.
-//! It runs the base copy through [`source::copy`] with `commit` (an offline release), draws a
-//! progress line on stderr, then verifies the staging with readers independent of the transfer
-//! code: SHA-256 of every source file against its staged copy, and `MANIFEST.json` read as plain
-//! JSON (state `released`, every file listed at its size, nothing else). It prints a report
-//! (text, or one JSON object with `--json`) and exits non-zero when verification fails.
+//! A small reference writer (`run_writer`, on its own thread) appends NodeDB layout-A records
+//! to a source WAL folder (O_DIRECT-style block flushes with stale leftovers, 4 MiB segments) at
+//! `--write-rate` writes/s for `--write-seconds`; one write in four goes to the migrating vShard
+//! 7, the rest to three others. Each payload carries (vshard u32, writer_seq u64) and a filler
+//! derived from both. Writes are acknowledged by group commit: every write due by a flush
+//! goes into it, and flushes come at most every `GROUP_COMMIT_INTERVAL`. The copy starts
+//! `WRITER_HEAD_START` after the writer, with `base_lsn` = the last LSN acknowledged then; it
+//! runs [`source::copy`] with the WAL tail (`until_lsn` = the writer's last LSN, known up front
+//! because the writer writes a fixed count) and `commit` (an offline release at that LSN).
+//! Then it verifies the staging: SHA-256 of every source file against its staged copy,
+//! `MANIFEST.json` read as plain JSON (state, files, `final_lsn`, WAL segments), and the staged
+//! WAL read back with [`FolderTail`] in staged mode, counting every vShard-7 writer_seq in
+//! (base_lsn, final_lsn]: lost and duplicated writes. It prints a report (text, or one JSON
+//! object with `--json`) and exits non-zero when verification fails.
 //!
-//! What it does not: the live parts of a migration. WAL catch-up, the cut-over fence and the
-//! reference writer do not exist yet (issues 4 and 6), so no writes run, no pause is measured,
-//! and the report says so instead of printing numbers for them.
+//! What it does not: the cut-over fence. The writer is *stopped* (it writes a fixed count and
+//! ends), not paused by a fence, so no pause is measured and the report prints none. The
+//! generated shard files are opaque bytes: they do not hold the writes up to `base_lsn` (the
+//! reference node's export and the target-side import of DESIGN section 9 are later work); the
+//! `base_lsn` given to the copy is honest about the WAL (every write at or below it is acked
+//! before the copy starts) but nothing checks the files' contents against it. The staged WAL is
+//! read back with ferry's own cursor (staged mode), not an independent reader. The writer's
+//! acknowledgement means "written to the segment file" (no fdatasync per group).
+//!
+//! Lag: `Progress.wal_durable_lsn` is refreshed by the copy only from the WalCatchUp phase on
+//! (during the base copy it keeps its first value), so lag is sampled from the base being
+//! staged to the release, as writer-acknowledged vShard-7 writes not yet durable on the target.
 //!
 //! Invariants: shard generation is timed apart and never counted in the copy's throughput;
 //! the work folder is removed at exit unless `--keep` names it; a `--keep` folder must be new or
 //! empty, so an earlier run's staging is never mistaken for this run's copy.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,9 +48,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 use ferry_wire::limits::{CHUNK_LEN_DEFAULT_BYTES, CHUNK_LEN_MAX_BYTES, CHUNK_LEN_MIN_BYTES};
 use ferry_wire::session::Progress;
+use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::certs::{self, IssueOptions};
 use crate::quic::QuicTuning;
@@ -39,32 +60,69 @@ use crate::storage::DiskStorage;
 use crate::tls::NodeIdentity;
 use crate::transfer::source::{self, CopyReport, CopyRequest, RateHandle};
 use crate::transfer::target::{self, TargetContext};
+use crate::transfer::walsend::WalSourceConfig;
+use crate::wal::tail::FolderTail;
+use crate::wal::writer::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterOptions};
 
 const SOURCE_NODE: &str = "demo-source";
 const TARGET_NODE: &str = "demo-target";
 const MIGRATION_ID: &str = "demo-vshard-7";
 const VSHARD: VShardId = VShardId(7);
-/// The phases of a live migration this build does not run, by their JSON names.
-const NOT_IMPLEMENTED: [&str; 3] = ["wal_catch_up", "cut_over_fence", "reference_writer"];
+/// The phases of a migration this build's demo does not run, by their JSON names.
+const NOT_IMPLEMENTED: [&str; 2] = ["cut_over_fence", "reference_node_import"];
+const NOT_IMPLEMENTED_NOTE: &str = "the writer was stopped (it wrote a fixed count and ended), \
+not paused by a cut-over fence, so no write pause was measured; the shard files are opaque \
+generated bytes, not an export of the writes up to base_lsn, and nothing imports the staging";
 /// Most files a demo shard may have: enough to show many small files, few enough to list.
 const FILES_MAX_COUNT: u32 = 100_000;
 /// Most uni streams per connection (the target's `uni_streams_max_count`).
 const STREAMS_MAX_COUNT: u32 = 64;
 const CONNECTIONS_MAX_COUNT: u32 = 16;
-/// Progress is redrawn at most this often; lines that are not on a terminal come every 5 ticks.
-const PROGRESS_TICK: Duration = Duration::from_millis(200);
-const PROGRESS_LINE_EVERY_TICKS: u32 = 5;
+/// Progress and lag are sampled this often; lines that are not on a terminal come every 10.
+const PROGRESS_TICK: Duration = Duration::from_millis(100);
+const PROGRESS_LINE_EVERY_TICKS: u32 = 10;
+/// Most lag samples kept (at one per tick: over two hours of copy).
+const LAG_SAMPLES_MAX_COUNT: usize = 100_000;
 const IO_BUFFER_BYTES: usize = 4 << 20;
 
-const NOT_IMPLEMENTED_HELP: &str = "\
-What runs today: an OFFLINE migration. Base copy of a generated shard over mutual-TLS QUIC \
-(loopback), offline release, then SHA-256 verification of every staged file and of MANIFEST.json.
+/// The three vShards the writer interleaves with vShard 7 (which gets one write in four).
+const OTHER_VSHARDS: [VShardId; 3] = [VShardId(3), VShardId(11), VShardId(12)];
+/// Writes go to vShard 7 when `writer_seq % VSHARD_EVERY == VSHARD_EVERY - 1`.
+const VSHARD_EVERY: u64 = 4;
+const WAL_ROLL_BYTES: u64 = 4 << 20;
+const WAL_ALIGNMENT_BYTES: u32 = 4096;
+/// A writer payload: vshard u32 LE | writer_seq u64 LE | filler derived from both.
+const WRITE_PAYLOAD_BYTES: usize = 128;
+/// NodeDB's record_type for a required put (bit 15: required; kind 1).
+const RECORD_TYPE_PUT: u32 = 0x8000 | 1;
+const FIRST_LSN: Lsn = Lsn(1);
+/// Group commit: at most one flush per interval; every write due by then shares the flush.
+/// At 20,000 writes/s that is about 4 writes (one 4 KiB block) per flush, 5,000 flushes/s.
+const GROUP_COMMIT_INTERVAL: Duration = Duration::from_micros(200);
+/// Most writes in one flush, so a writer that fell behind catches up in bounded groups.
+const GROUP_MAX_WRITES: u64 = 256;
+/// How long the writer runs before the copy starts (and `base_lsn` is taken).
+const WRITER_HEAD_START: Duration = Duration::from_millis(500);
+const WRITE_RATE_MIN: u64 = 100;
+const WRITE_RATE_MAX: u64 = 200_000;
+const WRITE_SECONDS_MAX: u64 = 600;
+/// Most writes a run may do (the writer keeps 16 bytes of acknowledgement per write).
+const WRITES_MAX_COUNT: u64 = 5_000_000;
+/// Problems listed one by one before the rest are counted.
+const PROBLEMS_LISTED_MAX: usize = 20;
 
-Not implemented yet: see issues 4 and 6.
-  WAL catch-up     no writer runs and no WAL is streamed
-  cut-over fence   no writes are paused, so no pause is measured
-  reference writer the section 9 reference node does not exist yet
-The report never prints numbers for these phases.";
+const NOT_IMPLEMENTED_HELP: &str = "\
+What runs today: a live base copy and WAL catch-up with an OFFLINE end. A reference writer \
+appends NodeDB layout-A records (vShard 7 and three others) to a source WAL; the base copy of a \
+generated shard and the WAL catch-up of vShard 7 run over mutual-TLS QUIC (loopback) while it \
+writes; the writer stops after --write-seconds, the copy drains to its last LSN and releases. \
+Then SHA-256 of every staged file, MANIFEST.json, and every vShard-7 write in the staged WAL \
+(lost and duplicated writes) are checked.
+
+Not implemented yet:
+  cut-over fence         the writer is stopped, not paused by a fence: no pause is measured
+  reference node import  the shard files are opaque bytes, not an export of the writes up to
+                         base_lsn, and nothing imports the staging on the target";
 
 /// `ferry demo`: the arguments.
 #[derive(Debug, Args)]
@@ -85,6 +143,14 @@ pub struct DemoArgs {
     /// QUIC connections, each on its own endpoint.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
+    /// The reference writer's rate, in writes per second (one in four to vShard 7).
+    #[arg(long, value_name = "WRITES", default_value_t = 20_000)]
+    pub write_rate: u64,
+    /// How long the writer runs, in seconds (it writes rate x seconds records). It starts
+    /// 0.5 s before the copy; the default leaves a 512 MiB base copy time to finish with the
+    /// writer still running, so the catch-up phase sees live writes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub write_seconds: u64,
     /// Work in this folder (new or empty) and leave it there for inspection.
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
@@ -279,8 +345,9 @@ fn list_files(root: &Path, dir: &Path, out: &mut BTreeSet<String>) -> std::io::R
 }
 
 /// Checks the staging at `staging_root` against the source files under `source_root`,
-/// without the transfer code: SHA-256 of each file, and MANIFEST.json read as plain JSON.
-fn verify(source_root: &Path, staging_root: &Path, files: &[ShardFile]) -> Verification {
+/// without the transfer code: SHA-256 of each file, and MANIFEST.json read as plain JSON
+/// (which must say `final_lsn`).
+fn verify(source_root: &Path, staging_root: &Path, files: &[ShardFile], final_lsn: Lsn) -> Verification {
     let started = Instant::now();
     let mut v = Verification::default();
     let segments = staging_root.join("segments");
@@ -320,16 +387,17 @@ fn verify(source_root: &Path, staging_root: &Path, files: &[ShardFile]) -> Verif
         }
     }
     v.segments_identical = identical;
-    let (state, manifest_problems) = check_manifest(&staging_root.join("MANIFEST.json"), files);
+    let (state, manifest_problems) = check_manifest(&staging_root.join("MANIFEST.json"), files, final_lsn);
     v.manifest_state = state;
     v.problems.extend(manifest_problems);
     v.elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     v
 }
 
-/// Reads MANIFEST.json as plain JSON: its state, and whether it lists exactly `files` at their
-/// sizes. Returns the state found (`missing` or `unreadable` when there is none) and problems.
-fn check_manifest(path: &Path, files: &[ShardFile]) -> (String, Vec<String>) {
+/// Reads MANIFEST.json as plain JSON: its state, whether it lists exactly `files` at their
+/// sizes, says `final_lsn` and lists staged WAL segments. Returns the state found (`missing`
+/// or `unreadable` when there is none) and problems.
+fn check_manifest(path: &Path, files: &[ShardFile], final_lsn: Lsn) -> (String, Vec<String>) {
     let mut problems = Vec::new();
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
@@ -345,6 +413,13 @@ fn check_manifest(path: &Path, files: &[ShardFile]) -> (String, Vec<String>) {
     }
     if manifest.get("base_complete").and_then(|b| b.as_bool()) != Some(true) {
         problems.push("MANIFEST.json does not say base_complete: true".into());
+    }
+    let listed_final = manifest.get("final_lsn").and_then(|l| l.as_u64());
+    if listed_final != Some(final_lsn.0) {
+        problems.push(format!("MANIFEST.json says final_lsn {listed_final:?}, expected {}", final_lsn.0));
+    }
+    if manifest.get("wal_segments").and_then(|w| w.as_array()).is_none_or(|w| w.is_empty()) {
+        problems.push("MANIFEST.json lists no wal_segments: the catch-up staged no WAL".into());
     }
     let mut listed = BTreeMap::new();
     for segment in manifest.get("segments").and_then(|s| s.as_array()).map_or(&[][..], |a| a.as_slice()) {
@@ -372,16 +447,324 @@ fn check_manifest(path: &Path, files: &[ShardFile]) -> (String, Vec<String>) {
     (state, problems)
 }
 
+/// Microseconds from `from` to `to` (0 when `to` is earlier).
+fn micros(from: Instant, to: Instant) -> u64 {
+    u64::try_from(to.saturating_duration_since(from).as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The vShard of write `writer_seq`: vShard 7 one time in [`VSHARD_EVERY`], else the others in turn.
+fn vshard_of(writer_seq: u64) -> VShardId {
+    let slot = writer_seq % VSHARD_EVERY;
+    if slot == VSHARD_EVERY - 1 {
+        return VSHARD;
+    }
+    usize::try_from(slot).ok().and_then(|s| OTHER_VSHARDS.get(s)).copied().unwrap_or(VShardId(3))
+}
+
+/// `vshard u32 LE | writer_seq u64 LE | filler`: the filler comes from both, so a payload read
+/// back can be checked whole.
+fn encode_payload(vshard: VShardId, writer_seq: u64) -> [u8; WRITE_PAYLOAD_BYTES] {
+    let mut payload = [0u8; WRITE_PAYLOAD_BYTES];
+    let (head, filler) = payload.split_at_mut(12);
+    let (vshard_bytes, seq_bytes) = head.split_at_mut(4);
+    vshard_bytes.copy_from_slice(&vshard.0.to_le_bytes());
+    seq_bytes.copy_from_slice(&writer_seq.to_le_bytes());
+    XorShift::new(writer_seq ^ u64::from(vshard.0).rotate_left(48)).fill(filler);
+    payload
+}
+
+/// (vshard, writer_seq) of a payload the writer wrote, or `None` when it is not one, whole.
+fn decode_payload(payload: &[u8]) -> Option<(VShardId, u64)> {
+    let vshard = u32::from_le_bytes(payload.get(..4)?.try_into().ok()?);
+    let writer_seq = u64::from_le_bytes(payload.get(4..12)?.try_into().ok()?);
+    (payload == encode_payload(VShardId(vshard), writer_seq).as_slice()).then_some((VShardId(vshard), writer_seq))
+}
+
+/// Shared between the writer thread and the demo.
+#[derive(Debug, Default)]
+struct WriterShared {
+    /// Set to make the writer end early (the copy failed or was interrupted).
+    stop: AtomicBool,
+    /// The last LSN acknowledged (0: none yet).
+    acked_lsn: AtomicU64,
+}
+
+/// One write's acknowledgement: when (µs since the demo's origin), and how long after the
+/// write was due (µs; measured from the schedule, so a stalled writer's backlog counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ack {
+    at_us: u64,
+    latency_us: u64,
+}
+
+/// What the writer did.
+#[derive(Debug, Default)]
+struct WriterLog {
+    /// (LSN, writer_seq) of every vShard-7 write, in LSN order.
+    vshard_writes: Vec<(Lsn, u64)>,
+    /// One per write, in order.
+    acks: Vec<Ack>,
+    flushes_count: u64,
+    last_lsn: Lsn,
+    started_us: u64,
+    finished_us: u64,
+}
+
+/// The reference writer: `count` writes at `rate_per_sec` into a new WAL folder `dir`, layout A,
+/// O_DIRECT-style flushes with stale leftovers, group commit (see the module docs). Ends early,
+/// with what it wrote, when `shared.stop` is set.
+fn run_writer(
+    dir: &Path,
+    count: u64,
+    rate_per_sec: u64,
+    origin: Instant,
+    shared: &WriterShared,
+) -> anyhow::Result<WriterLog> {
+    let options = WriterOptions {
+        layout: Layout::A,
+        roll_size_bytes: WAL_ROLL_BYTES,
+        alignment_bytes: WAL_ALIGNMENT_BYTES,
+        flush: FlushStyle::Direct,
+        leftovers: Leftovers::Stale,
+        preamble: None,
+    };
+    let mut wal = WalWriter::create(dir, options, FIRST_LSN)?;
+    let started = Instant::now();
+    let mut log = WriterLog { started_us: micros(origin, started), ..WriterLog::default() };
+    log.acks.reserve(usize::try_from(count).unwrap_or(0));
+    let rate = rate_per_sec.max(1);
+    let due = |seq: u64| started + Duration::from_nanos(seq.saturating_mul(1_000_000_000) / rate);
+    let mut seq = 0u64;
+    while seq < count && !shared.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if due(seq) > now {
+            std::thread::sleep(due(seq) - now);
+            continue;
+        }
+        let mut end = seq;
+        while end < count && end - seq < GROUP_MAX_WRITES && due(end) <= now {
+            let vshard = vshard_of(end);
+            let lsn = wal.append(&RecordSpec::new(RECORD_TYPE_PUT, vshard), &encode_payload(vshard, end))?;
+            if vshard == VSHARD {
+                log.vshard_writes.push((lsn, end));
+            }
+            log.last_lsn = lsn;
+            end += 1;
+        }
+        wal.flush()?;
+        let acked = Instant::now();
+        log.flushes_count += 1;
+        let at_us = micros(origin, acked);
+        log.acks.extend((seq..end).map(|i| Ack { at_us, latency_us: micros(due(i), acked) }));
+        shared.acked_lsn.store(log.last_lsn.0, Ordering::Release);
+        seq = end;
+        let next_flush = acked + GROUP_COMMIT_INTERVAL;
+        let now = Instant::now();
+        if next_flush > now {
+            std::thread::sleep(next_flush - now);
+        }
+    }
+    log.finished_us = micros(origin, Instant::now());
+    Ok(log)
+}
+
+/// What reading the staged WAL back found.
+#[derive(Debug, Default)]
+struct WalCheck {
+    staged_records_count: u64,
+    expected_count: u64,
+    lost_count: u64,
+    duplicate_count: u64,
+    problems: Vec<String>,
+}
+
+impl WalCheck {
+    fn problem(&mut self, line: String) {
+        if self.problems.len() < PROBLEMS_LISTED_MAX {
+            self.problems.push(line);
+        }
+    }
+}
+
+/// Reads the staged WAL in `wal_dir` (staged mode: increasing LSNs, records back to back) and
+/// counts every vShard-7 write with LSN in (base_lsn, final_lsn]: each must be there exactly
+/// once, at the LSN the writer gave it, with its payload whole, and nothing else may be.
+fn verify_wal(wal_dir: &Path, vshard_writes: &[(Lsn, u64)], base_lsn: Lsn, final_lsn: Lsn) -> WalCheck {
+    let mut check = WalCheck::default();
+    let lsn_of: HashMap<u64, Lsn> = vshard_writes.iter().map(|(lsn, seq)| (*seq, *lsn)).collect();
+    let expected: BTreeSet<u64> =
+        vshard_writes.iter().filter(|(lsn, _)| *lsn > base_lsn && *lsn <= final_lsn).map(|(_, seq)| *seq).collect();
+    check.expected_count = expected.len() as u64;
+    let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
+    let config = CursorConfig { layout: LayoutChoice::Auto, alignment_bytes: WAL_ALIGNMENT_BYTES, mode: Mode::Staged };
+    let mut tail = match FolderTail::new(wal_dir, config, None) {
+        Ok(tail) => Some(tail),
+        Err(e) => {
+            check.problem(format!("cannot read the staged WAL in {}: {e}", wal_dir.display()));
+            None
+        }
+    };
+    while let Some(reader) = tail.as_mut() {
+        let record = match reader.poll() {
+            Ok(Some(record)) => record,
+            Ok(None) => break,
+            Err(e) => {
+                check.problem(format!("the staged WAL in {} is not readable past here: {e}", wal_dir.display()));
+                break;
+            }
+        };
+        check.staged_records_count += 1;
+        let lsn = record.header.lsn;
+        if record.header.vshard_id != VSHARD {
+            check
+                .problem(format!("staged WAL record at LSN {} belongs to vShard {}", lsn.0, record.header.vshard_id.0));
+            continue;
+        }
+        let Some((vshard, seq)) = decode_payload(record.payload()) else {
+            check.problem(format!("staged WAL record at LSN {} does not hold a whole writer payload", lsn.0));
+            continue;
+        };
+        match lsn_of.get(&seq) {
+            _ if vshard != VSHARD => {
+                check.problem(format!("staged LSN {} carries a payload of vShard {}", lsn.0, vshard.0));
+            }
+            Some(written) if *written != lsn => {
+                check.problem(format!("writer_seq {seq} was written at LSN {}, staged at LSN {}", written.0, lsn.0))
+            }
+            Some(_) if !expected.contains(&seq) => check.problem(format!(
+                "writer_seq {seq} (LSN {}) is outside (base_lsn {}, final_lsn {}]",
+                lsn.0, base_lsn.0, final_lsn.0
+            )),
+            Some(_) => {}
+            None => check.problem(format!(
+                "staged LSN {} carries writer_seq {seq}, which the writer never wrote to vShard 7",
+                lsn.0
+            )),
+        }
+        *seen.entry(seq).or_default() += 1;
+    }
+    let lost: Vec<u64> = expected.iter().filter(|seq| !seen.contains_key(seq)).copied().collect();
+    check.lost_count = lost.len() as u64;
+    check.duplicate_count = seen.values().map(|n| n.saturating_sub(1)).sum();
+    if let Some(first) = lost.first() {
+        check.problem(format!(
+            "{} vShard-7 write(s) LOST from the staged WAL, the first writer_seq {first}",
+            lost.len()
+        ));
+    }
+    if let Some((seq, n)) = seen.iter().find(|(_, n)| **n > 1) {
+        check.problem(format!(
+            "{} vShard-7 write(s) DUPLICATED in the staged WAL, the first writer_seq {seq} ({n} times)",
+            check.duplicate_count
+        ));
+    }
+    check
+}
+
+/// vShard-7 writes with an LSN in (after, upto]; `vshard_writes` is in LSN order.
+fn vshard_writes_between(vshard_writes: &[(Lsn, u64)], after: u64, upto: u64) -> u64 {
+    let low = vshard_writes.partition_point(|(lsn, _)| lsn.0 <= after);
+    let high = vshard_writes.partition_point(|(lsn, _)| lsn.0 <= upto);
+    high.saturating_sub(low) as u64
+}
+
+/// The `percent`-th percentile of `values` (nearest rank), `None` when there are none.
+fn percentile(values: &mut [u64], percent: u64) -> Option<u64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_unstable();
+    let rank = (values.len() as u64 * percent).div_ceil(100).max(1);
+    values.get(usize::try_from(rank - 1).ok()?).copied()
+}
+
+/// One look at the catch-up, from the WalCatchUp phase on (the progress channel refreshes the
+/// WAL fields from then; see [`watch_copy`]). LSNs are node-global.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LagSample {
+    /// The writer's last acknowledged LSN: the source tip.
+    writer_lsn: u64,
+    /// The target's durable LSN.
+    durable_lsn: u64,
+}
+
+#[derive(Debug, Default)]
+struct CopyWatch {
+    samples: Vec<LagSample>,
+    /// When the base copy was seen staged (µs since the origin).
+    base_staged_us: Option<u64>,
+}
+
+/// Samples the copy's progress every [`PROGRESS_TICK`] until `stop`, drawing a progress line,
+/// and notes when the base is staged.
+/// The WAL fields of `Progress` are refreshed by the copy only once the base is staged (the
+/// WalCatchUp phase), so lag samples start there.
+async fn watch_copy(
+    mut progress: watch::Receiver<Progress>,
+    writer: Arc<WriterShared>,
+    origin: Instant,
+    terminal: bool,
+    mut stop: oneshot::Receiver<()>,
+) -> CopyWatch {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(PROGRESS_TICK);
+    let mut ticks = 0u32;
+    let mut out = CopyWatch::default();
+    // Until the base is staged, every change is looked at, so its time is exact.
+    let mut watching_changes = true;
+    loop {
+        tokio::select! {
+            _ = &mut stop => return out,
+            changed = progress.changed(), if watching_changes && out.base_staged_us.is_none() => {
+                match changed {
+                    Ok(()) if progress.borrow().base_staged => {
+                        out.base_staged_us = Some(micros(origin, Instant::now()));
+                    }
+                    Ok(()) => {}
+                    Err(_) => watching_changes = false,
+                }
+                continue;
+            }
+            _ = tick.tick() => {}
+        }
+        ticks = ticks.wrapping_add(1);
+        let p = *progress.borrow_and_update();
+        let writer_lsn = writer.acked_lsn.load(Ordering::Acquire);
+        if p.base_staged {
+            out.base_staged_us.get_or_insert_with(|| micros(origin, Instant::now()));
+            if let (Some(durable_lsn), true) = (p.wal_durable_lsn, out.samples.len() < LAG_SAMPLES_MAX_COUNT) {
+                out.samples.push(LagSample { writer_lsn, durable_lsn });
+            }
+        }
+        if p.bytes_total == 0 || (!terminal && ticks % PROGRESS_LINE_EVERY_TICKS != 0) {
+            continue;
+        }
+        draw_line(&progress_line(&p, started.elapsed(), writer_lsn, terminal), terminal);
+    }
+}
+
+/// What the live part of the demo produced.
+#[derive(Debug)]
+struct LiveRun {
+    copy: CopyReport,
+    base_lsn: Lsn,
+    writer: WriterLog,
+    watch: CopyWatch,
+    copy_started_us: u64,
+    copy_ended_us: u64,
+}
+
 /// Where the demo's parts live inside the work folder.
 #[derive(Debug)]
 struct Dirs {
     certs: PathBuf,
     source_root: PathBuf,
+    source_wal: PathBuf,
     data: PathBuf,
 }
 
-/// Starts the target daemon in this runtime and runs the copy against it.
-async fn base_copy(dirs: &Dirs, args: &DemoArgs) -> anyhow::Result<CopyReport> {
+/// Starts the target daemon and the writer, then the copy with the WAL catch-up.
+async fn live_copy(dirs: &Dirs, args: &DemoArgs, origin: Instant) -> anyhow::Result<LiveRun> {
     let source_node = NodeId::new(SOURCE_NODE)?;
     let target_node = NodeId::new(TARGET_NODE)?;
     let tuning = QuicTuning::default();
@@ -394,10 +777,32 @@ async fn base_copy(dirs: &Dirs, args: &DemoArgs) -> anyhow::Result<CopyReport> {
     let ctx = Arc::new(TargetContext::new(target_node.clone(), dirs.data.clone(), Arc::new(DiskStorage)));
     let server = tokio::spawn(target::serve(endpoint.clone(), ctx));
 
+    let count = args.write_rate * args.write_seconds;
+    let tip = Lsn(FIRST_LSN.0 + count - 1);
+    eprintln!(
+        "ferry demo: reference writer: {count} writes at {}/s to {} (layout A, 4 MiB segments)",
+        args.write_rate,
+        dirs.source_wal.display()
+    );
+    let shared = Arc::new(WriterShared::default());
+    let (writer_tx, mut writer_rx) = oneshot::channel();
+    {
+        let (dir, shared, rate) = (dirs.source_wal.clone(), shared.clone(), args.write_rate);
+        std::thread::Builder::new()
+            .name("ferry-demo-writer".into())
+            .spawn(move || {
+                let _ = writer_tx.send(run_writer(&dir, count, rate, origin, &shared));
+            })
+            .context("cannot start the writer thread")?;
+    }
+    tokio::time::sleep(WRITER_HEAD_START).await;
+    let base_lsn = Lsn(shared.acked_lsn.load(Ordering::Acquire));
+    eprintln!("ferry demo: base_lsn {} (the writer's last acknowledged LSN); starting the copy", base_lsn.0);
+
     let request = CopyRequest {
         migration_id: MigrationId::new(MIGRATION_ID)?,
         vshard_id: VSHARD,
-        base_lsn: Lsn(0),
+        base_lsn,
         segments_root: dirs.source_root.clone(),
         files: None,
         db_meta: serde_json::json!({ "demo": true }),
@@ -409,49 +814,62 @@ async fn base_copy(dirs: &Dirs, args: &DemoArgs) -> anyhow::Result<CopyReport> {
         rate_limit_bytes_per_sec: 0,
         read_mode: ReadMode::Mmap,
         commit: true,
-        wal: None,
+        wal: Some(WalSourceConfig {
+            dir: dirs.source_wal.clone(),
+            layout: LayoutChoice::Fixed(Layout::A),
+            alignment_bytes: WAL_ALIGNMENT_BYTES,
+            until_lsn: Some(tip),
+            max_held_wal_bytes: 1 << 30,
+        }),
     };
     let source_identity = NodeIdentity::from_dir(&dirs.certs, &source_node)?;
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
     let rate = RateHandle::new(0, u64::from(args.chunk_len));
     let terminal = std::io::stderr().is_terminal();
-    let started = Instant::now();
-    let drawer = tokio::spawn(draw_progress(progress_rx, started, terminal));
-    let result = tokio::select! {
-        result = source::copy(&source_identity, &tuning, request, progress_tx, rate) => {
-            result.context("the base copy failed")
+    let (stop_watch, stop_rx) = oneshot::channel();
+    let watcher = tokio::spawn(watch_copy(progress_rx, shared.clone(), origin, terminal, stop_rx));
+    let copy_started_us = micros(origin, Instant::now());
+    let copy = source::copy(&source_identity, &tuning, request, progress_tx, rate);
+    tokio::pin!(copy);
+    let mut writer_log = None;
+    let result = loop {
+        tokio::select! {
+            result = &mut copy => break result.context("the copy failed"),
+            written = &mut writer_rx, if writer_log.is_none() => match written {
+                Ok(Ok(log)) => writer_log = Some(log),
+                Ok(Err(e)) => break Err(e.context("the reference writer failed")),
+                Err(_) => break Err(anyhow::anyhow!("the reference writer thread died")),
+            },
+            _ = tokio::signal::ctrl_c() => break Err(anyhow::anyhow!("interrupted")),
         }
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
-    drawer.abort();
-    let _ = drawer.await;
-    if let Ok(report) = &result {
-        let done =
-            Progress { bytes_transferred: report.bytes_total, bytes_total: report.bytes_total, ..Progress::default() };
-        let elapsed = Duration::from_micros(report.elapsed_us);
-        draw_line(&progress_line(&done, elapsed, terminal), terminal);
-    }
+    let copy_ended_us = micros(origin, Instant::now());
+    let _ = stop_watch.send(());
+    let watch = watcher.await.unwrap_or_default();
+    shared.stop.store(result.is_err(), Ordering::Relaxed);
+    let writer = match writer_log {
+        Some(log) => Ok(log),
+        None => match writer_rx.await {
+            Ok(Ok(log)) => Ok(log),
+            Ok(Err(e)) => Err(e.context("the reference writer failed")),
+            Err(_) => Err(anyhow::anyhow!("the reference writer thread died")),
+        },
+    };
     if terminal {
         eprintln!();
+    }
+    if let Ok(report) = &result {
+        eprintln!(
+            "ferry demo: copy done: every vShard-7 record up to LSN {} is durable on the target, staging released",
+            report.final_lsn.0
+        );
     }
     endpoint.close(quinn::VarInt::from_u32(crate::quic::close_code::DONE), b"demo over");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     server.abort();
-    result
-}
-
-async fn draw_progress(mut progress: watch::Receiver<Progress>, started: Instant, terminal: bool) {
-    let mut tick = tokio::time::interval(PROGRESS_TICK);
-    let mut ticks = 0u32;
-    loop {
-        tick.tick().await;
-        ticks = ticks.wrapping_add(1);
-        let p = *progress.borrow_and_update();
-        if p.bytes_total == 0 || (!terminal && ticks % PROGRESS_LINE_EVERY_TICKS != 0) {
-            continue;
-        }
-        draw_line(&progress_line(&p, started.elapsed(), terminal), terminal);
-    }
+    let copy = result?;
+    let writer = writer?;
+    Ok(LiveRun { copy, base_lsn, writer, watch, copy_started_us, copy_ended_us })
 }
 
 fn draw_line(line: &str, terminal: bool) {
@@ -460,32 +878,42 @@ fn draw_line(line: &str, terminal: bool) {
     let _ = err.flush();
 }
 
-/// `base copy [#####-----]  48.2%  256.0/512.0 MiB  412.3 MB/s  ETA 0.6 s`
-fn progress_line(p: &Progress, elapsed: Duration, terminal: bool) -> String {
+/// `base copy [#####-----]  48.2%  256.0/512.0 MiB  412.3 MB/s  ETA 0.6 s  | writer at LSN 31000`,
+/// then, once the base is staged, `wal catch-up  durable LSN 40000, writer at LSN 40400`.
+fn progress_line(p: &Progress, elapsed: Duration, writer_lsn: u64, terminal: bool) -> String {
     const BAR_WIDTH: u64 = 24;
-    let total = p.bytes_total.max(1);
-    let done = p.bytes_transferred.min(total);
-    let percent = done as f64 * 100.0 / total as f64;
-    let secs = elapsed.as_secs_f64().max(1e-3);
-    let rate = done as f64 / secs;
-    let eta = if done >= total {
-        format!("done in {secs:.1} s")
-    } else if rate > 0.0 {
-        format!("ETA {:.1} s", (total - done) as f64 / rate)
-    } else {
-        "ETA --".into()
+    let line = match (p.base_staged, p.wal_durable_lsn) {
+        (true, Some(durable)) => format!(
+            "wal catch-up   durable LSN {durable}, writer at LSN {writer_lsn} ({} LSNs behind)",
+            writer_lsn.saturating_sub(durable)
+        ),
+        _ => {
+            let total = p.bytes_total.max(1);
+            let done = p.bytes_transferred.min(total);
+            let percent = done as f64 * 100.0 / total as f64;
+            let secs = elapsed.as_secs_f64().max(1e-3);
+            let rate = done as f64 / secs;
+            let eta = if done >= total {
+                format!("done in {secs:.1} s")
+            } else if rate > 0.0 {
+                format!("ETA {:.1} s", (total - done) as f64 / rate)
+            } else {
+                "ETA --".into()
+            };
+            let filled = done.saturating_mul(BAR_WIDTH) / total;
+            let bar: String = (0..BAR_WIDTH).map(|i| if i < filled { '#' } else { '-' }).collect();
+            let writer = if writer_lsn > 0 { format!("  writer at LSN {writer_lsn}") } else { String::new() };
+            format!(
+                "base copy [{bar}] {percent:5.1}%  {:.1}/{:.1} MiB  {:.1} MB/s  {eta}{writer}",
+                done as f64 / MIB,
+                total as f64 / MIB,
+                rate / 1e6
+            )
+        }
     };
-    let filled = done.saturating_mul(BAR_WIDTH) / total;
-    let bar: String = (0..BAR_WIDTH).map(|i| if i < filled { '#' } else { '-' }).collect();
-    let line = format!(
-        "base copy [{bar}] {percent:5.1}%  {:.1}/{:.1} MiB  {:.1} MB/s  {eta}",
-        done as f64 / MIB,
-        total as f64 / MIB,
-        rate / 1e6
-    );
     // Pads so a shorter redraw covers the longer line before it.
     if terminal {
-        format!("{line:<90}")
+        format!("{line:<110}")
     } else {
         line
     }
@@ -516,7 +944,84 @@ fn check_args(args: &DemoArgs) -> anyhow::Result<()> {
     if !(1..=CONNECTIONS_MAX_COUNT).contains(&args.connections) {
         bail!("--connections must be between 1 and {CONNECTIONS_MAX_COUNT}, not {}", args.connections);
     }
+    if !(WRITE_RATE_MIN..=WRITE_RATE_MAX).contains(&args.write_rate) {
+        bail!("--write-rate must be between {WRITE_RATE_MIN} and {WRITE_RATE_MAX} writes/s, not {}", args.write_rate);
+    }
+    // At least a second: the writer runs WRITER_HEAD_START before the copy starts.
+    if !(1..=WRITE_SECONDS_MAX).contains(&args.write_seconds) {
+        bail!("--write-seconds must be between 1 and {WRITE_SECONDS_MAX}, not {}", args.write_seconds);
+    }
+    if args.write_rate.saturating_mul(args.write_seconds) > WRITES_MAX_COUNT {
+        bail!(
+            "--write-rate x --write-seconds is {} writes, over {WRITES_MAX_COUNT}: lower one of them",
+            args.write_rate.saturating_mul(args.write_seconds)
+        );
+    }
     Ok(())
+}
+
+/// The numbers the report prints, computed once from the run.
+#[derive(Debug, Default)]
+struct Summary {
+    writes_count: u64,
+    rate_writes_per_sec: u64,
+    ack_p50_us_during_copy: Option<u64>,
+    ack_p99_us_during_copy: Option<u64>,
+    ack_max_us_during_copy: Option<u64>,
+    longest_ack_gap_us: Option<u64>,
+    /// Where the longest gap ended, in µs since the copy started.
+    longest_ack_gap_at_us: Option<u64>,
+    /// The base copy alone: from the copy's start until the base was staged.
+    base_elapsed_us: Option<u64>,
+    base_throughput_bytes_per_sec: Option<u64>,
+    lag_max_records: Option<u64>,
+    lag_end_records: Option<u64>,
+    catch_up_after_base_us: Option<u64>,
+    writer_live_after_base_us: Option<u64>,
+    wal_segments_count: u64,
+    wal_bytes: u64,
+}
+
+fn summarize(live: &LiveRun, source_wal: &Path) -> Summary {
+    let writer = &live.writer;
+    let window = live.copy_started_us..=live.copy_ended_us;
+    let during: Vec<Ack> = writer.acks.iter().filter(|a| window.contains(&a.at_us)).copied().collect();
+    let mut latencies: Vec<u64> = during.iter().map(|a| a.latency_us).collect();
+    let lag = |s: &LagSample| vshard_writes_between(&writer.vshard_writes, s.durable_lsn, s.writer_lsn);
+    let (mut wal_segments_count, mut wal_bytes) = (0, 0);
+    for entry in fs::read_dir(source_wal).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("wal-") {
+            wal_segments_count += 1;
+            wal_bytes += entry.metadata().map_or(0, |m| m.len());
+        }
+    }
+    let longest_gap = during
+        .windows(2)
+        .filter_map(|w| Some((w.get(1)?.at_us.saturating_sub(w.first()?.at_us), w.get(1)?.at_us)))
+        .max();
+    let base_elapsed_us = live.watch.base_staged_us.map(|b| b.saturating_sub(live.copy_started_us));
+    let writes_count = writer.acks.len() as u64;
+    let writing_us = writer.finished_us.saturating_sub(writer.started_us).max(1);
+    Summary {
+        writes_count,
+        rate_writes_per_sec: u64::try_from(u128::from(writes_count) * 1_000_000 / u128::from(writing_us))
+            .unwrap_or(u64::MAX),
+        ack_p50_us_during_copy: percentile(&mut latencies, 50),
+        ack_p99_us_during_copy: percentile(&mut latencies, 99),
+        ack_max_us_during_copy: latencies.iter().max().copied(),
+        longest_ack_gap_us: longest_gap.map(|(gap, _)| gap),
+        longest_ack_gap_at_us: longest_gap.map(|(_, at)| at.saturating_sub(live.copy_started_us)),
+        base_elapsed_us,
+        base_throughput_bytes_per_sec: base_elapsed_us.map(|us| {
+            u64::try_from(u128::from(live.copy.bytes_total) * 1_000_000 / u128::from(us.max(1))).unwrap_or(u64::MAX)
+        }),
+        lag_max_records: live.watch.samples.iter().map(lag).max(),
+        lag_end_records: live.watch.samples.last().map(lag),
+        catch_up_after_base_us: live.watch.base_staged_us.map(|b| live.copy_ended_us.saturating_sub(b)),
+        writer_live_after_base_us: live.watch.base_staged_us.map(|b| writer.finished_us.saturating_sub(b)),
+        wal_segments_count,
+        wal_bytes,
+    }
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -525,6 +1030,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dirs = Dirs {
         certs: work.path.join("certs"),
         source_root: work.path.join("source").join("segments"),
+        source_wal: work.path.join("source").join("wal"),
         data: work.path.join("target").join("data"),
     };
     eprintln!(
@@ -543,26 +1049,42 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     eprintln!("ferry demo: generating a {:.1} MiB shard in {} files", args.shard_size as f64 / MIB, files.len());
     let generate_elapsed = generate_shard(&dirs.source_root, &files)?;
 
-    let report = super::runtime()?.block_on(base_copy(&dirs, &args))?;
+    let origin = Instant::now();
+    let live = super::runtime()?.block_on(live_copy(&dirs, &args, origin))?;
+    let tip = live.writer.last_lsn;
 
-    eprintln!("ferry demo: verifying the staging (SHA-256 of every file, MANIFEST.json)");
+    eprintln!("ferry demo: verifying the staging (SHA-256 of every file, MANIFEST.json, every vShard-7 write in the staged WAL)");
     let staging_root = dirs.data.join("migrations").join(MIGRATION_ID);
-    let verification = verify(&dirs.source_root, &staging_root, &files);
+    let mut verification = verify(&dirs.source_root, &staging_root, &files, tip);
+    let wal_started = Instant::now();
+    let wal = verify_wal(&staging_root.join("wal"), &live.writer.vshard_writes, live.base_lsn, tip);
+    verification.elapsed_us = verification.elapsed_us.saturating_add(micros(wal_started, Instant::now()));
+    if live.copy.final_lsn != tip {
+        verification.problems.push(format!(
+            "the copy released at LSN {}, but the writer's last LSN is {}",
+            live.copy.final_lsn.0, tip.0
+        ));
+    }
+    verification.problems.extend(wal.problems.iter().cloned());
+    let summary = summarize(&live, &dirs.source_wal);
     let generate_elapsed_us = u64::try_from(generate_elapsed.as_micros()).unwrap_or(u64::MAX);
 
     if args.json {
-        let object = json_report(&args, &work, &report, &verification, generate_elapsed_us);
+        let object = json_report(&args, &work, &live, &summary, &verification, &wal, generate_elapsed_us);
         println!("{}", serde_json::to_string_pretty(&object)?);
     } else {
-        print!("{}", text_report(&args, &work, &staging_root, &report, &verification, generate_elapsed_us));
+        let text = text_report(&args, &work, &staging_root, &live, &summary, &verification, &wal, generate_elapsed_us);
+        print!("{text}");
     }
     if !verification.problems.is_empty() {
         for problem in &verification.problems {
             eprintln!("ferry demo: verification: {problem}");
         }
         bail!(
-            "verification failed: {} difference(s) between the source shard and the target staging (listed above)",
-            verification.problems.len()
+            "verification failed: {} problem(s) between the source and the target staging (listed above; lost {}, duplicated {})",
+            verification.problems.len(),
+            wal.lost_count,
+            wal.duplicate_count
         );
     }
     Ok(())
@@ -571,22 +1093,29 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 fn json_report(
     args: &DemoArgs,
     work: &WorkDir,
-    report: &CopyReport,
+    live: &LiveRun,
+    s: &Summary,
     v: &Verification,
+    wal: &WalCheck,
     generate_elapsed_us: u64,
 ) -> serde_json::Value {
+    let report = &live.copy;
     serde_json::json!({
-        "mode": "offline",
+        "mode": "live_catch_up_offline_end",
         "work_dir": work.path.display().to_string(),
         "work_dir_kept": work.keep,
         "shard": {
             "bytes": args.shard_size,
             "files": args.files,
             "generate_elapsed_us": generate_elapsed_us,
+            "contents": "opaque generated bytes, not an export of the writes up to base_lsn",
         },
         "base_copy": {
             "bytes": report.bytes_total,
             "files": report.files_count,
+            "base_lsn": live.base_lsn.0,
+            "base_elapsed_us": s.base_elapsed_us,
+            "base_throughput_bytes_per_sec": s.base_throughput_bytes_per_sec,
             "throughput_bytes_per_sec": report.throughput_bytes_per_sec,
             "elapsed_us": report.elapsed_us,
             "bytes_resent": report.bytes_resent,
@@ -597,26 +1126,76 @@ fn json_report(
             "reconnects": report.reconnects_count,
             "committed": report.committed,
         },
+        "writer": {
+            "layout": "A",
+            "flush": "o_direct_style_stale_leftovers",
+            "group_commit_interval_us": u64::try_from(GROUP_COMMIT_INTERVAL.as_micros()).unwrap_or(u64::MAX),
+            "roll_size_bytes": WAL_ROLL_BYTES,
+            "rate_writes_per_sec_requested": args.write_rate,
+            "rate_writes_per_sec": s.rate_writes_per_sec,
+            "writes": s.writes_count,
+            "vshard_writes": live.writer.vshard_writes.len(),
+            "flushes": live.writer.flushes_count,
+            "first_lsn": FIRST_LSN.0,
+            "last_lsn": live.writer.last_lsn.0,
+            "wal_segments": s.wal_segments_count,
+            "wal_bytes": s.wal_bytes,
+            "ack_p50_us_during_copy": s.ack_p50_us_during_copy,
+            "ack_p99_us_during_copy": s.ack_p99_us_during_copy,
+            "ack_max_us_during_copy": s.ack_max_us_during_copy,
+            "longest_ack_gap_us": s.longest_ack_gap_us,
+            "longest_ack_gap_at_us_after_copy_start": s.longest_ack_gap_at_us,
+            "ended": "stopped_after_fixed_count_not_fenced",
+        },
+        "catch_up": {
+            "vshard": VSHARD.0,
+            "records": wal.staged_records_count,
+            "start_lsn": live.base_lsn.0 + 1,
+            "final_lsn": report.final_lsn.0,
+            "lag_max_records": s.lag_max_records,
+            "lag_end_records": s.lag_end_records,
+            "lag_samples": live.watch.samples.len(),
+            "lag_sample_interval_us": u64::try_from(PROGRESS_TICK.as_micros()).unwrap_or(u64::MAX),
+            "after_base_us": s.catch_up_after_base_us,
+            "writer_live_after_base_us": s.writer_live_after_base_us,
+        },
         "verification": {
             "segments_identical": v.segments_identical,
             "manifest_state": v.manifest_state,
             "files_checked": v.files_checked_count,
+            "staged_wal_records": wal.staged_records_count,
+            "expected_wal_records": wal.expected_count,
+            "lost_count": wal.lost_count,
+            "duplicate_count": wal.duplicate_count,
             "elapsed_us": v.elapsed_us,
             "problems": v.problems,
         },
         "not_implemented": NOT_IMPLEMENTED,
-        "not_implemented_issues": [4, 6],
+        "not_implemented_note": NOT_IMPLEMENTED_NOTE,
     })
 }
 
+/// `12.3 ms`-style text for an optional number of microseconds.
+fn us_text(us: Option<u64>) -> String {
+    match us {
+        Some(us) if us >= 10_000 => format!("{:.1} ms", us as f64 / 1e3),
+        Some(us) => format!("{us} us"),
+        None => "n/a".into(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn text_report(
     args: &DemoArgs,
     work: &WorkDir,
     staging_root: &Path,
-    report: &CopyReport,
+    live: &LiveRun,
+    s: &Summary,
     v: &Verification,
+    wal: &WalCheck,
     generate_elapsed_us: u64,
 ) -> String {
+    let report = &live.copy;
     let secs = |us: u64| us as f64 / 1e6;
     let identical = if v.segments_identical { "identical to the source" } else { "DIFFERENT from the source" };
     let manifest_ok = v.problems.iter().all(|p| !p.starts_with("MANIFEST.json"));
@@ -625,39 +1204,85 @@ fn text_report(
     } else {
         "removed at exit; --keep DIR keeps it".into()
     };
+    let records = |n: Option<u64>| n.map_or_else(|| "n/a".to_owned(), |n| format!("{n} records"));
+    let wal_verdict = if wal.lost_count == 0 && wal.duplicate_count == 0 && wal.problems.is_empty() {
+        "each exactly once".to_owned()
+    } else {
+        format!("LOST {}, DUPLICATED {}, {} other problem(s)", wal.lost_count, wal.duplicate_count, wal.problems.len())
+    };
     format!(
         "\
-ferry demo: OFFLINE migration of vShard {vshard} from {SOURCE_NODE} to {TARGET_NODE}
+ferry demo: LIVE base copy + WAL catch-up of vShard {vshard} from {SOURCE_NODE} to {TARGET_NODE}, OFFLINE end
   work folder   {work_dir} ({kept})
-  shard         {shard_mib:.1} MiB in {files} files under L0/, L1/, L2/; generated in {gen:.2} s (not counted below)
-  base copy     {bytes} bytes, {copied} files in {elapsed:.3} s = {mbps:.1} MB/s
+  shard         {shard_mib:.1} MiB in {files} files under L0/, L1/, L2/; generated in {gen:.2} s (not counted below);
+                opaque bytes, not an export of the writes up to base_lsn
+  writer        {writes} writes ({vwrites} to vShard {vshard}) at {rate}/s achieved ({asked}/s asked), LSN 1..={last},
+                NodeDB layout A, O_DIRECT-style flushes with stale leftovers, {segs} segments of <= 4 MiB ({wal_mib:.1} MiB);
+                group commit: one flush per {group} us at most ({flushes} flushes)
+                ack latency while the copy ran: p50 {p50}, p99 {p99}, max {max}; longest gap between acks {gap}
+                (ending {gap_at} after the copy started)
+  base copy     {bytes} bytes, {copied} files staged in {base_elapsed} = {base_mbps} MB/s, base_lsn {base};
+                the whole copy (base, catch-up, release) took {elapsed:.3} s
                 over 127.0.0.1 QUIC, mutual TLS: {conns} connection(s) x {streams} stream(s), {chunk} byte chunks,
-                read with {read_mode}; resent {resent} bytes; {reconnects} reconnect(s); staging released at LSN 0
-  verification  SHA-256 of {checked}/{files} files: {identical}; MANIFEST.json: state {state}, {listed} ({verify:.2} s)
-  not implemented yet: see issues 4 and 6
-    WAL catch-up      no writer ran and no WAL was streamed
-    cut-over fence    no writes were paused, so no pause was measured
-    reference writer  the reference node (DESIGN section 9) does not exist yet
-  note: one machine, loopback network, source files hot in the page cache; the target fsyncs every file
+                read with {read_mode}; resent {resent} bytes; {reconnects} reconnect(s)
+  wal catch-up  {catch} vShard-{vshard} records, LSN {start}..={final_lsn}, streamed alongside the base copy;
+                lag (writer-acked vShard-{vshard} writes not yet durable on the target, every {tick} ms once the base
+                was staged): max {lag_max}, last sample {lag_end}; {after} from base staged to release,
+                the writer still running for {live_after} of it
+  end           OFFLINE: the writer was stopped after a fixed count, NOT paused by a cut-over fence, so no pause
+                was measured; the staging was released at LSN {final_lsn}
+  verification  SHA-256 of {checked}/{files} files: {identical}; MANIFEST.json: state {state}, {listed};
+                staged WAL read back: {staged} records, {expected} vShard-{vshard} writes expected in ({base}, {final_lsn}]: {wal_verdict} ({verify:.2} s)
+  not implemented yet
+    cut-over fence         the writer is stopped, not paused by a fence: no pause is measured
+    reference node import  the shard files are opaque bytes, and nothing imports the staging on the target
+  note: one machine, 2 cores shared by writer, source and target; loopback network; source files hot in the page cache;
+        the target fsyncs every file and its staged WAL; the writer's acknowledgement is a write to the segment file, no fdatasync
 ",
         vshard = VSHARD.0,
         work_dir = work.path.display(),
         shard_mib = args.shard_size as f64 / MIB,
         files = args.files,
         gen = secs(generate_elapsed_us),
+        writes = s.writes_count,
+        vwrites = live.writer.vshard_writes.len(),
+        rate = s.rate_writes_per_sec,
+        asked = args.write_rate,
+        last = live.writer.last_lsn.0,
+        segs = s.wal_segments_count,
+        wal_mib = s.wal_bytes as f64 / MIB,
+        group = GROUP_COMMIT_INTERVAL.as_micros(),
+        flushes = live.writer.flushes_count,
+        p50 = us_text(s.ack_p50_us_during_copy),
+        p99 = us_text(s.ack_p99_us_during_copy),
+        max = us_text(s.ack_max_us_during_copy),
+        gap = us_text(s.longest_ack_gap_us),
+        gap_at = us_text(s.longest_ack_gap_at_us),
+        base_elapsed = us_text(s.base_elapsed_us),
+        base_mbps = s.base_throughput_bytes_per_sec.map_or_else(|| "n/a".to_owned(), |b| format!("{:.1}", b as f64 / 1e6)),
         bytes = report.bytes_total,
         copied = report.files_count,
         elapsed = secs(report.elapsed_us),
-        mbps = report.throughput_bytes_per_sec as f64 / 1e6,
+        base = live.base_lsn.0,
         conns = report.connections_count,
         streams = args.streams,
         chunk = args.chunk_len,
         read_mode = report.read_mode,
         resent = report.bytes_resent,
         reconnects = report.reconnects_count,
+        catch = wal.staged_records_count,
+        start = live.base_lsn.0 + 1,
+        final_lsn = report.final_lsn.0,
+        tick = PROGRESS_TICK.as_millis(),
+        lag_max = records(s.lag_max_records),
+        lag_end = records(s.lag_end_records),
+        after = us_text(s.catch_up_after_base_us),
+        live_after = us_text(s.writer_live_after_base_us),
         checked = v.files_checked_count,
         state = v.manifest_state,
-        listed = if manifest_ok { "every file listed at its size" } else { "DOES NOT MATCH the source" },
+        listed = if manifest_ok { "every file at its size, final_lsn, WAL segments listed" } else { "DOES NOT MATCH" },
+        staged = wal.staged_records_count,
+        expected = wal.expected_count,
         verify = secs(v.elapsed_us),
     )
 }
@@ -718,7 +1343,10 @@ mod tests {
             .iter()
             .map(|f| serde_json::json!({ "path": f.rel, "size_bytes": f.size_bytes, "crc32c": 0 }))
             .collect();
-        let manifest = serde_json::json!({ "state": "released", "base_complete": true, "segments": segments });
+        let manifest = serde_json::json!({
+            "state": "released", "base_complete": true, "final_lsn": 42, "segments": segments,
+            "wal_segments": [{ "name": "wal-00000000000000000001.seg" }],
+        });
         fs::write(staging.join("MANIFEST.json"), manifest.to_string()).unwrap();
         (source, staging, files)
     }
@@ -727,7 +1355,7 @@ mod tests {
     fn verification_passes_on_identical_trees() {
         let dir = tempfile::tempdir().unwrap();
         let (source, staging, files) = fixture(dir.path());
-        let v = verify(&source, &staging, &files);
+        let v = verify(&source, &staging, &files, Lsn(42));
         assert!(v.segments_identical, "{:?}", v.problems);
         assert_eq!(v.manifest_state, "released");
         assert!(v.problems.is_empty(), "{:?}", v.problems);
@@ -746,7 +1374,7 @@ mod tests {
         let manifest = fs::read_to_string(staging.join("MANIFEST.json")).unwrap();
         fs::write(staging.join("MANIFEST.json"), manifest.replace("released", "copying")).unwrap();
 
-        let v = verify(&source, &staging, &files);
+        let v = verify(&source, &staging, &files, Lsn(42));
         assert!(!v.segments_identical);
         assert_eq!(v.manifest_state, "copying");
         assert_eq!(v.files_checked_count, 3);
@@ -764,11 +1392,90 @@ mod tests {
         let wrong = manifest.replace(&format!("\"size_bytes\":{}", files[0].size_bytes), "\"size_bytes\":1");
         assert_ne!(manifest, wrong);
         fs::write(staging.join("MANIFEST.json"), wrong).unwrap();
-        let v = verify(&source, &staging, &files);
+        let v = verify(&source, &staging, &files, Lsn(42));
         assert!(v.segments_identical);
         assert!(v.problems.iter().any(|p| p.contains("with size 1,")), "{:?}", v.problems);
+        let v = verify(&source, &staging, &files, Lsn(43));
+        assert!(v.problems.iter().any(|p| p.contains("final_lsn Some(42), expected 43")), "{:?}", v.problems);
         files.truncate(1);
-        let v = verify(&source, &staging, &files);
+        let v = verify(&source, &staging, &files, Lsn(42));
         assert!(!v.segments_identical, "extra staged files must count as differences");
+    }
+
+    #[test]
+    fn payloads_round_trip_and_a_changed_byte_is_refused() {
+        for seq in [0, 1, 3, 7, u64::MAX] {
+            let payload = encode_payload(vshard_of(seq), seq);
+            assert_eq!(decode_payload(&payload), Some((vshard_of(seq), seq)));
+            for at in [0, 5, 60, WRITE_PAYLOAD_BYTES - 1] {
+                let mut bad = payload;
+                bad[at] ^= 0x10;
+                assert_eq!(decode_payload(&bad), None, "byte {at} of seq {seq}");
+            }
+            assert_eq!(decode_payload(&payload[..WRITE_PAYLOAD_BYTES - 1]), None);
+        }
+        let to_seven = (0..400).filter(|s| vshard_of(*s) == VSHARD).count();
+        assert_eq!(to_seven, 100);
+        let others: BTreeSet<u32> = (0..400).map(|s| vshard_of(s).0).collect();
+        assert_eq!(others, BTreeSet::from([3, 7, 11, 12]));
+    }
+
+    #[test]
+    fn percentiles_and_lag_counts() {
+        let mut values: Vec<u64> = (1..=200).rev().collect();
+        assert_eq!(percentile(&mut values, 99), Some(198));
+        assert_eq!(percentile(&mut values, 50), Some(100));
+        assert_eq!(percentile(&mut [5], 99), Some(5));
+        assert_eq!(percentile(&mut [], 99), None);
+        let writes = [(Lsn(4), 3), (Lsn(8), 7), (Lsn(12), 11)];
+        assert_eq!(vshard_writes_between(&writes, 4, 12), 2);
+        assert_eq!(vshard_writes_between(&writes, 0, 3), 0);
+        assert_eq!(vshard_writes_between(&writes, 12, 12), 0);
+        assert_eq!(vshard_writes_between(&writes, 3, 100), 3);
+    }
+
+    /// Writes a staged-style WAL (buffered, increasing LSNs) of vShard-7 writes `seqs`, each at
+    /// LSN `seq + 1` unless `lsns` says otherwise.
+    fn staged_wal(dir: &Path, records: &[(u64, u64)]) {
+        let options = WriterOptions { layout: Layout::A, flush: FlushStyle::Buffered, ..WriterOptions::default() };
+        let mut wal = WalWriter::create(dir, options, Lsn(records[0].0)).unwrap();
+        for (lsn, seq) in records {
+            let next = wal.append(&RecordSpec::new(RECORD_TYPE_PUT, VSHARD), &encode_payload(VSHARD, *seq)).unwrap();
+            assert_eq!(next, Lsn(*lsn));
+            if let Some((following, _)) = records.iter().find(|(l, _)| l > lsn) {
+                wal.skip_lsns_for_tests(following - lsn - 1);
+            }
+        }
+        wal.flush().unwrap();
+    }
+
+    #[test]
+    fn the_staged_wal_check_counts_lost_and_duplicated_writes() {
+        // The writer wrote vShard 7 at seq 3, 7, 11, 15, 19 (LSN = seq + 1); base_lsn 4.
+        let written: Vec<(Lsn, u64)> = [3u64, 7, 11, 15, 19].iter().map(|s| (Lsn(s + 1), *s)).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        staged_wal(&good, &[(8, 7), (12, 11), (16, 15), (20, 19)]);
+        let check = verify_wal(&good, &written, Lsn(4), Lsn(20));
+        assert_eq!((check.staged_records_count, check.expected_count), (4, 4));
+        assert_eq!((check.lost_count, check.duplicate_count), (0, 0));
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
+
+        // seq 11 lost; seq 15 staged twice (the second copy at a later LSN); seq 3 is at or
+        // below base_lsn and must not be there.
+        let bad = dir.path().join("bad");
+        staged_wal(&bad, &[(4, 3), (8, 7), (16, 15), (17, 15), (20, 19)]);
+        let check = verify_wal(&bad, &written, Lsn(4), Lsn(20));
+        assert_eq!((check.lost_count, check.duplicate_count), (1, 1));
+        let all = check.problems.join("\n");
+        assert!(all.contains("LOST from the staged WAL, the first writer_seq 11"), "{all}");
+        assert!(all.contains("DUPLICATED in the staged WAL, the first writer_seq 15 (2 times)"), "{all}");
+        assert!(all.contains("writer_seq 3 (LSN 4) is outside"), "{all}");
+        assert!(all.contains("writer_seq 15 was written at LSN 16, staged at LSN 17"), "{all}");
+
+        // No staged WAL at all: everything expected is lost.
+        let check = verify_wal(&dir.path().join("none"), &written, Lsn(4), Lsn(20));
+        assert_eq!(check.lost_count, 4);
+        assert!(!check.problems.is_empty());
     }
 }

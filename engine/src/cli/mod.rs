@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 
 /// ferry: moves a database shard between nodes, fast, verified and resumable.
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about, long_about = None)]
+#[command(name = "ferry", version)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -33,9 +33,10 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a node daemon: receives inbound base copies over QUIC into <data-dir>/migrations/.
+    /// Run a node daemon: receives inbound migrations over QUIC into <data-dir>/migrations/.
     Serve(serve::ServeArgs),
-    /// Copy a shard's files to a target daemon (offline base copy; this process is the source).
+    /// Copy a shard to a target daemon: its files, and with --wal-dir its WAL records as they
+    /// are written (this process is the source; the same command again resumes).
     Copy(copy::CopyArgs),
     /// Run an offline migration of a generated shard end to end and verify it (WAL catch-up and
     /// cut-over are not implemented yet: see issues 4 and 6).

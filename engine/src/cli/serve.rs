@@ -10,6 +10,8 @@ use clap::Args;
 use ferry_wire::NodeId;
 
 use crate::config::NodeConfig;
+use crate::control::{ControlConfig, ControlServer};
+use crate::daemon::Daemon;
 use crate::quic::QuicTuning;
 use crate::storage::DiskStorage;
 use crate::tls::NodeIdentity;
@@ -41,6 +43,10 @@ pub struct ServeArgs {
     /// Log each inbound transfer's progress this often, in milliseconds (0: never).
     #[arg(long)]
     pub progress_interval_ms: Option<u64>,
+    /// The coordinator's control socket (JSON-RPC 2.0, one object per line); default
+    /// <data-dir>/control/ferry.sock. Try: socat - UNIX-CONNECT:PATH, then {"jsonrpc":"2.0","id":1,"method":"node.info"}
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
 }
 
 /// The configuration in force: the file (or the defaults), then the flags.
@@ -66,6 +72,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.progress_interval_ms {
         config.progress_interval_ms = v;
+    }
+    if let Some(v) = args.control_socket {
+        config.control_socket = Some(v);
     }
     Ok(config)
 }
@@ -97,8 +106,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(node = %node_id, %listening, data_dir = %args.data_dir.display(), "ferry serve: listening");
         // A line on stdout that scripts and tests can wait for.
         println!("listening on {listening}");
-        let ctx = Arc::new(TargetContext::new(node_id, args.data_dir, Arc::new(DiskStorage)));
+        let ctx = Arc::new(TargetContext::new(node_id.clone(), args.data_dir.clone(), Arc::new(DiskStorage)));
         let server = tokio::spawn(target::serve(endpoint.clone(), ctx.clone()));
+        let daemon = Daemon::new(node_id, listening, ctx.clone());
+        let _events = daemon.spawn_events();
+        let mut control_config = ControlConfig::new(args.control_socket_path());
+        control_config.allowed_uids = args.control_allowed_uids.clone();
+        let control = ControlServer::bind(control_config, Arc::new(daemon))?;
+        println!("control socket at {}", control.socket_path().display());
+        let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
+        let control_task = tokio::spawn(control.run(async move {
+            let _ = control_stopped.await;
+        }));
         if args.progress_interval_ms > 0 {
             let ctx = ctx.clone();
             tokio::spawn(async move {
@@ -122,6 +141,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         shutdown_signal().await?;
         tracing::info!("shutting down");
+        let _ = stop_control.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(3), control_task).await;
         endpoint.close(quinn::VarInt::from_u32(crate::quic::close_code::CANCELLED), b"daemon shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         server.abort();
