@@ -1,5 +1,6 @@
 //! `ferry serve`: the node daemon (for now: the target side of base copies).
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -104,8 +105,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let listening = endpoint.local_addr()?;
         tracing::info!(node = %node_id, %listening, data_dir = %args.data_dir.display(), "ferry serve: listening");
-        // A line on stdout that scripts and tests can wait for.
-        println!("listening on {listening}");
+        // Lines on stdout that scripts and tests can wait for. A reader that went away is not
+        // the daemon's problem: write errors are ignored (println! would panic on EPIPE).
+        let _ = writeln!(std::io::stdout(), "listening on {listening}");
         let ctx = Arc::new(TargetContext::new(node_id.clone(), args.data_dir.clone(), Arc::new(DiskStorage)));
         let server = tokio::spawn(target::serve(endpoint.clone(), ctx.clone()));
         let daemon = Daemon::new(node_id, listening, ctx.clone());
@@ -113,7 +115,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let mut control_config = ControlConfig::new(args.control_socket_path());
         control_config.allowed_uids = args.control_allowed_uids.clone();
         let control = ControlServer::bind(control_config, Arc::new(daemon))?;
-        println!("control socket at {}", control.socket_path().display());
+        let _ = writeln!(std::io::stdout(), "control socket at {}", control.socket_path().display());
         let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
         let control_task = tokio::spawn(control.run(async move {
             let _ = control_stopped.await;
