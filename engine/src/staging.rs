@@ -43,7 +43,8 @@ pub enum StagingError {
     Manifest { path: PathBuf, source: ManifestError },
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StagingError + 'a {
+/// Wraps an I/O error with what was being done and to which path.
+pub(crate) fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StagingError + 'a {
     move |source| StagingError::Io { what, path: path.to_path_buf(), source }
 }
 
@@ -185,16 +186,6 @@ pub fn sync_segment_tree(storage: &dyn Storage, layout: &StagingLayout, paths: &
     dirs.push(layout.segments_dir());
     for dir in dirs {
         storage.sync_dir(&dir).map_err(io_err("sync folder", &dir))?;
-    }
-    Ok(())
-}
-
-/// Removes a staging entirely (abort, forget).
-pub fn remove(storage: &dyn Storage, layout: &StagingLayout) -> Result<(), StagingError> {
-    if storage.exists(&layout.root) {
-        storage.remove_dir_all(&layout.root).map_err(io_err("remove", &layout.root))?;
-        let parent = layout.migrations_dir();
-        storage.sync_dir(&parent).map_err(io_err("sync folder", &parent))?;
     }
     Ok(())
 }

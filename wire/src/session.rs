@@ -105,6 +105,8 @@ struct SourceFile {
     sent: Bitmap,
     acked: Bitmap,
     crc_by_chunk: Vec<Option<u32>>,
+    /// Chunks whose CRC is known: the file is done when this reaches `chunk_count`.
+    chunks_read_count: u64,
     done_announced: bool,
 }
 
@@ -134,6 +136,9 @@ pub struct SourceSession {
     bytes_acked: u64,
     files_staged_count: u64,
     started_at_ns: Option<u64>,
+    /// Files whose every chunk has been read, not announced yet (kept so that announcing is
+    /// not a scan of every file on every chunk).
+    files_read: Vec<usize>,
 }
 
 /// A file all of whose chunks have been read: announce it with this.
@@ -158,10 +163,12 @@ impl SourceSession {
                     sent: Bitmap::new(chunk_count),
                     acked: Bitmap::new(chunk_count),
                     crc_by_chunk: vec![None; usize::try_from(chunk_count).unwrap_or(0)],
+                    chunks_read_count: 0,
                     done_announced: false,
                 }
             })
-            .collect();
+            .collect::<Vec<SourceFile>>();
+        let files_read = files.iter().enumerate().filter(|(_, f)| f.chunk_count == 0).map(|(i, _)| i).collect();
         Self {
             chunk_len_bytes: offer.chunk_len_bytes,
             files,
@@ -170,6 +177,7 @@ impl SourceSession {
             bytes_acked: 0,
             files_staged_count: 0,
             started_at_ns: None,
+            files_read,
         }
     }
 
@@ -227,7 +235,12 @@ impl SourceSession {
         self.span(chunk.file_index, chunk.chunk_index)?;
         let file = &mut self.files[chunk.file_index as usize];
         if let Some(slot) = usize::try_from(chunk.chunk_index).ok().and_then(|i| file.crc_by_chunk.get_mut(i)) {
-            *slot = Some(crc32c);
+            if slot.replace(crc32c).is_none() {
+                file.chunks_read_count += 1;
+                if file.chunks_read_count == file.chunk_count {
+                    self.files_read.push(chunk.file_index as usize);
+                }
+            }
         }
         Ok(())
     }
@@ -237,8 +250,9 @@ impl SourceSession {
     pub fn take_files_done(&mut self) -> Vec<FileDone> {
         let chunk_len = u64::from(self.chunk_len_bytes);
         let mut done = Vec::new();
-        for (index, file) in self.files.iter_mut().enumerate() {
-            if file.done_announced || file.crc_by_chunk.iter().any(Option::is_none) {
+        for index in std::mem::take(&mut self.files_read) {
+            let Some(file) = self.files.get_mut(index) else { continue };
+            if file.done_announced {
                 continue;
             }
             let mut crc = 0u32;
@@ -308,6 +322,8 @@ struct TargetFile {
     crc_by_chunk: Vec<u32>,
     done: Option<FileDone>,
     ready_reported: bool,
+    /// Distinct chunks verified (the bitmap's ones, kept so a check is not a scan).
+    verified_count: u64,
     /// Set when the file was found staged (renamed into place) by an earlier run.
     staged_crc: Option<u32>,
 }
@@ -347,6 +363,7 @@ impl TargetSession {
                     crc_by_chunk: vec![0; usize::try_from(chunk_count).unwrap_or(0)],
                     done: None,
                     ready_reported: false,
+                    verified_count: 0,
                     staged_crc: None,
                 }
             })
@@ -406,6 +423,7 @@ impl TargetSession {
             .ok_or(SessionError::NoSuchChunk { file_index, chunk_index, chunk_count })?;
         *slot = crc32c;
         if file.verified.set(chunk_index) {
+            file.verified_count += 1;
             let len = span(file_index, chunk_index, file.size_bytes, self.chunk_len_bytes).map_or(0, |s| s.len_bytes);
             self.bytes_verified = self.bytes_verified.saturating_add(u64::from(len));
         }
@@ -443,7 +461,7 @@ impl TargetSession {
             file.ready_reported = true;
             return Ok(fresh.then_some(done));
         }
-        if file.ready_reported || file.verified.count_ones() != file.chunk_count {
+        if file.ready_reported || file.verified_count != file.chunk_count {
             return Ok(None);
         }
         let mut target_crc = 0u32;
@@ -489,6 +507,7 @@ impl TargetSession {
         for chunk in 0..file.chunk_count {
             file.verified.set(chunk);
         }
+        file.verified_count = file.chunk_count;
         file.staged_crc = Some(crc32c);
         let size = file.size_bytes;
         self.bytes_verified = self.bytes_verified.saturating_add(size);

@@ -15,7 +15,7 @@ use ferry_wire::checkpoint::{self, LogRecord, Replay, LOG_HEADER_LEN_BYTES, LOG_
 use ferry_wire::message::Offer;
 use ferry_wire::session::TargetSession;
 
-use crate::staging::{StagingError, StagingLayout};
+use crate::staging::{io_err, StagingError, StagingLayout};
 use crate::storage::{Storage, StorageFile};
 
 /// Largest chunk log accepted: far above what CHUNK_COUNT_MAX chunks produce in one run,
@@ -29,10 +29,6 @@ pub struct ChunkLog {
     file: Arc<dyn StorageFile>,
     path: PathBuf,
     end_bytes: Mutex<u64>,
-}
-
-fn io_err<'a>(what: &'static str, path: &'a std::path::Path) -> impl FnOnce(std::io::Error) -> StagingError + 'a {
-    move |source| StagingError::Io { what, path: path.to_path_buf(), source }
 }
 
 impl ChunkLog {

@@ -71,3 +71,9 @@ pub async fn write_chunk(send: &mut SendStream, header: &FrameHeader, data: Byte
     let mut pieces = [head, data];
     Ok(send.write_all_chunks(&mut pieces).await?)
 }
+
+/// The error for a message other than the one the protocol expects here (`None`: the stream
+/// ended).
+pub fn unexpected(expected: &str, got: Option<&Message>) -> TransferError {
+    TransferError::Protocol(format!("expected {expected}, got {}", got.map_or("the end of the stream", |m| m.name())))
+}

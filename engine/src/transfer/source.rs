@@ -27,7 +27,7 @@ use quinn::{Connection, SendStream, VarInt};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
-use super::framing::{read_control, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::framing::{read_control, unexpected, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::walsend::{self, TailShared, WalSourceConfig};
 use super::TransferError;
 use crate::quic::{close_code, QuicTuning};
@@ -285,10 +285,7 @@ async fn hello(conn: &Connection, identity: &NodeIdentity) -> Result<(SendStream
             Err(TransferError::IncompatibleVersion { ours: PROTOCOL_VERSION, theirs: protocol_version })
         }
         Some(Message::Error { kind, message }) => Err(TransferError::Peer { kind, message }),
-        other => Err(TransferError::Protocol(format!(
-            "expected hello, got {}",
-            other.map_or("the end of the stream", |m| m.name())
-        ))),
+        other => Err(unexpected("hello", other.as_ref())),
     }
 }
 
@@ -310,12 +307,7 @@ async fn run(
     let (resume, already_staged) = match read_control(&mut recv, CONTROL_BODY_LEN_MAX_BYTES).await? {
         Some(Message::Accept { resume, already_staged, .. }) => (resume, already_staged),
         Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
-        other => {
-            return Err(TransferError::Protocol(format!(
-                "expected accept, got {}",
-                other.map_or("the end of the stream", |m| m.name())
-            )))
-        }
+        other => return Err(unexpected("accept", other.as_ref())),
     };
     let session = Arc::new(Mutex::new(SourceSession::new(offer)));
     let rechecks = lock(&session).on_resume(&resume)?;
@@ -344,9 +336,18 @@ async fn run(
     } else {
         // Chunks the target holds are not sent again, but their CRCs still come from the
         // source's own bytes, so the file CRC checks the source against the target.
+        let mut open: Option<(u32, Arc<SourceFile>)> = None;
         for span in rechecks {
             let file = snapshot_file(snapshot, span.chunk.file_index)?;
-            let opened = SourceFile::open_shared(&file.snapshot_path).map_err(|e| read_error(&file.path, e))?;
+            // Rechecks come file by file: open each file once.
+            let opened = match &open {
+                Some((index, opened)) if *index == span.chunk.file_index => opened.clone(),
+                _ => {
+                    let opened = SourceFile::open_shared(&file.snapshot_path).map_err(|e| read_error(&file.path, e))?;
+                    open = Some((span.chunk.file_index, opened.clone()));
+                    opened
+                }
+            };
             let data =
                 reader.read(&opened, span.offset_bytes, span.len_bytes).await.map_err(|e| read_error(&file.path, e))?;
             lock(&session).on_chunk_read(span.chunk, ferry_wire::crc32c(&data))?;
@@ -359,12 +360,7 @@ async fn run(
             match read_control(&mut data_recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
                 Some(Message::Joined) => {}
                 Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
-                other => {
-                    return Err(TransferError::Protocol(format!(
-                        "expected joined, got {}",
-                        other.map_or("the end of the stream", |m| m.name())
-                    )))
-                }
+                other => return Err(unexpected("joined", other.as_ref())),
             }
             conns.push(link.conn.clone());
             extra.push(link);
@@ -387,12 +383,7 @@ async fn run(
         match messages.recv().await {
             Some(Ok(Some(Message::Committed))) => committed = true,
             Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
-            Some(Ok(other)) => {
-                return Err(TransferError::Protocol(format!(
-                    "expected committed, got {}",
-                    other.map_or("the end of the stream", |m| m.name())
-                )))
-            }
+            Some(Ok(other)) => return Err(unexpected("committed", other.as_ref())),
             Some(Err(e)) => return Err(e),
             None => return Err(TransferError::Connection("the control stream ended before commit".into())),
         }

@@ -643,16 +643,19 @@ fn inbound_crcs(inbound: &Inbound, offer: &Offer) -> Result<Vec<u32>, TransferEr
 }
 
 async fn accept_chunk_streams(conn: Connection, inbound: Arc<Inbound>, events: mpsc::Sender<Event>) {
-    let mut streams = Vec::new();
+    // A JoinSet aborts its tasks when dropped; finished ones are reaped at each accept, so
+    // the set holds at most the streams open at once (bounded by the transport's limit).
+    let mut streams = tokio::task::JoinSet::new();
     loop {
         match conn.accept_uni().await {
             Ok(recv) => {
+                while streams.try_join_next().is_some() {}
                 let (inbound, events) = (inbound.clone(), events.clone());
-                streams.push(AbortOnDrop(tokio::spawn(async move {
+                streams.spawn(async move {
                     if let Err(e) = receive_chunks(recv, &inbound, &events).await {
                         let _ = events.send(Event::Failed(e)).await;
                     }
-                })));
+                });
             }
             Err(e) => {
                 let _ = events.send(Event::Failed(e.into())).await;

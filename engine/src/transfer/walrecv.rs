@@ -11,7 +11,6 @@
 //! renumber them (the database's importer applies them under its own LSNs).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use ferry_wire::frame::FrameKind;
@@ -21,7 +20,7 @@ use ferry_wire::walstream;
 use ferry_wire::{Lsn, MigrationId};
 use quinn::{RecvStream, SendStream};
 
-use super::framing::{read_body, read_control, read_header, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::framing::{read_body, read_control, read_header, unexpected, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::TransferError;
 use crate::staging::StagingLayout;
 use crate::storage::Storage;
@@ -83,12 +82,7 @@ pub async fn serve_stream(
 ) -> Result<(), TransferError> {
     match read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
         Some(Message::WalStart) => {}
-        other => {
-            return Err(TransferError::Protocol(format!(
-                "expected wal_start, got {}",
-                other.map_or("the end of the stream", |m| m.name())
-            )))
-        }
+        other => return Err(unexpected("wal_start", other.as_ref())),
     }
     let durable = wal.lock().unwrap_or_else(|e| e.into_inner()).durable_lsn();
     write_control(&mut send, &Message::WalDurable { durable_lsn: durable }).await?;
@@ -115,9 +109,4 @@ pub async fn serve_stream(
     }
     let _ = send.finish();
     Ok(())
-}
-
-/// Whether a path is inside a staged WAL folder (for tests and tools).
-pub fn is_wal_dir(path: &Path) -> bool {
-    path.file_name().is_some_and(|n| n == "wal")
 }

@@ -33,7 +33,7 @@ use ferry_wire::{Lsn, MigrationId, VShardId};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 
-use super::framing::{read_control, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::framing::{read_control, unexpected, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::TransferError;
 use crate::wal::tail::FolderTail;
 
@@ -188,7 +188,6 @@ pub struct TailShared {
     pub queued_bytes: AtomicU64,
     pub durable_lsn: AtomicU64,
     pub source_lsn: AtomicU64,
-    pub held_bytes: AtomicU64,
 }
 
 /// Starts the tail thread from `start` (the first LSN not durable on the target).
@@ -231,7 +230,6 @@ fn tail_loop(
         // segment the database deletes soon after rolling past it is still held.
         if refreshed_at.elapsed() >= POLL_INTERVAL {
             holder.refresh(tail.cursor().next_lsn().unwrap_or(start))?;
-            shared.held_bytes.store(holder.held_bytes(), Ordering::Relaxed);
             refreshed_at = std::time::Instant::now();
         }
         let next = tail.poll().map_err(|e| TransferError::Local(format!("source WAL: {e}")))?;
@@ -354,9 +352,6 @@ pub async fn open(conn: &quinn::Connection) -> Result<(SendStream, RecvStream, L
     match read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
         Some(Message::WalDurable { durable_lsn }) => Ok((send, recv, durable_lsn)),
         Some(Message::Error { kind, message }) => Err(TransferError::Peer { kind, message }),
-        other => Err(TransferError::Protocol(format!(
-            "expected wal_durable, got {}",
-            other.map_or("the end of the stream", |m| m.name())
-        ))),
+        other => Err(unexpected("wal_durable", other.as_ref())),
     }
 }
