@@ -84,6 +84,7 @@ pub async fn ferry_copy(
         read_mode: ReadMode::Mmap,
         commit: true,
         wal: None,
+        cutover: None,
     };
     let identity = certs.identity(SOURCE_NODE)?;
     let (progress, _progress_rx) = watch::channel(Progress::default());

@@ -254,6 +254,7 @@ pub fn request(
             until_lsn: Some(until),
             max_held_wal_bytes: 16 << 30,
         }),
+        cutover: None,
     })
 }
 

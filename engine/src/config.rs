@@ -4,8 +4,8 @@
 //! TOML into it (unknown keys are an error, so a typo is not silently ignored), checks it, and
 //! prints the defaults as a commented file (`ferry serve --print-default-config`).
 //!
-//! What it does not: hold settings for parts not built yet (limits, metrics); they are added with the code that reads them. The log format is the global
-//! `--log-format` flag, set before any file is read.
+//! What it does not: hold settings for parts not built yet (the fence); they are added with the
+//! code that reads them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,31 @@ pub struct NodeConfig {
     pub control_socket: Option<PathBuf>,
     /// Uids allowed on the control socket besides the daemon's own.
     pub control_allowed_uids: Vec<u32>,
+    /// Inbound migrations received at once; a new one over it is refused (0: unlimited).
+    pub max_inbound_migrations: usize,
+    /// Outbound migrations run at once; a start over it is refused (0: unlimited).
+    pub max_outbound_migrations: usize,
+    /// Bytes per second shared by every outbound migration (0: unlimited).
+    pub rate_limit_bytes_per_sec: u64,
+    /// Most bytes of WAL segments held (hard-linked) per migration; over it the migration fails.
+    pub max_held_wal_bytes: u64,
+    /// An unfinished migration found at start whose record is older than this is aborted.
+    pub abort_timeout_secs: u64,
+    /// Refuse an inbound migration whose base does not fit in the data folder's free space.
+    pub check_free_space: bool,
+    /// Serve Prometheus metrics on this address (`GET /metrics`); none: no metrics endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Log lines on stderr as `text` or `json` (the global `--log-format` flag wins).
+    pub log_format: LogFormatSetting,
+}
+
+/// The daemon's log format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatSetting {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for NodeConfig {
@@ -48,6 +73,14 @@ impl Default for NodeConfig {
             progress_interval_ms: 2000,
             control_socket: None,
             control_allowed_uids: Vec::new(),
+            max_inbound_migrations: 4,
+            max_outbound_migrations: 4,
+            rate_limit_bytes_per_sec: 0,
+            max_held_wal_bytes: 4 << 30,
+            abort_timeout_secs: 3600,
+            check_free_space: true,
+            metrics_addr: None,
+            log_format: LogFormatSetting::Text,
         }
     }
 }
@@ -114,12 +147,34 @@ impl NodeConfig {
              # The coordinator's Unix socket (its folder must be mode 0700); default <data_dir>/control/ferry.sock.\n\
              # control_socket = \"/run/ferry/ferry.sock\"\n\
              # Uids allowed on the control socket besides the daemon's own.\n\
-             control_allowed_uids = []\n",
+             control_allowed_uids = []\n\
+             # Inbound migrations received at once; a new one over it is refused (0: unlimited).\n\
+             max_inbound_migrations = {}\n\
+             # Outbound migrations run at once; a migration.start over it is refused (0: unlimited).\n\
+             max_outbound_migrations = {}\n\
+             # Bytes per second shared by every outbound migration (0: unlimited).\n\
+             rate_limit_bytes_per_sec = {}\n\
+             # Most bytes of WAL segments held (hard-linked) per migration; over it the migration fails.\n\
+             max_held_wal_bytes = {}\n\
+             # An unfinished migration found at daemon start whose record is older than this is aborted.\n\
+             abort_timeout_secs = {}\n\
+             # Refuse an inbound migration whose base does not fit in the data folder's free space.\n\
+             check_free_space = {}\n\
+             # Serve Prometheus metrics on this address (GET /metrics); unset: no metrics endpoint.\n\
+             # metrics_addr = \"127.0.0.1:9464\"\n\
+             # Log lines on stderr: \"text\" or \"json\" (the --log-format flag wins).\n\
+             log_format = \"text\"\n",
             d.node_id,
             d.data_dir.display().to_string(),
             d.listen,
             d.certs_dir.display().to_string(),
             d.progress_interval_ms,
+            d.max_inbound_migrations,
+            d.max_outbound_migrations,
+            d.rate_limit_bytes_per_sec,
+            d.max_held_wal_bytes,
+            d.abort_timeout_secs,
+            d.check_free_space,
         )
     }
 }
@@ -146,6 +201,7 @@ mod tests {
             ("node_id = \"bad id\"", "node_id"),
             ("allowed_peers = [\"a_b\"]", "allowed_peers"),
             ("[[[", "valid"),
+            ("log_format = \"xml\"", "log_format"),
         ] {
             let err = NodeConfig::parse(text, Path::new("n.toml")).unwrap_err().to_string();
             assert!(err.contains(needle) && err.contains("n.toml"), "{text}: {err}");

@@ -1,31 +1,37 @@
-//! The node daemon's answers on the control socket (DESIGN section 4), for what the daemon
-//! does today: it is the target of inbound migrations.
+//! The node daemon's answers on the control socket (DESIGN section 4).
 //!
-//! What it does: `node.info`; `migration.list` and `migration.status` for inbound migrations
-//! (phase, bytes verified and total, files staged, bytes resent, staged WAL durable LSN);
-//! `events.subscribe` streaming a `migration.event` on every change of an inbound migration
-//! (state changes at once, progress at most every 250 ms).
+//! What it does: maps each method to the node's two roles. As a source it runs outbound
+//! migrations ([`crate::outbound`]): `migration.start`, `abort`, `forget`, `set_rate_limit`.
+//! As a target it reports and can abort or forget inbound migrations ([`TargetContext`]).
+//! `node.info`; `migration.list` / `migration.status` over both roles (a node that is source
+//! and target of one migration lists it twice, once per role; `status` prefers the source);
+//! `events.subscribe` streaming a `migration.event` on every change (phase changes at once,
+//! progress at most every 250 ms).
 //!
-//! What it does not (yet): the source-side methods (`migration.start`, `abort`, `forget`,
-//! `set_rate_limit`) and the fence methods. They answer -32601 with a message saying they are
-//! not implemented by this daemon yet, never a fake success. Today a source is driven by
-//! `ferry copy`.
+//! The cut-over: `migration.prepare_cutover`, `fence` and `release` on the source
+//! ([`crate::outbound`]), `migration.applied` on the target (the database's ingest progress,
+//! which a fence then waits for).
+//!
+//! What it does not: pause or resume the database's writers (the coordinator does).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_wire::api::{FenceParams, MigrationStatus, Phase, Role, StartParams, WalProgress};
 use ferry_wire::control::{ErrorCode, RpcError};
 use ferry_wire::frame::PROTOCOL_VERSION;
-use ferry_wire::{MigrationId, NodeId};
+use ferry_wire::{Lsn, MigrationId, NodeId};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::control::{CallFuture, Handler, Reply, Subscription};
+use crate::outbound::{Outbound, OutboundError};
 use crate::transfer::target::{InboundStatus, TargetContext};
+use crate::transfer::TransferError;
 
-/// How often inbound migrations are checked for changes to publish.
+/// How often migrations are checked for changes to publish.
 pub const EVENT_INTERVAL: Duration = Duration::from_millis(250);
 /// Events buffered per subscriber before the slowest one starts losing them.
 const EVENT_QUEUE_MAX_COUNT: usize = 1024;
@@ -36,59 +42,157 @@ pub struct Daemon {
     node_id: NodeId,
     quic_addr: SocketAddr,
     ctx: Arc<TargetContext>,
+    outbound: Arc<Outbound>,
     events: broadcast::Sender<Value>,
 }
 
-fn status_json(id: &MigrationId, s: &InboundStatus) -> Value {
-    json!({
-        "migration_id": id.as_str(),
-        "role": "target",
-        "state": s.state,
-        "source_node": s.source_node,
-        "phase": if s.state == "receiving" { "BaseCopy" } else if s.wal_durable_lsn.is_some() { "WalCatchUp" } else { "BaseStaged" },
-        "bytes_transferred": s.bytes_verified,
-        "bytes_total": s.bytes_total,
-        "bytes_resent": s.bytes_resent,
-        "files_staged": s.files_staged_count,
-        "files_total": s.files_total_count,
-        "wal": { "current_lsn": s.wal_durable_lsn },
-    })
+/// An inbound migration as `migration.status` shows it.
+pub fn inbound_status(id: &MigrationId, s: &InboundStatus) -> MigrationStatus {
+    let phase = match s.state.as_str() {
+        "base_staged" => Phase::WalCatchUp,
+        "fenced" => Phase::AtomicCutOver,
+        "released" => Phase::Completed,
+        "aborted" | "failed" => Phase::Failed,
+        _ => Phase::BaseCopy,
+    };
+    MigrationStatus {
+        migration_id: id.as_str().to_owned(),
+        role: Role::Target,
+        phase,
+        vshard_id: None,
+        peer_node: s.source_node.clone(),
+        bytes_transferred: s.bytes_verified,
+        bytes_total: s.bytes_total,
+        bytes_resent: s.bytes_resent,
+        files_staged: s.files_staged_count,
+        files_total: s.files_total_count,
+        wal: WalProgress { start_lsn: None, current_lsn: s.wal_durable_lsn, source_lsn: None, held_bytes: 0 },
+        rate_limit_bytes_per_sec: 0,
+        throughput_bytes_per_sec: 0,
+        pause_duration_us: None,
+        pause: None,
+        fence_started_at_ns: None,
+        final_lsn: None,
+        reason: s.reason.clone(),
+        staging_state: Some(
+            match s.state.as_str() {
+                "released" => "released",
+                "aborted" => "aborted",
+                "fenced" => "fenced",
+                _ => "copying",
+            }
+            .to_owned(),
+        ),
+        started_at_unix_ms: 0,
+        updated_at_unix_ms: 0,
+    }
+}
+
+fn to_value(status: &MigrationStatus) -> Value {
+    serde_json::to_value(status).unwrap_or(Value::Null)
+}
+
+fn outbound_rpc(e: OutboundError) -> RpcError {
+    match &e {
+        OutboundError::InvalidParams(_) => RpcError::invalid_params(e.to_string()),
+        OutboundError::InProgress { vshard_id, holder } => RpcError::new(ErrorCode::MigrationInProgress, e.to_string())
+            .with_data(json!({ "vshard_id": vshard_id, "migration_id": holder.as_str() })),
+        OutboundError::NotFound(id) => {
+            RpcError::new(ErrorCode::NotFound, e.to_string()).with_data(json!({ "migration_id": id.as_str() }))
+        }
+        OutboundError::Refused(_) => RpcError::refused(e.to_string()),
+        OutboundError::Local(_) => RpcError::internal(e.to_string()),
+        OutboundError::PauseBudgetExceeded { estimated_us, budget_us } => {
+            RpcError::new(ErrorCode::PauseBudgetExceeded, e.to_string())
+                .with_data(json!({ "estimated_us": estimated_us, "budget_us": budget_us }))
+        }
+        OutboundError::CutOverCancelled(reason) => {
+            RpcError::new(ErrorCode::CutOverCancelled, e.to_string()).with_data(json!({ "reason": reason }))
+        }
+        OutboundError::FenceViolated(lsn) => {
+            RpcError::new(ErrorCode::FenceViolated, e.to_string()).with_data(json!({ "lsn": lsn }))
+        }
+    }
+}
+
+fn transfer_rpc(e: TransferError) -> RpcError {
+    match e {
+        TransferError::Refused(message) => RpcError::refused(message),
+        other => RpcError::internal(other.to_string()),
+    }
+}
+
+fn not_found(id: &MigrationId) -> RpcError {
+    RpcError::new(ErrorCode::NotFound, format!("no migration {id} on this node"))
+        .with_data(json!({ "migration_id": id.as_str() }))
 }
 
 impl Daemon {
-    pub fn new(node_id: NodeId, quic_addr: SocketAddr, ctx: Arc<TargetContext>) -> Self {
+    pub fn new(node_id: NodeId, quic_addr: SocketAddr, ctx: Arc<TargetContext>, outbound: Arc<Outbound>) -> Self {
         let (events, _) = broadcast::channel(EVENT_QUEUE_MAX_COUNT);
-        Self { node_id, quic_addr, ctx, events }
+        Self { node_id, quic_addr, ctx, outbound, events }
     }
 
-    /// Publishes a `migration.event` for every inbound migration that changed, until the
-    /// runtime stops. State changes go out on the next tick; so does progress, at most every
+    /// Every migration on this node, both roles.
+    pub fn statuses(&self) -> Vec<MigrationStatus> {
+        let mut all = self.outbound.statuses();
+        all.extend(self.ctx.inbound().iter().map(|(id, s)| inbound_status(id, s)));
+        all
+    }
+
+    /// Publishes a `migration.event` for every migration that changed, until the runtime
+    /// stops. Phase changes go out on the next tick; so does progress, at most every
     /// [`EVENT_INTERVAL`].
     pub fn spawn_events(&self) -> tokio::task::JoinHandle<()> {
         let daemon = self.clone();
         tokio::spawn(async move {
-            let mut last: BTreeMap<MigrationId, InboundStatus> = BTreeMap::new();
+            let mut last: BTreeMap<(String, bool), MigrationStatus> = BTreeMap::new();
             let mut tick = tokio::time::interval(EVENT_INTERVAL);
             loop {
                 tick.tick().await;
-                let now = daemon.ctx.inbound();
-                for (id, status) in &now {
-                    if last.get(id) != Some(status) {
-                        let kind =
-                            if last.get(id).is_none_or(|l| l.state != status.state) { "phase" } else { "progress" };
-                        let mut event = status_json(id, status);
+                let mut now = BTreeMap::new();
+                for status in daemon.statuses() {
+                    let key = (status.migration_id.clone(), status.role == Role::Source);
+                    let before = last.get(&key);
+                    if before != Some(&status) {
+                        let kind = if before.is_none_or(|b| b.phase != status.phase) { "phase" } else { "progress" };
+                        let mut event = to_value(&status);
                         event["event"] = json!(kind);
                         // No subscriber is not an error.
                         let _ = daemon.events.send(event);
                     }
+                    now.insert(key, status);
                 }
                 last = now;
             }
         })
     }
 
-    fn call_sync(&self, method: &str, params: &Value) -> Result<Reply, RpcError> {
-        match method {
+    /// Publishes one event now (recovery outcomes at start, aborts).
+    pub fn announce(&self, id: &MigrationId, what: &str) {
+        let mut event =
+            self.outbound.status(id).map(|s| to_value(&s)).unwrap_or_else(|| json!({ "migration_id": id.as_str() }));
+        event["event"] = json!("recovery");
+        event["note"] = json!(what);
+        let _ = self.events.send(event);
+    }
+
+    /// Refuses a source-side method for a migration this node only receives.
+    fn source_only(&self, id: &MigrationId, method: &str) -> Result<(), RpcError> {
+        if self.outbound.status(id).is_none() && self.ctx.inbound().contains_key(id) {
+            return Err(RpcError::refused(format!(
+                "migration {id} is inbound here: call {method} on the source node's daemon"
+            )));
+        }
+        Ok(())
+    }
+
+    fn status(&self, id: &MigrationId) -> Option<MigrationStatus> {
+        self.outbound.status(id).or_else(|| self.ctx.inbound().get(id).map(|s| inbound_status(id, s)))
+    }
+
+    async fn call_async(self, method: String, params: Value) -> Result<Reply, RpcError> {
+        match method.as_str() {
             "node.info" => Ok(json!({
                 "node_id": self.node_id.as_str(),
                 "version": env!("CARGO_PKG_VERSION"),
@@ -96,25 +200,74 @@ impl Daemon {
                 "quic_address": self.quic_addr.to_string(),
                 "features": { "rdma": false },
                 "devices": [],
-                "roles": ["target"],
+                "roles": ["source", "target"],
             })
             .into()),
             "migration.list" => {
-                let list: Vec<Value> = self.ctx.inbound().iter().map(|(id, s)| status_json(id, s)).collect();
+                let list: Vec<Value> = self.statuses().iter().map(to_value).collect();
                 Ok(json!({ "migrations": list }).into())
             }
             "migration.status" => {
-                let id = migration_id(params)?;
-                let inbound = self.ctx.inbound();
-                let status = inbound
-                    .get(&id)
-                    .ok_or_else(|| RpcError::new(ErrorCode::NotFound, format!("no migration {id} on this node")))?;
-                Ok(status_json(&id, status).into())
+                let id = migration_id(&params)?;
+                self.status(&id).map(|s| to_value(&s).into()).ok_or_else(|| not_found(&id))
+            }
+            "migration.start" => {
+                let params: StartParams = serde_json::from_value(params)
+                    .map_err(|e| RpcError::invalid_params(format!("migration.start params: {e}")))?;
+                let (id, created) = self.outbound.start(params).await.map_err(outbound_rpc)?;
+                Ok(json!({ "migration_id": id.as_str(), "created": created }).into())
+            }
+            "migration.abort" => {
+                let id = migration_id(&params)?;
+                let reason = match params.get("reason") {
+                    None | Some(Value::Null) => "by the coordinator".to_owned(),
+                    Some(Value::String(r)) => r.chars().take(1024).collect(),
+                    Some(_) => return Err(RpcError::invalid_params("params.reason must be a string")),
+                };
+                if self.outbound.status(&id).is_some() {
+                    let note = self.outbound.abort(&id, &reason).await.map_err(outbound_rpc)?;
+                    return Ok(json!({ "migration_id": id.as_str(), "phase": "Failed", "aborted": true, "role": "source", "note": note }).into());
+                }
+                if self.ctx.inbound().contains_key(&id) {
+                    let reason = format!("aborted by the target's coordinator: {reason}");
+                    crate::transfer::abort::abort_staging(&self.ctx, &id, &reason).await.map_err(transfer_rpc)?;
+                    return Ok(json!({ "migration_id": id.as_str(), "phase": "Failed", "aborted": true, "role": "target", "note": "staging removed" }).into());
+                }
+                Err(not_found(&id))
+            }
+            "migration.forget" => {
+                let id = migration_id(&params)?;
+                let mut forgot = false;
+                if self.outbound.status(&id).is_some() {
+                    self.outbound.forget(&id).await.map_err(outbound_rpc)?;
+                    forgot = true;
+                }
+                if self.ctx.inbound().contains_key(&id) {
+                    self.ctx.forget(&id).await.map_err(transfer_rpc)?;
+                    forgot = true;
+                }
+                if !forgot {
+                    return Err(not_found(&id));
+                }
+                Ok(json!({ "migration_id": id.as_str(), "forgotten": true }).into())
+            }
+            "migration.set_rate_limit" => {
+                let id = migration_id(&params)?;
+                let bytes_per_sec = params.get("bytes_per_sec").and_then(Value::as_u64).ok_or_else(|| {
+                    RpcError::invalid_params("params.bytes_per_sec must be an unsigned integer (0: unlimited)")
+                })?;
+                if self.outbound.status(&id).is_none() && self.ctx.inbound().contains_key(&id) {
+                    return Err(RpcError::refused(format!(
+                        "migration {id} is inbound here: set its rate on the source node's daemon"
+                    )));
+                }
+                let rate = self.outbound.set_rate_limit(&id, bytes_per_sec).map_err(outbound_rpc)?;
+                Ok(json!({ "migration_id": id.as_str(), "rate_limit_bytes_per_sec": rate }).into())
             }
             "events.subscribe" => {
                 let filter = match params.get("migration_id") {
                     None | Some(Value::Null) => None,
-                    Some(_) => Some(migration_id(params)?.as_str().to_owned()),
+                    Some(_) => Some(migration_id(&params)?.as_str().to_owned()),
                 };
                 Ok(Reply::Subscription(Subscription {
                     result: json!({ "subscribed": true, "migration_id": filter }),
@@ -122,20 +275,75 @@ impl Daemon {
                     migration_id: filter,
                 }))
             }
-            "migration.start"
-            | "migration.prepare_cutover"
-            | "migration.fence"
-            | "migration.release"
-            | "migration.applied"
-            | "migration.abort"
-            | "migration.forget"
-            | "migration.set_rate_limit" => Err(RpcError::new(
-                ErrorCode::MethodNotFound,
-                format!("{method} is not implemented by this daemon yet: drive the source with `ferry copy`"),
-            )),
+            "migration.prepare_cutover" => {
+                let id = migration_id(&params)?;
+                self.source_only(&id, &method)?;
+                let result = self.outbound.prepare_cutover(&id).map_err(outbound_rpc)?;
+                let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
+                value["migration_id"] = json!(id.as_str());
+                Ok(value.into())
+            }
+            "migration.fence" => {
+                let id = migration_id(&params)?;
+                self.source_only(&id, &method)?;
+                if !params.get("final_lsn").is_some_and(Value::is_u64) {
+                    return Err(RpcError::invalid_params(
+                        "params.final_lsn must be an unsigned integer: the writer's last acknowledged LSN",
+                    ));
+                }
+                let fence: FenceParams = serde_json::from_value(without_id(params))
+                    .map_err(|e| RpcError::invalid_params(format!("migration.fence params: {e}")))?;
+                let result = self.outbound.fence(&id, fence).await.map_err(outbound_rpc)?;
+                let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
+                value["migration_id"] = json!(id.as_str());
+                Ok(value.into())
+            }
+            "migration.release" => {
+                let id = migration_id(&params)?;
+                self.source_only(&id, &method)?;
+                let resumed = match params.get("writes_resumed_at_ns") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(v.as_u64().ok_or_else(|| {
+                        RpcError::invalid_params(
+                            "params.writes_resumed_at_ns must be CLOCK_MONOTONIC nanoseconds (an unsigned integer)",
+                        )
+                    })?),
+                };
+                let result = self.outbound.release(&id, resumed).await.map_err(outbound_rpc)?;
+                let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
+                value["migration_id"] = json!(id.as_str());
+                Ok(value.into())
+            }
+            "migration.applied" => {
+                let id = migration_id(&params)?;
+                let applied = params
+                    .get("applied_lsn")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| RpcError::invalid_params("params.applied_lsn must be an unsigned integer"))?;
+                if !self.ctx.inbound().contains_key(&id) {
+                    return Err(if self.outbound.status(&id).is_some() {
+                        RpcError::refused(format!(
+                            "migration {id} is outbound here: migration.applied goes to the target node's daemon"
+                        ))
+                    } else {
+                        not_found(&id)
+                    });
+                }
+                let now =
+                    crate::transfer::fence_target::set_applied(&self.ctx, &id, Lsn(applied)).map_err(transfer_rpc)?;
+                Ok(json!({ "migration_id": id.as_str(), "applied_lsn": now }).into())
+            }
             other => Err(RpcError::method_not_found(other)),
         }
     }
+}
+
+/// The params without `migration_id` (for a typed parse that refuses unknown fields).
+fn without_id(mut params: Value) -> Value {
+    if let Some(map) = params.as_object_mut() {
+        map.remove("migration_id");
+    }
+    params
 }
 
 fn migration_id(params: &Value) -> Result<MigrationId, RpcError> {
@@ -148,7 +356,6 @@ fn migration_id(params: &Value) -> Result<MigrationId, RpcError> {
 
 impl Handler for Daemon {
     fn call(&self, method: String, params: Value) -> CallFuture {
-        let result = self.call_sync(&method, &params);
-        Box::pin(async move { result })
+        Box::pin(self.clone().call_async(method, params))
     }
 }

@@ -14,11 +14,16 @@
 
 pub mod certs;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod metrics;
+pub mod node;
+pub mod outbound;
 pub mod quic;
 pub mod read;
+pub mod refnode;
 pub mod snapshot;
 pub mod staging;
 pub mod storage;

@@ -91,11 +91,17 @@ pub fn server_endpoint(
     crypto: Arc<QuicServerConfig>,
     tuning: &QuicTuning,
 ) -> std::io::Result<Endpoint> {
-    let mut server = quinn::ServerConfig::with_crypto(crypto);
-    server.transport_config(Arc::new(tuning.transport()));
     let socket = udp_socket(addr, tuning.socket_buffer_bytes)?;
     let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found for quinn"))?;
-    Endpoint::new(EndpointConfig::default(), Some(server), socket, runtime)
+    Endpoint::new(EndpointConfig::default(), Some(server_config(crypto, tuning)), socket, runtime)
+}
+
+/// The server configuration of [`server_endpoint`] (also used to swap certificates on a running
+/// endpoint with `Endpoint::set_server_config`).
+pub fn server_config(crypto: Arc<QuicServerConfig>, tuning: &QuicTuning) -> quinn::ServerConfig {
+    let mut server = quinn::ServerConfig::with_crypto(crypto);
+    server.transport_config(Arc::new(tuning.transport()));
+    server
 }
 
 /// A client endpoint on an ephemeral port of the right address family.

@@ -97,6 +97,7 @@ pub fn request(id: &str, root: &Path, target: SocketAddr, chunk_len_bytes: u32) 
         read_mode: ReadMode::Mmap,
         commit: true,
         wal: None,
+        cutover: None,
     }
 }
 

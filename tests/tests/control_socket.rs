@@ -569,8 +569,8 @@ fn a_client_with_another_uid_is_refused() {
 }
 
 /// The real daemon answers on its control socket: node.info, migration.list/status of an
-/// inbound migration, a clear NotFound, and a clear "not implemented yet" for the source-side
-/// methods (never a fake success).
+/// inbound migration, a clear NotFound, invalid params for an empty start, and a clear "not
+/// implemented yet" for the fence methods (never a fake success).
 #[test]
 fn ferry_serve_answers_on_its_control_socket() {
     use std::io::{BufRead, BufReader, Write};
@@ -636,8 +636,12 @@ fn ferry_serve_answers_on_its_control_socket() {
     let bad = ask(r#"{"jsonrpc":"2.0","id":5,"method":"migration.status","params":{"migration_id":7}}"#);
     assert_eq!(bad["error"]["code"], -32602, "{bad}");
     let start = ask(r#"{"jsonrpc":"2.0","id":6,"method":"migration.start","params":{}}"#);
-    assert_eq!(start["error"]["code"], -32601, "{start}");
-    assert!(start["error"]["message"].as_str().unwrap().contains("not implemented"), "{start}");
+    assert_eq!(start["error"]["code"], -32602, "{start}");
+    assert!(start["error"]["message"].as_str().unwrap().contains("vshard_id"), "{start}");
+    let fence = ask(r#"{"jsonrpc":"2.0","id":7,"method":"migration.fence","params":{"migration_id":"m-ctl"}}"#);
+    // The fence is the source's: the target names where to call it.
+    assert_eq!(fence["error"]["code"], -32006, "{fence}");
+    assert!(fence["error"]["message"].as_str().unwrap().contains("call migration.fence on the source"), "{fence}");
 
     let _ = child.kill();
     let _ = child.wait();

@@ -13,8 +13,10 @@
 //! Decoders check lengths against [`limits`] before allocating.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod checkpoint;
 pub mod control;
+pub mod fence;
 pub mod frame;
 pub mod ids;
 pub mod limits;

@@ -21,7 +21,11 @@
 //! S: FileDone (each)  T: FileStaged (each, once the file is verified, durable, renamed)
 //!                     T: BaseStaged      (MANIFEST.json written, state copying)
 //! S: Commit           T: Committed       (offline copy: MANIFEST.json state released)
+//! S: Fence            T: Fenced          (live: every selected record <= final_lsn is durable;
+//!                                         MANIFEST.json state fenced)
 //! ```
+//! An abort runs on a connection of its own: `S: Hello, T: Hello, S: Abort, T: Aborted`; so does
+//! a release: `S: Hello, T: Hello, S: Release, T: Released`.
 
 use std::collections::BTreeSet;
 
@@ -74,6 +78,28 @@ pub enum Message {
     Commit { final_lsn: Lsn },
     /// The staging is released.
     Committed,
+    /// Live cut-over: the source has sent every selected record up to `final_lsn` and the
+    /// target acknowledged them durable; the target checks its staged WAL holds nothing above
+    /// `final_lsn`, marks the staging `fenced` (MANIFEST commit) and, when its database
+    /// acknowledges ingest (`migration.applied`), waits up to `apply_wait_max_us` for the
+    /// applied LSN to reach `final_lsn`.
+    Fence { final_lsn: Lsn, apply_wait_max_us: u64 },
+    /// The target did not complete the fence (its database's ingest did not reach `final_lsn`
+    /// in time, or its staged WAL holds records above it); the staging stays as it was.
+    FenceCancelled { reason: String },
+    /// The staging is `fenced` at `final_lsn`; `commit_us` is what the MANIFEST commit took,
+    /// `apply_wait_us` how long the target waited for its database's ingest.
+    Fenced { durable_lsn: Lsn, commit_us: u64, apply_wait_us: u64 },
+    /// Instead of an offer: the source recorded the release of a fenced migration; the
+    /// target marks its staging `released` (the point of no return: the database imports it).
+    Release { migration_id: MigrationId, final_lsn: Lsn },
+    /// The staging is `released` (or already was, at the same `final_lsn`).
+    Released,
+    /// Instead of an offer: the source's coordinator aborted the migration; the target removes
+    /// its staging (and refuses the id until it is forgotten).
+    Abort { migration_id: MigrationId, reason: String },
+    /// The target's staging of the aborted migration is gone (or never existed).
+    Aborted,
     /// The sender gives up on the transfer, and says why.
     Error { kind: ErrorKind, message: String },
 }
@@ -226,6 +252,13 @@ impl Message {
             Self::BaseStaged { .. } => "base_staged",
             Self::Commit { .. } => "commit",
             Self::Committed => "committed",
+            Self::Fence { .. } => "fence",
+            Self::Fenced { .. } => "fenced",
+            Self::FenceCancelled { .. } => "fence_cancelled",
+            Self::Release { .. } => "release",
+            Self::Released => "released",
+            Self::Abort { .. } => "abort",
+            Self::Aborted => "aborted",
             Self::Error { .. } => "error",
         }
     }
@@ -302,6 +335,16 @@ mod tests {
     fn error_reasons_are_cut_to_the_limit() {
         if let Message::Error { message, .. } = Message::error(ErrorKind::Protocol, "é".repeat(5000)) {
             assert!(message.len() <= REASON_LEN_MAX_BYTES as usize);
+        }
+    }
+
+    #[test]
+    fn abort_messages_round_trip() {
+        for message in [
+            Message::Abort { migration_id: MigrationId::new("m1").unwrap(), reason: "operator".into() },
+            Message::Aborted,
+        ] {
+            assert_eq!(Message::decode(&message.encode()).unwrap(), message);
         }
     }
 

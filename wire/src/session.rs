@@ -120,9 +120,19 @@ pub struct Progress {
     /// The base is staged: the phase is WAL catch-up (or done, without a WAL).
     pub base_staged: bool,
     /// The WAL stream, when there is one: the target's durable LSN and the last selected
-    /// LSN the source's tail has read.
+    /// LSN the source's tail has read. Published from the start of the stream, during the
+    /// base copy too.
     pub wal_durable_lsn: Option<u64>,
     pub wal_source_lsn: Option<u64>,
+    /// Bytes of WAL segments the source holds (hard-linked) for this migration, bounded by
+    /// `max_held_wal_bytes`; 0 without a WAL stream.
+    pub wal_held_bytes: u64,
+    /// Selected record bytes read by the source's tail and not yet durable on the target.
+    pub wal_lag_bytes: u64,
+    /// The WAL stream's measured rate over its last window (0: nothing sent lately).
+    pub wal_rate_bytes_per_sec: u64,
+    /// The slowest recent group commit round trip: a batch sent to its `WalDurable`.
+    pub wal_group_commit_us: u64,
 }
 
 /// The source side of a transfer.

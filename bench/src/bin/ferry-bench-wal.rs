@@ -21,6 +21,13 @@
 //!    it (polled every ~0.06 ms; the measured poll period is printed), staging on tmpfs and on
 //!    disk; the first second is left out as warm-up.
 //!
+//! 4. `notice`: the append-notice latency of the tailer alone, no transfer: a writer at
+//!    `--notice-rate` for `--notice-secs` and a thread following the folder with
+//!    `FolderTail`, waiting between passes either on the inotify `AppendNotice` (what the
+//!    migration's tail thread does) or by sleeping the poll interval (what it did before),
+//!    both in the same run; for each flush, the time from the writer's flush returning to
+//!    the tail returning its last record. The first second is left out as warm-up.
+//!
 //! What it does not: assert on any figure. It fails only when a copy fails.
 //!
 //! Run: `cargo run --release -p ferry-bench --bin ferry-bench-wal`.
@@ -35,10 +42,13 @@ use clap::Parser;
 use ferry_bench::certs::BenchCerts;
 use ferry_bench::fs_type;
 use ferry_bench::wal::{
-    process_cpu_secs, quantile, request, run_copy, write_backlog, write_base, BenchTarget, DurableObserver, PacedWriter,
+    process_cpu_secs, quantile, request, run_copy, thread_cpu_secs, write_backlog, write_base, BenchTarget,
+    DurableObserver, PacedWriter,
 };
+use ferry_engine::transfer::walsend::POLL_INTERVAL;
+use ferry_engine::wal::{AppendNotice, FolderTail};
 use ferry_wire::session::Progress;
-use ferry_wire::wal::Layout;
+use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
 use ferry_wire::Lsn;
 use tokio::sync::watch;
 
@@ -51,8 +61,8 @@ struct Args {
     /// Layouts to measure, in order (a, b).
     #[arg(long, value_delimiter = ',', default_value = "a,b")]
     layouts: Vec<String>,
-    /// Scenarios to run (backlog, converge, ack-lag).
-    #[arg(long, value_delimiter = ',', default_value = "backlog,converge,ack-lag")]
+    /// Scenarios to run (backlog, converge, ack-lag, notice).
+    #[arg(long, value_delimiter = ',', default_value = "backlog,converge,ack-lag,notice")]
     only: Vec<String>,
     #[arg(long, default_value_t = 200_000)]
     converge_rate: u64,
@@ -62,6 +72,10 @@ struct Args {
     lag_rate: u64,
     #[arg(long, default_value_t = 10)]
     lag_secs: u64,
+    #[arg(long, default_value_t = 50_000)]
+    notice_rate: u64,
+    #[arg(long, default_value_t = 5)]
+    notice_secs: u64,
     /// tmpfs folder: the source WAL, the base, and the "tmpfs" staging.
     #[arg(long, default_value = "/dev/shm")]
     tmpfs_dir: PathBuf,
@@ -164,6 +178,29 @@ fn main() -> anyhow::Result<()> {
             );
             for (label, parent) in [("tmpfs", args.tmpfs_dir.clone()), ("disk", disk_dir.clone())] {
                 runtime.block_on(ack_lag(&certs, &args, layout, label, &parent))?;
+            }
+        }
+        if only("notice") {
+            println!(
+                "\n-- 4. append notice: writer flush -> tail returns the record, {} records/s for {} s, no transfer -- (load average: {})",
+                args.notice_rate,
+                args.notice_secs,
+                load_average()
+            );
+            println!(
+                "{:>16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>12}",
+                "wait", "flushes", "p50_us", "p90_us", "p99_us", "p99.9_us", "max_us", "tail_cpu_s"
+            );
+            let mut p50s = Vec::new();
+            for inotify in [true, false] {
+                p50s.push(notice(&args, layout, inotify)?);
+            }
+            if let [Some(with), Some(without)] = p50s[..] {
+                println!(
+                    "p50 ratio inotify / {} us poll: {:.3}",
+                    POLL_INTERVAL.as_micros(),
+                    with.as_secs_f64() / without.as_secs_f64().max(1e-12)
+                );
             }
         }
     }
@@ -363,6 +400,67 @@ async fn converge(certs: &Arc<BenchCerts>, args: &Args, layout: Layout) -> anyho
         samples.iter().map(|s| s.1).max().unwrap_or(0)
     );
     Ok(())
+}
+
+/// What the notice scenario's tail saw: (LSN, when it was returned) per record, its thread's
+/// CPU seconds, and whether inotify was watching.
+type TailSeen = (Vec<(u64, Instant)>, f64, bool);
+
+/// Scenario 4 with one way of waiting; returns the p50.
+fn notice(args: &Args, layout: Layout, inotify: bool) -> anyhow::Result<Option<Duration>> {
+    let wal_dir = tmp_in(&args.tmpfs_dir, "ferry-bench-wal-")?;
+    let records_count = args.notice_rate * args.notice_secs;
+    let writer =
+        PacedWriter::start(wal_dir.path(), layout, args.notice_rate, records_count, 1, Duration::from_micros(100))?;
+    let dir = wal_dir.path().to_path_buf();
+    let tail =
+        std::thread::Builder::new().name("bench-notice-tail".into()).spawn(move || -> anyhow::Result<TailSeen> {
+            let cpu_before = thread_cpu_secs();
+            let (mut notice, error) =
+                if inotify { AppendNotice::watch(&dir) } else { (AppendNotice::sleeping(), None) };
+            if let Some(e) = error {
+                println!("          (no inotify watch: {e}; the wait sleeps)");
+            }
+            let config = CursorConfig { layout: LayoutChoice::Fixed(layout), alignment_bytes: 4096, mode: Mode::Live };
+            let mut tail = FolderTail::new(&dir, config, None)?;
+            let mut seen = Vec::with_capacity(usize::try_from(records_count).unwrap_or(0));
+            let mut last = 0u64;
+            while last < records_count {
+                match tail.poll_ref()? {
+                    Some(record) => {
+                        last = record.header.lsn.0;
+                        seen.push((last, Instant::now()));
+                    }
+                    None => notice.wait(POLL_INTERVAL)?,
+                }
+            }
+            Ok((seen, thread_cpu_secs() - cpu_before, notice.is_watching()))
+        })?;
+    let run = writer.join()?;
+    let (seen, tail_cpu, watching) = tail.join().map_err(|_| anyhow::anyhow!("the tail thread panicked"))??;
+    let warm_up = run.started + Duration::from_secs(1);
+    let mut lags: Vec<Duration> = Vec::with_capacity(run.acks.len());
+    for ack in run.acks.iter().filter(|a| a.at >= warm_up) {
+        let i = seen.partition_point(|(lsn, _)| *lsn < ack.last_lsn.0);
+        let (_, at) = seen.get(i).context("the tail never returned a flushed record")?;
+        lags.push(at.saturating_duration_since(ack.at));
+    }
+    lags.sort_unstable();
+    let q = |p: f64| quantile(&lags, p).map_or("-".into(), |d| format!("{:.0}", d.as_secs_f64() * 1e6));
+    let label =
+        if inotify && watching { "inotify".to_string() } else { format!("sleep {} us", POLL_INTERVAL.as_micros()) };
+    println!(
+        "{:>16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>12.2}",
+        label,
+        lags.len(),
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(0.999),
+        lags.last().map_or("-".into(), |d| format!("{:.0}", d.as_secs_f64() * 1e6)),
+        tail_cpu
+    );
+    Ok(quantile(&lags, 0.5))
 }
 
 async fn ack_lag(certs: &BenchCerts, args: &Args, layout: Layout, label: &str, parent: &Path) -> anyhow::Result<()> {

@@ -142,6 +142,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         read_mode: args.read_mode,
         commit: !args.no_commit,
         wal,
+        cutover: None,
     };
     let json = args.json;
     let runtime = super::runtime()?;

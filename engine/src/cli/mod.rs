@@ -7,7 +7,11 @@
 
 mod certs_cmd;
 mod copy;
+pub mod cutover;
 mod demo;
+mod migrate;
+mod ops;
+mod render;
 mod serve;
 
 use std::path::PathBuf;
@@ -19,8 +23,10 @@ use clap::{Parser, Subcommand};
 #[command(name = "ferry", version)]
 pub struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log format on stderr (default text; `ferry serve` also reads `log_format` from its
+    /// --config file, and this flag wins over it).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -35,11 +41,26 @@ pub enum LogFormat {
 pub enum Command {
     /// Run a node daemon: receives inbound migrations over QUIC into <data-dir>/migrations/.
     Serve(serve::ServeArgs),
-    /// Copy a shard to a target daemon: its files, and with --wal-dir its WAL records as they
-    /// are written (this process is the source; the same command again resumes).
+    /// Copy a shard to a target daemon, this process being the source (no source daemon).
+    ///
+    /// Ships the shard's files, and with --wal-dir its WAL records as they are written; the same
+    /// command again resumes. With a source daemon running, `ferry migrate --offline` is the way.
     Copy(copy::CopyArgs),
-    /// Run an offline migration of a generated shard end to end and verify it (WAL catch-up and
-    /// cut-over are not implemented yet: see issues 4 and 6).
+    /// Migrate a shard through the SOURCE daemon's control socket and follow it to the end:
+    /// --offline for a shard nobody writes to, else live, ending with the cut-over fence.
+    Migrate(migrate::MigrateArgs),
+    /// Show a migration's (or every migration's) phase and progress; --watch follows it.
+    Status(ops::StatusArgs),
+    /// List the daemon's migrations, both roles.
+    List(ops::ListArgs),
+    /// Abort a migration: the target staging is removed, the source stays authoritative.
+    Abort(ops::AbortArgs),
+    /// Remove what the daemon holds for a finished (Completed or Failed) migration.
+    Forget(ops::ForgetArgs),
+    /// Change a running source migration's rate limit (bytes per second, e.g. 100MB; 0: unlimited).
+    SetRate(ops::SetRateArgs),
+    /// Run a live migration between two local daemons with a reference writer: base copy, WAL
+    /// catch-up and the cut-over fence, with the pause measured and every write verified.
     Demo(demo::DemoArgs),
     /// Make development certificates: a cluster CA and node certificates signed by it.
     #[command(subcommand)]
@@ -84,10 +105,26 @@ fn init_logging(format: LogFormat) {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let format = cli.log_format.or_else(|| match &cli.command {
+        // A config that cannot be read is reported by `serve` itself; log as text until then.
+        Command::Serve(args) => args.config.as_deref().and_then(|path| crate::config::NodeConfig::load(path).ok()).map(
+            |config| match config.log_format {
+                crate::config::LogFormatSetting::Json => LogFormat::Json,
+                crate::config::LogFormatSetting::Text => LogFormat::Text,
+            },
+        ),
+        _ => None,
+    });
+    init_logging(format.unwrap_or(LogFormat::Text));
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Copy(args) => copy::run(args),
+        Command::Migrate(args) => migrate::run(args),
+        Command::Status(args) => ops::run_status(args),
+        Command::List(args) => ops::run_list(args),
+        Command::Abort(args) => ops::run_abort(args),
+        Command::Forget(args) => ops::run_forget(args),
+        Command::SetRate(args) => ops::run_set_rate(args),
         Command::Demo(args) => demo::run(args),
         Command::Certs(command) => certs_cmd::run(command),
         Command::Wal(WalCommand::Dump { dir, vshard, from_lsn, staged, json }) => {

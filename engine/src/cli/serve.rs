@@ -1,22 +1,20 @@
-//! `ferry serve`: the node daemon (for now: the target side of base copies).
+//! `ferry serve`: the node daemon: target of inbound migrations, source of the migrations its
+//! coordinator starts on the control socket, recovery of both after a restart, SIGHUP
+//! certificate reload, graceful SIGTERM/SIGINT.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use ferry_wire::NodeId;
 
 use crate::config::NodeConfig;
-use crate::control::{ControlConfig, ControlServer};
-use crate::daemon::Daemon;
+use crate::node::RunningNode;
+use crate::outbound::Outbound;
 use crate::quic::QuicTuning;
-use crate::storage::DiskStorage;
 use crate::tls::NodeIdentity;
-use crate::transfer::target::{self, TargetContext};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -86,79 +84,71 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = resolve(args)?;
-    let node_id = NodeId::new(config.node_id.clone()).context("invalid node id")?;
-    let allowed: Vec<NodeId> = config
-        .allowed_peers
-        .iter()
-        .cloned()
-        .map(NodeId::new)
-        .collect::<Result<_, _>>()
-        .context("invalid allowed peer")?;
-    let identity = NodeIdentity::from_dir(&config.certs_dir, &node_id)?;
-    let crypto = crate::tls::server_crypto(&identity, &allowed)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data folder {}", config.data_dir.display()))?;
-    let args = config;
     let runtime = super::runtime()?;
     runtime.block_on(async move {
-        let endpoint = crate::quic::server_endpoint(args.listen, crypto, &QuicTuning::default())
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        let listening = endpoint.local_addr()?;
-        tracing::info!(node = %node_id, %listening, data_dir = %args.data_dir.display(), "ferry serve: listening");
+        // Signal handlers first: a SIGTERM right after the "listening on" line must stop the
+        // daemon cleanly, not kill it with the default action.
+        let shutdown = shutdown_signal()?;
+        let node = RunningNode::start(&config).await?;
+        tracing::info!(node = %node.node_id, listening = %node.quic_addr, data_dir = %config.data_dir.display(), "ferry serve: listening");
         // Lines on stdout that scripts and tests can wait for. A reader that went away is not
         // the daemon's problem: write errors are ignored (println! would panic on EPIPE).
-        let _ = writeln!(std::io::stdout(), "listening on {listening}");
-        let ctx = Arc::new(TargetContext::new(node_id.clone(), args.data_dir.clone(), Arc::new(DiskStorage)));
-        let server = tokio::spawn(target::serve(endpoint.clone(), ctx.clone()));
-        let daemon = Daemon::new(node_id, listening, ctx.clone());
-        let _events = daemon.spawn_events();
-        let mut control_config = ControlConfig::new(args.control_socket_path());
-        control_config.allowed_uids = args.control_allowed_uids.clone();
-        let control = ControlServer::bind(control_config, Arc::new(daemon))?;
-        let _ = writeln!(std::io::stdout(), "control socket at {}", control.socket_path().display());
-        let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
-        let control_task = tokio::spawn(control.run(async move {
-            let _ = control_stopped.await;
-        }));
-        if args.progress_interval_ms > 0 {
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(args.progress_interval_ms));
-                loop {
-                    tick.tick().await;
-                    for (id, status) in ctx.inbound() {
-                        if status.state == "receiving" {
-                            tracing::info!(
-                                migration = %id,
-                                bytes_transferred = status.bytes_verified,
-                                bytes_total = status.bytes_total,
-                                files_staged = status.files_staged_count,
-                                files_total = status.files_total_count,
-                                "inbound base copy"
-                            );
-                        }
-                    }
-                }
-            });
+        let _ = writeln!(std::io::stdout(), "listening on {}", node.quic_addr);
+        let _ = writeln!(std::io::stdout(), "control socket at {}", node.socket().display());
+        if let Some(bound) = node.metrics_addr {
+            let _ = writeln!(std::io::stdout(), "metrics at http://{bound}/metrics");
         }
-        shutdown_signal().await?;
+        let _reload = tokio::spawn(reload_on_sighup(
+            node.endpoint.clone(),
+            node.outbound.clone(),
+            config.clone(),
+            node.node_id.clone(),
+            node.allowed_peers().to_vec(),
+        ));
+        shutdown.await;
         tracing::info!("shutting down");
-        let _ = stop_control.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(3), control_task).await;
-        endpoint.close(quinn::VarInt::from_u32(crate::quic::close_code::CANCELLED), b"daemon shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
-        server.abort();
+        node.shutdown().await;
         Ok(())
     })
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// On SIGHUP, reads the certificates again: new peer connections and new outbound connections
+/// use them; established connections keep theirs. A bad certificate folder is logged and the
+/// old certificates stay in force.
+async fn reload_on_sighup(
+    endpoint: quinn::Endpoint,
+    outbound: Arc<Outbound>,
+    config: NodeConfig,
+    node_id: NodeId,
+    allowed: Vec<NodeId>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    while hup.recv().await.is_some() {
+        let loaded = NodeIdentity::from_dir(&config.certs_dir, &node_id)
+            .map_err(anyhow::Error::from)
+            .and_then(|identity| Ok((crate::tls::server_crypto(&identity, &allowed)?, identity)));
+        match loaded {
+            Ok((crypto, identity)) => {
+                endpoint.set_server_config(Some(crate::quic::server_config(crypto, &QuicTuning::default())));
+                outbound.set_identity(Arc::new(identity));
+                tracing::info!(certs = %config.certs_dir.display(), "SIGHUP: certificates reloaded");
+                let _ = writeln!(std::io::stdout(), "certificates reloaded");
+            }
+            Err(e) => tracing::error!("SIGHUP: certificates not reloaded, the old ones stay in force: {e:#}"),
+        }
+    }
+    Ok(())
+}
+
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

@@ -14,6 +14,7 @@
 
 pub mod client;
 pub mod server;
+pub mod typed;
 
 pub use client::{ClientError, ControlClient, Event, EventStream};
 pub use ferry_wire::control::{ErrorCode, RpcError};

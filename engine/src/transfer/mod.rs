@@ -7,12 +7,16 @@
 //! What it does not: decide protocol rules (ferry-wire does) or talk to coordinators (the
 //! daemon does).
 
+pub mod abort;
 pub mod chunklog;
+pub mod cutover;
+pub mod fence_target;
 pub mod framing;
 pub mod source;
 pub mod target;
 pub mod walrecv;
 pub mod walsend;
+pub mod waltail_hub;
 
 use ferry_wire::frame::FrameError;
 use ferry_wire::message::{ErrorKind, MessageError};

@@ -27,8 +27,10 @@ use quinn::{Connection, SendStream, VarInt};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
+use super::cutover::CutOver;
 use super::framing::{read_control, unexpected, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::walsend::{self, TailShared, WalSourceConfig};
+use super::waltail_hub::{self, SubscribeRequest};
 use super::TransferError;
 use crate::quic::{close_code, QuicTuning};
 use crate::read::{ChunkReader, ReadMode, ReaderConfig, SourceFile};
@@ -66,6 +68,9 @@ pub struct CopyRequest {
     pub commit: bool,
     /// Stream the vShard's WAL records above `base_lsn` alongside the base copy.
     pub wal: Option<WalSourceConfig>,
+    /// A live migration run by a daemon: once the base is staged, the copy streams the WAL and
+    /// serves the daemon's fence commands; a completed fence ends it (`CopyReport::fenced`).
+    pub cutover: Option<CutOver>,
 }
 
 /// What a finished copy reports.
@@ -80,7 +85,9 @@ pub struct CopyReport {
     pub already_staged: bool,
     pub read_mode: String,
     pub committed: bool,
-    /// The LSN the staging was released at (offline: `base_lsn`, or `until_lsn` with a WAL).
+    /// A live copy that ended with a completed fence: the staging is `fenced` at `final_lsn`.
+    pub fenced: bool,
+    /// The LSN the staging was released (or fenced) at (offline: `base_lsn`, or `until_lsn` with a WAL).
     pub final_lsn: Lsn,
     pub connections_count: u32,
     pub reconnects_count: u32,
@@ -89,13 +96,19 @@ pub struct CopyReport {
     pub bytes_resumed: u64,
 }
 
-/// A handle to change the rate limit of a running copy.
+/// A handle to change the rate limit of a running copy. It may draw on a shared parent bucket
+/// too (the daemon's global limit): a chunk then waits for both.
 #[derive(Debug, Clone)]
-pub struct RateHandle(Arc<Mutex<TokenBucket>>, Instant);
+pub struct RateHandle(Arc<Mutex<TokenBucket>>, Instant, Option<Arc<RateHandle>>);
 
 impl RateHandle {
     pub fn new(rate_bytes_per_sec: u64, burst_bytes: u64) -> Self {
-        Self(Arc::new(Mutex::new(TokenBucket::new(rate_bytes_per_sec, burst_bytes, 0))), Instant::now())
+        Self(Arc::new(Mutex::new(TokenBucket::new(rate_bytes_per_sec, burst_bytes, 0))), Instant::now(), None)
+    }
+
+    /// A handle whose chunks also take from `parent` (shared by every copy of a daemon).
+    pub fn with_parent(rate_bytes_per_sec: u64, burst_bytes: u64, parent: Arc<RateHandle>) -> Self {
+        Self(Arc::new(Mutex::new(TokenBucket::new(rate_bytes_per_sec, burst_bytes, 0))), Instant::now(), Some(parent))
     }
 
     fn lock(&self) -> MutexGuard<'_, TokenBucket> {
@@ -124,7 +137,9 @@ impl RateHandle {
 
     fn take(&self, bytes: u64) -> u64 {
         let now_ns = since(self.1);
-        self.lock().take(bytes, now_ns)
+        let own_ns = self.lock().take(bytes, now_ns);
+        let parent_ns = self.2.as_ref().map_or(0, |parent| parent.take(bytes));
+        own_ns.max(parent_ns)
     }
 }
 
@@ -202,6 +217,7 @@ pub async fn copy(
         already_staged: outcome.already_staged,
         read_mode,
         committed: outcome.committed,
+        fenced: outcome.fenced,
         final_lsn: outcome.final_lsn,
         connections_count: request.connections_count.max(1),
         reconnects_count,
@@ -214,6 +230,7 @@ struct Outcome {
     already_staged: bool,
     bytes_resent: u64,
     committed: bool,
+    fenced: bool,
     bytes_resumed: u64,
     final_lsn: Lsn,
 }
@@ -373,9 +390,16 @@ async fn run(
     for file in &snapshot.files {
         file.check_unchanged()?;
     }
-    let final_lsn = match wal {
-        Some(mut wal) => wal.finish(progress).await?,
-        None => request.base_lsn,
+    let mut fenced = false;
+    let final_lsn = match (wal, &request.cutover) {
+        (Some(mut wal), Some(cutover)) if !request.commit => {
+            let final_lsn = super::cutover::serve(cutover, &mut wal, &mut send, &mut messages).await?;
+            publish_wal(&wal.shared, progress);
+            fenced = true;
+            final_lsn
+        }
+        (Some(mut wal), _) => wal.finish(progress).await?,
+        (None, _) => request.base_lsn,
     };
     let mut committed = false;
     if request.commit {
@@ -399,7 +423,7 @@ async fn run(
             walsend::Holder::remove_all(&config.dir, &request.migration_id);
         }
     }
-    Ok(Outcome { already_staged, bytes_resent, committed, bytes_resumed, final_lsn })
+    Ok(Outcome { already_staged, bytes_resent, committed, fenced, bytes_resumed, final_lsn })
 }
 
 fn snapshot_file(snapshot: &Snapshot, file_index: u32) -> Result<&SnapshotFile, TransferError> {
@@ -417,22 +441,36 @@ fn publish(progress: &watch::Sender<Progress>, base: Progress) {
             base_staged: p.base_staged,
             wal_durable_lsn: p.wal_durable_lsn,
             wal_source_lsn: p.wal_source_lsn,
+            wal_held_bytes: p.wal_held_bytes,
+            wal_lag_bytes: p.wal_lag_bytes,
+            wal_rate_bytes_per_sec: p.wal_rate_bytes_per_sec,
+            wal_group_commit_us: p.wal_group_commit_us,
             ..base
         }
     });
 }
 
-/// The WAL stream of one attempt: its task, the tail thread's shared state.
-struct WalRun {
+/// The WAL stream of one attempt: its task, its subscription to the folder's tail, and the
+/// task that publishes its progress.
+pub(super) struct WalRun {
     task: Option<tokio::task::JoinHandle<Result<Lsn, TransferError>>>,
     /// The durable LSN the stream ended with, when it ended before `finish`.
     ended_at: Option<Lsn>,
-    shared: Arc<TailShared>,
+    /// The target's durable LSN, as the stream learns it.
+    pub(super) durable: watch::Receiver<Lsn>,
+    pub(super) shared: Arc<TailShared>,
     until: Option<Lsn>,
+    /// Publishes the WAL fields of the progress from the start of the stream, so they move
+    /// during the base copy too.
+    _publisher: super::target::AbortOnDrop,
 }
+
+/// How often the WAL fields of the progress are refreshed.
+const WAL_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 impl Drop for WalRun {
     fn drop(&mut self) {
+        // Leaves the folder's tail (the hub drops the subscription at its next turn).
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(task) = self.task.take() {
             task.abort();
@@ -441,10 +479,13 @@ impl Drop for WalRun {
 }
 
 impl WalRun {
-    /// Waits until every selected record up to `until_lsn` is durable (forever without one),
-    /// publishing the catch-up progress. Returns the final LSN.
+    /// Whether the stream task still runs.
+    pub(super) fn running(&self) -> bool {
+        self.task.is_some()
+    }
+
     /// Waits for the stream task to end (while the base copy runs); keeps its result.
-    async fn ended(&mut self) -> Result<(), TransferError> {
+    pub(super) async fn ended(&mut self) -> Result<(), TransferError> {
         let Some(task) = self.task.as_mut() else { return Ok(()) };
         let joined = task.await;
         self.task = None;
@@ -453,43 +494,52 @@ impl WalRun {
         Ok(())
     }
 
+    /// Waits until every selected record up to `until_lsn` is durable (forever without one).
+    /// Returns the final LSN.
     async fn finish(&mut self, progress: &watch::Sender<Progress>) -> Result<Lsn, TransferError> {
         if let Some(durable) = self.ended_at {
             publish_wal(&self.shared, progress);
             return Ok(self.until.unwrap_or(durable));
         }
-        let shared = self.shared.clone();
         let Some(task) = self.task.as_mut() else {
             return Err(TransferError::Local("the WAL stream already ended".into()));
         };
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let durable = loop {
-            tokio::select! {
-                joined = &mut *task => break joined,
-                _ = tick.tick() => publish_wal(&shared, progress),
-            }
-        };
+        let durable = task.await;
         self.task = None;
         let durable = durable.map_err(|e| TransferError::Local(format!("the WAL task failed: {e}")))??;
-        publish_wal(&shared, progress);
-        Ok(self.until.unwrap_or(durable))
-    }
-
-    fn publish(&self, progress: &watch::Sender<Progress>) {
         publish_wal(&self.shared, progress);
+        Ok(self.until.unwrap_or(durable))
     }
 }
 
+/// Publishes the WAL fields of the progress; watchers are woken only when one changed.
 fn publish_wal(shared: &TailShared, progress: &watch::Sender<Progress>) {
     let durable = shared.durable_lsn.load(Ordering::Relaxed);
-    let source = shared.source_lsn.load(Ordering::Relaxed);
-    progress.send_modify(|p| {
+    let source = shared.source_lsn.load(Ordering::Relaxed).max(durable);
+    let held_bytes = shared.held_bytes.load(Ordering::Relaxed);
+    let lag_bytes =
+        shared.queued_bytes.load(Ordering::Relaxed).saturating_add(shared.inflight_bytes.load(Ordering::Relaxed));
+    let rate = shared.rate_bytes_per_sec.load(Ordering::Relaxed);
+    let group_commit_us = shared.group_commit_us.load(Ordering::Relaxed);
+    progress.send_if_modified(|p| {
+        let changed = p.wal_durable_lsn != Some(durable)
+            || p.wal_source_lsn != Some(source)
+            || p.wal_held_bytes != held_bytes
+            || p.wal_lag_bytes != lag_bytes
+            || p.wal_rate_bytes_per_sec != rate
+            || p.wal_group_commit_us != group_commit_us;
         p.wal_durable_lsn = Some(durable);
-        p.wal_source_lsn = Some(source.max(durable));
+        p.wal_source_lsn = Some(source);
+        p.wal_held_bytes = held_bytes;
+        p.wal_lag_bytes = lag_bytes;
+        p.wal_rate_bytes_per_sec = rate;
+        p.wal_group_commit_us = group_commit_us;
+        changed
     });
 }
 
-/// Opens the WAL stream, starts the tail from the first record the target does not hold.
+/// Opens the WAL stream, subscribes to the folder's tail from the first record the target
+/// does not hold, and starts publishing the WAL progress.
 async fn start_wal(
     conn: &Connection,
     config: &WalSourceConfig,
@@ -503,27 +553,50 @@ async fn start_wal(
     let shared = Arc::new(TailShared::default());
     shared.durable_lsn.store(durable.0, Ordering::Relaxed);
     shared.source_lsn.store(durable.0, Ordering::Relaxed);
-    let (events_tx, events) = mpsc::channel(1024);
-    let _tail_thread = walsend::spawn_tail(
-        config.clone(),
-        request.migration_id.clone(),
-        request.vshard_id,
-        start,
-        shared.clone(),
-        events_tx,
-    )?;
-    let (durable_tx, _durable_rx) = watch::channel(durable);
+    // Every record up to the durable LSN needs no reading: the drain counts it as read.
+    shared.scanned_lsn.store(durable.0, Ordering::Relaxed);
+    let subscription = SubscribeRequest {
+        config: config.clone(),
+        migration_id: request.migration_id.clone(),
+        vshard_id: request.vshard_id,
+        from_lsn: start,
+        queue_max_bytes: walsend::QUEUE_MAX_BYTES,
+    };
+    let events = {
+        let shared = shared.clone();
+        // canonicalize and a channel send: quick, but file system calls stay off the runtime.
+        tokio::task::spawn_blocking(move || waltail_hub::subscribe(subscription, shared))
+            .await
+            .map_err(|e| TransferError::Local(format!("the WAL subscription task failed: {e}")))??
+    };
+    let (durable_tx, durable_rx) = watch::channel(durable);
     let task = tokio::spawn(walsend::stream(wal_send, wal_recv, events, shared.clone(), durable_tx));
-    let run = WalRun { task: Some(task), ended_at: None, shared, until: config.until_lsn };
-    run.publish(progress);
-    Ok(run)
+    publish_wal(&shared, progress);
+    let publisher = {
+        let (shared, progress) = (shared.clone(), progress.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(WAL_PROGRESS_INTERVAL);
+            loop {
+                tick.tick().await;
+                publish_wal(&shared, &progress);
+            }
+        })
+    };
+    Ok(WalRun {
+        task: Some(task),
+        ended_at: None,
+        durable: durable_rx,
+        shared,
+        until: config.until_lsn,
+        _publisher: super::target::AbortOnDrop(publisher),
+    })
 }
 
 fn lock(session: &Mutex<SourceSession>) -> MutexGuard<'_, SourceSession> {
     session.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-type Messages = mpsc::Receiver<Result<Option<Message>, TransferError>>;
+pub(super) type Messages = mpsc::Receiver<Result<Option<Message>, TransferError>>;
 
 async fn wait_base_staged(messages: &mut Messages) -> Result<u64, TransferError> {
     loop {
@@ -666,7 +739,9 @@ async fn send_stream(
             tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
         }
         let header = FrameHeader::chunk(span.chunk.file_index, span.offset_bytes, data.len(), crc)?;
+        let len_bytes = data.len() as u64;
         write_chunk(&mut stream, &header, data).await?;
+        crate::metrics::BYTES_SENT_TOTAL.fetch_add(len_bytes, Ordering::Relaxed);
     }
     stream.finish().map_err(|e| TransferError::Connection(e.to_string()))?;
     Ok(())

@@ -29,7 +29,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 
 use super::chunklog::{self, ChunkLog};
-use super::framing::{read_body, read_control, read_header, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::framing::{read_control, write_control, BodyPieces, FrameReader, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::TransferError;
 use crate::staging::{self, StagingLayout};
 use crate::storage::{Storage, StorageFile};
@@ -57,6 +57,27 @@ pub struct InboundStatus {
     pub state: String,
     /// The staged WAL's durable LSN, when the transfer has a WAL stream.
     pub wal_durable_lsn: Option<u64>,
+    /// An aborted migration: why.
+    pub reason: Option<String>,
+    /// What the target's database reported applied (`migration.applied`); once set, a fence
+    /// waits for it to reach `final_lsn`.
+    pub applied_lsn: Option<u64>,
+    /// The LSN the staging was fenced or released at.
+    pub final_lsn: Option<u64>,
+}
+
+/// What the target admits (DESIGN section 4: admission).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetLimits {
+    /// Inbound migrations received at once (a resumed one does not count twice); 0: unlimited.
+    pub max_inbound_count: usize,
+    /// Refuse a new migration whose base does not fit in the data folder's free space.
+    pub check_free_space: bool,
+}
+
+/// States of an inbound migration that still hold a slot.
+fn is_active_state(state: &str) -> bool {
+    matches!(state, "receiving" | "interrupted" | "base_staged" | "fenced")
 }
 
 /// A transfer being received, as extra data connections find it.
@@ -78,6 +99,9 @@ pub struct TargetContext {
     received: Mutex<HashMap<MigrationId, Arc<AtomicU64>>>,
     /// The staged WALs open on this node.
     pub wal_stages: super::walrecv::WalStages,
+    limits: Mutex<TargetLimits>,
+    /// Woken when a database reports progress with `migration.applied`.
+    pub(crate) applied: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for TargetContext {
@@ -102,7 +126,128 @@ impl TargetContext {
             connections: Mutex::new(Vec::new()),
             received: Mutex::new(HashMap::new()),
             wal_stages: super::walrecv::WalStages::default(),
+            limits: Mutex::new(TargetLimits::default()),
+            applied: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Sets the admission limits (from the daemon's configuration).
+    pub fn set_limits(&self, limits: TargetLimits) {
+        *locked(&self.limits) = limits;
+    }
+
+    /// Lists the stagings an earlier run of the daemon left (state from their MANIFEST.json;
+    /// a staging without one was interrupted during its base copy), so a restarted target
+    /// shows them before their sources reconnect. Unreadable entries are logged and skipped.
+    pub fn load_existing(&self) {
+        let dir = self.data_dir.join("migrations");
+        let Ok(names) = self.storage.list_dir(&dir) else { return };
+        for name in names {
+            let Ok(id) = MigrationId::new(name.clone()) else { continue };
+            let layout = StagingLayout::new(&self.data_dir, &id);
+            let state = match staging::read_manifest(&*self.storage, &layout) {
+                Ok(Some(m)) => match m.state {
+                    StagingState::Copying if m.base_complete => "base_staged",
+                    StagingState::Copying => "interrupted",
+                    StagingState::Fenced => "fenced",
+                    StagingState::Released => "released",
+                    StagingState::Aborted => "aborted",
+                },
+                Ok(None) => "interrupted",
+                Err(e) => {
+                    tracing::warn!(migration = %id, "cannot read the staging's manifest: {e}");
+                    continue;
+                }
+            };
+            self.update(&id, |s| s.state = state.into());
+        }
+    }
+
+    /// Refuses a new inbound migration when the target is at capacity or lacks the space.
+    fn admit(&self, offer: &Offer) -> Result<(), TransferError> {
+        let limits = *locked(&self.limits);
+        let id = &offer.migration_id;
+        if self.storage.exists(&StagingLayout::new(&self.data_dir, id).root) {
+            // Resuming (or repeating) a migration already admitted.
+            return Ok(());
+        }
+        if limits.max_inbound_count > 0 {
+            let active =
+                locked(&self.status).iter().filter(|(other, s)| *other != id && is_active_state(&s.state)).count();
+            if active >= limits.max_inbound_count {
+                return Err(TransferError::Refused(format!(
+                    "target {} is at capacity: {active} inbound migrations, limit max_inbound_migrations = {}; retry later",
+                    self.node_id, limits.max_inbound_count
+                )));
+            }
+        }
+        if limits.check_free_space {
+            let needed_bytes = offer.bytes_total();
+            let free_bytes = free_space_bytes(&self.data_dir).map_err(|e| {
+                TransferError::Local(format!("cannot read free space of {}: {e}", self.data_dir.display()))
+            })?;
+            if free_bytes < needed_bytes {
+                return Err(TransferError::Refused(format!(
+                    "target {} lacks disk space: the base needs {needed_bytes} bytes, {} has {free_bytes} free",
+                    self.node_id,
+                    self.data_dir.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts the connection receiving `id` (the source does not retry the code).
+    pub(crate) fn cut(&self, id: &MigrationId, reason: &str) {
+        if let Some((conn, _)) = locked(&self.claims).get(id) {
+            conn.close(VarInt::from_u32(super::abort::CUT_CLOSE_CODE), reason.as_bytes());
+        }
+    }
+
+    /// Whether a connection is receiving `id` now.
+    pub(crate) fn is_receiving(&self, id: &MigrationId) -> bool {
+        locked(&self.claims).contains_key(id)
+    }
+
+    pub(crate) fn mark_aborted(&self, id: &MigrationId, reason: &str) {
+        self.update(id, |s| {
+            s.state = "aborted".into();
+            s.reason = Some(reason.to_owned());
+        });
+    }
+
+    /// Removes what this node holds for a finished (released or aborted) inbound migration:
+    /// its staging folder and its status. A migration still in progress is refused.
+    pub async fn forget(&self, id: &MigrationId) -> Result<(), TransferError> {
+        let state = locked(&self.status).get(id).map(|s| s.state.clone());
+        match state.as_deref() {
+            None => return Err(TransferError::Local(format!("no inbound migration {id} on this node"))),
+            Some("released" | "aborted") => {}
+            Some(other) => {
+                return Err(TransferError::Refused(format!(
+                    "inbound migration {id} is {other}: abort it first, or wait until it is released"
+                )))
+            }
+        }
+        if self.is_receiving(id) {
+            return Err(TransferError::Refused(format!("inbound migration {id} still has a connection; retry")));
+        }
+        let layout = StagingLayout::new(&self.data_dir, id);
+        let storage = self.storage.clone();
+        blocking(move || {
+            if storage.exists(&layout.root) {
+                storage.remove_dir_all(&layout.root).map_err(staging::io_err("remove", &layout.root))?;
+                storage
+                    .sync_dir(&layout.migrations_dir())
+                    .map_err(staging::io_err("sync", &layout.migrations_dir()))?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.wal_stages.forget(id);
+        locked(&self.status).remove(id);
+        locked(&self.received).remove(id);
+        Ok(())
     }
 
     fn received_counter(&self, id: &MigrationId) -> Arc<AtomicU64> {
@@ -118,7 +263,7 @@ impl TargetContext {
         status
     }
 
-    fn update(&self, id: &MigrationId, f: impl FnOnce(&mut InboundStatus)) {
+    pub(crate) fn update(&self, id: &MigrationId, f: impl FnOnce(&mut InboundStatus)) {
         f(locked(&self.status).entry(id.clone()).or_default());
     }
 
@@ -153,6 +298,7 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<TargetContext>) {
                 Err(e) => {
                     let (_, code) = e.kind_and_code();
                     tracing::warn!(%remote, ?peer, "inbound transfer failed: {e}");
+                    crate::metrics::count_error(crate::metrics::error_kind_of(&e.to_string()));
                     conn.close(VarInt::from_u32(code), e.to_string().as_bytes());
                 }
             }
@@ -243,11 +389,40 @@ async fn converse(
     let offer = match read_control(&mut recv, CONTROL_BODY_LEN_MAX_BYTES).await? {
         Some(Message::Offer(offer)) => offer,
         Some(Message::Join { migration_id }) => return join(conn, ctx, peer, send, &migration_id).await,
+        Some(Message::Release { migration_id, final_lsn }) => {
+            let holder = locked(&ctx.claims).get(&migration_id).map(|(_, p)| p.clone());
+            if holder.is_some_and(|holder| holder != peer) {
+                return Err(TransferError::Refused(format!("migration {migration_id} is received from another node")));
+            }
+            super::fence_target::release_staging(ctx, &migration_id, final_lsn).await?;
+            write_control(send, &Message::Released).await?;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+            return Ok(());
+        }
+        Some(Message::Abort { migration_id, reason }) => {
+            let holder = locked(&ctx.claims).get(&migration_id).map(|(_, p)| p.clone());
+            if holder.is_some_and(|holder| holder != peer) {
+                return Err(TransferError::Refused(format!("migration {migration_id} is received from another node")));
+            }
+            let reason = format!("{reason} (asked by source {})", peer.as_deref().unwrap_or("?"));
+            super::abort::abort_staging(ctx, &migration_id, &reason).await?;
+            write_control(send, &Message::Aborted).await?;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+            return Ok(());
+        }
         other => return Err(TransferError::Protocol(format!("expected an offer, got {}", describe(other.as_ref())))),
     };
     offer.validate().map_err(|e| TransferError::Protocol(e.to_string()))?;
+    ctx.admit(&offer)?;
     let _claim = Claim::take(ctx, &offer.migration_id, conn, peer.clone()).await?;
     let id = offer.migration_id.clone();
+    if locked(&ctx.status).get(&id).is_some_and(|s| s.state == "aborted") {
+        return Err(TransferError::Refused(format!(
+            "migration {id} was aborted on this target: forget it or use a new id"
+        )));
+    }
     ctx.update(&id, |s| {
         *s = InboundStatus {
             source_node: peer,
@@ -666,11 +841,14 @@ async fn accept_chunk_streams(conn: Connection, inbound: Arc<Inbound>, events: m
 }
 
 async fn receive_chunks(
-    mut recv: RecvStream,
+    recv: RecvStream,
     inbound: &Arc<Inbound>,
     events: &mpsc::Sender<Event>,
 ) -> Result<(), TransferError> {
-    while let Some(header) = read_header(&mut recv).await? {
+    let mut reader = FrameReader::new(recv);
+    // One body per stream, handed to the write and back, so its piece list is allocated once.
+    let mut body = BodyPieces::default();
+    while let Some(header) = reader.read_header().await? {
         if header.kind != FrameKind::Chunk {
             return Err(TransferError::Protocol(format!("a {:?} frame on a chunk stream", header.kind)));
         }
@@ -684,30 +862,48 @@ async fn receive_chunks(
         // so a resend after it shows in bytes_resent.
         inbound.log.append(LogRecord::Receiving { file_index, chunk_index, len_bytes })?;
         inbound.received.fetch_add(u64::from(len_bytes), Ordering::Relaxed);
-        let body = read_body(&mut recv, &header).await?;
-        let found = ferry_wire::crc32c(&body);
+        reader.read_body(&header, &mut body).await?;
+        let found = body.crc32c();
         if found != header.body_crc32c {
             return Err(TransferError::ChunkChecksum { file_index, offset_bytes, expected: header.body_crc32c, found });
         }
+        let chunk = ChunkRef { file_index, chunk_index };
         let event = match verdict {
-            ChunkVerdict::Duplicate { .. } => Event::Duplicate(ChunkRef { file_index, chunk_index }),
+            ChunkVerdict::Duplicate { .. } => Event::Duplicate(chunk),
             ChunkVerdict::Write { .. } => {
-                let part = inbound.part(file_index)?;
-                let path = inbound.layout.part_path(file_index);
-                let log = inbound.log.clone();
-                blocking(move || {
-                    part.write_at(&body, offset_bytes).map_err(|source| {
-                        TransferError::Staging(staging::StagingError::Io { what: "write", path, source })
-                    })?;
-                    Ok(log.append(LogRecord::Verified { file_index, chunk_index, crc32c: found })?)
-                })
-                .await?;
-                Event::Written { chunk: ChunkRef { file_index, chunk_index }, crc32c: found, len_bytes }
+                body = write_verified(inbound, body, chunk, offset_bytes).await?;
+                Event::Written { chunk, crc32c: found, len_bytes }
             }
         };
         events.send(event).await.map_err(|_| TransferError::Local("transfer ended".into()))?;
     }
     Ok(())
+}
+
+/// Writes a verified chunk body at its offset in its part file with one gathered write (the
+/// pieces as quinn received them, not copied together first), then logs the chunk verified.
+/// Hands the emptied body back for the stream's next chunk.
+async fn write_verified(
+    inbound: &Arc<Inbound>,
+    mut body: BodyPieces,
+    chunk: ChunkRef,
+    offset_bytes: u64,
+) -> Result<BodyPieces, TransferError> {
+    let part = inbound.part(chunk.file_index)?;
+    let inbound = inbound.clone();
+    blocking(move || {
+        let slices: Vec<std::io::IoSlice<'_>> = body.pieces().iter().map(|p| std::io::IoSlice::new(p)).collect();
+        part.write_all_vectored_at(&slices, offset_bytes).map_err(|source| {
+            let path = inbound.layout.part_path(chunk.file_index);
+            TransferError::Staging(staging::StagingError::Io { what: "write", path, source })
+        })?;
+        drop(slices);
+        let (file_index, chunk_index, crc32c) = (chunk.file_index, chunk.chunk_index, body.crc32c());
+        inbound.log.append(LogRecord::Verified { file_index, chunk_index, crc32c })?;
+        body.clear();
+        Ok(body)
+    })
+    .await
 }
 
 async fn commit_phase(
@@ -739,7 +935,13 @@ async fn commit_phase(
                     Ok(())
                 })
                 .await?;
+                ctx.update(&offer.migration_id, |s| s.state = "released".into());
                 write_control(send, &Message::Committed).await?;
+            }
+            Some(Ok(Message::Fence { final_lsn, apply_wait_max_us })) => {
+                let answer =
+                    super::fence_target::fence_staging(ctx, offer, layout, final_lsn, apply_wait_max_us).await?;
+                write_control(send, &answer).await?;
             }
             Some(Ok(Message::Error { kind, message })) => return Err(TransferError::Peer { kind, message }),
             Some(Ok(other)) => {
@@ -757,4 +959,10 @@ async fn commit_phase(
             }
         }
     }
+}
+
+/// Bytes available to this process on the filesystem holding `path`.
+fn free_space_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }

@@ -1,14 +1,23 @@
 //! The target side of the WAL stream: stages the vShard's records durably, with group commit,
-//! and tells the source the durable LSN after every batch.
+//! and tells the source the durable LSN after every group.
 //!
 //! What it does: on the WAL stream of a transfer's connection, answers `WalStart` with the
-//! staged WAL's durable LSN (the source resumes from the next record), then for each WAL
-//! batch frame checks it, appends its records through [`StagedWal`] (one fdatasync per batch
-//! via the storage seam) and answers `WalDurable`. One [`StagedWal`] per migration lives in
-//! the [`WalStages`] table, so a reconnecting source continues the same staged WAL.
+//! staged WAL's durable LSN (the source resumes from the next record). A reader task reads
+//! and checks WAL batch frames ahead of the stager; the stager takes the next frame and every
+//! further frame already read (without waiting for more), up to [`GROUP_MAX_BYTES`],
+//! appends all their records through [`StagedWal`] as one batch (one fdatasync per segment
+//! file written, via the storage seam) and answers `WalDurable` once for the group. While a
+//! group is being synced the reader goes on reading, so a slow disk makes groups larger
+//! instead of making the source wait. One [`StagedWal`] per migration lives in the
+//! [`WalStages`] table, so a reconnecting source continues the same staged WAL.
 //!
 //! What it does not: check that the records belong to the vShard (the source selects) or
 //! renumber them (the database's importer applies them under its own LSNs).
+//!
+//! Invariants: `WalDurable` names only an LSN whose group's syncs returned; frames after a
+//! malformed one are never staged (the good frames before it are, and acknowledged, then the
+//! stream fails); memory held is bounded: at most [`READ_AHEAD_MAX_BYTES`] of frame bodies
+//! read ahead (or one larger frame) and [`FRAMES_QUEUED_MAX_COUNT`] frames.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,12 +28,22 @@ use ferry_wire::message::Message;
 use ferry_wire::walstream;
 use ferry_wire::{Lsn, MigrationId};
 use quinn::{RecvStream, SendStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::framing::{read_body, read_control, read_header, unexpected, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::target::AbortOnDrop;
 use super::TransferError;
 use crate::staging::StagingLayout;
 use crate::storage::Storage;
 use crate::wal::stage::{StageOptions, StagedRecord, StagedWal};
+
+/// Most frame body bytes staged as one group (one fdatasync): frames already read are taken
+/// while they fit; a frame larger than this is a group of its own.
+pub const GROUP_MAX_BYTES: usize = 8 << 20;
+/// Most frame body bytes the reader holds ahead of the stager; a larger frame takes it all.
+pub const READ_AHEAD_MAX_BYTES: usize = 16 << 20;
+/// Most frames the reader holds ahead of the stager.
+pub const FRAMES_QUEUED_MAX_COUNT: usize = 1024;
 
 /// The staged WALs open on this node, by migration.
 #[derive(Debug, Default)]
@@ -86,27 +105,229 @@ pub async fn serve_stream(
     }
     let durable = wal.lock().unwrap_or_else(|e| e.into_inner()).durable_lsn();
     write_control(&mut send, &Message::WalDurable { durable_lsn: durable }).await?;
-    while let Some(header) = read_header(&mut recv).await? {
-        if header.kind != FrameKind::WalBatch {
-            return Err(TransferError::Protocol(format!("a {:?} frame on the WAL stream", header.kind)));
-        }
-        let body = read_body(&mut recv, &header).await?;
-        header.check_body(&body)?;
+    let (frames_tx, mut frames) = mpsc::channel(FRAMES_QUEUED_MAX_COUNT);
+    let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));
+    let _reader = AbortOnDrop(tokio::spawn(read_frames(recv, frames_tx, budget)));
+    let mut held: Option<Frame> = None;
+    loop {
+        let first = match held.take() {
+            Some(frame) => frame,
+            None => match frames.recv().await {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return Err(e),
+                None => break,
+            },
+        };
+        let (group, failed) = take_group(first, &mut frames, &mut held, GROUP_MAX_BYTES);
         let wal = wal.clone();
-        let durable = tokio::task::spawn_blocking(move || -> Result<Lsn, TransferError> {
-            let records = walstream::decode(&body).map_err(|e| TransferError::Malformed(e.to_string()))?;
-            let staged: Vec<StagedRecord<'_>> = records
-                .iter()
-                .map(|r| StagedRecord { lsn: r.lsn, bytes: r.bytes, source_preamble: r.source_preamble })
-                .collect();
-            let mut wal = wal.lock().unwrap_or_else(|e| e.into_inner());
-            wal.append_batch(&staged).map_err(|e| TransferError::Local(format!("staging WAL records: {e}")))
-        })
-        .await
-        .map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
+        let durable = tokio::task::spawn_blocking(move || stage_group(&wal, &group))
+            .await
+            .map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
         on_durable(durable);
         write_control(&mut send, &Message::WalDurable { durable_lsn: durable }).await?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
     }
     let _ = send.finish();
     Ok(())
+}
+
+/// A checked WAL batch frame body, holding its share of the read-ahead budget.
+#[derive(Debug)]
+struct Frame {
+    body: Vec<u8>,
+    _budget: OwnedSemaphorePermit,
+}
+
+type Frames = mpsc::Receiver<Result<Frame, TransferError>>;
+
+/// Reads frames until the stream ends (the channel closes) or fails (the error is sent).
+async fn read_frames(mut recv: RecvStream, frames: mpsc::Sender<Result<Frame, TransferError>>, budget: Arc<Semaphore>) {
+    loop {
+        match read_frame(&mut recv, &budget).await {
+            Ok(Some(frame)) => {
+                if frames.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = frames.send(Err(e)).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn read_frame(recv: &mut RecvStream, budget: &Arc<Semaphore>) -> Result<Option<Frame>, TransferError> {
+    let Some(header) = read_header(recv).await? else { return Ok(None) };
+    if header.kind != FrameKind::WalBatch {
+        return Err(TransferError::Protocol(format!("a {:?} frame on the WAL stream", header.kind)));
+    }
+    // The header's length is checked against the frame kind's limit by its decoder.
+    let share = u32::try_from((header.body_len_bytes as usize).min(READ_AHEAD_MAX_BYTES)).unwrap_or(u32::MAX);
+    let permit = Arc::clone(budget)
+        .acquire_many_owned(share)
+        .await
+        .map_err(|_| TransferError::Local("the WAL read-ahead budget was closed".into()))?;
+    let body = read_body(recv, &header).await?;
+    header.check_body(&body)?;
+    Ok(Some(Frame { body, _budget: permit }))
+}
+
+/// The group that starts with `first`: every further frame already read, while the group
+/// stays within `group_max_bytes`. A frame that does not fit goes to `held` (it starts the
+/// next group); a read error ends the group and is returned, to be raised once the group is
+/// durable.
+fn take_group(
+    first: Frame,
+    frames: &mut Frames,
+    held: &mut Option<Frame>,
+    group_max_bytes: usize,
+) -> (Vec<Frame>, Option<TransferError>) {
+    let mut group_bytes = first.body.len();
+    let mut group = vec![first];
+    loop {
+        match frames.try_recv() {
+            Ok(Ok(frame)) if group_bytes.saturating_add(frame.body.len()) <= group_max_bytes => {
+                group_bytes += frame.body.len();
+                group.push(frame);
+            }
+            Ok(Ok(frame)) => {
+                *held = Some(frame);
+                return (group, None);
+            }
+            Ok(Err(e)) => return (group, Some(e)),
+            // Nothing more read yet, or the stream ended: the next receive tells which.
+            Err(_) => return (group, None),
+        }
+    }
+}
+
+/// Decodes every frame of a group and stages all their records as one batch: one fdatasync
+/// per segment file written. Returns the durable LSN.
+fn stage_group(wal: &Mutex<StagedWal>, group: &[Frame]) -> Result<Lsn, TransferError> {
+    let mut staged: Vec<StagedRecord<'_>> = Vec::new();
+    for frame in group {
+        let records = walstream::decode(&frame.body).map_err(|e| TransferError::Malformed(e.to_string()))?;
+        staged.extend(records.iter().map(|r| StagedRecord {
+            lsn: r.lsn,
+            bytes: r.bytes,
+            source_preamble: r.source_preamble,
+        }));
+    }
+    let mut wal = wal.lock().unwrap_or_else(|e| e.into_inner());
+    wal.append_batch(&staged).map_err(|e| TransferError::Local(format!("staging WAL records: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use std::path::Path;
+
+    use ferry_wire::wal::{encode_record, Layout, RecordHeader};
+    use ferry_wire::walstream::WalBatchRecord;
+    use ferry_wire::VShardId;
+
+    use super::*;
+    use crate::storage::FakeStorage;
+
+    fn record(lsn: u64) -> Vec<u8> {
+        let header = RecordHeader::new(Layout::B, 1, Lsn(lsn), VShardId(7));
+        let mut out = Vec::new();
+        encode_record(&header, &[lsn.to_le_bytes()[0]; 40], &mut out).unwrap();
+        out
+    }
+
+    /// A frame body holding the records `lsns`, with its budget share.
+    fn frame(budget: &Arc<Semaphore>, lsns: &[u64]) -> Frame {
+        let mut body = Vec::new();
+        for lsn in lsns {
+            let bytes = record(*lsn);
+            assert!(walstream::push(
+                &mut body,
+                &WalBatchRecord { lsn: Lsn(*lsn), source_preamble: None, bytes: &bytes }
+            ));
+        }
+        let permit = Arc::clone(budget).try_acquire_many_owned(u32::try_from(body.len()).unwrap()).unwrap();
+        Frame { body, _budget: permit }
+    }
+
+    fn staged_wal(fs: &FakeStorage) -> Arc<Mutex<StagedWal>> {
+        fs.create_dir_all(Path::new("/s")).unwrap();
+        fs.sync_dir(Path::new("/")).unwrap();
+        let storage: Arc<dyn Storage> = Arc::new(fs.clone());
+        let (wal, _) = StagedWal::open(storage, Path::new("/s/wal"), StageOptions::new(Lsn(0))).unwrap();
+        Arc::new(Mutex::new(wal))
+    }
+
+    /// Frames already waiting are staged together: one data sync (and one folder sync for
+    /// the segment created) for three frames, and the group's durable LSN is its last.
+    #[test]
+    fn frames_already_waiting_share_one_sync() {
+        let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));
+        let (tx, mut rx) = mpsc::channel(8);
+        for lsns in [&[2u64, 3][..], &[5], &[6, 9]] {
+            tx.try_send(Ok(frame(&budget, lsns))).unwrap();
+        }
+        let first = rx.try_recv().unwrap().unwrap();
+        let mut held = None;
+        let (group, failed) = take_group(first, &mut rx, &mut held, GROUP_MAX_BYTES);
+        assert!(failed.is_none() && held.is_none());
+        assert_eq!(group.len(), 3);
+        let fs = FakeStorage::new();
+        let wal = staged_wal(&fs);
+        let syncs_before = fs.syncs_count();
+        assert_eq!(stage_group(&wal, &group).unwrap(), Lsn(9));
+        assert_eq!(fs.syncs_count() - syncs_before, 2);
+        // Staged with every record, and only what is synced survives a power loss: all of it.
+        let recovered: Arc<dyn Storage> = Arc::new(fs.recover());
+        let (_, report) = StagedWal::open(recovered, Path::new("/s/wal"), StageOptions::new(Lsn(0))).unwrap();
+        assert_eq!((report.durable_lsn, report.records_count), (Lsn(9), 5));
+        // The budget comes back once the group is dropped.
+        drop(group);
+        assert_eq!(budget.available_permits(), READ_AHEAD_MAX_BYTES);
+    }
+
+    /// A group stops before the frame that would take it over the cap (that frame starts the
+    /// next group), and at a read error, which comes back with the frames before it.
+    #[test]
+    fn groups_are_capped_and_stop_at_an_error() {
+        let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));
+        let (tx, mut rx) = mpsc::channel(8);
+        let one = frame(&budget, &[1]);
+        let cap = one.body.len() * 2;
+        tx.try_send(Ok(frame(&budget, &[2]))).unwrap();
+        tx.try_send(Ok(frame(&budget, &[3]))).unwrap();
+        tx.try_send(Err(TransferError::Malformed("bad frame".into()))).unwrap();
+        tx.try_send(Ok(frame(&budget, &[4]))).unwrap();
+        let mut held = None;
+        let (group, failed) = take_group(one, &mut rx, &mut held, cap);
+        assert_eq!((group.len(), failed.is_none()), (2, true));
+        let next = held.take().unwrap();
+        let (group2, failed) = take_group(next, &mut rx, &mut held, cap);
+        assert_eq!(group2.len(), 1);
+        assert!(matches!(failed, Some(TransferError::Malformed(_))));
+        assert!(held.is_none());
+        let fs = FakeStorage::new();
+        let wal = staged_wal(&fs);
+        assert_eq!(stage_group(&wal, &group).unwrap(), Lsn(2));
+        assert_eq!(stage_group(&wal, &group2).unwrap(), Lsn(3));
+    }
+
+    /// A sync that fails fails the group: nothing is reported durable, and after the crash
+    /// the staged WAL holds only what earlier groups made durable.
+    #[test]
+    fn a_failed_sync_acknowledges_nothing() {
+        let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));
+        let fs = FakeStorage::new();
+        let wal = staged_wal(&fs);
+        assert_eq!(stage_group(&wal, &[frame(&budget, &[1, 2])]).unwrap(), Lsn(2));
+        fs.crash_at_sync(1);
+        assert!(stage_group(&wal, &[frame(&budget, &[3]), frame(&budget, &[4])]).is_err());
+        let recovered: Arc<dyn Storage> = Arc::new(fs.recover());
+        let (_, report) = StagedWal::open(recovered, Path::new("/s/wal"), StageOptions::new(Lsn(0))).unwrap();
+        assert_eq!(report.durable_lsn, Lsn(2));
+    }
 }

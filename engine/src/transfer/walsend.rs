@@ -1,46 +1,50 @@
-//! The source side of the WAL stream: follows the source WAL, keeps the vShard's records and
-//! streams them to the target, holding the WAL segments it still needs.
+//! The source side of the WAL stream: holds the WAL segments a migration still needs and
+//! streams its vShard's records to the target.
 //!
-//! What it does: a tail thread ([`spawn_tail`]) follows the WAL folder with
-//! [`FolderTail`] through a folder of hard links ([`Holder`]): every segment from the one
-//! holding the start LSN on is linked into `<wal_dir>/.ferry-held/<migration_id>/` as soon as
-//! it is seen, so the database may delete or truncate its segments during a long base copy
-//! without ferry losing a record. A link is dropped once the tail is past its segment and
-//! every selected record read from it is durable on the target. Held bytes are bounded by
-//! `max_held_wal_bytes`: over it the migration fails with a clear error.
-//! [`stream`] batches the selected records into WAL frames and tracks the target's durable LSN.
+//! What it does: the records come from the WAL folder's one tail thread
+//! ([`super::waltail_hub`]), which every migration from that folder subscribes to. Each
+//! migration keeps a [`Holder`]: every segment from the one holding its next LSN on is
+//! linked into `<wal_dir>/.ferry-held/<migration_id>/` as soon as it is seen, so the database
+//! may delete or truncate its segments during a long base copy without ferry losing a
+//! record. A link is dropped once the migration's reader is past its segment and every
+//! selected record read from it is durable on the target. Held bytes are bounded by
+//! `max_held_wal_bytes`: over it the migration fails with a clear error. The hub copies each
+//! selected record once, from the tail's segment buffer into a WAL batch body (up to
+//! [`WAL_BATCH_TARGET_BYTES`]), and hands over a batch when it is full or when the tail has
+//! caught up. [`stream`] sends the batches as WAL frames (batches already waiting share a
+//! frame) and tracks the target's durable LSN.
 //!
-//! What it does not: decide what a record means (the format seam and selection do) or pause
-//! writers (the fence, later).
+//! What it does not: decide what a record means (the format seam and selection do), read
+//! the WAL (the hub does), or pause writers (the fence).
 //!
-//! Bounds: the queue between the tail thread and the sender holds at most
-//! [`QUEUE_MAX_BYTES`] of records (and a bounded count); the tail waits while it is full.
+//! Bounds: the queue between the hub and the sender holds at most [`QUEUE_MAX_BYTES`] of
+//! records (and a bounded count of batches); the hub never waits on it (see the hub's docs
+//! for what a full queue does).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_wire::frame::FrameHeader;
 use ferry_wire::limits::WAL_BATCH_TARGET_BYTES;
 use ferry_wire::message::Message;
-use ferry_wire::wal::{parse_segment_name, CursorConfig, LayoutChoice, Selection, PREAMBLE_LEN_BYTES};
-use ferry_wire::walstream::{self, WalBatchRecord};
-use ferry_wire::{Lsn, MigrationId, VShardId};
+use ferry_wire::wal::{parse_segment_name, LayoutChoice};
+use ferry_wire::{Lsn, MigrationId};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 
 use super::framing::{read_control, unexpected, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::TransferError;
-use crate::wal::tail::FolderTail;
 
-/// Most record bytes queued between the tail thread and the sender.
+/// Most record bytes queued between the hub and one migration's sender.
 pub const QUEUE_MAX_BYTES: u64 = 64 << 20;
-/// How often the tail looks again when it has read everything written so far. The added lag
-/// is at most this; inotify could replace the poll.
+/// How long the tail waits when it has read everything written so far, unless an inotify
+/// notice of a write to the WAL folder wakes it sooner ([`crate::wal::notice::AppendNotice`]).
+/// Held links are also refreshed at this period.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// Name of the folder of held links inside the WAL folder.
 pub const HELD_DIR_NAME: &str = ".ferry-held";
@@ -57,25 +61,52 @@ pub struct WalSourceConfig {
     pub max_held_wal_bytes: u64,
 }
 
-/// One selected record on its way to the target.
+/// Selected records on their way to the target: a WAL batch frame body (the
+/// [`ferry_wire::walstream`] encoding), built on the tail thread straight from the segment
+/// buffer.
 #[derive(Debug)]
-pub struct Outgoing {
-    pub lsn: Lsn,
-    pub source_preamble: Option<[u8; PREAMBLE_LEN_BYTES]>,
-    pub bytes: Vec<u8>,
-    pub segment: String,
+pub struct OutgoingBatch {
+    pub body: Vec<u8>,
+    pub last_lsn: Lsn,
+    pub records_count: u64,
 }
 
-/// What the tail thread reports.
+/// What the tail thread reports to one migration.
 #[derive(Debug)]
 pub enum TailEvent {
-    Record(Outgoing),
+    Batch(OutgoingBatch),
     /// Every record up to the `until_lsn` has been read.
     Reached,
     Failed(TransferError),
 }
 
-/// Hard links to the WAL segments a migration still needs.
+/// One WAL segment of a folder listing: first LSN (from the name), name, size in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SegmentEntry {
+    pub first_lsn: Lsn,
+    pub name: String,
+    pub len_bytes: u64,
+}
+
+/// Lists the WAL segments of `dir` (regular files named `wal-<lsn>.seg`), by first LSN.
+pub fn list_segments(dir: &Path) -> Result<Vec<SegmentEntry>, TransferError> {
+    let mut segments = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| io_error("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error("list", dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(first_lsn) = parse_segment_name(&name) else { continue };
+        // Removed between the listing and the stat: the next listing will not show it.
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_file() {
+            segments.push(SegmentEntry { first_lsn, name, len_bytes: meta.len() });
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+/// Hard links to the WAL segments a migration (or the hub's shared tail) still needs.
 #[derive(Debug)]
 pub struct Holder {
     source_dir: PathBuf,
@@ -94,30 +125,40 @@ impl Holder {
         source_dir.join(HELD_DIR_NAME).join(id.as_str())
     }
 
+    /// The holder of migration `id`, in `<source_dir>/.ferry-held/<id>/`.
     pub fn new(source_dir: &Path, id: &MigrationId, max_held_bytes: u64) -> Result<Self, TransferError> {
-        let held_dir = Self::held_dir(source_dir, id);
+        Self::at(source_dir, Self::held_dir(source_dir, id), max_held_bytes)
+    }
+
+    /// A holder linking into `held_dir` (created if missing).
+    pub fn at(source_dir: &Path, held_dir: PathBuf, max_held_bytes: u64) -> Result<Self, TransferError> {
         std::fs::create_dir_all(&held_dir).map_err(|e| io_error("create", &held_dir, e))?;
         Ok(Self { source_dir: source_dir.to_path_buf(), held_dir, held: BTreeMap::new(), max_held_bytes })
+    }
+
+    /// The folder of links (a tail reads the segments through it).
+    pub fn dir(&self) -> &Path {
+        &self.held_dir
     }
 
     /// Links every segment of the source folder that may hold `start` or later records and
     /// is not linked yet; refreshes sizes. Fails over the byte bound.
     pub fn refresh(&mut self, start: Lsn) -> Result<(), TransferError> {
-        let mut segments: Vec<(Lsn, String)> = Vec::new();
-        let entries = std::fs::read_dir(&self.source_dir).map_err(|e| io_error("list", &self.source_dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| io_error("list", &self.source_dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(lsn) = parse_segment_name(&name) {
-                segments.push((lsn, name));
-            }
-        }
-        segments.sort();
-        let first = segments.iter().rposition(|(lsn, _)| *lsn <= start).unwrap_or(0);
-        for (lsn, name) in segments.into_iter().skip(first) {
-            let link = self.held_dir.join(&name);
-            if !self.held.contains_key(&lsn) {
-                match std::fs::hard_link(self.source_dir.join(&name), &link) {
+        let segments = list_segments(&self.source_dir)?;
+        self.refresh_with(&segments, start)
+    }
+
+    /// [`Holder::refresh`] with a listing of the source folder made by the caller (one
+    /// listing serves every holder of a folder).
+    pub fn refresh_with(&mut self, segments: &[SegmentEntry], start: Lsn) -> Result<(), TransferError> {
+        let first = segments.iter().rposition(|s| s.first_lsn <= start).unwrap_or(0);
+        // A held segment holding `start` that the database deleted since: the listing's
+        // older segment is not needed.
+        let floor = self.held.range(..=start).next_back().map(|(lsn, _)| *lsn);
+        for segment in segments.iter().skip(first).filter(|s| floor.is_none_or(|floor| s.first_lsn >= floor)) {
+            if !self.held.contains_key(&segment.first_lsn) {
+                let link = self.held_dir.join(&segment.name);
+                match std::fs::hard_link(self.source_dir.join(&segment.name), &link) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                     // Deleted between the listing and the link: a later segment exists, so
@@ -125,16 +166,18 @@ impl Holder {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) if e.raw_os_error() == Some(18) => {
                         return Err(TransferError::Local(format!(
-                            "cannot hard-link {name} into {}: different filesystems",
+                            "cannot hard-link {} into {}: different filesystems",
+                            segment.name,
                             self.held_dir.display()
                         )))
                     }
                     Err(e) => return Err(io_error("hard-link", &link, e)),
                 }
-                self.held.insert(lsn, (name, 0, None));
+                self.held.insert(segment.first_lsn, (segment.name.clone(), 0, None));
             }
-            if let Some(entry) = self.held.get_mut(&lsn) {
-                entry.1 = std::fs::metadata(&link).map(|m| m.size()).unwrap_or(entry.1);
+            // The link and the listed file are one inode: the listing's size is the link's.
+            if let Some(entry) = self.held.get_mut(&segment.first_lsn) {
+                entry.1 = segment.len_bytes;
             }
         }
         let held_bytes = self.held_bytes();
@@ -181,88 +224,128 @@ impl Holder {
     }
 }
 
-/// Shared between the tail thread and the async side.
+/// Shared between the WAL folder's tail thread (one subscription of
+/// [`super::waltail_hub`]) and the async side of one migration.
 #[derive(Debug, Default)]
 pub struct TailShared {
+    /// Set by the migration when it stops following the WAL; the hub then drops it.
     pub stop: AtomicBool,
+    /// Record bytes handed to the sender and not written to the stream yet.
     pub queued_bytes: AtomicU64,
     pub durable_lsn: AtomicU64,
     pub source_lsn: AtomicU64,
+    /// Bytes of WAL segments this migration holds links to ([`Holder::held_bytes`]).
+    pub held_bytes: AtomicU64,
+    /// Every record (of any vShard) at or below it was offered to this migration: the tail
+    /// has read that far for it. The fence's drain waits for it to reach `final_lsn`.
+    pub scanned_lsn: AtomicU64,
+    /// When not 0: the tail wakes [`TailShared::wake`] once it offers a record at or above it
+    /// (the fence waiting for `final_lsn` to be read, or for a violating record).
+    pub wake_at_lsn: AtomicU64,
+    pub wake: tokio::sync::Notify,
+    /// Record bytes written to the stream and not yet acknowledged durable.
+    pub inflight_bytes: AtomicU64,
+    /// The WAL stream's rate over its last measuring window.
+    pub rate_bytes_per_sec: AtomicU64,
+    /// The slowest of the recent group commit round trips (batch written to `WalDurable`).
+    pub group_commit_us: AtomicU64,
+    /// When not 0: no record above it is sent (a fence at that `final_lsn` is in progress or
+    /// done: a writer resumed on the target right after the fence's answer must not have its
+    /// next records staged). Lifted (0) when the fence fails; [`TailShared::lift_ceiling`].
+    pub ceiling_lsn: AtomicU64,
+    pub ceiling_moved: tokio::sync::Notify,
 }
 
-/// Starts the tail thread from `start` (the first LSN not durable on the target).
-pub fn spawn_tail(
-    config: WalSourceConfig,
-    id: MigrationId,
-    vshard: VShardId,
-    start: Lsn,
-    shared: Arc<TailShared>,
-    events: mpsc::Sender<TailEvent>,
-) -> Result<std::thread::JoinHandle<()>, TransferError> {
-    std::thread::Builder::new()
-        .name(format!("ferry-tail-{id}"))
-        .spawn(move || {
-            if let Err(e) = tail_loop(&config, &id, vshard, start, &shared, &events) {
-                let _ = events.blocking_send(TailEvent::Failed(e));
-            }
-        })
-        .map_err(|e| TransferError::Local(format!("cannot start a WAL tail thread: {e}")))
-}
+impl TailShared {
+    /// Sends nothing above `lsn` from now on.
+    pub fn set_ceiling(&self, lsn: Lsn) {
+        self.ceiling_lsn.store(lsn.0.max(1), Ordering::Relaxed);
+    }
 
-fn tail_loop(
-    config: &WalSourceConfig,
-    id: &MigrationId,
-    vshard: VShardId,
-    start: Lsn,
-    shared: &TailShared,
-    events: &mpsc::Sender<TailEvent>,
-) -> Result<(), TransferError> {
-    let mut holder = Holder::new(&config.dir, id, config.max_held_wal_bytes)?;
-    holder.refresh(start)?;
-    let held_dir = Holder::held_dir(&config.dir, id);
-    let cursor =
-        CursorConfig { layout: config.layout, alignment_bytes: config.alignment_bytes, ..CursorConfig::default() };
-    let mut tail = FolderTail::new(&held_dir, cursor, Some(start)).map_err(|e| TransferError::Local(e.to_string()))?;
-    let selection = Selection::new(vshard);
-    let mut refreshed_at = std::time::Instant::now();
-    while !shared.stop.load(Ordering::Relaxed) {
-        // Link new segments at least every poll interval, also while busy streaming, so a
-        // segment the database deletes soon after rolling past it is still held.
-        if refreshed_at.elapsed() >= POLL_INTERVAL {
-            holder.refresh(tail.cursor().next_lsn().unwrap_or(start))?;
-            refreshed_at = std::time::Instant::now();
-        }
-        let next = tail.poll().map_err(|e| TransferError::Local(format!("source WAL: {e}")))?;
-        let Some(record) = next else {
-            if config.until_lsn.is_some_and(|until| tail.cursor().next_lsn().is_some_and(|next| next > until)) {
-                let _ = events.blocking_send(TailEvent::Reached);
-                return Ok(());
-            }
-            holder.release(tail.segment_name(), Lsn(shared.durable_lsn.load(Ordering::Relaxed)));
-            std::thread::sleep(POLL_INTERVAL);
-            continue;
-        };
-        let lsn = record.header.lsn;
-        if config.until_lsn.is_some_and(|until| lsn > until) {
-            let _ = events.blocking_send(TailEvent::Reached);
-            return Ok(());
-        }
-        if !selection.keeps(&record.header) {
-            continue;
-        }
-        holder.note_selected(&record.segment, lsn);
-        shared.source_lsn.store(lsn.0, Ordering::Relaxed);
-        while shared.queued_bytes.load(Ordering::Relaxed) > QUEUE_MAX_BYTES && !shared.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(POLL_INTERVAL);
-        }
-        shared.queued_bytes.fetch_add(record.bytes.len() as u64, Ordering::Relaxed);
-        let source_preamble = tail.cursor().preamble().map(|p| p.encode());
-        let outgoing = Outgoing { lsn, source_preamble, bytes: record.bytes, segment: record.segment };
-        if events.blocking_send(TailEvent::Record(outgoing)).is_err() {
-            return Ok(());
+    /// Sends everything again (the fence failed).
+    pub fn lift_ceiling(&self) {
+        self.ceiling_lsn.store(0, Ordering::Relaxed);
+        self.ceiling_moved.notify_one();
+    }
+
+    fn ceiling(&self) -> Option<Lsn> {
+        match self.ceiling_lsn.load(Ordering::Relaxed) {
+            0 => None,
+            lsn => Some(Lsn(lsn)),
         }
     }
-    Ok(())
+
+    /// Notes that every record up to `lsn` was offered; wakes a waiting fence when asked to.
+    pub fn note_scanned(&self, lsn: Lsn) {
+        self.scanned_lsn.store(lsn.0, Ordering::Relaxed);
+        let wake = self.wake_at_lsn.load(Ordering::Relaxed);
+        if wake != 0 && lsn.0 >= wake {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Recent group commit round trips kept to report the slowest.
+const GROUP_COMMITS_KEPT_COUNT: usize = 64;
+/// Frames sent and not yet acknowledged that are timed (older ones are not timed).
+const FRAMES_TIMED_MAX_COUNT: usize = 4096;
+/// The WAL stream's rate is measured over windows of this length.
+const RATE_WINDOW: Duration = Duration::from_millis(500);
+
+/// Times the WAL stream: each frame's round trip to its `WalDurable`, and the send rate.
+#[derive(Debug)]
+struct StreamTimer {
+    /// (last LSN of the frame, bytes, when it was written), oldest first.
+    inflight: VecDeque<(Lsn, u64, Instant)>,
+    recent_us: VecDeque<u64>,
+    window_start: Instant,
+    window_bytes: u64,
+}
+
+impl StreamTimer {
+    fn new() -> Self {
+        Self { inflight: VecDeque::new(), recent_us: VecDeque::new(), window_start: Instant::now(), window_bytes: 0 }
+    }
+
+    fn sent(&mut self, shared: &TailShared, last_lsn: Lsn, len_bytes: u64) {
+        let now = Instant::now();
+        if self.inflight.len() < FRAMES_TIMED_MAX_COUNT {
+            self.inflight.push_back((last_lsn, len_bytes, now));
+        }
+        shared.inflight_bytes.fetch_add(len_bytes, Ordering::Relaxed);
+        self.window_bytes += len_bytes;
+        let window = now.duration_since(self.window_start);
+        if window >= RATE_WINDOW {
+            let rate = u128::from(self.window_bytes) * 1_000_000 / window.as_micros().max(1);
+            shared.rate_bytes_per_sec.store(u64::try_from(rate).unwrap_or(u64::MAX), Ordering::Relaxed);
+            self.window_start = now;
+            self.window_bytes = 0;
+        }
+    }
+
+    fn durable(&mut self, shared: &TailShared, durable: Lsn) {
+        let now = Instant::now();
+        let mut acked_bytes = 0u64;
+        while let Some((last_lsn, len_bytes, at)) = self.inflight.front().copied() {
+            if last_lsn > durable {
+                break;
+            }
+            self.inflight.pop_front();
+            acked_bytes += len_bytes;
+            if self.recent_us.len() == GROUP_COMMITS_KEPT_COUNT {
+                self.recent_us.pop_front();
+            }
+            self.recent_us.push_back(u64::try_from(now.duration_since(at).as_micros()).unwrap_or(u64::MAX));
+        }
+        let left = shared.inflight_bytes.load(Ordering::Relaxed);
+        shared.inflight_bytes.store(left.saturating_sub(acked_bytes), Ordering::Relaxed);
+        if let Some(slowest) = self.recent_us.iter().max() {
+            shared.group_commit_us.store(*slowest, Ordering::Relaxed);
+        }
+        if Instant::now().duration_since(self.window_start) >= RATE_WINDOW && self.window_bytes == 0 {
+            shared.rate_bytes_per_sec.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Streams the WAL until the tail reaches `until_lsn` and everything sent is durable (or
@@ -285,55 +368,56 @@ pub async fn stream(
         }
     }));
     let mut last_sent: Option<Lsn> = None;
+    let mut timer = StreamTimer::new();
     let mut reached = false;
+    // A batch above the ceiling, waiting for it to be lifted.
+    let mut blocked: Option<OutgoingBatch> = None;
+    // An event taken while filling a frame that did not fit in it; it goes first next time.
+    let mut held: Option<TailEvent> = None;
     loop {
         let durable = *durable_tx.borrow();
         if reached && last_sent.is_none_or(|l| durable >= l) {
             return Ok(durable);
         }
         tokio::select! {
-            event = events.recv(), if !reached => match event {
-                Some(TailEvent::Record(first)) => {
-                    let mut batch = vec![first];
-                    let mut size = batch[0].bytes.len();
-                    while size < WAL_BATCH_TARGET_BYTES {
+            event = next_event(&mut held, &mut events), if !reached && blocked.is_none() => match event {
+                Some(TailEvent::Batch(first)) => {
+                    // Batches already waiting go in the same frame, up to the target size
+                    // (and never across the ceiling).
+                    let ceiling = shared.ceiling();
+                    let mut batch = first;
+                    while batch.body.len() < WAL_BATCH_TARGET_BYTES {
                         match events.try_recv() {
-                            Ok(TailEvent::Record(more)) => { size += more.bytes.len(); batch.push(more); }
-                            Ok(TailEvent::Reached) => { reached = true; break; }
-                            Ok(TailEvent::Failed(e)) => return Err(e),
+                            Ok(TailEvent::Batch(more)) if batch.body.len() + more.body.len() <= WAL_BATCH_TARGET_BYTES
+                                && ceiling.is_none_or(|c| more.last_lsn <= c) => {
+                                batch.body.extend_from_slice(&more.body);
+                                batch.last_lsn = more.last_lsn;
+                                batch.records_count += more.records_count;
+                            }
+                            Ok(other) => { held = Some(other); break; }
                             Err(_) => break,
                         }
                     }
-                    let mut start = 0;
-                    while start < batch.len() {
-                        let mut body = Vec::with_capacity(size.min(WAL_BATCH_TARGET_BYTES * 2));
-                        let mut end = start;
-                        while end < batch.len() {
-                            let r = &batch[end];
-                            let record = WalBatchRecord { lsn: r.lsn, source_preamble: r.source_preamble, bytes: &r.bytes };
-                            if !walstream::push(&mut body, &record) {
-                                break;
-                            }
-                            end += 1;
-                        }
-                        if end == start {
-                            return Err(TransferError::Local(format!("WAL record {} is too large to send", batch[start].lsn)));
-                        }
-                        let header = FrameHeader::wal_batch(&body)?;
-                        write_chunk(&mut wal_send, &header, Bytes::from(body)).await?;
-                        start = end;
+                    if ceiling.is_some_and(|c| batch.last_lsn > c) {
+                        blocked = Some(batch);
+                        continue;
                     }
-                    let sent_bytes: u64 = batch.iter().map(|r| r.bytes.len() as u64).sum();
-                    shared.queued_bytes.fetch_sub(sent_bytes.min(shared.queued_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
-                    last_sent = batch.last().map(|r| r.lsn).or(last_sent);
+                    last_sent = Some(send_batch(&mut wal_send, &shared, &mut timer, batch).await?);
                 }
                 Some(TailEvent::Reached) => reached = true,
                 Some(TailEvent::Failed(e)) => return Err(e),
                 None => return Err(TransferError::Local("the WAL tail stopped".into())),
             },
+            () = shared.ceiling_moved.notified(), if blocked.is_some() => {
+                let ceiling = shared.ceiling();
+                if let Some(batch) = blocked.take_if(|b| ceiling.is_none_or(|c| b.last_lsn <= c)) {
+                    last_sent = Some(send_batch(&mut wal_send, &shared, &mut timer, batch).await?);
+                }
+            }
             ack = acks.recv() => match ack {
                 Some(Ok(Some(Message::WalDurable { durable_lsn }))) => {
                     shared.durable_lsn.store(durable_lsn.0, Ordering::Relaxed);
+                    timer.durable(&shared, durable_lsn);
                     durable_tx.send_replace(durable_lsn);
                 }
                 Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
@@ -345,6 +429,29 @@ pub async fn stream(
     }
 }
 
+/// Writes one WAL batch frame; returns its last LSN.
+async fn send_batch(
+    wal_send: &mut SendStream,
+    shared: &TailShared,
+    timer: &mut StreamTimer,
+    batch: OutgoingBatch,
+) -> Result<Lsn, TransferError> {
+    let header = FrameHeader::wal_batch(&batch.body)?;
+    let sent_bytes = batch.body.len() as u64;
+    write_chunk(wal_send, &header, Bytes::from(batch.body)).await?;
+    shared.queued_bytes.fetch_sub(sent_bytes.min(shared.queued_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+    timer.sent(shared, batch.last_lsn, sent_bytes);
+    Ok(batch.last_lsn)
+}
+
+/// The held event, else the next one from the tail.
+async fn next_event(held: &mut Option<TailEvent>, events: &mut mpsc::Receiver<TailEvent>) -> Option<TailEvent> {
+    match held.take() {
+        Some(event) => Some(event),
+        None => events.recv().await,
+    }
+}
+
 /// Opens the WAL stream and learns where to start: the target's durable LSN.
 pub async fn open(conn: &quinn::Connection) -> Result<(SendStream, RecvStream, Lsn), TransferError> {
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -353,5 +460,61 @@ pub async fn open(conn: &quinn::Connection) -> Result<(SendStream, RecvStream, L
         Some(Message::WalDurable { durable_lsn }) => Ok((send, recv, durable_lsn)),
         Some(Message::Error { kind, message }) => Err(TransferError::Peer { kind, message }),
         other => Err(unexpected("wal_durable", other.as_ref())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    fn segment(dir: &Path, first_lsn: u64, len_bytes: usize) -> String {
+        let name = format!("wal-{first_lsn:020}.seg");
+        std::fs::write(dir.join(&name), vec![0u8; len_bytes]).unwrap();
+        name
+    }
+
+    fn linked(holder: &Holder) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(holder.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Links from the segment holding the start LSN on (other files are not segments), keeps
+    /// a segment until the reader has left it and its selected records are durable, and
+    /// refuses to hold more than its bound.
+    #[test]
+    fn a_holder_links_what_is_needed_releases_what_is_durable_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = [1, 100, 200, 300].iter().map(|lsn| segment(dir.path(), *lsn, 1000)).collect();
+        std::fs::write(dir.path().join("wal.dwb"), b"not a segment").unwrap();
+        let id = MigrationId::new("m").unwrap();
+        let mut holder = Holder::new(dir.path(), &id, 10_000).unwrap();
+        let listing = list_segments(dir.path()).unwrap();
+        assert_eq!(listing.iter().map(|s| s.name.clone()).collect::<Vec<_>>(), names);
+        holder.refresh_with(&listing, Lsn(150)).unwrap();
+        assert_eq!(linked(&holder), names[1..]);
+        assert_eq!(holder.held_bytes(), 3000);
+        // The database deletes a held segment: the link keeps its bytes.
+        std::fs::remove_file(dir.path().join(&names[1])).unwrap();
+        holder.refresh(Lsn(150)).unwrap();
+        assert_eq!(linked(&holder), names[1..]);
+
+        holder.note_selected(&names[1], Lsn(150));
+        holder.note_selected(&names[2], Lsn(250));
+        // The reader is in the last segment; only what is durable goes.
+        holder.release(Some(&names[3]), Lsn(200));
+        assert_eq!(linked(&holder), names[2..]);
+        holder.release(Some(&names[3]), Lsn(250));
+        assert_eq!(linked(&holder), names[3..]);
+
+        segment(dir.path(), 400, 20_000);
+        let err = holder.refresh(Lsn(300)).unwrap_err().to_string();
+        assert!(err.contains("over max_held_wal_bytes (10000)"), "{err}");
+        Holder::remove_all(dir.path(), &id);
+        assert!(!Holder::held_dir(dir.path(), &id).exists());
     }
 }

@@ -1,0 +1,356 @@
+//! The cut-over of an outbound migration: `prepare_cutover`, `fence`, `release` (DESIGN
+//! sections 2, 4 and 5).
+//!
+//! What it does: `prepare_cutover` estimates the pause from measured figures (the WAL stream's
+//! lag, rate and group commit round trip, the target's MANIFEST commit time) and refuses with
+//! `PauseBudgetExceeded` over the budget. `fence` stamps its receipt, records the phase
+//! `AtomicCutOver` with `final_lsn` (written while the drain runs, awaited before the answer),
+//! hands a [`FenceCommand`] to the running copy ([`crate::transfer::cutover`]) with the deadline
+//! `writes_paused_at_ns + budget - release reserve`, and answers with the drain and target
+//! times; a cancelled or violated fence puts the migration back in `WalCatchUp`. `release`
+//! computes the pause and its parts ([`PauseStamps::report`]), records `Completed` durably (the
+//! point of no return), then tells the target (a connection of its own); a release the target
+//! did not confirm is told again at the next `release` call and at daemon start.
+//!
+//! What it does not: pause or resume writers (the coordinator does), or wait for the catch-up.
+//!
+//! Invariants: fence and release are idempotent for the same (id, final_lsn); a failed fence
+//! never leaves the migration in `AtomicCutOver`; the release record is durable before the
+//! target is told.
+
+use std::sync::Arc;
+
+use ferry_wire::api::{FenceParams, FenceResult, Phase, PrepareResult, ReleaseResult};
+use ferry_wire::fence::{estimate_pause_us, fence_deadline_ns, EstimateInputs, PauseStamps};
+use ferry_wire::{Lsn, MigrationId};
+use tokio::sync::oneshot;
+
+use super::{Outbound, OutboundError};
+use crate::clock::monotonic_ns;
+use crate::transfer::cutover::{FenceCommand, FenceFailure};
+use crate::transfer::walsend::Holder;
+
+/// The part of the budget kept for what follows the fence's answer (the coordinator's routing
+/// flip and resume): a tenth of the budget, at most this much.
+pub const RELEASE_RESERVE_MAX_US: u64 = 2_000;
+
+/// A fence in progress or completed.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct FenceState {
+    pub(super) final_lsn: Lsn,
+    pub(super) stamps: PauseStamps,
+    pub(super) estimate_us: u64,
+    /// `Some` once the target answered `Fenced`.
+    pub(super) result: Option<FenceResult>,
+}
+
+/// The estimate's inputs: the running stream's live figures (the progress channel's, when no
+/// stream runs yet) and the slowest MANIFEST commit the target reported.
+fn estimate_inputs(entry: &super::Entry) -> EstimateInputs {
+    let p = *entry.progress.borrow();
+    let (lag_bytes, wal_rate_bytes_per_sec, group_commit_us) =
+        entry.stream.read().unwrap_or((p.wal_lag_bytes, p.wal_rate_bytes_per_sec, p.wal_group_commit_us));
+    EstimateInputs { lag_bytes, wal_rate_bytes_per_sec, group_commit_us, manifest_commit_us: entry.manifest_commit_us }
+}
+
+fn release_reserve_us(budget_us: u64) -> u64 {
+    (budget_us / 10).min(RELEASE_RESERVE_MAX_US)
+}
+
+fn elapsed_us(from_ns: u64, to_ns: u64) -> u64 {
+    to_ns.saturating_sub(from_ns) / 1_000
+}
+
+impl Outbound {
+    /// `migration.prepare_cutover`: the estimated pause, or `PauseBudgetExceeded`.
+    pub fn prepare_cutover(&self, id: &MigrationId) -> Result<PrepareResult, OutboundError> {
+        let mut entries = self.entries();
+        let entry = entries.get_mut(id).ok_or_else(|| OutboundError::NotFound(id.clone()))?;
+        cutover_possible(id, entry.phase, entry.cutover.is_some())?;
+        let p = *entry.progress.borrow();
+        let inputs = estimate_inputs(entry);
+        let estimated_pause_us = estimate_pause_us(&inputs);
+        let budget_us = entry.params.write_pause_budget_us;
+        if estimated_pause_us > budget_us {
+            return Err(OutboundError::PauseBudgetExceeded { estimated_us: estimated_pause_us, budget_us });
+        }
+        entry.estimate_us = Some(estimated_pause_us);
+        let lag_lsn = p.wal_source_lsn.unwrap_or(0).saturating_sub(p.wal_durable_lsn.unwrap_or(0));
+        Ok(PrepareResult { estimated_pause_us, budget_us, lag_lsn, lag_bytes: inputs.lag_bytes, inputs })
+    }
+
+    /// `migration.fence`.
+    pub async fn fence(&self, id: &MigrationId, params: FenceParams) -> Result<FenceResult, OutboundError> {
+        let received_ns = monotonic_ns();
+        let paused_ns = params.writes_paused_at_ns.unwrap_or(received_ns);
+        if paused_ns > received_ns {
+            return Err(OutboundError::InvalidParams(format!(
+                "writes_paused_at_ns {paused_ns} is ahead of this host's CLOCK_MONOTONIC ({received_ns}): pass the source host's monotonic clock"
+            )));
+        }
+        let final_lsn = Lsn(params.final_lsn);
+        let (sender, budget_us, estimate_us) = {
+            let mut entries = self.entries();
+            let entry = entries.get_mut(id).ok_or_else(|| OutboundError::NotFound(id.clone()))?;
+            if let Some(fence) = &entry.fence {
+                return match fence.result {
+                    Some(result) if fence.final_lsn == final_lsn => Ok(result),
+                    Some(_) => Err(OutboundError::Refused(format!(
+                        "migration {id} is fenced at final_lsn {}: release it or abort it",
+                        fence.final_lsn
+                    ))),
+                    None => Err(OutboundError::Refused(format!(
+                        "a fence of migration {id} at final_lsn {} is in progress",
+                        fence.final_lsn
+                    ))),
+                };
+            }
+            cutover_possible(id, entry.phase, entry.cutover.is_some())?;
+            if final_lsn.0 < entry.params.base_lsn {
+                return Err(OutboundError::InvalidParams(format!(
+                    "final_lsn {final_lsn} is below the migration's base_lsn {}",
+                    entry.params.base_lsn
+                )));
+            }
+            let budget_us = entry.params.write_pause_budget_us;
+            let estimate_us = entry.estimate_us.unwrap_or_else(|| estimate_pause_us(&estimate_inputs(entry)));
+            let stamps = PauseStamps {
+                writes_paused_at_ns: paused_ns,
+                fence_received_at_ns: received_ns,
+                ..PauseStamps::default()
+            };
+            entry.fence = Some(FenceState { final_lsn, stamps, estimate_us, result: None });
+            entry.phase = Phase::AtomicCutOver;
+            entry.recovered_fence = None;
+            entry.recovered_final_lsn = None;
+            (entry.cutover.clone(), budget_us, estimate_us)
+        };
+        // The record (AtomicCutOver at final_lsn) is written while the copy drains.
+        let record = self.persist(id);
+        let deadline_ns = fence_deadline_ns(paused_ns, budget_us, release_reserve_us(budget_us));
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let command = FenceCommand {
+            final_lsn,
+            deadline_ns,
+            apply_wait_max_us: elapsed_us(monotonic_ns(), deadline_ns),
+            reply: reply_tx,
+        };
+        let asked = async {
+            match sender {
+                Some(sender) if sender.send(command).await.is_ok() => reply_rx
+                    .await
+                    .unwrap_or_else(|_| Err(FenceFailure::Cancelled("the migration's copy stopped".into()))),
+                _ => Err(FenceFailure::Cancelled("the migration's copy is not running".into())),
+            }
+        };
+        let (recorded, outcome) = tokio::join!(record, asked);
+        let outcome = match (recorded, outcome) {
+            (Err(e), Ok(_)) => Err(FenceFailure::Cancelled(format!("the source could not record the fence: {e}"))),
+            (_, outcome) => outcome,
+        };
+        match outcome {
+            Ok(done) => {
+                let answered_ns = monotonic_ns();
+                let result = FenceResult {
+                    final_lsn: final_lsn.0,
+                    target_durable_lsn: done.durable_lsn.0,
+                    drain_us: elapsed_us(received_ns, done.drained_at_ns),
+                    target_durable_us: elapsed_us(done.drained_at_ns, done.target_durable_at_ns)
+                        .saturating_sub(done.apply_wait_us),
+                    apply_wait_us: done.apply_wait_us,
+                    paused_so_far_us: elapsed_us(paused_ns, answered_ns),
+                    estimate_us,
+                    budget_us,
+                };
+                let mut entries = self.entries();
+                if let Some(entry) = entries.get_mut(id) {
+                    entry.manifest_commit_us = entry.manifest_commit_us.max(done.commit_us);
+                    entry.staging_state = Some("fenced".into());
+                    if let Some(fence) = entry.fence.as_mut() {
+                        fence.stamps.drained_at_ns = done.drained_at_ns;
+                        fence.stamps.target_durable_at_ns = done.target_durable_at_ns;
+                        fence.stamps.apply_wait_ns = done.apply_wait_us.saturating_mul(1_000);
+                        fence.result = Some(result);
+                    }
+                }
+                Ok(result)
+            }
+            Err(failure) => {
+                {
+                    let mut entries = self.entries();
+                    if let Some(entry) = entries.get_mut(id) {
+                        entry.fence = None;
+                        if entry.phase == Phase::AtomicCutOver {
+                            entry.phase = Phase::WalCatchUp;
+                        }
+                    }
+                }
+                if let Err(e) = self.persist(id).await {
+                    tracing::error!(migration = %id, "{e}");
+                }
+                Err(match failure {
+                    FenceFailure::Cancelled(reason) => OutboundError::CutOverCancelled(reason),
+                    FenceFailure::Violated(lsn) => OutboundError::FenceViolated(lsn.0),
+                })
+            }
+        }
+    }
+
+    /// `migration.release`: the pause, once the release is recorded and told to the target.
+    pub async fn release(
+        self: &Arc<Self>,
+        id: &MigrationId,
+        writes_resumed_at_ns: Option<u64>,
+    ) -> Result<ReleaseResult, OutboundError> {
+        let resumed_ns = writes_resumed_at_ns.unwrap_or_else(monotonic_ns);
+        let mut recovered = false;
+        let (final_lsn, pause) = {
+            let mut entries = self.entries();
+            let entry = entries.get_mut(id).ok_or_else(|| OutboundError::NotFound(id.clone()))?;
+            match (entry.phase, entry.pause, entry.final_lsn) {
+                (Phase::Completed, Some(pause), Some(final_lsn)) => (final_lsn, pause),
+                (Phase::Completed | Phase::Failed, _, _) => {
+                    return Err(OutboundError::Refused(format!(
+                        "migration {id} is {:?} without a cut-over: nothing to release",
+                        entry.phase
+                    )))
+                }
+                _ => {
+                    let (final_lsn, stamps, estimate_us) = match (&entry.fence, entry.recovered_fence) {
+                        (Some(fence), _) if fence.result.is_some() => {
+                            (fence.final_lsn, fence.stamps, fence.estimate_us)
+                        }
+                        (Some(_), _) => {
+                            return Err(OutboundError::Refused(format!(
+                                "the fence of migration {id} has not completed: wait for its answer"
+                            )))
+                        }
+                        (None, Some(stamps)) => {
+                            // Fenced before a restart: the target decides whether it was.
+                            recovered = true;
+                            let final_lsn = entry.recovered_final_lsn.unwrap_or(Lsn(entry.params.base_lsn));
+                            let stamps = PauseStamps {
+                                drained_at_ns: stamps.fence_received_at_ns,
+                                target_durable_at_ns: stamps.fence_received_at_ns,
+                                ..stamps
+                            };
+                            (final_lsn, stamps, entry.estimate_us.unwrap_or(0))
+                        }
+                        (None, None) => {
+                            return Err(OutboundError::Refused(format!(
+                                "migration {id} is {:?} and not fenced: fence it before releasing",
+                                entry.phase
+                            )))
+                        }
+                    };
+                    let pause = stamps
+                        .report(resumed_ns, estimate_us, entry.params.write_pause_budget_us)
+                        .map_err(|e| OutboundError::InvalidParams(e.to_string()))?;
+                    if !recovered {
+                        entry.phase = Phase::Completed;
+                        entry.pause = Some(pause);
+                        entry.final_lsn = Some(final_lsn);
+                        entry.reason = None;
+                    }
+                    (final_lsn, pause)
+                }
+            }
+        };
+        if recovered {
+            // Only the target knows whether the interrupted fence completed: it releases only
+            // a staging fenced at exactly this final_lsn. Then the source records it.
+            self.tell_release(id, final_lsn).await.map_err(|e| {
+                OutboundError::Refused(format!(
+                    "migration {id} was in a cut-over at final_lsn {final_lsn} when this daemon restarted, and the target does not confirm that fence ({e}): fence it again"
+                ))
+            })?;
+            if let Some(entry) = self.entries().get_mut(id) {
+                entry.phase = Phase::Completed;
+                entry.pause = Some(pause);
+                entry.final_lsn = Some(final_lsn);
+                entry.reason = None;
+                entry.recovered_fence = None;
+            }
+            if let Err(e) = self.persist(id).await {
+                tracing::error!(migration = %id, "the release (confirmed by the target) could not be recorded: {e}");
+            }
+            crate::metrics::observe_pause_us(pause.pause_duration_us);
+            return Ok(ReleaseResult { final_lsn: final_lsn.0, pause_duration_us: pause.pause_duration_us, pause });
+        }
+        let already_told = self.entries().get(id).is_some_and(|e| e.target_released);
+        if !already_told {
+            // The point of no return: durable on the source before the target hears of it.
+            if let Err(e) = self.persist(id).await {
+                if let Some(entry) = self.entries().get_mut(id) {
+                    entry.phase = Phase::AtomicCutOver;
+                    entry.pause = None;
+                }
+                return Err(OutboundError::Local(format!("the release could not be recorded: {e}")));
+            }
+            crate::metrics::observe_pause_us(pause.pause_duration_us);
+            self.tell_release(id, final_lsn).await.map_err(|e| {
+                OutboundError::Local(format!(
+                    "the release is recorded on the source (the migration is Completed), but the target could not be told: {e}; call migration.release again (the daemon also tells it at start)"
+                ))
+            })?;
+        }
+        Ok(ReleaseResult { final_lsn: final_lsn.0, pause_duration_us: pause.pause_duration_us, pause })
+    }
+
+    /// Tells the target that `id` is released, records that it knows, and drops what the
+    /// source held for the copy (its task, the held WAL links).
+    pub(super) async fn tell_release(&self, id: &MigrationId, final_lsn: Lsn) -> Result<(), String> {
+        let params = {
+            let entries = self.entries();
+            let entry = entries.get(id).ok_or_else(|| format!("no outbound migration {id}"))?;
+            entry.params.clone()
+        };
+        let addr: std::net::SocketAddr = params.target_address.parse().map_err(|e| format!("target_address: {e}"))?;
+        let node = params.target_node().map_err(|e| e.to_string())?;
+        crate::transfer::abort::request_release(&self.identity(), &self.config.tuning, addr, &node, id, final_lsn)
+            .await
+            .map_err(|e| e.to_string())?;
+        {
+            let mut entries = self.entries();
+            if let Some(entry) = entries.get_mut(id) {
+                // The target is authoritative now: nothing more is streamed.
+                if let Some(task) = entry.task.take() {
+                    task.abort();
+                }
+                entry.target_released = true;
+                entry.staging_state = Some("released".into());
+                entry.cutover = None;
+                entry.fence = None;
+            }
+        }
+        if let Err(e) = self.persist(id).await {
+            // The target knows; a restart would tell it again, which it answers as done.
+            tracing::error!(migration = %id, "{e}");
+        }
+        if let Some(dir) = params.wal_dir {
+            let owned = id.clone();
+            let _ = tokio::task::spawn_blocking(move || Holder::remove_all(std::path::Path::new(&dir), &owned)).await;
+        }
+        tracing::info!(migration = %id, %final_lsn, "released");
+        Ok(())
+    }
+}
+
+/// Whether a migration in `phase` can be prepared or fenced now.
+fn cutover_possible(id: &MigrationId, phase: Phase, live: bool) -> Result<(), OutboundError> {
+    if !live {
+        return Err(OutboundError::Refused(format!(
+            "migration {id} has no live WAL stream to fence (started without wal_dir, offline, or its copy is not running)"
+        )));
+    }
+    match phase {
+        Phase::WalCatchUp => Ok(()),
+        Phase::BaseCopy => Err(OutboundError::Refused(format!(
+            "migration {id} is still in BaseCopy: wait for WalCatchUp before the cut-over"
+        ))),
+        Phase::AtomicCutOver => Err(OutboundError::Refused(format!("migration {id} is already in a cut-over"))),
+        Phase::Completed | Phase::Failed => {
+            Err(OutboundError::Refused(format!("migration {id} is {phase:?}: there is nothing to cut over")))
+        }
+    }
+}

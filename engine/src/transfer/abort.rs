@@ -1,0 +1,183 @@
+//! Aborting a migration on the target: the source's request over QUIC and the target's removal
+//! of its staging.
+//!
+//! What it does: [`request_abort`] opens a connection of its own to the target (`Hello`,
+//! `Abort{id, reason}`, answer `Aborted`), and so does [`request_release`] (`Release{id,
+//! final_lsn}`, answer `Released`: see [`super::fence_target`]); [`abort_staging`] runs on the target, for that request
+//! or for the target's own coordinator: it cuts the connection receiving the migration with a
+//! code the source does not retry, forgets its staged WAL, removes the staging and leaves a
+//! `MANIFEST.json` in state `aborted`, so a late retry of the same id is refused until the
+//! migration is forgotten.
+//!
+//! What it does not: decide when to abort (the coordinator does), or touch a released staging:
+//! after `release` the target is authoritative and an abort is refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_wire::frame::PROTOCOL_VERSION;
+use ferry_wire::manifest::{StagingManifest, StagingState, MANIFEST_FORMAT_VERSION};
+use ferry_wire::message::Message;
+use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
+use quinn::VarInt;
+
+use super::framing::{read_control, unexpected, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::target::TargetContext;
+use super::TransferError;
+use crate::quic::{close_code, QuicTuning};
+use crate::staging::{self, StagingLayout};
+use crate::tls::NodeIdentity;
+
+/// How long the source waits for the target to connect and answer an abort.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks the target daemon at `target_addr` to abort `id` and remove its staging.
+pub async fn request_abort(
+    identity: &NodeIdentity,
+    tuning: &QuicTuning,
+    target_addr: std::net::SocketAddr,
+    target_node: &NodeId,
+    id: &MigrationId,
+    reason: &str,
+) -> Result<(), TransferError> {
+    let request = Message::Abort { migration_id: id.clone(), reason: reason.to_owned() };
+    match one_request(identity, tuning, target_addr, target_node, request).await? {
+        Message::Aborted => Ok(()),
+        other => Err(unexpected("aborted", Some(&other))),
+    }
+}
+
+/// Asks the target daemon at `target_addr` to mark the staging of `id`, fenced at
+/// `final_lsn`, `released` (the source recorded the release first).
+pub async fn request_release(
+    identity: &NodeIdentity,
+    tuning: &QuicTuning,
+    target_addr: std::net::SocketAddr,
+    target_node: &NodeId,
+    id: &MigrationId,
+    final_lsn: Lsn,
+) -> Result<(), TransferError> {
+    let request = Message::Release { migration_id: id.clone(), final_lsn };
+    match one_request(identity, tuning, target_addr, target_node, request).await? {
+        Message::Released => Ok(()),
+        other => Err(unexpected("released", Some(&other))),
+    }
+}
+
+/// One request on a connection of its own: `Hello`, the request, its answer (an `Error`
+/// answer is the peer's error).
+async fn one_request(
+    identity: &NodeIdentity,
+    tuning: &QuicTuning,
+    target_addr: std::net::SocketAddr,
+    target_node: &NodeId,
+    request: Message,
+) -> Result<Message, TransferError> {
+    let endpoint = crate::quic::client_endpoint(target_addr, tuning)
+        .map_err(|e| TransferError::Connection(format!("cannot open a UDP socket: {e}")))?;
+    let crypto = crate::tls::client_crypto(identity).map_err(|e| TransferError::Local(e.to_string()))?;
+    let result = tokio::time::timeout(ABORT_TIMEOUT, async {
+        let conn = endpoint
+            .connect_with(crate::quic::client_config(crypto, tuning), target_addr, target_node.as_str())
+            .map_err(|e| TransferError::Connection(e.to_string()))?
+            .await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_control(
+            &mut send,
+            &Message::Hello { protocol_version: PROTOCOL_VERSION, node_id: identity.node_id().clone() },
+        )
+        .await?;
+        match read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
+            Some(Message::Hello { .. }) => {}
+            Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
+            other => return Err(unexpected("hello", other.as_ref())),
+        }
+        write_control(&mut send, &request).await?;
+        let answer = read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await?;
+        let _ = send.finish();
+        conn.close(VarInt::from_u32(close_code::DONE), b"done");
+        match answer {
+            Some(Message::Error { kind, message }) => Err(TransferError::Peer { kind, message }),
+            Some(answer) => Ok(answer),
+            None => Err(TransferError::Connection("the target closed the stream without an answer".into())),
+        }
+    })
+    .await
+    .unwrap_or(Err(TransferError::Timeout("the target's answer")));
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    result
+}
+
+/// What an abort found on the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aborted {
+    /// A staging existed and is gone.
+    Removed,
+    /// No staging existed (never started, or forgotten); a tombstone now refuses the id.
+    NothingStaged,
+    /// It was aborted before: nothing to do.
+    Already,
+}
+
+/// Aborts `id` on this target: cuts its connection, removes its staging, leaves an `aborted`
+/// manifest. Refused (`TransferError::Refused`) for a released staging.
+pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &str) -> Result<Aborted, TransferError> {
+    let layout = StagingLayout::new(&ctx.data_dir, id);
+    let existing = {
+        let (storage, layout) = (ctx.storage.clone(), layout.clone());
+        tokio::task::spawn_blocking(move || staging::read_manifest(&*storage, &layout))
+            .await
+            .map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))?
+    };
+    // A manifest we cannot read is not a released one: the abort goes ahead and replaces it.
+    let existing = existing.ok().flatten();
+    match existing.as_ref().map(|m| m.state) {
+        Some(StagingState::Released) => {
+            return Err(TransferError::Refused(format!(
+                "migration {id} is released: the target is authoritative and its staging is the database's; it cannot be aborted"
+            )))
+        }
+        Some(StagingState::Aborted) => return Ok(Aborted::Already),
+        _ => {}
+    }
+    ctx.cut(id, &format!("migration aborted: {reason}"));
+    // Let the receiving task see the cut before its files go.
+    for _ in 0..40 {
+        if !ctx.is_receiving(id) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ctx.wal_stages.forget(id);
+    let had_staging = ctx.storage.exists(&layout.root);
+    let tombstone = StagingManifest {
+        format_version: MANIFEST_FORMAT_VERSION,
+        migration_id: id.clone(),
+        vshard_id: existing.as_ref().map_or(VShardId(0), |m| m.vshard_id),
+        base_lsn: existing.as_ref().map_or(Lsn(0), |m| m.base_lsn),
+        final_lsn: None,
+        state: StagingState::Aborted,
+        base_complete: false,
+        db_meta: serde_json::Value::Null,
+        segments: Vec::new(),
+        wal_segments: Vec::new(),
+    };
+    let storage = ctx.storage.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
+        if storage.exists(&layout.root) {
+            storage.remove_dir_all(&layout.root).map_err(staging::io_err("remove", &layout.root))?;
+        }
+        storage.create_dir_all(&layout.ferry_dir()).map_err(staging::io_err("create", &layout.root))?;
+        storage.sync_dir(&layout.migrations_dir()).map_err(staging::io_err("sync", &layout.migrations_dir()))?;
+        staging::write_manifest(&*storage, &layout, &tombstone)?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
+    ctx.mark_aborted(id, reason);
+    tracing::warn!(migration = %id, "inbound migration aborted: {reason}");
+    Ok(if had_staging { Aborted::Removed } else { Aborted::NothingStaged })
+}
+
+/// The close code a cut inbound connection gets: the source must not retry it.
+pub(crate) const CUT_CLOSE_CODE: u32 = close_code::REFUSED;

@@ -1,0 +1,173 @@
+//! The target's side of the cut-over: `fenced`, then `released` (DESIGN sections 2 and 3).
+//!
+//! What it does: [`fence_staging`] answers the source's `Fence{final_lsn}`: it checks that the
+//! staged WAL holds nothing above `final_lsn`, writes `MANIFEST.json` in state `fenced` with
+//! `final_lsn` and the staged WAL's segments (one MANIFEST commit: temp file, fsync, rename,
+//! folder fsync; the staged WAL's fdatasync already happened when its records were
+//! acknowledged durable), and, when the target's database acknowledges ingest
+//! (`migration.applied`), waits up to the fence's budget for the applied LSN to reach
+//! `final_lsn`. [`release_staging`] answers a `Release` (a connection of its own): a staging
+//! `fenced` at exactly that `final_lsn` becomes `released`; a repeated release is idempotent.
+//! [`set_applied`] records `migration.applied`.
+//!
+//! What it does not: decide to fence or release (the source's daemon does, for its
+//! coordinator), or import anything (the database does, from a `released` staging).
+//!
+//! Invariants: a staging is released only from `fenced` at the same `final_lsn`, and only when
+//! its staged WAL holds no record above it: the database never imports a staging whose WAL
+//! disagrees with the fence it was released at.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_wire::manifest::StagingState;
+use ferry_wire::message::{Message, Offer};
+use ferry_wire::{Lsn, MigrationId};
+
+use super::target::TargetContext;
+use super::TransferError;
+use crate::staging::{self, StagingLayout};
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
+) -> Result<T, TransferError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))?
+}
+
+/// Marks the staging of `offer` `fenced` at `final_lsn`; answers `Fenced` or `FenceCancelled`.
+/// An I/O failure fails the transfer (never retried).
+pub async fn fence_staging(
+    ctx: &Arc<TargetContext>,
+    offer: &Offer,
+    layout: &StagingLayout,
+    final_lsn: Lsn,
+    apply_wait_max_us: u64,
+) -> Result<Message, TransferError> {
+    let id = &offer.migration_id;
+    if final_lsn < offer.base_lsn {
+        return Ok(Message::FenceCancelled {
+            reason: format!("final_lsn {final_lsn} is below the migration's base_lsn {}", offer.base_lsn),
+        });
+    }
+    let Some((segments, durable)) = ctx.wal_stages.segments(id) else {
+        return Ok(Message::FenceCancelled { reason: "the WAL stream of this migration was never opened".into() });
+    };
+    if let Some(above) = segments.iter().map(|s| s.last_lsn).filter(|l| *l > final_lsn).max() {
+        return Ok(Message::FenceCancelled {
+            reason: format!(
+                "the staged WAL holds record {above}, above final_lsn {final_lsn}: the writer did not pause"
+            ),
+        });
+    }
+    let started = Instant::now();
+    let (storage, layout_owned) = (ctx.storage.clone(), layout.clone());
+    blocking(move || {
+        let mut manifest = staging::read_manifest(&*storage, &layout_owned)?
+            .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before the fence".into()))?;
+        match manifest.state {
+            StagingState::Released | StagingState::Aborted => {
+                return Err(TransferError::Refused(format!("the staging is {:?}: it cannot be fenced", manifest.state)))
+            }
+            StagingState::Copying | StagingState::Fenced => {}
+        }
+        manifest.state = StagingState::Fenced;
+        manifest.final_lsn = Some(final_lsn);
+        manifest.wal_segments = segments;
+        staging::write_manifest(&*storage, &layout_owned, &manifest)?;
+        Ok(())
+    })
+    .await?;
+    let commit_us = micros(started.elapsed());
+    ctx.update(id, |s| {
+        s.state = "fenced".into();
+        s.final_lsn = Some(final_lsn.0);
+    });
+    let mut apply_wait_us = 0;
+    if ctx.inbound().get(id).is_some_and(|s| s.applied_lsn.is_some()) {
+        let apply_started = Instant::now();
+        if let Some(reason) = wait_applied(ctx, id, final_lsn, Duration::from_micros(apply_wait_max_us)).await {
+            return Ok(Message::FenceCancelled { reason });
+        }
+        apply_wait_us = micros(apply_started.elapsed());
+    }
+    tracing::info!(migration = %id, %final_lsn, commit_us, apply_wait_us, "staging fenced");
+    Ok(Message::Fenced { durable_lsn: durable, commit_us, apply_wait_us })
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// When the database acknowledges ingest, waits for it to reach `final_lsn`; `Some(why)` when
+/// it did not within `max`.
+async fn wait_applied(ctx: &TargetContext, id: &MigrationId, final_lsn: Lsn, max: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + max;
+    loop {
+        let notified = ctx.applied.notified();
+        let applied = ctx.inbound().get(id).and_then(|s| s.applied_lsn)?;
+        if applied >= final_lsn.0 {
+            return None;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Some(format!(
+                "the target's database has applied up to {applied}, not final_lsn {final_lsn}, within the pause budget"
+            ));
+        }
+    }
+}
+
+/// Records the target database's ingest progress (`migration.applied`); it only grows.
+pub fn set_applied(ctx: &TargetContext, id: &MigrationId, applied_lsn: Lsn) -> Result<u64, TransferError> {
+    if !ctx.inbound().contains_key(id) {
+        return Err(TransferError::Local(format!("no inbound migration {id} on this node")));
+    }
+    let mut now = applied_lsn.0;
+    ctx.update(id, |s| {
+        now = s.applied_lsn.map_or(applied_lsn.0, |before| before.max(applied_lsn.0));
+        s.applied_lsn = Some(now);
+    });
+    ctx.applied.notify_waiters();
+    Ok(now)
+}
+
+/// Marks the staging of `id`, fenced at `final_lsn`, `released`. Idempotent.
+pub async fn release_staging(ctx: &Arc<TargetContext>, id: &MigrationId, final_lsn: Lsn) -> Result<(), TransferError> {
+    let layout = StagingLayout::new(&ctx.data_dir, id);
+    let manifest = {
+        let (storage, layout) = (ctx.storage.clone(), layout.clone());
+        blocking(move || Ok(staging::read_manifest(&*storage, &layout)?)).await?
+    };
+    let Some(mut manifest) = manifest else {
+        return Err(TransferError::Refused(format!(
+            "migration {id} has no staging on this target: nothing to release"
+        )));
+    };
+    match (manifest.state, manifest.final_lsn) {
+        (StagingState::Released, Some(at)) if at == final_lsn => return Ok(()),
+        (StagingState::Fenced, Some(at)) if at == final_lsn => {}
+        (state, at) => {
+            return Err(TransferError::Refused(format!(
+                "migration {id} is {state:?} at final_lsn {} on this target, not fenced at {final_lsn}: it cannot be released",
+                at.map_or_else(|| "none".to_owned(), |l| l.to_string())
+            )))
+        }
+    }
+    // The staged WAL may have grown after the fence only if a writer did not pause; then the
+    // staging must not be released at this fence.
+    let wal = ctx.wal_stages.get_or_open(&ctx.storage, &layout, id, manifest.base_lsn)?;
+    let durable = wal.lock().unwrap_or_else(|e| e.into_inner()).durable_lsn();
+    if durable > final_lsn {
+        return Err(TransferError::Refused(format!(
+            "the staged WAL of {id} holds records up to {durable}, above final_lsn {final_lsn}: fence again before releasing"
+        )));
+    }
+    manifest.state = StagingState::Released;
+    let storage = ctx.storage.clone();
+    blocking(move || Ok(staging::write_manifest(&*storage, &layout, &manifest)?)).await?;
+    ctx.update(id, |s| {
+        s.state = "released".into();
+        s.final_lsn = Some(final_lsn.0);
+    });
+    tracing::info!(migration = %id, %final_lsn, "staging released");
+    Ok(())
+}

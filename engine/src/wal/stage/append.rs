@@ -1,0 +1,198 @@
+//! Appending to a staged WAL: one checked batch (or group of frames), written back to back,
+//! one fdatasync per segment file written, one folder fsync when a segment was created.
+//!
+//! What it does not: recover a folder (see `recovery`), or decide when to sync (the caller's
+//! batch is the unit: the transfer groups every frame already waiting into one batch).
+//!
+//! Invariants: a batch is checked whole before its first byte is written; the durable LSN
+//! moves only after every sync of the batch returned; a failed write or sync poisons the
+//! value (module docs of `stage`).
+
+use std::sync::Arc;
+
+use ferry_wire::wal::{check_record, segment_name, FormatError, Layout, Preamble, RecordHeader, PREAMBLE_LEN_BYTES};
+use ferry_wire::{crc32c_append, Lsn};
+
+use super::{io_err, Place, Segment, StageError, StagedRecord, StagedWal, WRITE_COALESCE_MAX_BYTES};
+use crate::storage::StorageFile;
+
+/// Bytes gathered for one write call at `start` of the open segment.
+#[derive(Debug, Default)]
+struct Pending {
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl StagedWal {
+    /// Stages `records` (in LSN order, all above the durable LSN) durably and returns the new
+    /// durable LSN: one write per segment run, one fdatasync per segment file written, one
+    /// folder fsync when a segment file was created. An empty batch returns the durable LSN.
+    pub fn append_batch(&mut self, records: &[StagedRecord<'_>]) -> Result<Lsn, StageError> {
+        if self.failed {
+            return Err(StageError::Failed);
+        }
+        let layouts = self.check_batch(records)?;
+        let Some(last) = records.last() else { return Ok(self.durable_lsn) };
+        // Poisoned until the batch is durable: any error below leaves it failed.
+        self.failed = true;
+        let mut touched: Vec<(String, Arc<dyn StorageFile>)> = Vec::new();
+        let mut created = false;
+        let mut pending = Pending { start: self.segments.last().map_or(0, |s| s.len_bytes), bytes: Vec::new() };
+        for (record, layout) in records.iter().zip(layouts) {
+            let len_bytes = record.bytes.len() as u64;
+            match self.place(record.lsn, len_bytes, record.source_preamble, layout) {
+                Place::Start { name_lsn } => {
+                    self.write_pending(&mut pending)?;
+                    let name = segment_name(name_lsn);
+                    let path = self.dir.join(&name);
+                    if self.storage.exists(&path) {
+                        return Err(StageError::Corrupt {
+                            path,
+                            detail: "a file already has the name of the next staged segment".to_owned(),
+                        });
+                    }
+                    let file = self.storage.open_rw(&path).map_err(io_err("create", &path))?;
+                    touched.push((name.clone(), Arc::clone(&file)));
+                    self.open_file = Some(file);
+                    created = true;
+                    self.segments.push(Segment {
+                        name,
+                        preamble: record.source_preamble,
+                        layout,
+                        len_bytes: 0,
+                        crc32c: 0,
+                        first_lsn: record.lsn,
+                        last_lsn: record.lsn,
+                        records_count: 0,
+                    });
+                    pending.start = 0;
+                    if let Some(preamble) = record.source_preamble {
+                        self.stage_bytes(&mut pending, &preamble)?;
+                    }
+                }
+                Place::Append => {
+                    if touched.is_empty() {
+                        let (Some(seg), Some(file)) = (self.segments.last(), self.open_file.as_ref()) else {
+                            return Err(StageError::Misuse("append without an open segment"));
+                        };
+                        touched.push((seg.name.clone(), Arc::clone(file)));
+                    }
+                }
+            }
+            self.stage_bytes(&mut pending, record.bytes)?;
+            if let Some(seg) = self.segments.last_mut() {
+                seg.last_lsn = record.lsn;
+                seg.records_count += 1;
+            }
+        }
+        self.write_pending(&mut pending)?;
+        for (name, file) in &touched {
+            let path = self.dir.join(name);
+            file.sync_data().map_err(io_err("sync", &path))?;
+        }
+        if created {
+            self.storage.sync_dir(&self.dir).map_err(io_err("sync folder", &self.dir))?;
+        }
+        self.durable_lsn = last.lsn;
+        self.failed = false;
+        Ok(self.durable_lsn)
+    }
+
+    /// Checks every record of a batch; returns each record's layout.
+    fn check_batch(&self, records: &[StagedRecord<'_>]) -> Result<Vec<Layout>, StageError> {
+        let mut layouts = Vec::with_capacity(records.len());
+        let mut previous = self.durable_lsn;
+        for (i, record) in records.iter().enumerate() {
+            let lsn = record.lsn;
+            if lsn <= previous {
+                return Err(if i == 0 || previous == self.durable_lsn {
+                    StageError::NotAboveDurable { lsn, durable: self.durable_lsn }
+                } else {
+                    StageError::NotIncreasing { lsn, previous }
+                });
+            }
+            let (header, record_bytes) =
+                decode_record(record.bytes).map_err(|source| StageError::BadRecord { lsn, source })?;
+            if record_bytes != record.bytes.len() {
+                return Err(StageError::RecordLength { lsn, given_bytes: record.bytes.len(), record_bytes });
+            }
+            if header.lsn != lsn {
+                return Err(StageError::LsnMismatch { lsn, found: header.lsn });
+            }
+            if let Some(preamble) = record.source_preamble {
+                Preamble::decode(&preamble).map_err(|source| StageError::BadPreamble { lsn, source })?;
+            }
+            layouts.push(header.layout());
+            previous = lsn;
+        }
+        Ok(layouts)
+    }
+
+    /// The plan: where the record `lsn` of `len_bytes` from a source segment with `preamble`,
+    /// in `layout`, goes (module docs).
+    pub(super) fn place(
+        &self,
+        lsn: Lsn,
+        len_bytes: u64,
+        preamble: Option<[u8; PREAMBLE_LEN_BYTES]>,
+        layout: Layout,
+    ) -> Place {
+        match self.segments.last() {
+            None => Place::Start { name_lsn: lsn },
+            Some(open)
+                if open.preamble != preamble
+                    || open.layout != layout
+                    || (open.records_count > 0
+                        && open.len_bytes.saturating_add(len_bytes) > self.options.roll_size_bytes) =>
+            {
+                Place::Start { name_lsn: Lsn(open.last_lsn.0.saturating_add(1)) }
+            }
+            Some(_) => Place::Append,
+        }
+    }
+
+    /// Adds `bytes` to the open segment: gathered in `pending`, or written straight away when
+    /// large.
+    fn stage_bytes(&mut self, pending: &mut Pending, bytes: &[u8]) -> Result<(), StageError> {
+        if pending.bytes.len().saturating_add(bytes.len()) > WRITE_COALESCE_MAX_BYTES {
+            self.write_pending(pending)?;
+        }
+        if bytes.len() >= WRITE_COALESCE_MAX_BYTES {
+            self.write_at(bytes, pending.start)?;
+            pending.start = pending.start.saturating_add(bytes.len() as u64);
+        } else {
+            pending.bytes.extend_from_slice(bytes);
+        }
+        if let Some(seg) = self.segments.last_mut() {
+            seg.len_bytes = seg.len_bytes.saturating_add(bytes.len() as u64);
+            seg.crc32c = crc32c_append(seg.crc32c, bytes);
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self, pending: &mut Pending) -> Result<(), StageError> {
+        if pending.bytes.is_empty() {
+            return Ok(());
+        }
+        self.write_at(&pending.bytes, pending.start)?;
+        pending.start = pending.start.saturating_add(pending.bytes.len() as u64);
+        pending.bytes.clear();
+        Ok(())
+    }
+
+    fn write_at(&self, bytes: &[u8], offset_bytes: u64) -> Result<(), StageError> {
+        let (Some(seg), Some(file)) = (self.segments.last(), self.open_file.as_ref()) else {
+            return Err(StageError::Misuse("write without an open segment"));
+        };
+        let path = self.dir.join(&seg.name);
+        file.write_at(bytes, offset_bytes).map_err(io_err("write", &path))
+    }
+}
+
+/// The record at the start of `bytes` under whichever layout's CRC checks out.
+fn decode_record(bytes: &[u8]) -> Result<(RecordHeader, usize), FormatError> {
+    match check_record(Layout::A, bytes) {
+        Ok(found) => Ok(found),
+        Err(a_err) => check_record(Layout::B, bytes).map_err(|_| a_err),
+    }
+}
