@@ -48,6 +48,20 @@ impl Certs {
     }
 }
 
+/// A node daemon's configuration for an in-process `RunningNode` named `name` (a certificate of
+/// `certs`), on a loopback port, accepting the peer `allow`.
+pub fn node_config(certs: &Certs, name: &str, data_dir: &Path, allow: &str) -> ferry_engine::config::NodeConfig {
+    ferry_engine::config::NodeConfig {
+        node_id: name.into(),
+        data_dir: data_dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        certs_dir: certs.dir.path().to_path_buf(),
+        allowed_peers: vec![allow.into()],
+        progress_interval_ms: 0,
+        ..ferry_engine::config::NodeConfig::default()
+    }
+}
+
 pub fn node(name: &str) -> NodeId {
     NodeId::new(name).unwrap()
 }

@@ -23,12 +23,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_engine::clock::monotonic_ns;
-use ferry_engine::config::NodeConfig;
 use ferry_engine::control::{ControlClient, ErrorCode};
 use ferry_engine::node::RunningNode;
 use ferry_engine::wal::tail::FolderTail;
 use ferry_engine::wal::writer::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterOptions};
-use ferry_tests::{write_file, Certs};
+use ferry_tests::{node_config, write_file, Certs};
 use ferry_wire::api::StartParams;
 use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
 use ferry_wire::{Lsn, MigrationId, VShardId};
@@ -153,23 +152,13 @@ struct Pair {
     wal_dir: PathBuf,
 }
 
-fn config(certs: &Certs, name: &str, data_dir: &Path, allow: &str) -> NodeConfig {
-    NodeConfig {
-        node_id: name.into(),
-        data_dir: data_dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        certs_dir: certs.dir.path().to_path_buf(),
-        allowed_peers: vec![allow.into()],
-        progress_interval_ms: 0,
-        ..NodeConfig::default()
-    }
-}
-
 async fn pair() -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new().unwrap();
-    let source = RunningNode::start(&config(&certs, "source", &dir.path().join("source"), "target")).await.unwrap();
-    let target = RunningNode::start(&config(&certs, "target", &dir.path().join("target"), "source")).await.unwrap();
+    let source =
+        RunningNode::start(&node_config(&certs, "source", &dir.path().join("source"), "target")).await.unwrap();
+    let target =
+        RunningNode::start(&node_config(&certs, "target", &dir.path().join("target"), "source")).await.unwrap();
     let root = dir.path().join("export");
     write_file(&root, "L1/a.seg", 300_000, 1);
     write_file(&root, "L1/b.seg", 4096, 2);

@@ -12,32 +12,19 @@
 
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_engine::config::NodeConfig;
 use ferry_engine::node::RunningNode;
 use ferry_engine::refnode::{export_base, verify, RefWriter, RefWriterConfig, VerifyInput};
-use ferry_tests::{ferry_bin, Certs};
+use ferry_tests::{ferry_bin, node_config, Certs};
 use ferry_wire::{Lsn, VShardId};
 use serde_json::Value;
 
 const VSHARD: VShardId = VShardId(7);
-
-fn config(certs: &Certs, name: &str, data_dir: &Path, allow: &str) -> NodeConfig {
-    NodeConfig {
-        node_id: name.into(),
-        data_dir: data_dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        certs_dir: certs.dir.path().to_path_buf(),
-        allowed_peers: vec![allow.into()],
-        progress_interval_ms: 0,
-        ..NodeConfig::default()
-    }
-}
 
 /// Serves the marker files the shell commands leave: `pause` -> park the writer and write its
 /// last acknowledged LSN to `paused`; `resume-target` / `resume-source` -> resume it there and
@@ -71,8 +58,10 @@ fn ferry_migrate_runs_a_live_migration_with_the_cut_over_and_nothing_is_lost() {
     let certs = Certs::new().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (source, target) = runtime.block_on(async {
-        let source = RunningNode::start(&config(&certs, "source", &dir.path().join("source"), "target")).await.unwrap();
-        let target = RunningNode::start(&config(&certs, "target", &dir.path().join("target"), "source")).await.unwrap();
+        let source =
+            RunningNode::start(&node_config(&certs, "source", &dir.path().join("source"), "target")).await.unwrap();
+        let target =
+            RunningNode::start(&node_config(&certs, "target", &dir.path().join("target"), "source")).await.unwrap();
         (source, target)
     });
 

@@ -15,12 +15,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_engine::cli::cutover::{cut_over, CutOverOptions, WriteControl};
-use ferry_engine::config::NodeConfig;
+use ferry_engine::cli::cutover::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::control::ControlClient;
 use ferry_engine::node::RunningNode;
 use ferry_engine::refnode::{export_base, generate_bulk, verify, RefWriter, RefWriterConfig, VerifyInput};
-use ferry_tests::Certs;
+use ferry_tests::{node_config, Certs};
 use ferry_wire::api::{Phase, StartParams};
 use ferry_wire::{MigrationId, VShardId};
 use serde_json::json;
@@ -43,39 +42,9 @@ impl Rng {
     }
 }
 
-fn config(certs: &Certs, name: &str, data_dir: &Path, allow: &str) -> NodeConfig {
-    NodeConfig {
-        node_id: name.into(),
-        data_dir: data_dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        certs_dir: certs.dir.path().to_path_buf(),
-        allowed_peers: vec![allow.into()],
-        progress_interval_ms: 0,
-        ..NodeConfig::default()
-    }
-}
-
-struct Writes<'a> {
-    writer: &'a RefWriter,
-    node_wal: &'a Path,
-}
-
-impl WriteControl for Writes<'_> {
-    fn pause(&mut self) -> anyhow::Result<(u64, u64)> {
-        let ticket = self.writer.pause()?;
-        Ok((ticket.last_acked_lsn.0, ticket.paused_at_ns))
-    }
-    fn resume_on_target(&mut self) -> anyhow::Result<u64> {
-        Ok(self.writer.resume_on_target(self.node_wal)?)
-    }
-    fn resume_on_source(&mut self) -> anyhow::Result<u64> {
-        Ok(self.writer.resume_on_source())
-    }
-}
-
 async fn one(certs: &Certs, dir: &Path, rng: &mut Rng, index: u64) -> String {
-    let source = RunningNode::start(&config(certs, "source", &dir.join("source"), "target")).await.unwrap();
-    let target = RunningNode::start(&config(certs, "target", &dir.join("target"), "source")).await.unwrap();
+    let source = RunningNode::start(&node_config(certs, "source", &dir.join("source"), "target")).await.unwrap();
+    let target = RunningNode::start(&node_config(certs, "target", &dir.join("target"), "source")).await.unwrap();
     let vshard = VShardId(rng.pick(&[1, 7, 42]));
     let mut writer_config = RefWriterConfig::new(dir.join("wal"), vshard);
     writer_config.rate_writes_per_sec = rng.pick(&[500, 2_000, 8_000]);
@@ -119,10 +88,14 @@ async fn one(certs: &Certs, dir: &Path, rng: &mut Rng, index: u64) -> String {
     }
     tokio::time::sleep(Duration::from_millis(rng.pick(&[0, 50, 200]))).await;
     let node_wal = dir.join("target/node-wal");
-    let outcome =
-        cut_over(&mut client, &id, &mut Writes { writer: &writer, node_wal: &node_wal }, CutOverOptions::default())
-            .await
-            .unwrap_or_else(|e| panic!("{shape}: {e:#}"));
+    let outcome = cut_over(
+        &mut client,
+        &id,
+        &mut RefWrites { writer: &writer, target_node_wal: Some(&node_wal) },
+        CutOverOptions::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{shape}: {e:#}"));
     let pause = outcome.release.pause;
     assert_eq!(pause.breakdown.total_us(), pause.pause_duration_us, "{shape}");
     tokio::time::sleep(Duration::from_millis(50)).await;

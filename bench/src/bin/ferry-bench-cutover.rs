@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use ferry_bench::certs::{BenchCerts, SOURCE_NODE, TARGET_NODE};
-use ferry_engine::cli::cutover::{cut_over, CutOverOptions, WriteControl};
+use ferry_engine::cli::cutover::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::config::NodeConfig;
 use ferry_engine::control::ControlClient;
 use ferry_engine::node::RunningNode;
@@ -56,23 +56,6 @@ struct Args {
     /// fdatasync samples for the baseline.
     #[arg(long, default_value_t = 2000)]
     fsync_samples: u32,
-}
-
-/// The reference writer behind the coordinator's pause and resume.
-struct Writes<'a>(&'a RefWriter);
-
-impl WriteControl for Writes<'_> {
-    fn pause(&mut self) -> anyhow::Result<(u64, u64)> {
-        let ticket = self.0.pause()?;
-        Ok((ticket.last_acked_lsn.0, ticket.paused_at_ns))
-    }
-    fn resume_on_target(&mut self) -> anyhow::Result<u64> {
-        // The bench moves vShard 7 again and again: its writes stay on the source.
-        Ok(self.0.resume_on_source())
-    }
-    fn resume_on_source(&mut self) -> anyhow::Result<u64> {
-        Ok(self.0.resume_on_source())
-    }
 }
 
 /// The figures of one filesystem.
@@ -173,9 +156,14 @@ async fn run_fs(args: &Args, fs: &str, base: &Path) -> anyhow::Result<Run> {
         wait_catch_up(&mut source_client, &id).await?;
         // A moment of live catch-up before the cut-over.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let outcome = cut_over(&mut source_client, &id, &mut Writes(&writer), CutOverOptions::default())
-            .await
-            .with_context(|| format!("cut-over {i}"))?;
+        let outcome = cut_over(
+            &mut source_client,
+            &id,
+            &mut RefWrites { writer: &writer, target_node_wal: None },
+            CutOverOptions::default(),
+        )
+        .await
+        .with_context(|| format!("cut-over {i}"))?;
         run.failed_fences_count += outcome.failed_fences.len();
         run.pauses.push(outcome.release.pause);
         source_client.forget(&id).await?;

@@ -135,6 +135,33 @@ pub async fn cut_over(
     }
 }
 
+/// The reference writer as the coordinator's write fence: pause, then resume on the target
+/// (its vShard's writes go to the target's `node-wal/`; with `target_node_wal: None` they stay
+/// on the source, for benches that move the same vShard again and again) or on the source.
+#[derive(Debug)]
+pub struct RefWrites<'a> {
+    pub writer: &'a crate::refnode::RefWriter,
+    pub target_node_wal: Option<&'a std::path::Path>,
+}
+
+impl WriteControl for RefWrites<'_> {
+    fn pause(&mut self) -> anyhow::Result<(u64, u64)> {
+        let ticket = self.writer.pause()?;
+        Ok((ticket.last_acked_lsn.0, ticket.paused_at_ns))
+    }
+
+    fn resume_on_target(&mut self) -> anyhow::Result<u64> {
+        match self.target_node_wal {
+            Some(dir) => Ok(self.writer.resume_on_target(dir)?),
+            None => Ok(self.writer.resume_on_source()),
+        }
+    }
+
+    fn resume_on_source(&mut self) -> anyhow::Result<u64> {
+        Ok(self.writer.resume_on_source())
+    }
+}
+
 /// [`WriteControl`] by shell commands (`sh -c`): the pause command prints the last
 /// acknowledged LSN on its stdout.
 #[derive(Debug, Clone)]

@@ -26,7 +26,7 @@ use ferry_wire::{Lsn, MigrationId};
 
 use super::progress::{self, ProgressLine, POLL_INTERVAL};
 use super::{DemoArgs, Dirs, MIGRATION_ID, SOURCE_NODE, TARGET_NODE, VSHARD};
-use crate::cli::cutover::{cut_over, CutOverOptions, CutOverOutcome, WriteControl};
+use crate::cli::cutover::{cut_over, CutOverOptions, CutOverOutcome, RefWrites};
 use crate::clock::monotonic_ns;
 use crate::config::NodeConfig;
 use crate::control::ControlClient;
@@ -89,29 +89,6 @@ pub(super) struct LiveRun {
     pub source_final: MigrationStatus,
     /// The target daemon's view of its staging at the end.
     pub target_staging_state: Option<String>,
-}
-
-/// The reference writer as the coordinator's write fence: pause, then resume on the target
-/// (the routing flip) or on the source (a cancelled fence).
-#[derive(Debug)]
-struct DemoWrites<'a> {
-    writer: &'a RefWriter,
-    node_wal: &'a Path,
-}
-
-impl WriteControl for DemoWrites<'_> {
-    fn pause(&mut self) -> anyhow::Result<(u64, u64)> {
-        let ticket = self.writer.pause()?;
-        Ok((ticket.last_acked_lsn.0, ticket.paused_at_ns))
-    }
-
-    fn resume_on_target(&mut self) -> anyhow::Result<u64> {
-        Ok(self.writer.resume_on_target(self.node_wal)?)
-    }
-
-    fn resume_on_source(&mut self) -> anyhow::Result<u64> {
-        Ok(self.writer.resume_on_source())
-    }
 }
 
 fn node_config(dirs: &Dirs, name: &str, data_dir: &Path, peer: &str) -> NodeConfig {
@@ -299,7 +276,7 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
         args.budget_us
     );
     let node_wal = dirs.node_wal();
-    let mut writes = DemoWrites { writer: &writer, node_wal: &node_wal };
+    let mut writes = RefWrites { writer: &writer, target_node_wal: Some(&node_wal) };
     let options = CutOverOptions {
         fence_retries: 3,
         catch_up_timeout: CATCH_UP_TIMEOUT,
