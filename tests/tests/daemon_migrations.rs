@@ -776,3 +776,40 @@ fn a_target_daemon_killed_during_the_fence_cancels_it_and_the_next_fence_complet
     c.target = Node::start(&config);
     finish_and_verify(&c, "m-kill-tgt", writer, &root, base_lsn);
 }
+
+/// SIGKILL of the source daemon after a completed fence and before the release: the restarted
+/// daemon resumes the migration, and the coordinator's release still completes it, because the
+/// target confirms its staging is fenced at exactly that final_lsn; nothing is lost.
+#[test]
+fn a_release_after_the_source_daemon_restarted_completes_a_fence_that_completed() {
+    let mut c = cluster("", "", &[]);
+    let (writer, root, base_lsn) = live_migration(&c, "m-kill-rel");
+    let ticket = writer.pause().unwrap();
+    let params = json!({ "migration_id": "m-kill-rel", "final_lsn": ticket.last_acked_lsn.0, "writes_paused_at_ns": ticket.paused_at_ns });
+    c.source.call("migration.fence", params).unwrap();
+    assert_eq!(c.manifest_state("m-kill-rel"), "fenced");
+    let node_wal = c.target_data.join("node-wal");
+    let resumed = writer.resume_on_target(&node_wal).unwrap();
+    c.source.signal(libc::SIGKILL);
+    let config = c.source.config.clone();
+    c.source = Node::start(&config);
+    let released = c
+        .source
+        .call("migration.release", json!({ "migration_id": "m-kill-rel", "writes_resumed_at_ns": resumed }))
+        .unwrap();
+    assert_eq!(released["final_lsn"], ticket.last_acked_lsn.0, "{released}");
+    assert_eq!(c.manifest_state("m-kill-rel"), "released");
+    assert_eq!(c.source.status("m-kill-rel")["phase"], "Completed");
+    std::thread::sleep(Duration::from_millis(100));
+    let writer = std::sync::Arc::try_unwrap(writer).unwrap_or_else(|_| panic!("the writer is shared"));
+    let log = writer.stop().unwrap();
+    let verification = verify(&VerifyInput {
+        log: &log,
+        base_lsn,
+        final_lsn: ticket.last_acked_lsn,
+        staging_dir: &c.staged("m-kill-rel"),
+        source_segments_root: &root,
+        target_node_wal_dir: Some(&node_wal),
+    });
+    assert!(verification.passed(), "{verification:?}");
+}
