@@ -179,7 +179,7 @@ impl Daemon {
 
     /// Refuses a source-side method for a migration this node only receives.
     fn source_only(&self, id: &MigrationId, method: &str) -> Result<(), RpcError> {
-        if self.outbound.status(id).is_none() && self.ctx.inbound().contains_key(id) {
+        if self.outbound.status(id).is_none() && self.ctx.has_inbound(id) {
             return Err(RpcError::refused(format!(
                 "migration {id} is inbound here: call {method} on the source node's daemon"
             )));
@@ -228,7 +228,7 @@ impl Daemon {
                     let note = self.outbound.abort(&id, &reason).await.map_err(outbound_rpc)?;
                     return Ok(json!({ "migration_id": id.as_str(), "phase": "Failed", "aborted": true, "role": "source", "note": note }).into());
                 }
-                if self.ctx.inbound().contains_key(&id) {
+                if self.ctx.has_inbound(&id) {
                     let reason = format!("aborted by the target's coordinator: {reason}");
                     crate::transfer::abort::abort_staging(&self.ctx, &id, &reason).await.map_err(transfer_rpc)?;
                     return Ok(json!({ "migration_id": id.as_str(), "phase": "Failed", "aborted": true, "role": "target", "note": "staging removed" }).into());
@@ -242,7 +242,7 @@ impl Daemon {
                     self.outbound.forget(&id).await.map_err(outbound_rpc)?;
                     forgot = true;
                 }
-                if self.ctx.inbound().contains_key(&id) {
+                if self.ctx.has_inbound(&id) {
                     self.ctx.forget(&id).await.map_err(transfer_rpc)?;
                     forgot = true;
                 }
@@ -256,7 +256,7 @@ impl Daemon {
                 let bytes_per_sec = params.get("bytes_per_sec").and_then(Value::as_u64).ok_or_else(|| {
                     RpcError::invalid_params("params.bytes_per_sec must be an unsigned integer (0: unlimited)")
                 })?;
-                if self.outbound.status(&id).is_none() && self.ctx.inbound().contains_key(&id) {
+                if self.outbound.status(&id).is_none() && self.ctx.has_inbound(&id) {
                     return Err(RpcError::refused(format!(
                         "migration {id} is inbound here: set its rate on the source node's daemon"
                     )));
@@ -320,7 +320,7 @@ impl Daemon {
                     .get("applied_lsn")
                     .and_then(Value::as_u64)
                     .ok_or_else(|| RpcError::invalid_params("params.applied_lsn must be an unsigned integer"))?;
-                if !self.ctx.inbound().contains_key(&id) {
+                if !self.ctx.has_inbound(&id) {
                     return Err(if self.outbound.status(&id).is_some() {
                         RpcError::refused(format!(
                             "migration {id} is outbound here: migration.applied goes to the target node's daemon"

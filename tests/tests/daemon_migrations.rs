@@ -734,24 +734,46 @@ fn finish_and_verify(c: &Cluster, id: &str, writer: std::sync::Arc<RefWriter>, r
     assert_eq!((verification.lost_count, verification.duplicate_count), (0, 0));
 }
 
+/// Which daemon a test kills during a fence.
+#[derive(Clone, Copy, PartialEq)]
+enum Killed {
+    Source,
+    Target,
+}
+
+/// Starts a fence that cannot drain, SIGKILLs `killed` under it, resumes writes on the source
+/// (as a coordinator does when the fence fails) and restarts the daemon where it listened; the
+/// next fence and release must then complete with every write once. Returns the failed fence's
+/// error.
+fn kill_during_a_fence(id: &str, killed: Killed) -> String {
+    let mut c = cluster("", "", &[]);
+    let (writer, root, base_lsn) = live_migration(&c, id);
+    let ticket = writer.pause().unwrap();
+    let fence = doomed_fence(c.source.socket.clone(), id, ticket.last_acked_lsn.0 + 1_000_000);
+    c.source.wait_for(id, "AtomicCutOver", phase_is("AtomicCutOver"));
+    let node = if killed == Killed::Source { &mut c.source } else { &mut c.target };
+    node.signal(libc::SIGKILL);
+    let error = fence.join().unwrap();
+    writer.resume_on_source();
+    assert_ne!(c.manifest_state(id), "released");
+    let node = if killed == Killed::Source { &mut c.source } else { &mut c.target };
+    // The restarted daemon listens where its peer reaches it.
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", node.addr)))
+        .unwrap();
+    let config = node.config.clone();
+    *node = Node::start(&config);
+    finish_and_verify(&c, id, writer, &root, base_lsn);
+    error
+}
+
 /// SIGKILL of the source daemon during a fence: the coordinator's fence fails, writes resume on
 /// the source, the restarted daemon resumes the migration in WalCatchUp (the fence cancelled),
 /// and the next fence and release complete with every write once.
 #[test]
 fn a_source_daemon_killed_during_the_fence_restarts_cancelled_and_the_next_fence_completes() {
-    let mut c = cluster("", "", &[]);
-    let (writer, root, base_lsn) = live_migration(&c, "m-kill-src");
-    let ticket = writer.pause().unwrap();
-    let fence = doomed_fence(c.source.socket.clone(), "m-kill-src", ticket.last_acked_lsn.0 + 1_000_000);
-    c.source.wait_for("m-kill-src", "AtomicCutOver", phase_is("AtomicCutOver"));
-    c.source.signal(libc::SIGKILL);
-    let error = fence.join().unwrap();
+    let error = kill_during_a_fence("m-kill-src", Killed::Source);
     assert!(!error.is_empty());
-    writer.resume_on_source();
-    assert_ne!(c.manifest_state("m-kill-src"), "released");
-    let config = c.source.config.clone();
-    c.source = Node::start(&config);
-    finish_and_verify(&c, "m-kill-src", writer, &root, base_lsn);
 }
 
 /// SIGKILL of the target daemon during a fence: the fence is cancelled (`CutOverCancelled`),
@@ -759,22 +781,8 @@ fn a_source_daemon_killed_during_the_fence_restarts_cancelled_and_the_next_fence
 /// and release complete with every write once.
 #[test]
 fn a_target_daemon_killed_during_the_fence_cancels_it_and_the_next_fence_completes() {
-    let mut c = cluster("", "", &[]);
-    let (writer, root, base_lsn) = live_migration(&c, "m-kill-tgt");
-    let ticket = writer.pause().unwrap();
-    let fence = doomed_fence(c.source.socket.clone(), "m-kill-tgt", ticket.last_acked_lsn.0 + 1_000_000);
-    c.source.wait_for("m-kill-tgt", "AtomicCutOver", phase_is("AtomicCutOver"));
-    c.target.signal(libc::SIGKILL);
-    let error = fence.join().unwrap();
+    let error = kill_during_a_fence("m-kill-tgt", Killed::Target);
     assert!(error.contains("-32004") || error.contains("cancelled"), "{error}");
-    writer.resume_on_source();
-    // The restarted target listens where the source's migration reaches it.
-    let config = c.target.config.clone();
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{}\"", c.target.addr)))
-        .unwrap();
-    c.target = Node::start(&config);
-    finish_and_verify(&c, "m-kill-tgt", writer, &root, base_lsn);
 }
 
 /// SIGKILL of the source daemon after a completed fence and before the release: the restarted

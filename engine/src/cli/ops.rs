@@ -377,20 +377,10 @@ async fn watch(socket: &Path, id: Option<MigrationId>, json: bool) -> anyhow::Re
 mod tests {
     use clap::Parser;
     use ferry_wire::api::Role;
-    use serde_json::json;
 
     use super::*;
+    use crate::cli::render::tests::status;
     use crate::cli::{Cli, Command};
-
-    fn status() -> MigrationStatus {
-        serde_json::from_value(json!({"migration_id": "m-7-0", "role": "source", "phase": "BaseCopy",
-            "vshard_id": 7, "peer_node": "node-b", "bytes_transferred": 1_048_576, "bytes_total": 4_194_304,
-            "bytes_resent": 0, "files_staged": 1, "files_total": 4,
-            "wal": {"start_lsn": 1, "current_lsn": 90, "source_lsn": 100, "held_bytes": 65536},
-            "rate_limit_bytes_per_sec": 0, "throughput_bytes_per_sec": 1_048_576, "pause_duration_us": null,
-            "reason": null, "staging_state": "copying", "started_at_unix_ms": 1000, "updated_at_unix_ms": 2000}))
-        .unwrap()
-    }
 
     #[test]
     fn tracking_is_per_migration_and_role_and_reports_changes() {

@@ -280,12 +280,13 @@ pub fn render_table(statuses: &[MigrationStatus]) -> Vec<String> {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
-mod tests {
+pub(crate) mod tests {
     use serde_json::json;
 
     use super::*;
 
-    fn status() -> MigrationStatus {
+    /// A source migration in BaseCopy, a quarter copied (shared with the other CLI tests).
+    pub(crate) fn status() -> MigrationStatus {
         serde_json::from_value(json!({"migration_id": "m-7-0", "role": "source", "phase": "BaseCopy",
             "vshard_id": 7, "peer_node": "node-b", "bytes_transferred": 1_048_576, "bytes_total": 4_194_304,
             "bytes_resent": 0, "files_staged": 1, "files_total": 4,

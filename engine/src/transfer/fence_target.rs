@@ -83,7 +83,7 @@ pub async fn fence_staging(
         s.final_lsn = Some(final_lsn.0);
     });
     let mut apply_wait_us = 0;
-    if ctx.inbound().get(id).is_some_and(|s| s.applied_lsn.is_some()) {
+    if ctx.applied_lsn(id).is_some() {
         let apply_started = Instant::now();
         if let Some(reason) = wait_applied(ctx, id, final_lsn, Duration::from_micros(apply_wait_max_us)).await {
             return Ok(Message::FenceCancelled { reason });
@@ -104,7 +104,7 @@ async fn wait_applied(ctx: &TargetContext, id: &MigrationId, final_lsn: Lsn, max
     let deadline = tokio::time::Instant::now() + max;
     loop {
         let notified = ctx.applied.notified();
-        let applied = ctx.inbound().get(id).and_then(|s| s.applied_lsn)?;
+        let applied = ctx.applied_lsn(id)?;
         if applied >= final_lsn.0 {
             return None;
         }
@@ -118,7 +118,7 @@ async fn wait_applied(ctx: &TargetContext, id: &MigrationId, final_lsn: Lsn, max
 
 /// Records the target database's ingest progress (`migration.applied`); it only grows.
 pub fn set_applied(ctx: &TargetContext, id: &MigrationId, applied_lsn: Lsn) -> Result<u64, TransferError> {
-    if !ctx.inbound().contains_key(id) {
+    if !ctx.has_inbound(id) {
         return Err(TransferError::Local(format!("no inbound migration {id} on this node")));
     }
     let mut now = applied_lsn.0;

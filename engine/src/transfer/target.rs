@@ -263,6 +263,16 @@ impl TargetContext {
         status
     }
 
+    /// Whether `id` is an inbound migration here (without copying every status).
+    pub fn has_inbound(&self, id: &MigrationId) -> bool {
+        locked(&self.status).contains_key(id)
+    }
+
+    /// What the target's database reported applied for `id` (`migration.applied`), if anything.
+    pub fn applied_lsn(&self, id: &MigrationId) -> Option<u64> {
+        locked(&self.status).get(id).and_then(|s| s.applied_lsn)
+    }
+
     pub(crate) fn update(&self, id: &MigrationId, f: impl FnOnce(&mut InboundStatus)) {
         f(locked(&self.status).entry(id.clone()).or_default());
     }
