@@ -39,12 +39,20 @@ pub struct FerryShape {
     pub streams_count: u32,
     /// QUIC connections of the copy (each on its own endpoint).
     pub connections_count: u32,
+    /// Path MTU discovery's upper bound on both sides (ferry's default:
+    /// [`ferry_engine::quic::MTU_UPPER_BOUND_DEFAULT_BYTES`]; quinn's: 1452).
+    pub mtu_upper_bound_bytes: u16,
 }
 
 impl Default for FerryShape {
     /// `ferry copy`'s defaults.
     fn default() -> Self {
-        Self { chunk_len_bytes: ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES, streams_count: 4, connections_count: 1 }
+        Self {
+            chunk_len_bytes: ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES,
+            streams_count: 4,
+            connections_count: 1,
+            mtu_upper_bound_bytes: ferry_engine::quic::MTU_UPPER_BOUND_DEFAULT_BYTES,
+        }
     }
 }
 
@@ -60,7 +68,7 @@ pub async fn ferry_copy(
         .prefix("ferry-bench-staging-")
         .tempdir_in(staging_parent)
         .with_context(|| format!("cannot make a staging folder in {}", staging_parent.display()))?;
-    let tuning = QuicTuning::default();
+    let tuning = QuicTuning { mtu_upper_bound_bytes: shape.mtu_upper_bound_bytes, ..QuicTuning::default() };
     let server_crypto = ferry_engine::tls::server_crypto(&certs.identity(TARGET_NODE)?, &[node(SOURCE_NODE)?])?;
     let endpoint = ferry_engine::quic::server_endpoint("127.0.0.1:0".parse()?, server_crypto, &tuning)?;
     let addr = endpoint.local_addr()?;
@@ -131,7 +139,7 @@ mod tests {
         let staging = dir.path().join("staging");
         std::fs::create_dir_all(&staging).unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let shape = FerryShape { chunk_len_bytes: 1 << 20, streams_count: 2, connections_count: 1 };
+        let shape = FerryShape { chunk_len_bytes: 1 << 20, streams_count: 2, ..FerryShape::default() };
         let (run, report) = runtime.block_on(ferry_copy(&certs, &shard, &staging, "bench-test", shape)).unwrap();
         assert_eq!(run.bytes_total, shard.size_bytes);
         assert_eq!(report.files_count, 3);

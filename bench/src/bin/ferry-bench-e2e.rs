@@ -4,7 +4,8 @@
 //! `--rounds` rounds, copies it over loopback with: the raw quinn baseline in one process
 //! (`raw_quinn`) and with its receiver in a child process (`raw_quinn_2proc`, this binary run
 //! with a hidden first argument), ferry in-process staging on tmpfs with 1 connection
-//! (`ferry_tmpfs`) and 2 connections (`ferry_tmpfs_2c`), ferry in-process staging on disk,
+//! (`ferry_tmpfs`), the same with quinn's default MTU bound of 1452 instead of ferry's
+//! (`ferry_tmpfs_mtu1452`), and 2 connections (`ferry_tmpfs_2c`), ferry in-process staging on disk,
 //! plain TCP landing on tmpfs, and `scp` (OpenSSH's default cipher, and aes128-gcm) against a
 //! throwaway sshd. It prints each one's median rate and the ratios the issue sets goals for.
 //! Then it runs ferry as two processes (`ferry serve` and `ferry copy`), `--daemon-rounds`
@@ -72,6 +73,10 @@ struct Args {
     /// Also write every measurement as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run only these in-process contenders (comma-separated, e.g. `raw_quinn,ferry_tmpfs`;
+    /// default: all), for profiling one of them.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// The contenders of the in-process comparison, in the order each round runs them.
@@ -79,6 +84,8 @@ const RAW_QUINN: &str = "raw_quinn";
 const RAW_QUINN_2P: &str = "raw_quinn_2proc";
 const FERRY_TMPFS: &str = "ferry_tmpfs";
 const FERRY_TMPFS_2C: &str = "ferry_tmpfs_2c";
+/// ferry with quinn's default MTU bound (1452) instead of its own, to show what that bound gives.
+const FERRY_TMPFS_1452: &str = "ferry_tmpfs_mtu1452";
 const FERRY_DISK: &str = "ferry_disk";
 const TCP_TMPFS: &str = "tcp_tmpfs";
 const SCP_DEFAULT: &str = "scp";
@@ -140,32 +147,53 @@ fn main() -> anyhow::Result<()> {
             None => runs.push((name, vec![run])),
         }
     };
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     for round in 0..args.rounds {
         println!("round {}/{}", round + 1, args.rounds);
-        record(RAW_QUINN, runtime.block_on(raw_quinn_copy(&certs, shard.size_bytes))?);
-        let (run, sender_cpu_secs, receiver_cpu_secs) = raw_quinn_two_process(&runtime, &certs, shard.size_bytes)?;
-        let gib = shard.size_bytes as f64 / GIB;
-        println!(
-            "  (raw_quinn_2proc CPU-s/GiB: sender {:.2}, receiver {:.2})",
-            sender_cpu_secs / gib,
-            receiver_cpu_secs / gib
-        );
-        record(RAW_QUINN_2P, run);
-        let id = format!("bench-tmpfs-{round}");
-        record(
-            FERRY_TMPFS,
-            runtime.block_on(ferry_copy(&certs, &shard, &args.tmpfs_dir, &id, FerryShape::default()))?.0,
-        );
-        let id = format!("bench-tmpfs2c-{round}");
-        let two = FerryShape { streams_count: 2, connections_count: 2, ..FerryShape::default() };
-        record(FERRY_TMPFS_2C, runtime.block_on(ferry_copy(&certs, &shard, &args.tmpfs_dir, &id, two))?.0);
-        let id = format!("bench-disk-{round}");
-        record(FERRY_DISK, runtime.block_on(ferry_copy(&certs, &shard, &disk_dir, &id, FerryShape::default()))?.0);
-        record(TCP_TMPFS, with_target_dir(&args.tmpfs_dir, |dir| tcp_copy(&shard, dir))?);
+        if wanted(RAW_QUINN) {
+            record(RAW_QUINN, runtime.block_on(raw_quinn_copy(&certs, shard.size_bytes))?);
+        }
+        if wanted(RAW_QUINN_2P) {
+            let (run, sender_cpu_secs, receiver_cpu_secs) = raw_quinn_two_process(&runtime, &certs, shard.size_bytes)?;
+            let gib = shard.size_bytes as f64 / GIB;
+            println!(
+                "  (raw_quinn_2proc CPU-s/GiB: sender {:.2}, receiver {:.2})",
+                sender_cpu_secs / gib,
+                receiver_cpu_secs / gib
+            );
+            record(RAW_QUINN_2P, run);
+        }
+        if wanted(FERRY_TMPFS) {
+            let id = format!("bench-tmpfs-{round}");
+            let copied = runtime.block_on(ferry_copy(&certs, &shard, &args.tmpfs_dir, &id, FerryShape::default()))?;
+            record(FERRY_TMPFS, copied.0);
+        }
+        if wanted(FERRY_TMPFS_1452) {
+            let id = format!("bench-tmpfs1452-{round}");
+            let shape = FerryShape { mtu_upper_bound_bytes: 1452, ..FerryShape::default() };
+            record(FERRY_TMPFS_1452, runtime.block_on(ferry_copy(&certs, &shard, &args.tmpfs_dir, &id, shape))?.0);
+        }
+        if wanted(FERRY_TMPFS_2C) {
+            let id = format!("bench-tmpfs2c-{round}");
+            let two = FerryShape { streams_count: 2, connections_count: 2, ..FerryShape::default() };
+            record(FERRY_TMPFS_2C, runtime.block_on(ferry_copy(&certs, &shard, &args.tmpfs_dir, &id, two))?.0);
+        }
+        if wanted(FERRY_DISK) {
+            let id = format!("bench-disk-{round}");
+            let copied = runtime.block_on(ferry_copy(&certs, &shard, &disk_dir, &id, FerryShape::default()))?;
+            record(FERRY_DISK, copied.0);
+        }
+        if wanted(TCP_TMPFS) {
+            record(TCP_TMPFS, with_target_dir(&args.tmpfs_dir, |dir| tcp_copy(&shard, dir))?);
+        }
         if let Some(sshd) = &sshd {
-            record(SCP_DEFAULT, with_target_dir(&args.tmpfs_dir, |dir| scp_copy(sshd, &shard, dir, None))?);
-            let aes = Some("aes128-gcm@openssh.com");
-            record(SCP_AES, with_target_dir(&args.tmpfs_dir, |dir| scp_copy(sshd, &shard, dir, aes))?);
+            if wanted(SCP_DEFAULT) {
+                record(SCP_DEFAULT, with_target_dir(&args.tmpfs_dir, |dir| scp_copy(sshd, &shard, dir, None))?);
+            }
+            if wanted(SCP_AES) {
+                let aes = Some("aes128-gcm@openssh.com");
+                record(SCP_AES, with_target_dir(&args.tmpfs_dir, |dir| scp_copy(sshd, &shard, dir, aes))?);
+            }
         }
     }
     drop(sshd);
@@ -191,6 +219,7 @@ fn main() -> anyhow::Result<()> {
     for (top, bottom, goal) in [
         (FERRY_TMPFS, RAW_QUINN, Some(">= 0.85")),
         (RAW_QUINN_2P, RAW_QUINN, None),
+        (FERRY_TMPFS_1452, RAW_QUINN, None),
         (FERRY_TMPFS, SCP_DEFAULT, Some(">= 1.8")),
         (FERRY_TMPFS_2C, RAW_QUINN, None),
         (FERRY_TMPFS_2C, SCP_DEFAULT, None),

@@ -666,6 +666,10 @@ async fn ship(
                     let mut p = lock(session).progress();
                     p.files_staged_count = p.files_total_count;
                     publish(progress, p);
+                    for conn in conns {
+                        let path = conn.stats().path;
+                        tracing::debug!(mtu_bytes = path.current_mtu, lost_packets = path.lost_packets, sent_packets = path.sent_packets, "base copy sent");
+                    }
                     return Ok(bytes_resent);
                 }
                 Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
