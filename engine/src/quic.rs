@@ -41,7 +41,9 @@ pub struct QuicTuning {
     pub uni_streams_max_count: u32,
     pub idle_timeout_ms: u32,
     pub keep_alive_ms: u64,
-    /// The largest UDP payload path MTU discovery probes for (quinn's default: 1452).
+    /// The largest UDP payload path MTU discovery probes for on bulk connections (chunks);
+    /// connections that carry latency-sensitive traffic keep quinn's 1452 (see
+    /// [`QuicTuning::transport`]).
     pub mtu_upper_bound_bytes: u16,
 }
 
@@ -76,10 +78,26 @@ impl QuicTuning {
         self.mtu_upper_bound_bytes.clamp(MTU_MIN_BYTES, MTU_UPPER_BOUND_MAX_BYTES)
     }
 
+    /// The transport of a connection that carries control messages and the WAL stream (and,
+    /// on the target, every connection: it sends only acknowledgements and answers): quinn's
+    /// MTU bound of 1452. quinn paces every packet as if it were a full MTU, and a connection
+    /// carrying light traffic keeps a small congestion window, so with a 6400-byte bound a
+    /// lone WAL batch or fence message waited for the pacer: the fence's p99 went from about
+    /// 1 ms to 7 ms (`ferry-bench-cutover`, README).
     pub fn transport(&self) -> TransportConfig {
-        let mut transport = TransportConfig::default();
+        self.transport_with_mtu(MtuDiscoveryConfig::default())
+    }
+
+    /// The transport of a connection that carries only chunks: MTU discovery up to
+    /// [`QuicTuning::mtu_upper_bound_bytes`].
+    pub fn bulk_transport(&self) -> TransportConfig {
         let mut mtu = MtuDiscoveryConfig::default();
         mtu.upper_bound(self.mtu_upper_bound());
+        self.transport_with_mtu(mtu)
+    }
+
+    fn transport_with_mtu(&self, mtu: MtuDiscoveryConfig) -> TransportConfig {
+        let mut transport = TransportConfig::default();
         transport
             .stream_receive_window(VarInt::from_u32(self.stream_window_bytes))
             .receive_window(VarInt::from_u32(self.connection_window_bytes))
@@ -101,10 +119,13 @@ fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<UdpSocke
     if addr.is_ipv6() {
         socket.set_only_v6(false).ok();
     }
-    // The kernel caps these at net.core.rmem_max / wmem_max; a smaller buffer costs
-    // throughput (drops under bursts), not correctness, so a refusal is logged, not fatal.
-    if let Err(e) = socket.set_recv_buffer_size(buffer_bytes) {
-        tracing::warn!("cannot size the UDP receive buffer to {buffer_bytes} bytes: {e}");
+    // The kernel caps these at net.core.rmem_max / wmem_max unless the process may exceed
+    // them (CAP_NET_ADMIN: SO_RCVBUFFORCE); a smaller buffer costs throughput (drops when the
+    // receiver is descheduled), not correctness, so a refusal is logged, not fatal.
+    if force_recv_buffer(&socket, buffer_bytes).is_err() {
+        if let Err(e) = socket.set_recv_buffer_size(buffer_bytes) {
+            tracing::warn!("cannot size the UDP receive buffer to {buffer_bytes} bytes: {e}");
+        }
     }
     if let Err(e) = socket.set_send_buffer_size(buffer_bytes) {
         tracing::warn!("cannot size the UDP send buffer to {buffer_bytes} bytes: {e}");
@@ -117,6 +138,12 @@ fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<UdpSocke
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// SO_RCVBUFFORCE: the receive buffer past `net.core.rmem_max`, when this process may.
+fn force_recv_buffer(socket: &socket2::Socket, buffer_bytes: usize) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    rustix::net::sockopt::set_socket_recv_buffer_size_force(socket.as_fd(), buffer_bytes).map_err(std::io::Error::from)
 }
 
 /// A server endpoint listening on `addr` (which also serves as a client, for a daemon that
@@ -155,6 +182,13 @@ pub fn client_endpoint(peer: SocketAddr, tuning: &QuicTuning) -> std::io::Result
 pub fn client_config(crypto: Arc<QuicClientConfig>, tuning: &QuicTuning) -> quinn::ClientConfig {
     let mut config = quinn::ClientConfig::new(crypto);
     config.transport_config(Arc::new(tuning.transport()));
+    config
+}
+
+/// A client configuration for a connection that carries only chunks ([`QuicTuning::bulk_transport`]).
+pub fn bulk_client_config(crypto: Arc<QuicClientConfig>, tuning: &QuicTuning) -> quinn::ClientConfig {
+    let mut config = quinn::ClientConfig::new(crypto);
+    config.transport_config(Arc::new(tuning.bulk_transport()));
     config
 }
 

@@ -3,18 +3,25 @@
 //! What it does: makes development certificates in a temp folder, starts an in-process target
 //! (any storage, the fake included) on a loopback port, runs the source side of a copy, builds
 //! trees of files, and checksums trees with SHA-256 (a reader independent of the transfer
-//! code, which uses CRC32C).
+//! code, which uses CRC32C); waits for a migration's phase over a control socket
+//! ([`wait_for_phase`]) and reads a staging's `MANIFEST.json` as plain JSON
+//! ([`manifest_json`]); [`relay`] puts a UDP relay that can drop every datagram between two
+//! QUIC endpoints.
 //!
-//! What it does not: assert. Scenarios in `tests/` do.
+//! What it does not: assert. Scenarios in `tests/` do; helpers return errors.
 #![allow(clippy::unwrap_used, clippy::panic)]
+
+pub mod relay;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ferry_engine::certs::{self, IssueOptions};
+use ferry_engine::control::ControlClient;
 use ferry_engine::quic::QuicTuning;
 use ferry_engine::read::ReadMode;
 use ferry_engine::storage::Storage;
@@ -22,6 +29,7 @@ use ferry_engine::tls::NodeIdentity;
 use ferry_engine::transfer::source::{self, CopyReport, CopyRequest, RateHandle};
 use ferry_engine::transfer::target::{self, TargetContext};
 use ferry_engine::transfer::TransferError;
+use ferry_wire::api::{MigrationStatus, Phase};
 use ferry_wire::session::Progress;
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 use sha2::{Digest, Sha256};
@@ -198,4 +206,36 @@ pub fn ferry_bin() -> PathBuf {
     });
     assert!(bin.exists(), "no ferry binary at {}", bin.display());
     bin
+}
+
+/// Polls `migration.status` of `id` every 10 ms until its phase is `phase`; an error when it
+/// becomes `Failed` first (unless `Failed` is asked for) or `within` passes.
+pub async fn wait_for_phase(
+    client: &mut ControlClient,
+    id: &MigrationId,
+    phase: Phase,
+    within: Duration,
+) -> anyhow::Result<MigrationStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        let status = client.status(id).await?;
+        if status.phase == phase {
+            return Ok(status);
+        }
+        if status.phase == Phase::Failed {
+            anyhow::bail!("{id} failed while waiting for {phase:?}: {:?}", status.reason);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{id} did not reach {phase:?} within {within:?}: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The `MANIFEST.json` of the staging of `id` under a target's data folder, as plain JSON (read
+/// apart from ferry's manifest types, as a database's importer would).
+pub fn manifest_json(target_data_dir: &Path, id: &str) -> anyhow::Result<serde_json::Value> {
+    let path = target_data_dir.join("migrations").join(id).join("MANIFEST.json");
+    let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
 }

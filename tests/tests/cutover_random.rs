@@ -1,12 +1,14 @@
 //! Randomized live migrations: 20 of them, each with its own shard size, write rate, share of
-//! writes to the migrating vShard, chunk length, streams and budget, drawn from a seed that is
+//! writes to the migrating vShard, NodeDB WAL header layout (A or B, given to the daemon as
+//! such or left to auto-detection), chunk length, streams and budget, drawn from a seed that is
 //! printed (set `FERRY_TEST_SEED` to replay one). Each runs base copy, WAL catch-up and the
 //! reference coordinator's cut-over between two daemons of this process, with the reference
 //! writer paused and resumed in-process, then the reference verifier counts every write of the
 //! vShard across the staged export, the staged WAL and the target's node WAL.
 //!
-//! What it checks: 0 lost, 0 duplicated, 0 unexpected, staged files identical, no write
-//! acknowledged while writes were paused, and the pause's parts add up to the pause.
+//! What it checks: 0 lost, 0 duplicated, 0 unexpected, staged files identical, the staged WAL
+//! kept the source's layout (its manifest says so, and the reference reader finds it), no
+//! write acknowledged while writes were paused, and the pause's parts add up to the pause.
 //!
 //! What it does not: time anything.
 
@@ -18,9 +20,13 @@ use std::time::{Duration, Instant};
 use ferry_engine::cli::cutover::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::control::ControlClient;
 use ferry_engine::node::RunningNode;
-use ferry_engine::refnode::{export_base, generate_bulk, verify, RefWriter, RefWriterConfig, VerifyInput};
-use ferry_tests::{node_config, Certs};
+use ferry_engine::refnode::{
+    export_base, generate_bulk, read_wal_folder, verify, FolderKind, RecordLayout, RefWriter, RefWriterConfig,
+    VerifyInput,
+};
+use ferry_tests::{manifest_json, node_config, Certs};
 use ferry_wire::api::{Phase, StartParams};
+use ferry_wire::wal::Layout;
 use ferry_wire::{MigrationId, VShardId};
 use serde_json::json;
 
@@ -55,10 +61,17 @@ async fn one(certs: &Certs, dir: &Path, rng: &mut Rng, index: u64) -> String {
     let streams: u32 = rng.pick(&[1, 2, 4]);
     let budget_us: u64 = rng.pick(&[200_000, 500_000, 2_000_000]);
     let head_start_ms = rng.pick(&[0, 100, 300]);
+    writer_config.layout = rng.pick(&[Layout::A, Layout::B]);
+    let wal_layout =
+        if rng.pick(&[true, false]) { "auto".to_owned() } else { writer_config.layout.name().to_lowercase() };
     let shape = format!(
-        "#{index}: vshard {vshard}, {} writes/s 1 in {}, roll {} B, shard {shard_bytes} B, chunk {chunk_len}, {streams} streams, budget {budget_us} us",
-        writer_config.rate_writes_per_sec, writer_config.migrating_every, writer_config.roll_size_bytes
+        "#{index}: vshard {vshard}, layout {} (wal_layout {wal_layout}), {} writes/s 1 in {}, roll {} B, shard {shard_bytes} B, chunk {chunk_len}, {streams} streams, budget {budget_us} us",
+        writer_config.layout.name(),
+        writer_config.rate_writes_per_sec,
+        writer_config.migrating_every,
+        writer_config.roll_size_bytes
     );
+    let layout = writer_config.layout;
     let writer = RefWriter::start(writer_config).unwrap();
     tokio::time::sleep(Duration::from_millis(head_start_ms)).await;
     let base_lsn = writer.acked_lsn();
@@ -72,6 +85,7 @@ async fn one(certs: &Certs, dir: &Path, rng: &mut Rng, index: u64) -> String {
         "migration_id": id.as_str(), "vshard_id": vshard.0, "segments_root": root, "wal_dir": dir.join("wal"),
         "base_lsn": base_lsn.0, "target_address": target.quic_addr.to_string(), "target_node_id": "target",
         "write_pause_budget_us": budget_us, "chunk_len_bytes": chunk_len, "streams": streams,
+        "wal_layout": wal_layout,
     }))
     .unwrap();
     let mut client = ControlClient::connect(source.socket()).await.unwrap();
@@ -100,15 +114,31 @@ async fn one(certs: &Certs, dir: &Path, rng: &mut Rng, index: u64) -> String {
     assert_eq!(pause.breakdown.total_us(), pause.pause_duration_us, "{shape}");
     tokio::time::sleep(Duration::from_millis(50)).await;
     let log = writer.stop().unwrap();
+    let staging_dir = dir.join("target/migrations").join(id.as_str());
     let verification = verify(&VerifyInput {
         log: &log,
         base_lsn,
         final_lsn: ferry_wire::Lsn(outcome.release.final_lsn),
-        staging_dir: &dir.join("target/migrations").join(id.as_str()),
+        staging_dir: &staging_dir,
         source_segments_root: &root,
         target_node_wal_dir: Some(&node_wal),
     });
     assert!(verification.passed(), "{shape}: {verification:?}");
+    // The staged WAL keeps the source's layout: in the manifest, and as the reader finds it.
+    let manifest = manifest_json(&dir.join("target"), id.as_str()).unwrap();
+    let staged_layouts: Vec<&str> =
+        manifest["wal_segments"].as_array().unwrap().iter().map(|s| s["layout"].as_str().unwrap()).collect();
+    assert!(staged_layouts.iter().all(|l| *l == layout.name()), "{shape}: {staged_layouts:?}");
+    let expected_layout = if layout == Layout::B { RecordLayout::B } else { RecordLayout::A };
+    let mut staged_count = 0u64;
+    if !staged_layouts.is_empty() {
+        read_wal_folder(&staging_dir.join("wal"), FolderKind::Staged, |r| {
+            assert_eq!(r.layout, expected_layout, "{shape}: {} offset {}", r.segment, r.offset_bytes);
+            staged_count += 1;
+        })
+        .unwrap();
+    }
+    assert_eq!(staged_count, verification.from_staged_wal_count, "{shape}");
     for span in log.pauses() {
         let resumed = span.resumed_at_ns.unwrap_or(u64::MAX);
         assert_eq!(log.acks_between(span.paused_at_ns, resumed), 0, "{shape}: {span:?}");
@@ -116,8 +146,9 @@ async fn one(certs: &Certs, dir: &Path, rng: &mut Rng, index: u64) -> String {
     source.shutdown().await;
     target.shutdown().await;
     format!(
-        "{shape}: {} writes of the vShard, pause {} us, {} fences retried",
+        "{shape}: {} writes of the vShard ({} staged WAL records), pause {} us, {} fences retried",
         verification.expected_count,
+        staged_count,
         pause.pause_duration_us,
         outcome.failed_fences.len()
     )

@@ -8,7 +8,8 @@
 //! - [`estimate_pause_us`]: the pause `migration.prepare_cutover` admits, from measured figures
 //!   (bytes still queued, the WAL stream's measured rate, the measured round trip of a group
 //!   commit and of a MANIFEST commit).
-//! - [`fence_deadline_ns`]: `writes_paused_at_ns + budget` minus what release needs.
+//! - [`fence_deadline_ns`]: `writes_paused_at_ns + budget` minus what release needs;
+//!   [`target_wait_us`]: how much of the rest the target may wait.
 //! - [`PauseStamps::report`]: the pause and its parts, which add up exactly.
 //!
 //! What it does not: read clocks (every time is an argument, CLOCK_MONOTONIC nanoseconds of the
@@ -94,6 +95,17 @@ pub fn fence_deadline_ns(writes_paused_at_ns: u64, budget_us: u64, release_reser
     let room_ns = budget_us.saturating_sub(release_reserve_us).saturating_mul(1_000);
     writes_paused_at_ns.saturating_add(room_ns)
 }
+
+/// Of what is left until the fence's deadline, the most the target may wait (for its
+/// database's ingest), in us: the rest, a tenth and at most 2 ms, is for its answer to come
+/// back, so a target that gives up says why before the source stops listening.
+pub fn target_wait_us(now_ns: u64, deadline_ns: u64) -> u64 {
+    let left_us = deadline_ns.saturating_sub(now_ns) / 1_000;
+    left_us.saturating_sub((left_us / 10).min(ANSWER_ALLOWANCE_MAX_US))
+}
+
+/// The most of the fence's time kept for the target's answer to travel back.
+pub const ANSWER_ALLOWANCE_MAX_US: u64 = 2_000;
 
 /// The stamps of one completed fence, CLOCK_MONOTONIC nanoseconds of the source host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,6 +232,13 @@ mod tests {
         assert_eq!(drain_check(f, &state(100, None, 50)), Drain::Drained);
         // A vShard record above final_lsn: the writer did not pause.
         assert_eq!(drain_check(f, &state(101, Some(101), 98)), Drain::Violated { lsn: Lsn(101) });
+    }
+
+    #[test]
+    fn the_target_waits_for_what_is_left_less_its_answers_trip() {
+        assert_eq!(target_wait_us(0, 1_000_000), 900);
+        assert_eq!(target_wait_us(0, 500_000_000), 498_000);
+        assert_eq!(target_wait_us(2_000, 1_000), 0);
     }
 
     #[test]

@@ -26,13 +26,17 @@ use ferry_wire::{Lsn, MigrationId};
 use tokio::sync::oneshot;
 
 use super::{Outbound, OutboundError};
-use crate::clock::monotonic_ns;
+use crate::clock::{instant_at, monotonic_ns};
 use crate::transfer::cutover::{FenceCommand, FenceFailure};
 use crate::transfer::walsend::Holder;
 
 /// The part of the budget kept for what follows the fence's answer (the coordinator's routing
 /// flip and resume): a tenth of the budget, at most this much.
 pub const RELEASE_RESERVE_MAX_US: u64 = 2_000;
+
+/// How long past the fence's deadline the daemon waits for the copy's answer before it gives
+/// the fence up (the copy itself cancels at the deadline when it is serving fences).
+const ANSWER_GRACE_NS: u64 = 50_000_000;
 
 /// A fence in progress or completed.
 #[derive(Debug, Clone, Copy)]
@@ -136,12 +140,23 @@ impl Outbound {
             reply: reply_tx,
         };
         let asked = async {
-            match sender {
-                Some(sender) if sender.send(command).await.is_ok() => reply_rx
-                    .await
-                    .unwrap_or_else(|_| Err(FenceFailure::Cancelled("the migration's copy stopped".into()))),
-                _ => Err(FenceFailure::Cancelled("the migration's copy is not running".into())),
-            }
+            let answer = async {
+                match sender {
+                    Some(sender) if sender.send(command).await.is_ok() => reply_rx
+                        .await
+                        .unwrap_or_else(|_| Err(FenceFailure::Cancelled("the migration's copy stopped".into()))),
+                    _ => Err(FenceFailure::Cancelled("the migration's copy is not running".into())),
+                }
+            };
+            // The copy answers by the deadline itself; past it (plus a grace for its answer to
+            // arrive) it is not serving fences, e.g. reconnecting. Dropping the reply then
+            // tells it the fence was given up, so it never completes it.
+            let given_up_at = instant_at(deadline_ns.saturating_add(ANSWER_GRACE_NS));
+            tokio::time::timeout_at(given_up_at, answer).await.unwrap_or_else(|_| {
+                Err(FenceFailure::Cancelled(
+                    "the migration's copy did not take the fence within the pause budget (it may be reconnecting to the target)".into(),
+                ))
+            })
         };
         let (recorded, outcome) = tokio::join!(record, asked);
         let outcome = match (recorded, outcome) {

@@ -4,23 +4,24 @@
 //! What it does:
 //! - [`payload`]: each write's payload carries (vshard, writer_seq) and a filler derived from
 //!   both, so a payload read back is checked whole;
-//! - [`writer`]: [`RefWriter`], a writer on its own thread appending NodeDB layout-A records
-//!   to a source WAL at a fixed rate with group commit, that can be paused (the write fence a
-//!   coordinator drives), resumed on the source (a cancelled cut-over) or resumed on the
-//!   target (the migrating vShard's writes then go to the target node's own WAL);
+//! - [`writer`]: [`RefWriter`], a writer on its own thread appending NodeDB records (header
+//!   layout A by default, or B) to a source WAL at a fixed rate with group commit, that can be
+//!   paused (the write fence a coordinator drives), resumed on the source (a cancelled
+//!   cut-over) or resumed on the target (the migrating vShard's writes then go to the target
+//!   node's own WAL);
 //! - [`log`]: [`WriterLog`], what the writer acknowledged and when, with the numbers a report
 //!   needs (ack latency percentiles, the longest gap between acks, acks inside a pause);
 //! - [`export`]: the base export of the migrating vShard's writes up to `base_lsn` into
 //!   immutable files in a documented format, and its reader; [`bulk`]: deterministic filler
 //!   files that give the base copy real volume;
-//! - [`walread`]: a small NodeDB layout-A reader written apart from ferry's transfer code, for
-//!   staged WAL folders and the target's node WAL;
+//! - [`walread`]: a small NodeDB reader (layouts A and B, told apart per segment) written apart
+//!   from ferry's transfer code, for staged WAL folders, source WALs and the target's node WAL;
 //! - [`verify`]: rebuilds the migrating vShard's writer_seq values from a target staging and
 //!   the target's node WAL, counts lost, duplicated and unexpected writes, and compares every
 //!   staged segment file with the source's by SHA-256.
 //!
-//! What it does not: encryption, layout B, or importing a staging into anything: the
-//! verifier reads what ferry staged as a database's importer would, and counts.
+//! What it does not: encryption, or importing a staging into anything: the verifier reads
+//! what ferry staged as a database's importer would, and counts.
 //!
 //! Invariants: every timestamp here is CLOCK_MONOTONIC nanoseconds ([`monotonic_ns`]), the
 //! clock the daemon reads, so a pause ticket's `paused_at_ns` can be handed to
@@ -39,8 +40,8 @@ pub use bulk::{generate_bulk, BulkError, BulkReport};
 pub use export::{export_base, read_export_file, ExportEntry, ExportError, ExportFile, ExportReport};
 pub use log::{AckGap, LatencySummary, PauseSpan, ResumedOn, WriteEntry, WritePlace, WriterLog};
 pub use payload::{decode_payload, encode_payload, PayloadError, PAYLOAD_LEN_BYTES};
-pub use verify::{verify, Verification, VerifyInput};
-pub use walread::{read_wal_folder, FolderKind, FolderReport, WalReadError, WalRecordRef};
+pub use verify::{verify, verify_counting, Verification, VerifyInput};
+pub use walread::{read_wal_folder, FolderKind, FolderReport, RecordLayout, WalReadError, WalRecordRef};
 pub use writer::{PauseTicket, RefWriter, RefWriterConfig, RefWriterError};
 
 /// CLOCK_MONOTONIC now, in nanoseconds: the clock of every stamp here, and the daemon's.

@@ -19,6 +19,9 @@
 //! source's `segments_root` by SHA-256, both ways (a missing or extra file is a difference;
 //! ferry's `.ferry-snapshot/` folder in the source root is not a segment file).
 //!
+//! [`verify_counting`] does the same and also returns how often each acknowledged write was
+//! found, by writer_seq, so a test can check windows of the writer's log one by one.
+//!
 //! What it does not: read `MANIFEST.json` (ferry's own contract, checked elsewhere) or judge
 //! timing: pause checks are on the [`WriterLog`](super::WriterLog) itself.
 //!
@@ -30,7 +33,7 @@
 //! listed first; at most [`PROBLEMS_LISTED_MAX`] are kept word for word, all are counted;
 //! memory is one map entry per write of the vShard.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::Path;
@@ -184,6 +187,14 @@ impl Tally<'_> {
 
 /// Verifies a migration's result. See the module docs.
 pub fn verify(input: &VerifyInput<'_>) -> Verification {
+    verify_counting(input).0
+}
+
+/// [`verify`], also returning how often each acknowledged write of the migrating vShard was
+/// found, by writer_seq: 1 is right, 0 is lost, 2 or more duplicated. Every acknowledged write
+/// of the vShard has an entry; a record that is not one (counted `unexpected`) has none. A
+/// test buckets these by its own windows of the writer's log.
+pub fn verify_counting(input: &VerifyInput<'_>) -> (Verification, BTreeMap<u64, u32>) {
     let started = Instant::now();
     let vshard = input.log.migrating_vshard();
     let expected: HashMap<u64, WritePlace> =
@@ -212,6 +223,7 @@ pub fn verify(input: &VerifyInput<'_>) -> Verification {
             first.join(", ")
         ));
     }
+    let counts: BTreeMap<u64, u32> = expected.keys().map(|seq| (*seq, seen.get(seq).copied().unwrap_or(0))).collect();
     let mut duplicated: Vec<(u64, u32)> = seen.into_iter().filter(|(_, n)| *n > 1).collect();
     duplicated.sort_unstable();
     v.duplicate_count = duplicated.iter().map(|(_, n)| u64::from(n - 1)).sum();
@@ -225,7 +237,7 @@ pub fn verify(input: &VerifyInput<'_>) -> Verification {
     }
     compare_segments(&mut v, input.source_segments_root, &segments);
     v.elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    v
+    (v, counts)
 }
 
 fn tally_exports(tally: &mut Tally<'_>, segments: &Path) {
@@ -471,12 +483,13 @@ mod tests {
         }
     }
 
-    fn flow() -> Flow {
+    fn flow(layout: Layout) -> Flow {
         let dir = tempfile::tempdir().unwrap();
         let (source_wal, shard) = (dir.path().join("source/wal"), dir.path().join("source/shard"));
         let staging = dir.path().join("target/migrations/m1");
         let node_wal = dir.path().join("target/node-wal");
-        let config = RefWriterConfig { rate_writes_per_sec: 5_000, ..RefWriterConfig::new(&source_wal, VSHARD) };
+        let config =
+            RefWriterConfig { rate_writes_per_sec: 5_000, layout, ..RefWriterConfig::new(&source_wal, VSHARD) };
         let writer = RefWriter::start(config).unwrap();
 
         std::thread::sleep(Duration::from_millis(100));
@@ -514,9 +527,11 @@ mod tests {
 
     #[test]
     fn a_whole_synthetic_migration_verifies_and_each_fault_is_counted() {
-        let flow = flow();
-        let v = verify(&flow.input());
+        let flow = flow(Layout::A);
+        let (v, counts) = verify_counting(&flow.input());
         assert!(v.passed(), "{v:#?}");
+        assert_eq!(counts.len() as u64, v.expected_count);
+        assert!(counts.values().all(|n| *n == 1), "every write found once");
         assert_eq!((v.lost_count, v.duplicate_count, v.unexpected_count), (0, 0, 0));
         assert!(v.from_export_count > 0 && v.from_staged_wal_count > 0 && v.from_node_wal_count > 0, "{v:#?}");
         assert_eq!(v.from_export_count + v.from_staged_wal_count + v.from_node_wal_count, v.expected_count);
@@ -527,17 +542,21 @@ mod tests {
         let mut fewer = flow.catch_up.clone();
         let gone = fewer.remove(1);
         flow.stage_wal(&fewer);
-        let v = verify(&flow.input());
+        let (v, counts) = verify_counting(&flow.input());
         assert_eq!((v.lost_count, v.duplicate_count, v.unexpected_count), (1, 0, 0), "{:?}", v.problems);
         let seq = decode_payload(&gone.1[walread::HEADER_LEN_BYTES..]).unwrap().1;
+        assert_eq!(counts[&seq], 0);
+        assert_eq!(counts.values().filter(|n| **n != 1).count(), 1);
         assert!(v.problems.iter().any(|p| p.contains("LOST") && p.contains(&seq.to_string())), "{:?}", v.problems);
 
         // One staged record twice, byte for byte: one duplicate (and an LSN order problem).
         let mut twice = flow.catch_up.clone();
         twice.insert(2, twice[2].clone());
         flow.stage_wal(&twice);
-        let v = verify(&flow.input());
+        let (v, counts) = verify_counting(&flow.input());
         assert_eq!((v.lost_count, v.duplicate_count, v.unexpected_count), (0, 1, 0), "{:?}", v.problems);
+        let twice_seq = decode_payload(&twice[2].1[walread::HEADER_LEN_BYTES..]).unwrap().1;
+        assert_eq!(counts[&twice_seq], 2);
         assert!(v.problems.iter().any(|p| p.contains("DUPLICATED")), "{:?}", v.problems);
         assert!(v.problems.iter().any(|p| p.contains("is not above the previous")), "{:?}", v.problems);
 
@@ -562,6 +581,24 @@ mod tests {
         assert!(!v.segments_identical);
         assert_eq!(v.lost_count, flow.catch_up.len() as u64);
         assert!(v.problems.iter().any(|p| p.contains("bulk/L1/000001.bulk: source SHA-256")), "{:?}", v.problems);
+    }
+
+    #[test]
+    fn a_layout_b_migration_verifies_and_a_lost_write_is_counted() {
+        let flow = flow(Layout::B);
+        assert!(flow.catch_up.iter().all(|(_, bytes)| walread::detect_layout(bytes) == Some(walread::RecordLayout::B)));
+        let v = verify(&flow.input());
+        assert!(v.passed(), "{v:#?}");
+        assert!(v.from_export_count > 0 && v.from_staged_wal_count > 0 && v.from_node_wal_count > 0, "{v:#?}");
+        assert_eq!(v.from_export_count + v.from_staged_wal_count + v.from_node_wal_count, v.expected_count);
+
+        let mut fewer = flow.catch_up.clone();
+        let gone = fewer.remove(3);
+        flow.stage_wal(&fewer);
+        let (v, counts) = verify_counting(&flow.input());
+        assert_eq!((v.lost_count, v.duplicate_count, v.unexpected_count), (1, 0, 0), "{:?}", v.problems);
+        let seq = decode_payload(&gone.1[walread::HEADER_B_LEN_BYTES..]).unwrap().1;
+        assert_eq!(counts[&seq], 0);
     }
 
     #[test]

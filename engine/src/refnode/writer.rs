@@ -1,14 +1,17 @@
 //! [`RefWriter`]: the reference node's write path, on its own thread, with the write fence a
 //! coordinator drives at cut-over.
 //!
-//! What it does: appends NodeDB layout-A records (payloads from [`super::payload`], record_type
-//! [`RECORD_TYPE_PUT`]) to a new source WAL folder at a fixed rate, O_DIRECT-style: block-aligned
-//! flushes with stale leftovers, segments rolled at `roll_size_bytes`. Write `writer_seq` is due
-//! at `started + writer_seq / rate`; one write in `migrating_every` goes to the migrating vShard,
-//! the others to `other_vshards` in turn. Group commit: every write due by a flush goes into
-//! it (at most [`GROUP_MAX_WRITES`]), flushes come at most every `group_commit_interval_us`,
-//! and a write is acknowledged once, after its group's flush (a write to the segment file, no
-//! fdatasync: the page cache is what a reader on this host sees).
+//! What it does: appends NodeDB records (payloads from [`super::payload`], record_type
+//! [`RECORD_TYPE_PUT`]) in the configured header layout (A by default, or B) to a new source WAL
+//! folder at a fixed rate, O_DIRECT-style: block-aligned flushes, segments rolled at
+//! `roll_size_bytes`. Layout A leaves stale leftovers after each flush; layout B frames the gap
+//! as a padding record and carries `apply_key = writer_seq + 1`, `event_source = 1` and
+//! `commit_hlc` = the write's due time in its extra header fields, so they are not all zero.
+//! Write `writer_seq` is due at `started + writer_seq / rate`; one write in `migrating_every`
+//! goes to the migrating vShard, the others to `other_vshards` in turn. Group commit: every
+//! write due by a flush goes into it (at most [`GROUP_MAX_WRITES`]), flushes come at most every
+//! `group_commit_interval_us`, and a write is acknowledged once, after its group's flush (a
+//! write to the segment file, no fdatasync: the page cache is what a reader on this host sees).
 //!
 //! From another thread, while it runs:
 //! - [`RefWriter::pause`]: the writer finishes its group and parks, appending nothing until
@@ -19,10 +22,10 @@
 //! - [`RefWriter::resume_on_source`]: a cancelled cut-over; writes go where they went before.
 //! - [`RefWriter::resume_on_target`]: the routing flip; from then on the migrating vShard's
 //!   writes go to a new WAL folder on the target node (`<target data dir>/node-wal/`, its own
-//!   LSNs from 1, layout A, buffered flushes), the other vShards' to the source WAL.
+//!   LSNs from 1, the same layout, buffered flushes), the other vShards' to the source WAL.
 //! - [`RefWriter::stop`]: ends the thread (syncing both WALs) and returns the [`WriterLog`].
 //!
-//! What it does not: encryption, layout B, real O_DIRECT (see [`crate::wal::writer`]), or a
+//! What it does not: encryption, real O_DIRECT (see [`crate::wal::writer`]), or a
 //! per-vShard fence: a paused writer pauses every vShard, the simplest fence that is right.
 //!
 //! Invariants: nothing is acknowledged while the writer is parked, and its stamps are read so
@@ -72,15 +75,19 @@ pub struct RefWriterConfig {
     /// The vShards of the other writes, in turn (must not hold the migrating one).
     pub other_vshards: Vec<VShardId>,
     pub roll_size_bytes: u64,
-    /// O_DIRECT block size: each flush is rounded up to it, leaving stale leftovers.
+    /// O_DIRECT block size: each flush is rounded up to it, leaving stale leftovers (layout A)
+    /// or a padding record (layout B).
     pub alignment_bytes: u32,
     pub group_commit_interval_us: u64,
+    /// The NodeDB header layout of both WALs the writer writes (the source's and, after the
+    /// routing flip, the target node's).
+    pub layout: Layout,
 }
 
 impl RefWriterConfig {
     /// 20,000 writes/s until [`WRITES_MAX_COUNT`] or `stop`, one in four to `migrating_vshard`,
     /// the rest to three others (3, 11 and 12 unless one of them is the migrating one), 4 MiB
-    /// segments, 4 KiB blocks, a flush every 200 µs at most.
+    /// segments, 4 KiB blocks, a flush every 200 µs at most, layout A.
     pub fn new(source_wal_dir: impl Into<PathBuf>, migrating_vshard: VShardId) -> Self {
         let other_vshards =
             [3, 11, 12, 13].into_iter().map(VShardId).filter(|v| *v != migrating_vshard).take(3).collect();
@@ -94,6 +101,7 @@ impl RefWriterConfig {
             roll_size_bytes: 4 << 20,
             alignment_bytes: 4096,
             group_commit_interval_us: 200,
+            layout: Layout::A,
         }
     }
 
@@ -209,6 +217,7 @@ impl Shared {
 pub struct RefWriter {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<Result<WriterLog, WriterError>>>,
+    layout: Layout,
 }
 
 impl RefWriter {
@@ -217,7 +226,7 @@ impl RefWriter {
     pub fn start(config: RefWriterConfig) -> Result<Self, RefWriterError> {
         config.check()?;
         let options = WriterOptions {
-            layout: Layout::A,
+            layout: config.layout,
             roll_size_bytes: config.roll_size_bytes,
             alignment_bytes: config.alignment_bytes,
             flush: FlushStyle::Direct,
@@ -240,6 +249,7 @@ impl RefWriter {
             migrating: Mutex::new(Vec::new()),
         });
         let thread_shared = Arc::clone(&shared);
+        let layout = config.layout;
         let thread = std::thread::Builder::new()
             .name("ferry-refwriter".into())
             .spawn(move || {
@@ -261,7 +271,7 @@ impl RefWriter {
                 result
             })
             .map_err(RefWriterError::Spawn)?;
-        Ok(RefWriter { shared, thread: Some(thread) })
+        Ok(RefWriter { shared, thread: Some(thread), layout })
     }
 
     /// The last source LSN acknowledged (0: none yet): a `base_lsn` to take.
@@ -329,7 +339,7 @@ impl RefWriter {
         if control.on_target {
             return Err(RefWriterError::AlreadyOnTarget);
         }
-        let options = WriterOptions { layout: Layout::A, flush: FlushStyle::Buffered, ..WriterOptions::default() };
+        let options = WriterOptions { layout: self.layout, flush: FlushStyle::Buffered, ..WriterOptions::default() };
         control.target = Some(WalWriter::create(target_node_wal_dir, options, Lsn(1))?);
         control.on_target = true;
         let now = monotonic_ns();
@@ -409,7 +419,7 @@ fn run(
         let first = seq;
         while seq < config.writes_max_count && seq - first < GROUP_MAX_WRITES && log.schedule.due_ns(seq) <= now {
             let vshard = log.schedule.vshard_of(seq);
-            let (spec, payload) = (RecordSpec::new(RECORD_TYPE_PUT, vshard), encode_payload(vshard, seq));
+            let (spec, payload) = (record_spec(config.layout, &log.schedule, seq), encode_payload(vshard, seq));
             let place = match target.as_mut() {
                 Some(node_wal) if vshard == config.migrating_vshard => {
                     WritePlace::TargetNode(node_wal.append(&spec, &payload)?)
@@ -447,6 +457,18 @@ fn run(
     }
     log.finished_ns = monotonic_ns();
     Ok(log)
+}
+
+/// The header fields of write `writer_seq`. Layout B's extra fields are set (and ignored in
+/// layout A), so a reader that misplaces them fails the CRC rather than passing by luck.
+fn record_spec(layout: Layout, schedule: &Schedule, writer_seq: u64) -> RecordSpec {
+    let spec = RecordSpec::new(RECORD_TYPE_PUT, schedule.vshard_of(writer_seq));
+    match layout {
+        Layout::A => spec,
+        Layout::B => {
+            RecordSpec { apply_key: writer_seq + 1, event_source: 1, commit_hlc: schedule.due_ns(writer_seq), ..spec }
+        }
+    }
 }
 
 /// Parks the writer: publishes the ticket, waits for a resume or a stop, and logs the pause.
@@ -489,7 +511,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use crate::refnode::payload::decode_payload;
-    use crate::refnode::walread::{read_wal_folder, FolderKind};
+    use crate::refnode::walread::{read_wal_folder, FolderKind, RecordLayout};
 
     const VSHARD: VShardId = VShardId(7);
 
@@ -612,6 +634,43 @@ mod tests {
             .collect();
         assert_eq!(seqs, logged);
         assert_eq!(log.pauses()[0].resumed_on, Some(ResumedOn::Target));
+    }
+
+    #[test]
+    fn layout_b_writes_read_back_from_both_wals_with_their_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let node_wal = dir.path().join("target/node-wal");
+        let config = RefWriterConfig { layout: Layout::B, roll_size_bytes: 64 << 10, ..config(dir.path()) };
+        let writer = RefWriter::start(config).unwrap();
+        sleep_ms(60);
+        writer.pause().unwrap();
+        writer.resume_on_target(&node_wal).unwrap();
+        sleep_ms(60);
+        let log = writer.stop().unwrap();
+
+        let mut source = Vec::new();
+        let report =
+            read_wal_folder(&dir.path().join("source-wal"), FolderKind::Aligned { alignment_bytes: 4096 }, |r| {
+                assert_eq!(r.layout, RecordLayout::B);
+                source.push((WritePlace::Source(r.lsn), decode_payload(r.payload).unwrap().1));
+            })
+            .unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert!(report.segments_count > 1 && report.layout_b_segments_count == report.segments_count, "{report:?}");
+        assert!(report.padding_count > 0, "O_DIRECT-style flushes are padded in layout B");
+        let mut node = Vec::new();
+        let report = read_wal_folder(&node_wal, FolderKind::Dense, |r| {
+            assert_eq!(r.layout, RecordLayout::B);
+            node.push((WritePlace::TargetNode(r.lsn), decode_payload(r.payload).unwrap().1));
+        })
+        .unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert!(!node.is_empty());
+        let mut logged: Vec<(WritePlace, u64)> = log.writes().map(|w| (w.place, w.writer_seq)).collect();
+        let mut read: Vec<(WritePlace, u64)> = source.into_iter().chain(node).collect();
+        logged.sort_by_key(|w| w.1);
+        read.sort_by_key(|w| w.1);
+        assert_eq!(read, logged, "every acknowledged write, once, where the log says");
     }
 
     #[test]

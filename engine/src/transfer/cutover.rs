@@ -5,7 +5,7 @@
 //! tail has read every record up to `final_lsn` and the target acknowledged the last selected
 //! one durable, [`ferry_wire::fence::drain_check`]), then asks the target to mark the staging
 //! `fenced` (`Fence` on the control stream; the target's MANIFEST commit) and answers with the
-//! stamps of each step. A drain that cannot finish by the deadline is cancelled
+//! stamps of each step. A drain or a target answer that is not done by the deadline is cancelled
 //! ([`FenceFailure::Cancelled`]) and a vShard record above `final_lsn` is a violation
 //! ([`FenceFailure::Violated`]): either way the copy goes on streaming (the migration is back in
 //! `WalCatchUp`) and waits for the next command. A fence that succeeds ends the copy: nothing
@@ -17,14 +17,16 @@
 //! Invariants: from the fence's start no record above `final_lsn` is sent (a ceiling on the
 //! WAL stream, lifted when the fence fails), so a writer resumed on the target right after the
 //! answer never has records staged past the fence; the target is asked to fence only after
-//! every selected record up to `final_lsn` is durable there; once the `Fence` message is sent the fence is not cancelled by
-//! the deadline (the target may already be durable): only a lost connection cancels it then.
+//! every selected record up to `final_lsn` is durable there; a fence whose answer is not back by
+//! the deadline is cancelled (the target's late answer is skipped when it comes: answers come
+//! in order on the control stream); a completed fence ends the copy only once the daemon has
+//! taken the answer (a daemon that gave up has put the migration back in `WalCatchUp`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_wire::fence::{drain_check, Drain, DrainState};
+use ferry_wire::fence::{drain_check, target_wait_us, Drain, DrainState};
 use ferry_wire::message::Message;
 use ferry_wire::Lsn;
 use quinn::SendStream;
@@ -38,8 +40,6 @@ use crate::clock::{instant_at, monotonic_ns};
 
 /// Most fence commands queued for one copy (the daemon sends one at a time).
 pub const COMMANDS_MAX_COUNT: usize = 4;
-/// How long the source waits for the target's answer to `Fence` once it is sent.
-const FENCED_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The drain re-checks at least this often (a safety net under the wake-ups).
 const DRAIN_RECHECK: Duration = Duration::from_millis(1);
 
@@ -127,19 +127,33 @@ pub(super) async fn serve(
     messages: &mut Messages,
 ) -> Result<Lsn, TransferError> {
     cutover.stream.set(wal.shared.clone());
+    // Fences whose answer came too late: the target answers in order, so the next this many
+    // answers belong to them and are skipped.
+    let mut late_answers_count = 0u32;
     loop {
         let command = tokio::select! {
             ended = wal.ended(), if wal.running() => {
                 ended?;
                 return Err(TransferError::Local("the WAL stream ended before the cut-over".into()));
             }
-            message = messages.recv() => return Err(unexpected_message("waiting for the cut-over", message)),
+            message = messages.recv() => {
+                if is_fence_answer(&message) && late_answers_count > 0 {
+                    late_answers_count -= 1;
+                    continue;
+                }
+                return Err(unexpected_message("waiting for the cut-over", message));
+            }
             command = cutover.next() => match command {
                 Some(command) => command,
                 None => return Err(TransferError::Local("the daemon stopped asking for the cut-over".into())),
             },
         };
         let FenceCommand { final_lsn, deadline_ns, apply_wait_max_us, reply } = command;
+        if reply.is_closed() || monotonic_ns() >= deadline_ns {
+            // The daemon gave up on it already (this copy was reconnecting): never start it.
+            let _ = reply.send(Err(FenceFailure::Cancelled("the fence's deadline passed before it started".into())));
+            continue;
+        }
         // Nothing above final_lsn is sent from now on (lifted again if this fence fails).
         wal.shared.set_ceiling(final_lsn);
         let drained = match drain(wal, final_lsn, deadline_ns).await {
@@ -159,14 +173,17 @@ pub(super) async fn serve(
             let _ = reply.send(Err(failure));
             continue;
         }
-        write_control(send, &Message::Fence { final_lsn, apply_wait_max_us }).await.inspect_err(|e| {
+        let wait_max_us = apply_wait_max_us.min(target_wait_us(drained_at_ns, deadline_ns));
+        let fence = Message::Fence { final_lsn, apply_wait_max_us: wait_max_us };
+        write_control(send, &fence).await.inspect_err(|e| {
             tracing::warn!("fence cancelled: {e}");
         })?;
-        let answer = tokio::time::timeout(FENCED_ANSWER_TIMEOUT, async {
+        let answer = tokio::time::timeout_at(instant_at(deadline_ns), async {
             loop {
                 match messages.recv().await {
                     // Acks of the base may still trail; nothing else is expected.
                     Some(Ok(Some(Message::Acks { .. } | Message::FileStaged { .. }))) => {}
+                    message if is_fence_answer(&message) && late_answers_count > 0 => late_answers_count -= 1,
                     other => return other,
                 }
             }
@@ -177,8 +194,13 @@ pub(super) async fn serve(
             Ok(Some(Ok(Some(Message::Fenced { durable_lsn, commit_us, apply_wait_us })))) => {
                 let done =
                     FenceDone { final_lsn, durable_lsn, drained_at_ns, target_durable_at_ns, commit_us, apply_wait_us };
-                let _ = reply.send(Ok(done));
-                return Ok(final_lsn);
+                // The daemon's receipt is the commit point: one that gave up meanwhile has put
+                // the migration back in WalCatchUp, so streaming goes on.
+                if reply.send(Ok(done)).is_ok() {
+                    return Ok(final_lsn);
+                }
+                tracing::warn!(%final_lsn, "the target fenced after the daemon gave up on the fence; streaming goes on");
+                wal.shared.lift_ceiling();
             }
             Ok(Some(Ok(Some(Message::FenceCancelled { reason })))) => {
                 wal.shared.lift_ceiling();
@@ -190,12 +212,22 @@ pub(super) async fn serve(
                 return Err(e);
             }
             Err(_) => {
-                let e = TransferError::Timeout("the target's answer to fence");
-                let _ = reply.send(Err(FenceFailure::Cancelled(e.to_string())));
-                return Err(e);
+                // No answer within the budget. Cancelling is safe even if the target fences
+                // later: only a release makes it authoritative, and the target releases only
+                // at the final_lsn of a fence the source recorded as completed.
+                late_answers_count += 1;
+                wal.shared.lift_ceiling();
+                let why =
+                    format!("the target did not answer the fence at final_lsn {final_lsn} within the pause budget");
+                tracing::warn!("{why}");
+                let _ = reply.send(Err(FenceFailure::Cancelled(why)));
             }
         }
     }
+}
+
+fn is_fence_answer(message: &Option<Result<Option<Message>, TransferError>>) -> bool {
+    matches!(message, Some(Ok(Some(Message::Fenced { .. } | Message::FenceCancelled { .. }))))
 }
 
 fn unexpected_message(when: &str, message: Option<Result<Option<Message>, TransferError>>) -> TransferError {

@@ -5,17 +5,22 @@
 //! `final_lsn` and the staged WAL's segments (one MANIFEST commit: temp file, fsync, rename,
 //! folder fsync; the staged WAL's fdatasync already happened when its records were
 //! acknowledged durable), and, when the target's database acknowledges ingest
-//! (`migration.applied`), waits up to the fence's budget for the applied LSN to reach
-//! `final_lsn`. [`release_staging`] answers a `Release` (a connection of its own): a staging
-//! `fenced` at exactly that `final_lsn` becomes `released`; a repeated release is idempotent.
-//! [`set_applied`] records `migration.applied`.
+//! (`migration.applied`), waits within the fence's time for the applied LSN to reach
+//! `final_lsn`.
+//! [`unfence_hook`] puts a staging fenced by a fence the source then cancelled (its answer came
+//! too late) back to `copying` when records above its `final_lsn` arrive. [`release_staging`]
+//! answers a `Release` (a connection of its own): a staging `fenced` at exactly that
+//! `final_lsn` becomes `released`; a repeated release is idempotent. [`set_applied`] records
+//! `migration.applied`.
 //!
 //! What it does not: decide to fence or release (the source's daemon does, for its
 //! coordinator), or import anything (the database does, from a `released` staging).
 //!
 //! Invariants: a staging is released only from `fenced` at the same `final_lsn`, and only when
 //! its staged WAL holds no record above it: the database never imports a staging whose WAL
-//! disagrees with the fence it was released at.
+//! disagrees with the fence it was released at. The fence's check and MANIFEST commit and the
+//! unfence hook run under the staged WAL's lock, so a staging is never left `fenced` below a
+//! record it holds.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,16 +39,18 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))?
 }
 
-/// Marks the staging of `offer` `fenced` at `final_lsn`; answers `Fenced` or `FenceCancelled`.
-/// An I/O failure fails the transfer (never retried).
+/// Marks the staging of `offer` `fenced` at `final_lsn`; answers `Fenced` or `FenceCancelled`
+/// (within `wait_max_us` when its database's ingest is awaited). An I/O failure fails the
+/// transfer (never retried).
 pub async fn fence_staging(
     ctx: &Arc<TargetContext>,
     offer: &Offer,
     layout: &StagingLayout,
     final_lsn: Lsn,
-    apply_wait_max_us: u64,
+    wait_max_us: u64,
 ) -> Result<Message, TransferError> {
     let id = &offer.migration_id;
+    let deadline = tokio::time::Instant::now() + Duration::from_micros(wait_max_us);
     if final_lsn < offer.base_lsn {
         return Ok(Message::FenceCancelled {
             reason: format!("final_lsn {final_lsn} is below the migration's base_lsn {}", offer.base_lsn),
@@ -60,9 +67,18 @@ pub async fn fence_staging(
         });
     }
     let started = Instant::now();
-    let (storage, layout_owned) = (ctx.storage.clone(), layout.clone());
-    blocking(move || {
-        let mut manifest = staging::read_manifest(&*storage, &layout_owned)?
+    let (ctx_owned, layout_owned, id_owned) = (ctx.clone(), layout.clone(), id.clone());
+    let committed = blocking(move || {
+        // Under the staged WAL's lock: no group is staged between the check and the commit, so
+        // a staging is never fenced below a record it holds (see `unfence_hook`).
+        let wal = ctx_owned.wal_stages.get(&id_owned);
+        let wal = wal.as_ref().map(|w| w.lock().unwrap_or_else(|e| e.into_inner()));
+        let segments = wal.as_ref().map_or(segments, |w| w.segments());
+        if let Some(above) = segments.iter().map(|s| s.last_lsn).filter(|l| *l > final_lsn).max() {
+            return Ok(Err(above));
+        }
+        let storage = &*ctx_owned.storage;
+        let mut manifest = staging::read_manifest(storage, &layout_owned)?
             .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before the fence".into()))?;
         match manifest.state {
             StagingState::Released | StagingState::Aborted => {
@@ -73,19 +89,27 @@ pub async fn fence_staging(
         manifest.state = StagingState::Fenced;
         manifest.final_lsn = Some(final_lsn);
         manifest.wal_segments = segments;
-        staging::write_manifest(&*storage, &layout_owned, &manifest)?;
-        Ok(())
+        staging::write_manifest(storage, &layout_owned, &manifest)?;
+        // Still under the lock, so a group staged next sees the staging fenced.
+        ctx_owned.update(&id_owned, |s| {
+            s.state = "fenced".into();
+            s.final_lsn = Some(final_lsn.0);
+        });
+        Ok(Ok(()))
     })
     .await?;
+    if let Err(above) = committed {
+        return Ok(Message::FenceCancelled {
+            reason: format!(
+                "the staged WAL holds record {above}, above final_lsn {final_lsn}: the writer did not pause"
+            ),
+        });
+    }
     let commit_us = micros(started.elapsed());
-    ctx.update(id, |s| {
-        s.state = "fenced".into();
-        s.final_lsn = Some(final_lsn.0);
-    });
     let mut apply_wait_us = 0;
     if ctx.applied_lsn(id).is_some() {
         let apply_started = Instant::now();
-        if let Some(reason) = wait_applied(ctx, id, final_lsn, Duration::from_micros(apply_wait_max_us)).await {
+        if let Some(reason) = wait_applied(ctx, id, final_lsn, deadline).await {
             return Ok(Message::FenceCancelled { reason });
         }
         apply_wait_us = micros(apply_started.elapsed());
@@ -94,14 +118,41 @@ pub async fn fence_staging(
     Ok(Message::Fenced { durable_lsn: durable, commit_us, apply_wait_us })
 }
 
+/// The staged WAL's hook before each group: records above the `final_lsn` a staging is fenced
+/// at mean that fence was cancelled (the source gave up on its answer and writes resumed on
+/// the source), so the staging goes back to `copying` (MANIFEST commit, once) and the
+/// migration back to catching up, as on the source. Runs under the staged WAL's lock.
+pub fn unfence_hook(ctx: Arc<TargetContext>, id: MigrationId, layout: StagingLayout) -> super::walrecv::BeforeGroup {
+    Arc::new(move |last_lsn: Lsn| {
+        let Some(fenced_at) = ctx.fenced_at(&id).filter(|f| last_lsn.0 > *f) else { return Ok(()) };
+        if let Some(mut manifest) = staging::read_manifest(&*ctx.storage, &layout)? {
+            if manifest.state == StagingState::Fenced {
+                manifest.state = StagingState::Copying;
+                manifest.final_lsn = None;
+                staging::write_manifest(&*ctx.storage, &layout, &manifest)?;
+            }
+        }
+        ctx.update(&id, |s| {
+            s.state = "base_staged".into();
+            s.final_lsn = None;
+        });
+        tracing::info!(migration = %id, fenced_at, %last_lsn, "records above a cancelled fence arrive: the staging is copying again");
+        Ok(())
+    })
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// When the database acknowledges ingest, waits for it to reach `final_lsn`; `Some(why)` when
-/// it did not within `max`.
-async fn wait_applied(ctx: &TargetContext, id: &MigrationId, final_lsn: Lsn, max: Duration) -> Option<String> {
-    let deadline = tokio::time::Instant::now() + max;
+/// it did not by `deadline`.
+async fn wait_applied(
+    ctx: &TargetContext,
+    id: &MigrationId,
+    final_lsn: Lsn,
+    deadline: tokio::time::Instant,
+) -> Option<String> {
     loop {
         let notified = ctx.applied.notified();
         let applied = ctx.applied_lsn(id)?;

@@ -58,7 +58,9 @@ pub struct CopyRequest {
     pub chunk_len_bytes: u32,
     /// Uni streams per connection.
     pub streams_count: u32,
-    /// QUIC connections, each on its own endpoint (spreads the QUIC work over cores).
+    /// QUIC connections for chunks, each on its own endpoint (spreads the QUIC work over
+    /// cores). An offline copy's first one also carries the control stream; a live copy (with
+    /// a WAL) has one more, for the control and WAL streams only.
     pub connections_count: u32,
     /// 0: unlimited.
     pub rate_limit_bytes_per_sec: u64,
@@ -242,12 +244,24 @@ struct Link {
 }
 
 impl Link {
-    async fn open(identity: &NodeIdentity, tuning: &QuicTuning, request: &CopyRequest) -> Result<Self, TransferError> {
+    /// `bulk`: the connection carries only chunks (large MTU); otherwise it carries the control
+    /// stream and the WAL stream too, whose small messages must not wait for the pacer.
+    async fn open(
+        identity: &NodeIdentity,
+        tuning: &QuicTuning,
+        request: &CopyRequest,
+        bulk: bool,
+    ) -> Result<Self, TransferError> {
         let endpoint = crate::quic::client_endpoint(request.target_addr, tuning)
             .map_err(|e| TransferError::Connection(format!("cannot open a UDP socket: {e}")))?;
         let crypto = crate::tls::client_crypto(identity).map_err(|e| TransferError::Local(e.to_string()))?;
+        let config = if bulk {
+            crate::quic::bulk_client_config(crypto, tuning)
+        } else {
+            crate::quic::client_config(crypto, tuning)
+        };
         let connecting = endpoint
-            .connect_with(crate::quic::client_config(crypto, tuning), request.target_addr, request.target_node.as_str())
+            .connect_with(config, request.target_addr, request.target_node.as_str())
             .map_err(|e| TransferError::Connection(e.to_string()))?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
@@ -275,7 +289,9 @@ async fn attempt(
     progress: &watch::Sender<Progress>,
     rate: &RateHandle,
 ) -> Result<Outcome, TransferError> {
-    let link = Link::open(identity, tuning, request).await?;
+    // An offline copy's first connection carries chunks too; a live copy's carries the control
+    // and WAL streams only, and its chunks go on connections of their own.
+    let link = Link::open(identity, tuning, request, request.wal.is_none()).await?;
     let mut extra = Vec::new();
     let result = run(&link.conn, &mut extra, identity, tuning, request, offer, snapshot, reader, progress, rate).await;
     for link in extra {
@@ -369,9 +385,9 @@ async fn run(
                 reader.read(&opened, span.offset_bytes, span.len_bytes).await.map_err(|e| read_error(&file.path, e))?;
             lock(&session).on_chunk_read(span.chunk, ferry_wire::crc32c(&data))?;
         }
-        let mut conns = vec![conn.clone()];
-        for _ in 1..request.connections_count.max(1) {
-            let link = Link::open(identity, tuning, request).await?;
+        let (mut conns, first_extra) = if request.wal.is_none() { (vec![conn.clone()], 1) } else { (Vec::new(), 0) };
+        for _ in first_extra..request.connections_count.max(1) {
+            let link = Link::open(identity, tuning, request, true).await?;
             let (mut data_send, mut data_recv) = hello(&link.conn, identity).await?;
             write_control(&mut data_send, &Message::Join { migration_id: offer.migration_id.clone() }).await?;
             match read_control(&mut data_recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {

@@ -273,6 +273,11 @@ impl TargetContext {
         locked(&self.status).get(id).and_then(|s| s.applied_lsn)
     }
 
+    /// The `final_lsn` the staging of `id` is fenced at, if it is fenced (not released).
+    pub fn fenced_at(&self, id: &MigrationId) -> Option<u64> {
+        locked(&self.status).get(id).filter(|s| s.state == "fenced").and_then(|s| s.final_lsn)
+    }
+
     pub(crate) fn update(&self, id: &MigrationId, f: impl FnOnce(&mut InboundStatus)) {
         f(locked(&self.status).entry(id.clone()).or_default());
     }
@@ -490,13 +495,15 @@ fn spawn_wal_stream(conn: Connection, ctx: Arc<TargetContext>, offer: &Offer, la
     AbortOnDrop(tokio::spawn(async move {
         let result = async {
             let (send, recv) = conn.accept_bi().await?;
+            let layout_for_hook = layout.clone();
             let wal = {
                 let (ctx, id) = (ctx.clone(), id.clone());
                 blocking(move || ctx.wal_stages.get_or_open(&ctx.storage, &layout, &id, base_lsn)).await?
             };
             let ctx_durable = ctx.clone();
             let id_durable = id.clone();
-            super::walrecv::serve_stream(send, recv, wal, move |lsn| {
+            let unfence = super::fence_target::unfence_hook(ctx.clone(), id.clone(), layout_for_hook);
+            super::walrecv::serve_stream(send, recv, wal, unfence, move |lsn| {
                 ctx_durable.update(&id_durable, |s| s.wal_durable_lsn = Some(lsn.0));
             })
             .await

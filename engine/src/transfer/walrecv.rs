@@ -82,6 +82,11 @@ impl WalStages {
         Some((wal.segments(), wal.durable_lsn()))
     }
 
+    /// The staged WAL of a migration, if it is open.
+    pub fn get(&self, id: &MigrationId) -> Option<Arc<Mutex<StagedWal>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
     pub fn forget(&self, id: &MigrationId) {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
@@ -92,11 +97,16 @@ pub fn wal_dir(layout: &StagingLayout) -> std::path::PathBuf {
     layout.root.join("wal")
 }
 
+/// Called with a group's last LSN while the staged WAL is locked, before the group is staged
+/// (the target undoes a cancelled fence there; see `target.rs`).
+pub type BeforeGroup = Arc<dyn Fn(Lsn) -> Result<(), TransferError> + Send + Sync>;
+
 /// Serves one WAL stream until the source finishes it or the connection ends.
 pub async fn serve_stream(
     mut send: SendStream,
     mut recv: RecvStream,
     wal: Arc<Mutex<StagedWal>>,
+    before_group: BeforeGroup,
     on_durable: impl Fn(Lsn) + Send,
 ) -> Result<(), TransferError> {
     match read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
@@ -119,8 +129,8 @@ pub async fn serve_stream(
             },
         };
         let (group, failed) = take_group(first, &mut frames, &mut held, GROUP_MAX_BYTES);
-        let wal = wal.clone();
-        let durable = tokio::task::spawn_blocking(move || stage_group(&wal, &group))
+        let (wal, before_group) = (wal.clone(), before_group.clone());
+        let durable = tokio::task::spawn_blocking(move || stage_group(&wal, &group, &*before_group))
             .await
             .map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
         on_durable(durable);
@@ -207,7 +217,11 @@ fn take_group(
 
 /// Decodes every frame of a group and stages all their records as one batch: one fdatasync
 /// per segment file written. Returns the durable LSN.
-fn stage_group(wal: &Mutex<StagedWal>, group: &[Frame]) -> Result<Lsn, TransferError> {
+fn stage_group(
+    wal: &Mutex<StagedWal>,
+    group: &[Frame],
+    before_group: &(dyn Fn(Lsn) -> Result<(), TransferError> + Send + Sync),
+) -> Result<Lsn, TransferError> {
     let mut staged: Vec<StagedRecord<'_>> = Vec::new();
     for frame in group {
         let records = walstream::decode(&frame.body).map_err(|e| TransferError::Malformed(e.to_string()))?;
@@ -218,6 +232,9 @@ fn stage_group(wal: &Mutex<StagedWal>, group: &[Frame]) -> Result<Lsn, TransferE
         }));
     }
     let mut wal = wal.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(last_lsn) = staged.iter().map(|r| r.lsn).max() {
+        before_group(last_lsn)?;
+    }
     wal.append_batch(&staged).map_err(|e| TransferError::Local(format!("staging WAL records: {e}")))
 }
 
@@ -279,7 +296,7 @@ mod tests {
         let fs = FakeStorage::new();
         let wal = staged_wal(&fs);
         let syncs_before = fs.syncs_count();
-        assert_eq!(stage_group(&wal, &group).unwrap(), Lsn(9));
+        assert_eq!(stage_group(&wal, &group, &|_| Ok(())).unwrap(), Lsn(9));
         assert_eq!(fs.syncs_count() - syncs_before, 2);
         // Staged with every record, and only what is synced survives a power loss: all of it.
         let recovered: Arc<dyn Storage> = Arc::new(fs.recover());
@@ -312,8 +329,8 @@ mod tests {
         assert!(held.is_none());
         let fs = FakeStorage::new();
         let wal = staged_wal(&fs);
-        assert_eq!(stage_group(&wal, &group).unwrap(), Lsn(2));
-        assert_eq!(stage_group(&wal, &group2).unwrap(), Lsn(3));
+        assert_eq!(stage_group(&wal, &group, &|_| Ok(())).unwrap(), Lsn(2));
+        assert_eq!(stage_group(&wal, &group2, &|_| Ok(())).unwrap(), Lsn(3));
     }
 
     /// A sync that fails fails the group: nothing is reported durable, and after the crash
@@ -323,9 +340,9 @@ mod tests {
         let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));
         let fs = FakeStorage::new();
         let wal = staged_wal(&fs);
-        assert_eq!(stage_group(&wal, &[frame(&budget, &[1, 2])]).unwrap(), Lsn(2));
+        assert_eq!(stage_group(&wal, &[frame(&budget, &[1, 2])], &|_| Ok(())).unwrap(), Lsn(2));
         fs.crash_at_sync(1);
-        assert!(stage_group(&wal, &[frame(&budget, &[3]), frame(&budget, &[4])]).is_err());
+        assert!(stage_group(&wal, &[frame(&budget, &[3]), frame(&budget, &[4])], &|_| Ok(())).is_err());
         let recovered: Arc<dyn Storage> = Arc::new(fs.recover());
         let (_, report) = StagedWal::open(recovered, Path::new("/s/wal"), StageOptions::new(Lsn(0))).unwrap();
         assert_eq!(report.durable_lsn, Lsn(2));
