@@ -54,8 +54,9 @@ pub struct CopyArgs {
     /// Parallel uni streams per connection.
     #[arg(long, default_value_t = 4)]
     pub streams: u32,
-    /// QUIC connections, each on its own endpoint (one endpoint drives its connections on one
-    /// task: more connections use more cores).
+    /// QUIC connections for chunks, each on its own endpoint (one endpoint drives its
+    /// connections on one task: more connections use more cores). With --wal-dir the control
+    /// and WAL streams get one more, with a small MTU, so their messages are not paced.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
     /// Rate limit in bytes per second (0: unlimited).

@@ -91,7 +91,8 @@ pub struct MigrateArgs {
     /// Migration id; default m-<vshard>-<base-lsn>. The same id and flags again is idempotent.
     #[arg(long)]
     pub migration_id: Option<String>,
-    /// QUIC connections.
+    /// QUIC connections for chunks (a live migration has one more for the control and WAL
+    /// streams).
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
     /// Parallel streams per connection.

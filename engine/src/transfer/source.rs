@@ -39,6 +39,9 @@ use crate::tls::NodeIdentity;
 use ferry_wire::limits::CONTROL_BODY_LEN_MAX_BYTES;
 use std::sync::atomic::Ordering;
 
+/// How long a refused join waits to learn whether the transfer's first connection was lost.
+const JOIN_LOST_GRACE: Duration = Duration::from_secs(1);
+
 /// How long to wait for the target to answer the handshake and hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -392,7 +395,19 @@ async fn run(
             write_control(&mut data_send, &Message::Join { migration_id: offer.migration_id.clone() }).await?;
             match read_control(&mut data_recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
                 Some(Message::Joined) => {}
-                Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
+                Some(Message::Error { kind, message }) => {
+                    // The first connection may have been lost meanwhile, and the target let go
+                    // of the transfer with it (its close may trail the refusal): a new attempt
+                    // gets past that.
+                    let lost = tokio::time::timeout(JOIN_LOST_GRACE, conn.closed()).await.is_ok();
+                    return Err(if lost {
+                        TransferError::Connection(format!(
+                            "the connection carrying the transfer was lost while another joined it: {message}"
+                        ))
+                    } else {
+                        TransferError::Peer { kind, message }
+                    });
+                }
                 other => return Err(unexpected("joined", other.as_ref())),
             }
             conns.push(link.conn.clone());

@@ -200,7 +200,7 @@ ferry demo: LIVE migration of vShard {vshard} from {SOURCE_NODE} to {TARGET_NODE
                 ack p99: {p99_base} without migration (first {baseline:.1} s), {p99_copy} during the base copy, {p99_catch} during the catch-up,
                 {p99_after} after the release; longest gap between acks {gap} ({gap_pause} across the pause); acks while paused: {acks_paused}
   base copy     {bytes} bytes ({bytes_h}), {files} files in {base_s:.2} s = {tput}/s over 127.0.0.1 QUIC, mutual TLS,
-                {conns} connection(s) x {streams} stream(s), {chunk} byte chunks; resent {resent} bytes
+                {conns} chunk connection(s) x {streams} stream(s) + 1 for control and WAL, {chunk} byte chunks; resent {resent} bytes
   wal catch-up  vShard-{vshard} records from LSN {start} streamed alongside the base copy; {staged} records staged up to final_lsn;
                 {catch_s:.2} s in WalCatchUp before the cut-over; lag (records read by the source's tail, not yet durable on the
                 target; daemon snapshots every 100 ms): max {lag_copy} while copying, max {lag_max} ({lag_lsn} LSN) catching up, {lag_cut} last
