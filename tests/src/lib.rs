@@ -70,6 +70,21 @@ pub fn node_config(certs: &Certs, name: &str, data_dir: &Path, allow: &str) -> f
     }
 }
 
+/// Two daemons in this process, `source` and `target` (certificates of `certs`), with their
+/// data under `dir/source` and `dir/target`, each accepting the other.
+pub async fn node_pair(
+    certs: &Certs,
+    dir: &Path,
+) -> (ferry_engine::node::RunningNode, ferry_engine::node::RunningNode) {
+    let start = |name: &'static str, peer: &'static str| {
+        let config = node_config(certs, name, &dir.join(name), peer);
+        async move { ferry_engine::node::RunningNode::start(&config).await.unwrap() }
+    };
+    let source = start("source", "target").await;
+    let target = start("target", "source").await;
+    (source, target)
+}
+
 pub fn node(name: &str) -> NodeId {
     NodeId::new(name).unwrap()
 }

@@ -27,7 +27,7 @@ use ferry_engine::control::{ControlClient, ErrorCode};
 use ferry_engine::node::RunningNode;
 use ferry_engine::wal::tail::FolderTail;
 use ferry_engine::wal::writer::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterOptions};
-use ferry_tests::{node_config, write_file, Certs};
+use ferry_tests::{node_pair, write_file, Certs};
 use ferry_wire::api::StartParams;
 use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
 use ferry_wire::{Lsn, MigrationId, VShardId};
@@ -155,10 +155,7 @@ struct Pair {
 async fn pair() -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new().unwrap();
-    let source =
-        RunningNode::start(&node_config(&certs, "source", &dir.path().join("source"), "target")).await.unwrap();
-    let target =
-        RunningNode::start(&node_config(&certs, "target", &dir.path().join("target"), "source")).await.unwrap();
+    let (source, target) = node_pair(&certs, dir.path()).await;
     let root = dir.path().join("export");
     write_file(&root, "L1/a.seg", 300_000, 1);
     write_file(&root, "L1/b.seg", 4096, 2);

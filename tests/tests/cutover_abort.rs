@@ -47,7 +47,7 @@ use ferry_engine::refnode::{
     VerifyInput, WritePlace, WriterLog,
 };
 use ferry_tests::relay::Relay;
-use ferry_tests::{manifest_json, node_config, tree_sha256, wait_for_phase, Certs};
+use ferry_tests::{manifest_json, node_pair, tree_sha256, wait_for_phase, Certs};
 use ferry_wire::api::{Phase, StartParams};
 use ferry_wire::{Lsn, MigrationId, VShardId};
 use serde_json::json;
@@ -69,10 +69,7 @@ struct Scene {
 async fn scene() -> Scene {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new().unwrap();
-    let source =
-        RunningNode::start(&node_config(&certs, "source", &dir.path().join("source"), "target")).await.unwrap();
-    let target =
-        RunningNode::start(&node_config(&certs, "target", &dir.path().join("target"), "source")).await.unwrap();
+    let (source, target) = node_pair(&certs, dir.path()).await;
     let wal_dir = dir.path().join("wal");
     // 64 KiB segments: the WAL rolls every few hundred ms, so links are taken while it runs.
     let config = RefWriterConfig {
@@ -333,17 +330,22 @@ fn abort_during_the_wal_catch_up_discards_the_target_staging_and_the_vshard_can_
         let staging = scene.staging(&id);
         let log = scene.writer.stop().unwrap();
         check_source_wal(&scene.wal_dir, &[&wal_at_start, &wal_before], &log);
-        let verification = verify(&VerifyInput {
-            log: &log,
-            base_lsn,
-            final_lsn: Lsn(outcome.release.final_lsn),
-            staging_dir: &staging,
-            source_segments_root: &root,
-            target_node_wal_dir: Some(&node_wal),
-        });
-        assert!(verification.passed(), "{verification:#?}");
-        assert_eq!((verification.lost_count, verification.duplicate_count), (0, 0));
+        assert_verified(&log, base_lsn, Lsn(outcome.release.final_lsn), &staging, &root, &node_wal);
     });
+}
+
+/// The reference verifier finds every write of the vShard once, nothing else.
+fn assert_verified(log: &WriterLog, base_lsn: Lsn, final_lsn: Lsn, staging: &Path, root: &Path, node_wal: &Path) {
+    let verification = verify(&VerifyInput {
+        log,
+        base_lsn,
+        final_lsn,
+        staging_dir: staging,
+        source_segments_root: root,
+        target_node_wal_dir: Some(node_wal),
+    });
+    assert!(verification.passed(), "{verification:#?}");
+    assert_eq!((verification.lost_count, verification.duplicate_count), (0, 0));
 }
 
 /// The fence's budget in the partition tests.
@@ -496,14 +498,5 @@ async fn fence_through_a_partition(partition: Partition, target_after_heal: Targ
     for span in log.pauses() {
         assert_eq!(log.acks_between(span.paused_at_ns, span.resumed_at_ns.unwrap_or(u64::MAX)), 0, "{span:?}");
     }
-    let verification = verify(&VerifyInput {
-        log: &log,
-        base_lsn,
-        final_lsn: Lsn(outcome.release.final_lsn),
-        staging_dir: &staging,
-        source_segments_root: &root,
-        target_node_wal_dir: Some(&node_wal),
-    });
-    assert!(verification.passed(), "{verification:#?}");
-    assert_eq!((verification.lost_count, verification.duplicate_count), (0, 0));
+    assert_verified(&log, base_lsn, Lsn(outcome.release.final_lsn), &staging, &root, &node_wal);
 }

@@ -18,9 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_engine::node::RunningNode;
 use ferry_engine::refnode::{export_base, verify, RefWriter, RefWriterConfig, VerifyInput};
-use ferry_tests::{ferry_bin, node_config, Certs};
+use ferry_tests::{ferry_bin, node_pair, Certs};
 use ferry_wire::{Lsn, VShardId};
 use serde_json::Value;
 
@@ -58,10 +57,7 @@ fn ferry_migrate_runs_a_live_migration_with_the_cut_over_and_nothing_is_lost() {
     let certs = Certs::new().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (source, target) = runtime.block_on(async {
-        let source =
-            RunningNode::start(&node_config(&certs, "source", &dir.path().join("source"), "target")).await.unwrap();
-        let target =
-            RunningNode::start(&node_config(&certs, "target", &dir.path().join("target"), "source")).await.unwrap();
+        let (source, target) = node_pair(&certs, dir.path()).await;
         (source, target)
     });
 

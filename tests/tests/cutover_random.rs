@@ -19,12 +19,11 @@ use std::time::{Duration, Instant};
 
 use ferry_engine::cli::cutover::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::control::ControlClient;
-use ferry_engine::node::RunningNode;
 use ferry_engine::refnode::{
     export_base, generate_bulk, read_wal_folder, verify, FolderKind, RecordLayout, RefWriter, RefWriterConfig,
     VerifyInput,
 };
-use ferry_tests::{manifest_json, node_config, Certs};
+use ferry_tests::{manifest_json, node_pair, Certs};
 use ferry_wire::api::{Phase, StartParams};
 use ferry_wire::wal::Layout;
 use ferry_wire::{MigrationId, VShardId};
@@ -49,8 +48,7 @@ impl Rng {
 }
 
 async fn one(certs: &Certs, dir: &Path, rng: &mut Rng, index: u64) -> String {
-    let source = RunningNode::start(&node_config(certs, "source", &dir.join("source"), "target")).await.unwrap();
-    let target = RunningNode::start(&node_config(certs, "target", &dir.join("target"), "source")).await.unwrap();
+    let (source, target) = node_pair(certs, dir).await;
     let vshard = VShardId(rng.pick(&[1, 7, 42]));
     let mut writer_config = RefWriterConfig::new(dir.join("wal"), vshard);
     writer_config.rate_writes_per_sec = rng.pick(&[500, 2_000, 8_000]);

@@ -28,11 +28,10 @@ use std::time::{Duration, Instant};
 use ferry_engine::cli::cutover::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::clock::monotonic_ns;
 use ferry_engine::control::ControlClient;
-use ferry_engine::node::RunningNode;
 use ferry_engine::refnode::{
     export_base, generate_bulk, verify_counting, RefWriter, RefWriterConfig, ResumedOn, VerifyInput, WritePlace,
 };
-use ferry_tests::{manifest_json, node_config, wait_for_phase, Certs};
+use ferry_tests::{manifest_json, node_pair, wait_for_phase, Certs};
 use ferry_wire::api::{Phase, StartParams};
 use ferry_wire::{Lsn, MigrationId, VShardId};
 use serde_json::json;
@@ -65,10 +64,7 @@ fn every_write_of_each_window_reaches_the_target_exactly_once() {
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let certs = Certs::new().unwrap();
-        let source =
-            RunningNode::start(&node_config(&certs, "source", &dir.path().join("source"), "target")).await.unwrap();
-        let target =
-            RunningNode::start(&node_config(&certs, "target", &dir.path().join("target"), "source")).await.unwrap();
+        let (source, target) = node_pair(&certs, dir.path()).await;
         let wal_dir = dir.path().join("wal");
         let writer_config = RefWriterConfig {
             rate_writes_per_sec: 8_000,

@@ -517,6 +517,11 @@ fn spawn_wal_stream(conn: Connection, ctx: Arc<TargetContext>, offer: &Offer, la
     }))
 }
 
+/// How long a join waits for the transfer it names to start taking chunks.
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+/// How often a waiting join looks again.
+const JOIN_RECHECK: Duration = Duration::from_millis(5);
+
 /// An extra data connection: its uni streams feed the transfer offered on another connection.
 async fn join(
     conn: &Connection,
@@ -525,15 +530,21 @@ async fn join(
     send: &mut SendStream,
     id: &MigrationId,
 ) -> Result<(), TransferError> {
-    let holder = locked(&ctx.claims).get(id).map(|(_, p)| p.clone());
-    if holder.is_none() || holder != Some(peer) {
-        return Err(TransferError::Refused(format!("no transfer {id} from this node is being received to join")));
-    }
-    let (inbound, events) = {
-        let joinable = locked(&ctx.joinable);
-        let j =
-            joinable.get(id).ok_or_else(|| TransferError::Refused(format!("transfer {id} is not receiving chunks")))?;
-        (j.inbound.clone(), j.events.clone())
+    // The transfer's connection answers `Accept` before it starts taking chunks, so a join
+    // may come a moment before the transfer can be joined: it waits for that, a bounded time.
+    let deadline = tokio::time::Instant::now() + JOIN_WAIT;
+    let (inbound, events) = loop {
+        let holder = locked(&ctx.claims).get(id).map(|(_, p)| p.clone());
+        if holder.is_none() || holder.as_ref() != Some(&peer) {
+            return Err(TransferError::Refused(format!("no transfer {id} from this node is being received to join")));
+        }
+        if let Some(j) = locked(&ctx.joinable).get(id) {
+            break (j.inbound.clone(), j.events.clone());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(TransferError::Refused(format!("transfer {id} is not receiving chunks")));
+        }
+        tokio::time::sleep(JOIN_RECHECK).await;
     };
     write_control(send, &Message::Joined).await?;
     accept_chunk_streams(conn.clone(), inbound, events).await;
