@@ -56,24 +56,16 @@ pub async fn fence_staging(
             reason: format!("final_lsn {final_lsn} is below the migration's base_lsn {}", offer.base_lsn),
         });
     }
-    let Some((segments, durable)) = ctx.wal_stages.segments(id) else {
+    let Some(wal) = ctx.wal_stages.get(id) else {
         return Ok(Message::FenceCancelled { reason: "the WAL stream of this migration was never opened".into() });
     };
-    if let Some(above) = segments.iter().map(|s| s.last_lsn).filter(|l| *l > final_lsn).max() {
-        return Ok(Message::FenceCancelled {
-            reason: format!(
-                "the staged WAL holds record {above}, above final_lsn {final_lsn}: the writer did not pause"
-            ),
-        });
-    }
     let started = Instant::now();
     let (ctx_owned, layout_owned, id_owned) = (ctx.clone(), layout.clone(), id.clone());
     let committed = blocking(move || {
         // Under the staged WAL's lock: no group is staged between the check and the commit, so
         // a staging is never fenced below a record it holds (see `unfence_hook`).
-        let wal = ctx_owned.wal_stages.get(&id_owned);
-        let wal = wal.as_ref().map(|w| w.lock().unwrap_or_else(|e| e.into_inner()));
-        let segments = wal.as_ref().map_or(segments, |w| w.segments());
+        let wal = wal.lock().unwrap_or_else(|e| e.into_inner());
+        let (segments, durable) = (wal.segments(), wal.durable_lsn());
         if let Some(above) = segments.iter().map(|s| s.last_lsn).filter(|l| *l > final_lsn).max() {
             return Ok(Err(above));
         }
@@ -95,16 +87,19 @@ pub async fn fence_staging(
             s.state = "fenced".into();
             s.final_lsn = Some(final_lsn.0);
         });
-        Ok(Ok(()))
+        Ok(Ok(durable))
     })
     .await?;
-    if let Err(above) = committed {
-        return Ok(Message::FenceCancelled {
-            reason: format!(
-                "the staged WAL holds record {above}, above final_lsn {final_lsn}: the writer did not pause"
-            ),
-        });
-    }
+    let durable = match committed {
+        Ok(durable) => durable,
+        Err(above) => {
+            return Ok(Message::FenceCancelled {
+                reason: format!(
+                    "the staged WAL holds record {above}, above final_lsn {final_lsn}: the writer did not pause"
+                ),
+            })
+        }
+    };
     let commit_us = micros(started.elapsed());
     let mut apply_wait_us = 0;
     if ctx.applied_lsn(id).is_some() {
