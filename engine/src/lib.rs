@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod inline;
 pub mod metrics;
 pub mod node;
 pub mod outbound;

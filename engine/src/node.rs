@@ -99,7 +99,8 @@ impl RunningNode {
         control_config.allowed_uids = config.control_allowed_uids.clone();
         let control = ControlServer::bind(control_config, Arc::new(daemon.clone()))?;
         let socket_path = control.socket_path().to_path_buf();
-        let mut tasks = vec![server, events];
+        // Releases a target missed are told in the background: it may be unreachable now.
+        let mut tasks = vec![server, events, tokio::spawn(outbound.clone().tell_pending_releases())];
         let mut metrics_addr = None;
         if let Some(addr) = config.metrics_addr {
             let (daemon, ctx) = (daemon.clone(), ctx.clone());

@@ -30,6 +30,13 @@ use crate::clock::{instant_at, monotonic_ns};
 use crate::transfer::cutover::{FenceCommand, FenceFailure};
 use crate::transfer::walsend::Holder;
 
+/// What recovery says of a Completed migration whose release the target has not confirmed.
+pub const RELEASE_PENDING_OUTCOME: &str =
+    "kept: Completed; the target has not confirmed the release: it is told in the background (or call migration.release)";
+/// The first and the longest wait between two attempts to tell the target of a release.
+const RETELL_WAIT_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const RETELL_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The part of the budget kept for what follows the fence's answer (the coordinator's routing
 /// flip and resume): a tenth of the budget, at most this much.
 pub const RELEASE_RESERVE_MAX_US: u64 = 2_000;
@@ -219,6 +226,8 @@ impl Outbound {
     ) -> Result<ReleaseResult, OutboundError> {
         let resumed_ns = writes_resumed_at_ns.unwrap_or_else(monotonic_ns);
         let mut recovered = false;
+        // This call completes the migration (a repeated call must not count the pause again).
+        let mut completes = false;
         let (final_lsn, pause) = {
             let mut entries = self.entries();
             let entry = entries.get_mut(id).ok_or_else(|| OutboundError::NotFound(id.clone()))?;
@@ -262,6 +271,7 @@ impl Outbound {
                         .report(resumed_ns, estimate_us, entry.params.write_pause_budget_us)
                         .map_err(|e| OutboundError::InvalidParams(e.to_string()))?;
                     if !recovered {
+                        completes = true;
                         entry.phase = Phase::Completed;
                         entry.pause = Some(pause);
                         entry.final_lsn = Some(final_lsn);
@@ -302,7 +312,9 @@ impl Outbound {
                 }
                 return Err(OutboundError::Local(format!("the release could not be recorded: {e}")));
             }
-            crate::metrics::observe_pause_us(pause.pause_duration_us);
+            if completes {
+                crate::metrics::observe_pause_us(pause.pause_duration_us);
+            }
             self.tell_release(id, final_lsn).await.map_err(|e| {
                 OutboundError::Local(format!(
                     "the release is recorded on the source (the migration is Completed), but the target could not be told: {e}; call migration.release again (the daemon also tells it at start)"
@@ -310,6 +322,38 @@ impl Outbound {
             })?;
         }
         Ok(ReleaseResult { final_lsn: final_lsn.0, pause_duration_us: pause.pause_duration_us, pause })
+    }
+
+    /// Tells the target of every release it has not confirmed (found at daemon start), again
+    /// and again with a growing wait while it cannot be reached; returns once all are told (a
+    /// `migration.release` call or `migration.forget` meanwhile also settles one).
+    pub async fn tell_pending_releases(self: Arc<Self>) {
+        let mut wait = RETELL_WAIT_MIN;
+        loop {
+            let pending: Vec<(MigrationId, Lsn)> = self
+                .entries()
+                .iter()
+                .filter(|(_, e)| e.phase == Phase::Completed && !e.target_released)
+                .filter_map(|(id, e)| e.final_lsn.map(|lsn| (id.clone(), lsn)))
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            for (id, final_lsn) in pending {
+                match self.tell_release(&id, final_lsn).await {
+                    Ok(()) => {
+                        tracing::info!(migration = %id, %final_lsn, "the target confirmed a release it had missed")
+                    }
+                    Err(e) => tracing::warn!(
+                        migration = %id,
+                        "the target could not be told of the release yet ({e}); retrying in {} s (or call migration.release)",
+                        wait.as_secs()
+                    ),
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETELL_WAIT_MAX);
+        }
     }
 
     /// Tells the target that `id` is released, records that it knows, and drops what the

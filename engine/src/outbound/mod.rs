@@ -19,6 +19,7 @@
 //! never left again; every registry lock is held briefly and never across an await.
 
 mod cutover;
+pub use cutover::RELEASE_PENDING_OUTCOME;
 pub mod record;
 
 use std::collections::BTreeMap;
@@ -476,13 +477,10 @@ impl Outbound {
             let age_ms = now_ms.saturating_sub(record.updated_at_unix_ms);
             let stale = u128::from(age_ms) > self.config.abort_timeout.as_millis();
             if record.phase == Phase::Completed && record.final_lsn.is_some() && !record.target_released {
+                // Told by [`Outbound::tell_pending_releases`], so an unreachable target does
+                // not hold up the daemon's start.
                 self.insert_final(&id, &record);
-                let final_lsn = Lsn(record.final_lsn.unwrap_or(record.params.base_lsn));
-                let outcome = match self.tell_release(&id, final_lsn).await {
-                    Ok(()) => "kept: Completed; the release was told to the target".to_owned(),
-                    Err(e) => format!("kept: Completed; the target could not be told of the release yet ({e}): call migration.release again"),
-                };
-                outcomes.push((id, outcome));
+                outcomes.push((id, cutover::RELEASE_PENDING_OUTCOME.to_owned()));
             } else if record.phase.is_final() {
                 self.insert_final(&id, &record);
                 outcomes.push((id, format!("kept: {:?}", record.phase)));
@@ -543,7 +541,12 @@ impl Outbound {
                 bytes_at_run_start: 0,
                 sample: (Instant::now(), 0, 0),
                 bytes_resent: record.bytes_resent,
-                staging_state: (record.phase == Phase::Completed).then(|| "released".into()),
+                // A release the target has not confirmed leaves its staging fenced.
+                staging_state: match (record.phase, record.final_lsn, record.target_released) {
+                    (Phase::Completed, Some(_), false) => Some("fenced".into()),
+                    (Phase::Completed, _, _) => Some("released".into()),
+                    _ => None,
+                },
                 cutover: None,
                 stream: crate::transfer::cutover::StreamFigures::default(),
                 estimate_us: None,

@@ -39,6 +39,13 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))?
 }
 
+/// As [`blocking`], on this thread (the fence's commit is on the pause's path).
+async fn inline<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
+) -> Result<T, TransferError> {
+    crate::inline::run(f).await.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))?
+}
+
 /// Marks the staging of `offer` `fenced` at `final_lsn`; answers `Fenced` or `FenceCancelled`
 /// (within `wait_max_us` when its database's ingest is awaited). An I/O failure fails the
 /// transfer (never retried).
@@ -61,7 +68,7 @@ pub async fn fence_staging(
     };
     let started = Instant::now();
     let (ctx_owned, layout_owned, id_owned) = (ctx.clone(), layout.clone(), id.clone());
-    let committed = blocking(move || {
+    let committed = inline(move || {
         // Under the staged WAL's lock: no group is staged between the check and the commit, so
         // a staging is never fenced below a record it holds (see `unfence_hook`).
         let wal = wal.lock().unwrap_or_else(|e| e.into_inner());

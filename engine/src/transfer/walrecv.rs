@@ -130,7 +130,9 @@ pub async fn serve_stream(
         };
         let (group, failed) = take_group(first, &mut frames, &mut held, GROUP_MAX_BYTES);
         let (wal, before_group) = (wal.clone(), before_group.clone());
-        let durable = tokio::task::spawn_blocking(move || stage_group(&wal, &group, &*before_group))
+        // On this thread: the group commit is on the path of every acknowledgement and of the
+        // fence's drain (frames keep being read by their own task meanwhile).
+        let durable = crate::inline::run(move || stage_group(&wal, &group, &*before_group))
             .await
             .map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
         on_durable(durable);
