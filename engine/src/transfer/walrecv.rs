@@ -44,6 +44,8 @@ pub const GROUP_MAX_BYTES: usize = 8 << 20;
 pub const READ_AHEAD_MAX_BYTES: usize = 16 << 20;
 /// Most frames the reader holds ahead of the stager.
 pub const FRAMES_QUEUED_MAX_COUNT: usize = 1024;
+/// Groups up to this size are committed on the receiving thread (see `serve_stream`).
+const INLINE_GROUP_MAX_BYTES: usize = 16 << 10;
 
 /// The staged WALs open on this node, by migration.
 #[derive(Debug, Default)]
@@ -130,11 +132,18 @@ pub async fn serve_stream(
         };
         let (group, failed) = take_group(first, &mut frames, &mut held, GROUP_MAX_BYTES);
         let (wal, before_group) = (wal.clone(), before_group.clone());
-        // On this thread: the group commit is on the path of every acknowledgement and of the
-        // fence's drain (frames keep being read by their own task meanwhile).
-        let durable = crate::inline::run(move || stage_group(&wal, &group, &*before_group))
-            .await
-            .map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
+        let group_bytes: usize = group.iter().map(|f| f.body.len()).sum();
+        let stage = move || stage_group(&wal, &group, &*before_group);
+        // A small group is a live tail's: its commit is on the path of the writer's next
+        // acknowledgement and of the fence's drain, so it runs on this thread (two thread
+        // wake-ups fewer). A large one is catch-up, where the blocking pool costs less CPU.
+        // Frames keep being read by their own task either way.
+        let staged = if group_bytes <= INLINE_GROUP_MAX_BYTES {
+            crate::inline::run(stage).await
+        } else {
+            tokio::task::spawn_blocking(stage).await
+        };
+        let durable = staged.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
         on_durable(durable);
         write_control(&mut send, &Message::WalDurable { durable_lsn: durable }).await?;
         if let Some(e) = failed {
