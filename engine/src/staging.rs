@@ -105,6 +105,57 @@ pub fn write_manifest(
     storage.write_atomic(&layout.manifest_tmp_path(), &path, &manifest.encode()).map_err(io_err("write", &path))
 }
 
+/// Room a prepared MANIFEST commit leaves for the manifest to grow (the staged WAL segments and
+/// `final_lsn` a fence adds: about 200 bytes per segment).
+const PREPARED_SLACK_BYTES: usize = 16 << 10;
+/// Prepared temp files are a whole number of these.
+const PREPARED_BLOCK_BYTES: usize = 4096;
+
+/// Prepares the next MANIFEST commit off the pause's path: the temp file is written at the size
+/// `manifest` may grow to (spaces) and made durable, so [`write_manifest_prepared`] later
+/// overwrites blocks already allocated. Its flush then has no allocation or size change to
+/// journal: one data flush instead of a journal commit, before the rename's.
+pub fn prepare_manifest_commit(
+    storage: &dyn Storage,
+    layout: &StagingLayout,
+    manifest: &StagingManifest,
+) -> Result<(), StagingError> {
+    let tmp = layout.manifest_tmp_path();
+    let len = (manifest.encode().len() + PREPARED_SLACK_BYTES).div_ceil(PREPARED_BLOCK_BYTES) * PREPARED_BLOCK_BYTES;
+    let file = storage.open_rw(&tmp).map_err(io_err("create", &tmp))?;
+    file.set_len(0).map_err(io_err("truncate", &tmp))?;
+    file.write_at(&vec![b' '; len], 0).map_err(io_err("write", &tmp))?;
+    file.sync_data().map_err(io_err("fsync", &tmp))
+}
+
+/// [`write_manifest`] into the temp file [`prepare_manifest_commit`] left, padded to its size
+/// with spaces (JSON allows trailing white space): the fence's commit. Without a prepared file,
+/// or when the manifest outgrew it, a plain [`write_manifest`].
+pub fn write_manifest_prepared(
+    storage: &dyn Storage,
+    layout: &StagingLayout,
+    manifest: &StagingManifest,
+) -> Result<(), StagingError> {
+    let (tmp, path) = (layout.manifest_tmp_path(), layout.manifest_path());
+    let mut bytes = manifest.encode();
+    if storage.exists(&tmp) {
+        let file = storage.open_rw(&tmp).map_err(io_err("open", &tmp))?;
+        let prepared = usize::try_from(file.len_bytes().map_err(io_err("inspect", &tmp))?).unwrap_or(0);
+        if prepared > bytes.len() {
+            // Spaces, then the manifest's closing newline.
+            bytes.pop();
+            bytes.resize(prepared - 1, b' ');
+            bytes.push(b'\n');
+            file.write_at(&bytes, 0).map_err(io_err("write", &tmp))?;
+            file.sync_data().map_err(io_err("fsync", &tmp))?;
+            drop(file);
+            storage.rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
+            return storage.sync_dir(&layout.root).map_err(io_err("sync folder", &layout.root));
+        }
+    }
+    write_manifest(storage, layout, manifest)
+}
+
 /// Starts a fresh staging: removes what an earlier, unfinished attempt left and creates the
 /// folders. Folder names are made durable now, so later syncs only cover new entries.
 pub fn prepare_fresh(storage: &dyn Storage, layout: &StagingLayout) -> Result<(), StagingError> {
@@ -188,4 +239,101 @@ pub fn sync_segment_tree(storage: &dyn Storage, layout: &StagingLayout, paths: &
         storage.sync_dir(&dir).map_err(io_err("sync folder", &dir))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use ferry_wire::manifest::{StagedWalSegment, StagingState, MANIFEST_FORMAT_VERSION};
+    use ferry_wire::{Lsn, MigrationId, VShardId};
+
+    use super::*;
+    use crate::storage::FakeStorage;
+
+    fn copying() -> StagingManifest {
+        StagingManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            migration_id: MigrationId::new("m-1").unwrap(),
+            vshard_id: VShardId(7),
+            base_lsn: Lsn(10),
+            final_lsn: None,
+            state: StagingState::Copying,
+            base_complete: true,
+            db_meta: serde_json::Value::Null,
+            segments: Vec::new(),
+            wal_segments: Vec::new(),
+        }
+    }
+
+    fn fenced(wal_segments_count: u64) -> StagingManifest {
+        let wal_segments = (0..wal_segments_count)
+            .map(|i| StagedWalSegment {
+                name: format!("wal-{i:020}.seg"),
+                size_bytes: 64 << 20,
+                crc32c: 7,
+                layout: "A".into(),
+                first_lsn: Lsn(i * 100 + 11),
+                last_lsn: Lsn(i * 100 + 110),
+                key_id: None,
+            })
+            .collect();
+        StagingManifest { state: StagingState::Fenced, final_lsn: Some(Lsn(5_000)), wal_segments, ..copying() }
+    }
+
+    /// A staging with its `copying` MANIFEST durable and the next commit prepared.
+    fn prepared() -> (FakeStorage, StagingLayout) {
+        let storage = FakeStorage::new();
+        let layout = StagingLayout::new(Path::new("/data"), &MigrationId::new("m-1").unwrap());
+        storage.create_dir_all(Path::new("/data")).unwrap();
+        storage.sync_dir(Path::new("/")).unwrap();
+        prepare_fresh(&storage, &layout).unwrap();
+        write_manifest(&storage, &layout, &copying()).unwrap();
+        prepare_manifest_commit(&storage, &layout, &copying()).unwrap();
+        (storage, layout)
+    }
+
+    #[test]
+    fn a_prepared_commit_writes_the_manifest_padded_and_consumes_the_temp_file() {
+        let (storage, layout) = prepared();
+        let prepared_len = storage.open_read(&layout.manifest_tmp_path()).unwrap().len_bytes().unwrap();
+        assert_eq!(prepared_len % PREPARED_BLOCK_BYTES as u64, 0);
+        write_manifest_prepared(&storage, &layout, &fenced(3)).unwrap();
+        assert_eq!(read_manifest(&storage, &layout).unwrap(), Some(fenced(3)));
+        let bytes = storage.read_all(&layout.manifest_path()).unwrap();
+        assert_eq!(bytes.len() as u64, prepared_len, "the prepared blocks are overwritten, not resized");
+        assert!(bytes.ends_with(b" \n"), "padded with spaces and closed with a newline");
+        assert!(!storage.exists(&layout.manifest_tmp_path()));
+        // The next commit finds nothing prepared and writes the plain way.
+        write_manifest_prepared(&storage, &layout, &copying()).unwrap();
+        let plain = storage.read_all(&layout.manifest_path()).unwrap();
+        assert_eq!(plain, copying().encode());
+    }
+
+    #[test]
+    fn a_manifest_that_outgrew_its_prepared_file_is_written_the_plain_way() {
+        let (storage, layout) = prepared();
+        let big = fenced(500);
+        assert!(big.encode().len() > PREPARED_SLACK_BYTES * 2);
+        write_manifest_prepared(&storage, &layout, &big).unwrap();
+        assert_eq!(storage.read_all(&layout.manifest_path()).unwrap(), big.encode());
+    }
+
+    #[test]
+    fn a_crash_at_any_sync_of_a_prepared_commit_leaves_the_old_manifest_or_the_new_one() {
+        let (storage, layout) = prepared();
+        let mut outcomes = Vec::new();
+        for n in 1..=4 {
+            let attempt = storage.fork();
+            attempt.crash_at_sync(n);
+            let result = write_manifest_prepared(&attempt, &layout, &fenced(2));
+            let found = read_manifest(&attempt.recover(), &layout).unwrap();
+            assert!(found == Some(copying()) || found == Some(fenced(2)), "crash at sync {n}: {found:?}");
+            if result.is_ok() {
+                assert_eq!(found, Some(fenced(2)), "a commit that returned is durable");
+            }
+            outcomes.push(found.map(|m| m.state));
+        }
+        assert!(outcomes.contains(&Some(StagingState::Copying)), "{outcomes:?}");
+        assert!(outcomes.contains(&Some(StagingState::Fenced)), "{outcomes:?}");
+    }
 }

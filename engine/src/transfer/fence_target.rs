@@ -3,8 +3,10 @@
 //! What it does: [`fence_staging`] answers the source's `Fence{final_lsn}`: it checks that the
 //! staged WAL holds nothing above `final_lsn`, writes `MANIFEST.json` in state `fenced` with
 //! `final_lsn` and the staged WAL's segments (one MANIFEST commit: temp file, fsync, rename,
-//! folder fsync; the staged WAL's fdatasync already happened when its records were
-//! acknowledged durable), and, when the target's database acknowledges ingest
+//! folder fsync, into a temp file prepared when the base was staged so its flush has no
+//! allocation to journal, [`staging::prepare_manifest_commit`]; the staged WAL's fdatasync
+//! already happened when its records were acknowledged durable), and, when the target's
+//! database acknowledges ingest
 //! (`migration.applied`), waits within the fence's time for the applied LSN to reach
 //! `final_lsn`.
 //! [`unfence_hook`] puts a staging fenced by a fence the source then cancelled (its answer came
@@ -88,7 +90,7 @@ pub async fn fence_staging(
         manifest.state = StagingState::Fenced;
         manifest.final_lsn = Some(final_lsn);
         manifest.wal_segments = segments;
-        staging::write_manifest(storage, &layout_owned, &manifest)?;
+        staging::write_manifest_prepared(storage, &layout_owned, &manifest)?;
         // Still under the lock, so a group staged next sees the staging fenced.
         ctx_owned.update(&id_owned, |s| {
             s.state = "fenced".into();
@@ -132,6 +134,8 @@ pub fn unfence_hook(ctx: Arc<TargetContext>, id: MigrationId, layout: StagingLay
                 manifest.state = StagingState::Copying;
                 manifest.final_lsn = None;
                 staging::write_manifest(&*ctx.storage, &layout, &manifest)?;
+                // The next fence's commit, ready.
+                staging::prepare_manifest_commit(&*ctx.storage, &layout, &manifest)?;
             }
         }
         ctx.update(&id, |s| {

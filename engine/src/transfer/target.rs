@@ -825,7 +825,12 @@ async fn receive_base(
             .zip(crcs)
             .map(|(f, crc32c)| StagedSegment { path: f.path.clone(), size_bytes: f.size_bytes, crc32c })
             .collect();
-        staging::write_manifest(&*storage, &layout_owned, &StagingManifest { segments, ..manifest })?;
+        let manifest = StagingManifest { segments, ..manifest };
+        staging::write_manifest(&*storage, &layout_owned, &manifest)?;
+        if offer_owned.wal {
+            // A live copy is fenced next: its MANIFEST commit is prepared now, off the pause.
+            staging::prepare_manifest_commit(&*storage, &layout_owned, &manifest)?;
+        }
         Ok(())
     })
     .await?;
