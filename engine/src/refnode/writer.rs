@@ -59,6 +59,8 @@ pub const GROUP_MAX_WRITES: u64 = 256;
 pub const OTHER_VSHARDS_MAX_COUNT: usize = 64;
 /// Pauses logged one by one; more are counted only.
 const PAUSES_LOGGED_MAX: usize = 10_000;
+/// How long [`RefWriter::pause`] watches for the writer to park before it sleeps.
+const PAUSE_SPIN_MAX_NS: u64 = 200_000;
 const GROUP_COMMIT_INTERVAL_MAX_US: u64 = 1_000_000;
 
 /// The writer's configuration. [`RefWriterConfig::new`] gives `ferry demo`'s defaults.
@@ -193,6 +195,8 @@ struct Shared {
     changed: Condvar,
     acked_lsn: AtomicU64,
     acked_count: AtomicU64,
+    /// Times the writer has parked; [`RefWriter::pause`] spins on it before it sleeps.
+    parks_count: AtomicU64,
     /// The migrating vShard's acknowledged source writes, in LSN order (the export snapshot).
     migrating: Mutex<Vec<ExportEntry>>,
 }
@@ -246,6 +250,7 @@ impl RefWriter {
             changed: Condvar::new(),
             acked_lsn: AtomicU64::new(0),
             acked_count: AtomicU64::new(0),
+            parks_count: AtomicU64::new(0),
             migrating: Mutex::new(Vec::new()),
         });
         let thread_shared = Arc::clone(&shared);
@@ -297,6 +302,7 @@ impl RefWriter {
     /// appends nothing. Pausing a paused writer returns the same ticket.
     pub fn pause(&self) -> Result<PauseTicket, RefWriterError> {
         let mut control = self.shared.lock();
+        let mut spun = false;
         loop {
             if let Some(reason) = &control.ended {
                 return Err(RefWriterError::Ended { reason: reason.clone() });
@@ -306,7 +312,21 @@ impl RefWriter {
             }
             control.request = Request::Pause;
             self.shared.changed.notify_all();
-            control = self.shared.wait(control, None);
+            if spun {
+                control = self.shared.wait(control, None);
+            } else {
+                // The writer parks within one group (tens of us): watching for it saves the
+                // pause a thread wake-up (writes are already stopped, the wake-up would be
+                // counted in the pause). Past the spin it sleeps on the condition variable.
+                spun = true;
+                let parks_before = self.shared.parks_count.load(Ordering::Acquire);
+                drop(control);
+                let spin_until = monotonic_ns().saturating_add(PAUSE_SPIN_MAX_NS);
+                while self.shared.parks_count.load(Ordering::Acquire) == parks_before && monotonic_ns() < spin_until {
+                    std::hint::spin_loop();
+                }
+                control = self.shared.lock();
+            }
         }
     }
 
@@ -483,6 +503,7 @@ fn park(
     let ticket = PauseTicket { last_acked_lsn: last_source_lsn, paused_at_ns: monotonic_ns() };
     control.parked = Some(ticket);
     control.resumed = None;
+    shared.parks_count.fetch_add(1, Ordering::Release);
     shared.changed.notify_all();
     // A resume clears `parked` (so a pause right after it parks anew); a stop ends the wait.
     while control.parked.is_some() && control.request != Request::Stop {
