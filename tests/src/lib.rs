@@ -56,6 +56,20 @@ impl Certs {
     }
 }
 
+/// The reference writer of the cut-over scenarios: 4,000 writes/s into `wal_dir` with 64 KiB
+/// segments (the WAL rolls every few hundred ms while a migration runs, so held links are
+/// taken meanwhile), `vshard` migrating; returns once it has written for 100 ms.
+pub async fn rolling_writer(wal_dir: &Path, vshard: VShardId) -> anyhow::Result<ferry_engine::refnode::RefWriter> {
+    let config = ferry_engine::refnode::RefWriterConfig {
+        rate_writes_per_sec: 4_000,
+        roll_size_bytes: 64 << 10,
+        ..ferry_engine::refnode::RefWriterConfig::new(wal_dir, vshard)
+    };
+    let writer = ferry_engine::refnode::RefWriter::start(config)?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(writer)
+}
+
 /// A node daemon's configuration for an in-process `RunningNode` named `name` (a certificate of
 /// `certs`), on a loopback port, accepting the peer `allow`.
 pub fn node_config(certs: &Certs, name: &str, data_dir: &Path, allow: &str) -> ferry_engine::config::NodeConfig {

@@ -43,8 +43,8 @@ use ferry_engine::cli::cutover::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::control::{ControlClient, ErrorCode};
 use ferry_engine::node::RunningNode;
 use ferry_engine::refnode::{
-    decode_payload, export_base, generate_bulk, read_wal_folder, verify, FolderKind, RefWriter, RefWriterConfig,
-    VerifyInput, WritePlace, WriterLog,
+    decode_payload, export_base, generate_bulk, read_wal_folder, verify, FolderKind, RefWriter, VerifyInput,
+    WritePlace, WriterLog,
 };
 use ferry_tests::relay::Relay;
 use ferry_tests::{manifest_json, node_pair, tree_sha256, wait_for_phase, Certs};
@@ -71,14 +71,7 @@ async fn scene() -> Scene {
     let certs = Certs::new().unwrap();
     let (source, target) = node_pair(&certs, dir.path()).await;
     let wal_dir = dir.path().join("wal");
-    // 64 KiB segments: the WAL rolls every few hundred ms, so links are taken while it runs.
-    let config = RefWriterConfig {
-        rate_writes_per_sec: 4_000,
-        roll_size_bytes: 64 << 10,
-        ..RefWriterConfig::new(&wal_dir, VSHARD)
-    };
-    let writer = RefWriter::start(config).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let writer = ferry_tests::rolling_writer(&wal_dir, VSHARD).await.unwrap();
     Scene { dir, _certs: certs, source, target, writer, wal_dir }
 }
 

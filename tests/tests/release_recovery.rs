@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use ferry_engine::control::{ControlClient, ErrorCode};
 use ferry_engine::node::RunningNode;
 use ferry_engine::outbound::record::{self, Found};
-use ferry_engine::refnode::{export_base, generate_bulk, verify, RefWriter, RefWriterConfig, VerifyInput, WriterLog};
+use ferry_engine::refnode::{export_base, generate_bulk, verify, RefWriter, VerifyInput, WriterLog};
 use ferry_engine::storage::DiskStorage;
 use ferry_tests::relay::Relay;
 use ferry_tests::{manifest_json, node_config, node_pair, wait_for_phase, Certs};
@@ -171,14 +171,7 @@ async fn fenced_and_release_lost() -> Scene {
     let certs = Certs::new().unwrap();
     let (source, target) = node_pair(&certs, dir.path()).await;
     let wal_dir = dir.path().join("wal");
-    // 64 KiB segments: the WAL rolls every few hundred ms while the migration runs.
-    let config = RefWriterConfig {
-        rate_writes_per_sec: 4_000,
-        roll_size_bytes: 64 << 10,
-        ..RefWriterConfig::new(&wal_dir, VSHARD)
-    };
-    let writer = RefWriter::start(config).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let writer = ferry_tests::rolling_writer(&wal_dir, VSHARD).await.unwrap();
     let relay = Relay::start(target.quic_addr).await.unwrap();
 
     let base_lsn = writer.acked_lsn();
@@ -311,50 +304,21 @@ async fn a_release_the_target_missed_is_told_again_by_the_next_release_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_the_target_missed_is_told_again_when_the_source_daemon_starts() {
-    let Scene {
-        dir,
-        certs,
-        source,
-        target,
-        writer,
-        relay,
-        id,
-        root,
-        base_lsn,
-        final_lsn,
-        paused_at_ns,
-        resumed_at_ns,
-        status_after_failure,
-    } = fenced_and_release_lost().await;
-    source.shutdown().await;
-
+    let mut scene = fenced_and_release_lost().await;
     // The same configuration and data folder; nothing is asked of it over the socket. The
     // target is still cut off: the daemon starts anyway and says the release is pending.
-    let config = node_config(&certs, "source", &dir.path().join("source"), "target");
-    let source = RunningNode::start(&config).await.unwrap();
-    eprintln!("the restarted source recovered: {:?}", source.recovered);
-    let outcome = source.recovered.iter().find(|(found, _)| *found == id).map(|(_, outcome)| outcome.as_str());
+    let config = node_config(&scene.certs, "source", &scene.source_dir(), "target");
+    scene.source.shutdown().await;
+    scene.source = RunningNode::start(&config).await.unwrap();
+    eprintln!("the restarted source recovered: {:?}", scene.source.recovered);
+    let outcome =
+        scene.source.recovered.iter().find(|(found, _)| *found == scene.id).map(|(_, outcome)| outcome.as_str());
     assert_eq!(outcome, Some(ferry_engine::outbound::RELEASE_PENDING_OUTCOME));
-    let status = ControlClient::connect(source.socket()).await.unwrap().status(&id).await.unwrap();
+    let status = scene.source_client().await.status(&scene.id).await.unwrap();
     assert_eq!(status.phase, Phase::Completed, "{status:?}");
     assert_eq!(status.staging_state.as_deref(), Some("fenced"), "the target has not confirmed: {status:?}");
-    relay.set_dropping(false);
-    let forwarded_before = relay.counts().forwarded_count;
-    let scene = Scene {
-        dir,
-        certs,
-        source,
-        target,
-        writer,
-        relay,
-        id,
-        root,
-        base_lsn,
-        final_lsn,
-        paused_at_ns,
-        resumed_at_ns,
-        status_after_failure,
-    };
+    scene.relay.set_dropping(false);
+    let forwarded_before = scene.relay.counts().forwarded_count;
     let deadline = Instant::now() + RECOVERY_DEADLINE;
     loop {
         let manifest = scene.manifest();
