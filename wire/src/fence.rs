@@ -97,15 +97,17 @@ pub fn fence_deadline_ns(writes_paused_at_ns: u64, budget_us: u64, release_reser
 }
 
 /// Of what is left until the fence's deadline, the most the target may wait (for its
-/// database's ingest), in us: the rest, a tenth and at most 2 ms, is for its answer to come
-/// back, so a target that gives up says why before the source stops listening.
+/// database's ingest), in us: the rest, a tenth and at most 20 ms, is for its answer to come
+/// back, so a target that gives up says why before the source stops listening. The target
+/// counts its wait from the `Fence`'s arrival, so the rest covers both trips, the MANIFEST
+/// commit and a loaded host's scheduling (2 ms was not always enough on two busy cores).
 pub fn target_wait_us(now_ns: u64, deadline_ns: u64) -> u64 {
     let left_us = deadline_ns.saturating_sub(now_ns) / 1_000;
     left_us.saturating_sub((left_us / 10).min(ANSWER_ALLOWANCE_MAX_US))
 }
 
 /// The most of the fence's time kept for the target's answer to travel back.
-pub const ANSWER_ALLOWANCE_MAX_US: u64 = 2_000;
+pub const ANSWER_ALLOWANCE_MAX_US: u64 = 20_000;
 
 /// The stamps of one completed fence, CLOCK_MONOTONIC nanoseconds of the source host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,7 +239,8 @@ mod tests {
     #[test]
     fn the_target_waits_for_what_is_left_less_its_answers_trip() {
         assert_eq!(target_wait_us(0, 1_000_000), 900);
-        assert_eq!(target_wait_us(0, 500_000_000), 498_000);
+        assert_eq!(target_wait_us(0, 100_000_000), 90_000);
+        assert_eq!(target_wait_us(0, 500_000_000), 480_000);
         assert_eq!(target_wait_us(2_000, 1_000), 0);
     }
 
