@@ -11,7 +11,7 @@
 //!
 //! Why: on this kind of host a thread wake-up costs about 25 us (a pipe round trip between two
 //! threads takes 47 to 50 us, `perf bench sched pipe`), and a trip through the blocking pool
-//! costs two of them. The cut-over's pause crosses threads about fifteen times.
+//! costs two of them. The cut-over's pause crosses threads about ten times.
 
 use tokio::runtime::{Handle, RuntimeFlavor};
 

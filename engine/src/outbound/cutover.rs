@@ -317,7 +317,7 @@ impl Outbound {
             }
             self.tell_release(id, final_lsn).await.map_err(|e| {
                 OutboundError::Local(format!(
-                    "the release is recorded on the source (the migration is Completed), but the target could not be told: {e}; call migration.release again (the daemon also tells it at start)"
+                    "the release is recorded on the source (the migration is Completed), but the target could not be told: {e}; call migration.release again (a restarted daemon also tells it, in the background)"
                 ))
             })?;
         }

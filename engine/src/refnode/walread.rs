@@ -546,15 +546,27 @@ mod tests {
         RecordSpec::new(0x8001, VShardId(3))
     }
 
+    /// Back-to-back records, buffered flushes, segments rolled every 1000 bytes.
+    fn dense(layout: Layout) -> WriterOptions {
+        WriterOptions { layout, flush: FlushStyle::Buffered, roll_size_bytes: 1000, ..WriterOptions::default() }
+    }
+
+    /// O_DIRECT-style 4 KiB flushes with stale leftovers, segments rolled every 16 KiB.
+    fn aligned(layout: Layout) -> WriterOptions {
+        WriterOptions {
+            layout,
+            flush: FlushStyle::Direct,
+            leftovers: Leftovers::Stale,
+            roll_size_bytes: 16 << 10,
+            alignment_bytes: 4096,
+            preamble: None,
+        }
+    }
+
     #[test]
     fn a_dense_buffered_folder_reads_and_a_gap_is_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let options = WriterOptions {
-            layout: Layout::A,
-            flush: FlushStyle::Buffered,
-            roll_size_bytes: 1000,
-            ..WriterOptions::default()
-        };
+        let options = dense(Layout::A);
         let mut wal = WalWriter::create(dir.path(), options, Lsn(1)).unwrap();
         for i in 0..40u8 {
             wal.append(&spec(), &[i; 100]).unwrap();
@@ -574,14 +586,7 @@ mod tests {
     #[test]
     fn an_aligned_folder_skips_stale_leftovers_and_reads_each_record_once() {
         let dir = tempfile::tempdir().unwrap();
-        let options = WriterOptions {
-            layout: Layout::A,
-            flush: FlushStyle::Direct,
-            leftovers: Leftovers::Stale,
-            roll_size_bytes: 16 << 10,
-            alignment_bytes: 4096,
-            preamble: None,
-        };
+        let options = aligned(Layout::A);
         let mut wal = WalWriter::create(dir.path(), options, Lsn(1)).unwrap();
         // Large groups first, small ones after: the reused buffer leaves whole old records.
         for group in 0..60u64 {
@@ -660,14 +665,7 @@ mod tests {
     #[test]
     fn an_aligned_layout_b_folder_skips_padding_and_reads_each_record_once() {
         let dir = tempfile::tempdir().unwrap();
-        let options = WriterOptions {
-            layout: Layout::B,
-            flush: FlushStyle::Direct,
-            leftovers: Leftovers::Stale,
-            roll_size_bytes: 16 << 10,
-            alignment_bytes: 4096,
-            preamble: None,
-        };
+        let options = aligned(Layout::B);
         let mut wal = WalWriter::create(dir.path(), options, Lsn(1)).unwrap();
         let mut written = 0u64;
         for group in 0..60u64 {
@@ -744,12 +742,7 @@ mod tests {
     #[test]
     fn a_dense_buffered_layout_b_folder_reads() {
         let dir = tempfile::tempdir().unwrap();
-        let options = WriterOptions {
-            layout: Layout::B,
-            flush: FlushStyle::Buffered,
-            roll_size_bytes: 1000,
-            ..WriterOptions::default()
-        };
+        let options = dense(Layout::B);
         let mut wal = WalWriter::create(dir.path(), options, Lsn(1)).unwrap();
         for i in 0..40u8 {
             wal.append(&RecordSpec { apply_key: u64::from(i), ..spec() }, &[i; 100]).unwrap();

@@ -302,7 +302,20 @@ impl RefWriter {
     /// appends nothing. Pausing a paused writer returns the same ticket.
     pub fn pause(&self) -> Result<PauseTicket, RefWriterError> {
         let mut control = self.shared.lock();
-        let mut spun = false;
+        if control.parked.is_none() && control.ended.is_none() {
+            // The writer parks within one group (tens of us): watching for it saves the pause a
+            // thread wake-up (writes are already stopped, the wake-up would be counted in the
+            // pause). Past the spin, the loop below sleeps on the condition variable.
+            control.request = Request::Pause;
+            self.shared.changed.notify_all();
+            let parks_before = self.shared.parks_count.load(Ordering::Acquire);
+            drop(control);
+            let spin_until = monotonic_ns().saturating_add(PAUSE_SPIN_MAX_NS);
+            while self.shared.parks_count.load(Ordering::Acquire) == parks_before && monotonic_ns() < spin_until {
+                std::hint::spin_loop();
+            }
+            control = self.shared.lock();
+        }
         loop {
             if let Some(reason) = &control.ended {
                 return Err(RefWriterError::Ended { reason: reason.clone() });
@@ -312,21 +325,7 @@ impl RefWriter {
             }
             control.request = Request::Pause;
             self.shared.changed.notify_all();
-            if spun {
-                control = self.shared.wait(control, None);
-            } else {
-                // The writer parks within one group (tens of us): watching for it saves the
-                // pause a thread wake-up (writes are already stopped, the wake-up would be
-                // counted in the pause). Past the spin it sleeps on the condition variable.
-                spun = true;
-                let parks_before = self.shared.parks_count.load(Ordering::Acquire);
-                drop(control);
-                let spin_until = monotonic_ns().saturating_add(PAUSE_SPIN_MAX_NS);
-                while self.shared.parks_count.load(Ordering::Acquire) == parks_before && monotonic_ns() < spin_until {
-                    std::hint::spin_loop();
-                }
-                control = self.shared.lock();
-            }
+            control = self.shared.wait(control, None);
         }
     }
 

@@ -6,10 +6,8 @@
 //! folder fsync, into a temp file prepared when the base was staged so its flush has no
 //! allocation to journal, [`staging::prepare_manifest_commit`]; the staged WAL's fdatasync
 //! already happened when its records were acknowledged durable), and, when the target's
-//! database acknowledges ingest
-//! (`migration.applied`), waits within the fence's time for the applied LSN to reach
-//! `final_lsn`.
-//! [`unfence_hook`] puts a staging fenced by a fence the source then cancelled (its answer came
+//! database acknowledges ingest (`migration.applied`), waits within the fence's time for the
+//! applied LSN to reach `final_lsn`. [`unfence_hook`] puts a staging fenced by a fence the source then cancelled (its answer came
 //! too late) back to `copying` when records above its `final_lsn` arrive. [`release_staging`]
 //! answers a `Release` (a connection of its own): a staging `fenced` at exactly that
 //! `final_lsn` becomes `released`; a repeated release is idempotent. [`set_applied`] records
