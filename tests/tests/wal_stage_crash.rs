@@ -94,9 +94,12 @@ fn fresh_disk() -> FakeStorage {
     fs
 }
 
-fn open(fs: &FakeStorage) -> Result<(StagedWal, ferry_engine::wal::stage::OpenReport), StageError> {
+/// Opens the staged WAL with `prealloc` bytes of zeros kept ahead of the open segment's
+/// records (0: none; capped by the roll size).
+fn open(fs: &FakeStorage, prealloc: u64) -> Result<(StagedWal, ferry_engine::wal::stage::OpenReport), StageError> {
     let storage: Arc<dyn Storage> = Arc::new(fs.clone());
-    StagedWal::open(storage, &wal_dir(), StageOptions { base_lsn: Lsn(BASE_LSN), roll_size_bytes: ROLL_BYTES })
+    let options = StageOptions { base_lsn: Lsn(BASE_LSN), roll_size_bytes: ROLL_BYTES, preallocate_bytes: prealloc };
+    StagedWal::open(storage, &wal_dir(), options)
 }
 
 /// Stages `recs` in batches; returns the last acknowledged durable LSN and whether a call
@@ -168,24 +171,27 @@ struct Reference {
     syncs_count: u64,
 }
 
-fn reference(recs: &[Rec]) -> Reference {
+fn reference(recs: &[Rec], prealloc: u64) -> Reference {
     let fs = fresh_disk();
     let before = fs.syncs_count();
-    let (mut wal, report) = open(&fs).unwrap();
+    let (mut wal, report) = open(&fs, prealloc).unwrap();
     assert_eq!(report.durable_lsn, Lsn(BASE_LSN));
     let (acked, failed) = stage_all(&mut wal, recs);
     assert!(!failed);
     assert_eq!(acked, Some(recs.last().unwrap().lsn));
-    Reference { files: files(&fs), entries: wal.segments(), syncs_count: fs.syncs_count() - before }
+    let syncs_count = fs.syncs_count() - before;
+    // As before a release: the open segment's preallocated zeros cut.
+    wal.trim().unwrap();
+    Reference { files: files(&fs), entries: wal.segments(), syncs_count }
 }
 
 /// Crashes at sync `n` while staging; optionally adds a torn tail after recovery, and
 /// optionally crashes again at sync `reopen_crash` of the recovering open.
-fn run_crash_at(recs: &[Rec], reference: &Reference, n: u64, torn: bool, reopen_crash: Option<u64>) {
+fn run_crash_at(recs: &[Rec], reference: &Reference, n: u64, torn: bool, reopen_crash: Option<u64>, prealloc: u64) {
     let fs = fresh_disk();
     fs.crash_at_sync(n);
     let mut acked = None;
-    match open(&fs) {
+    match open(&fs, prealloc) {
         Ok((mut wal, _)) => {
             let (a, failed) = stage_all(&mut wal, recs);
             assert!(failed, "crash at sync {n} of {} did not happen", reference.syncs_count);
@@ -211,7 +217,7 @@ fn run_crash_at(recs: &[Rec], reference: &Reference, n: u64, torn: bool, reopen_
     let mut crashed_again = false;
     if let Some(m) = reopen_crash {
         recovered.crash_at_sync(m);
-        match open(&recovered) {
+        match open(&recovered, prealloc) {
             // The open made fewer than m syncs: lose power after it instead (which also
             // disarms the crash).
             Ok(_) => recovered = recovered.recover(),
@@ -222,7 +228,7 @@ fn run_crash_at(recs: &[Rec], reference: &Reference, n: u64, torn: bool, reopen_
             Err(e) => panic!("crash at sync {n}, reopen crash at {m}: {e}"),
         }
     }
-    let (mut wal, report) = open(&recovered).unwrap();
+    let (mut wal, report) = open(&recovered, prealloc).unwrap();
     let durable = report.durable_lsn;
     if let Some(acked) = acked {
         assert!(durable >= acked, "crash at sync {n}: acknowledged LSN {acked} lost (durable {durable})");
@@ -241,6 +247,7 @@ fn run_crash_at(recs: &[Rec], reference: &Reference, n: u64, torn: bool, reopen_
     let (_, failed) = stage_all(&mut wal, &rest);
     assert!(!failed);
     assert_eq!(wal.durable_lsn(), recs.last().unwrap().lsn);
+    wal.trim().unwrap();
     let got = files(&recovered);
     let read = read_staged(&got);
     let expected: Vec<(Lsn, Vec<u8>)> = recs.iter().map(|r| (r.lsn, r.bytes.clone())).collect();
@@ -254,7 +261,7 @@ fn run_crash_at(recs: &[Rec], reference: &Reference, n: u64, torn: bool, reopen_
 #[test]
 fn the_crash_free_run_has_several_segments_and_preambles() {
     let recs = stream();
-    let r = reference(&recs);
+    let r = reference(&recs, 0);
     assert!(r.entries.len() >= 6, "{:?}", r.entries);
     let key_ids: Vec<Option<u8>> = r.entries.iter().map(|e| e.key_id).collect();
     assert!(key_ids.contains(&None) && key_ids.contains(&Some(2)));
@@ -269,29 +276,41 @@ fn the_crash_free_run_has_several_segments_and_preambles() {
 #[test]
 fn a_crash_at_every_sync_loses_nothing_acknowledged_and_resumes_exactly() {
     let recs = stream();
-    let reference = reference(&recs);
+    let reference = reference(&recs, 0);
     assert!(reference.syncs_count > 20, "{}", reference.syncs_count);
     for n in 1..=reference.syncs_count {
-        run_crash_at(&recs, &reference, n, false, None);
+        run_crash_at(&recs, &reference, n, false, None, 0);
+    }
+}
+
+#[test]
+fn with_preallocated_segments_a_crash_at_every_sync_loses_nothing_and_resumes_exactly() {
+    let recs = stream();
+    // Zeros are kept up to the roll size ahead of the records: every segment is extended.
+    let reference = reference(&recs, ROLL_BYTES);
+    assert_eq!(reference.files, self::reference(&recs, 0).files, "trimmed, the folder is the one without zeros");
+    for n in 1..=reference.syncs_count {
+        run_crash_at(&recs, &reference, n, false, None, ROLL_BYTES);
+        run_crash_at(&recs, &reference, n, false, Some(1), ROLL_BYTES);
     }
 }
 
 #[test]
 fn a_crash_at_every_sync_with_a_torn_tail_is_cut_and_resumed() {
     let recs = stream();
-    let reference = reference(&recs);
+    let reference = reference(&recs, 0);
     for n in 1..=reference.syncs_count {
-        run_crash_at(&recs, &reference, n, true, None);
+        run_crash_at(&recs, &reference, n, true, None, 0);
     }
 }
 
 #[test]
 fn a_second_crash_while_recovering_is_recovered_too() {
     let recs = stream();
-    let reference = reference(&recs);
+    let reference = reference(&recs, 0);
     for n in 1..=reference.syncs_count {
         for m in 1..=4 {
-            run_crash_at(&recs, &reference, n, true, Some(m));
+            run_crash_at(&recs, &reference, n, true, Some(m), 0);
         }
     }
 }

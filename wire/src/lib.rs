@@ -25,6 +25,7 @@ pub mod message;
 pub mod path;
 pub mod rate;
 pub mod session;
+pub mod slots;
 pub mod wal;
 pub mod walstream;
 

@@ -218,7 +218,15 @@ pub async fn release_staging(ctx: &Arc<TargetContext>, id: &MigrationId, final_l
     }
     manifest.state = StagingState::Released;
     let storage = ctx.storage.clone();
-    blocking(move || Ok(staging::write_manifest(&*storage, &layout, &manifest)?)).await?;
+    blocking(move || {
+        // Records back to back before the staging is released (no preallocated zeros).
+        wal.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .trim()
+            .map_err(|e| TransferError::Local(format!("trimming the staged WAL: {e}")))?;
+        Ok(staging::write_manifest(&*storage, &layout, &manifest)?)
+    })
+    .await?;
     ctx.update(id, |s| {
         s.state = "released".into();
         s.final_lsn = Some(final_lsn.0);

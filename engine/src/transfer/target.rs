@@ -950,11 +950,20 @@ async fn commit_phase(
         match messages.recv().await {
             Some(Ok(Message::Commit { final_lsn })) => {
                 let (storage, layout_owned) = (ctx.storage.clone(), layout.clone());
-                let wal = if offer.wal { ctx.wal_stages.segments(&offer.migration_id) } else { None };
-                if offer.wal && wal.is_none() {
+                let staged = if offer.wal { ctx.wal_stages.get(&offer.migration_id) } else { None };
+                if offer.wal && staged.is_none() {
                     return Err(TransferError::Protocol("commit before the WAL stream was opened".into()));
                 }
                 blocking(move || {
+                    // Records back to back before the staging is released (no preallocated zeros).
+                    let wal = match staged {
+                        Some(staged) => {
+                            let mut wal = staged.lock().unwrap_or_else(|e| e.into_inner());
+                            wal.trim().map_err(|e| TransferError::Local(format!("trimming the staged WAL: {e}")))?;
+                            Some((wal.segments(), wal.durable_lsn()))
+                        }
+                        None => None,
+                    };
                     let mut manifest = staging::read_manifest(&*storage, &layout_owned)?
                         .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before commit".into()))?;
                     if manifest.state != StagingState::Released {

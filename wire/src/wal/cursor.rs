@@ -30,7 +30,8 @@
 //! Staged mode (ferry's staged WALs): records back to back, no leftovers, LSNs strictly
 //! increasing but not dense; segment k > 0 must be named after the last LSN before it plus
 //! one. Anything that is not a record is corruption, except a torn tail of the active
-//! segment, which is waited for.
+//! segment, which is waited for, and zeros from there to the end of the active segment (ferry
+//! preallocates the segment it appends to), which are the end of what is written so far.
 //!
 //! Both modes: an optional "WALP" preamble at offset 0 is decoded and exposed; the layout is
 //! fixed by configuration or detected per segment by which CRC checks out on its first
@@ -454,6 +455,10 @@ impl Cursor {
             }
             Probe::Incomplete => {
                 Err(self.corruption(offset, "a partial record ends this sealed staged segment".to_owned()))
+            }
+            // Zeros preallocated past the active segment's records.
+            Probe::Invalid if !sealed && bytes.get(offset..).is_some_and(|rest| rest.iter().all(|b| *b == 0)) => {
+                Ok(Flow::Done(Step::Wait { offset_bytes: offset as u64 }))
             }
             Probe::Invalid => Err(self.corruption(
                 offset,

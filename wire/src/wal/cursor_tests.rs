@@ -359,6 +359,25 @@ fn staged_mode_reads_increasing_lsns_across_segments() {
     c.open_segment(Lsn(41)).unwrap();
     assert_eq!(drain(&mut c, &s2, false).0, vec![41, 77]);
 
+    // Zeros after the records of the active segment (preallocated) are the end of what is
+    // written; records written over them later are read; in a sealed segment, or followed
+    // by anything but zeros, they are corruption.
+    let mut s3 = record(Layout::A, 78, 1, b"r");
+    let records_len = s3.len();
+    s3.resize(records_len + 8192, 0);
+    let mut c3 = c.clone();
+    assert_eq!(drain(&mut c3, &s2, true).1.unwrap(), Step::EndOfSegment { next_lsn: Lsn(78) });
+    c3.open_segment(Lsn(78)).unwrap();
+    let (lsns, end) = drain(&mut c3, &s3, false);
+    assert_eq!((lsns, end.unwrap()), (vec![78], Step::Wait { offset_bytes: records_len as u64 }));
+    let next = record(Layout::A, 80, 1, b"r");
+    s3[records_len..records_len + next.len()].copy_from_slice(&next);
+    assert_eq!(drain(&mut c3.clone(), &s3, false).0, vec![80]);
+    assert!(matches!(drain(&mut c3.clone(), &s3, true).1, Err(CursorError::Corruption { .. })));
+    let last = s3.len() - 1;
+    s3[last] = 1;
+    assert!(matches!(drain(&mut c3, &s3, false).1, Err(CursorError::Corruption { .. })));
+
     // Not increasing, garbage, and a torn record at the end of a sealed staged segment.
     let mut bad = record(Layout::A, 5, 1, b"r");
     bad.extend(record(Layout::A, 5, 1, b"r"));
@@ -366,7 +385,7 @@ fn staged_mode_reads_increasing_lsns_across_segments() {
     c.open_segment(Lsn(5)).unwrap();
     assert!(matches!(drain(&mut c, &bad, false).1, Err(CursorError::Corruption { .. })));
     let mut junk = record(Layout::A, 5, 1, b"r");
-    junk.extend([0u8; 100]);
+    junk.extend([0xabu8; 100]);
     let mut c = Cursor::new(staged, None).unwrap();
     c.open_segment(Lsn(5)).unwrap();
     assert!(matches!(drain(&mut c, &junk, false).1, Err(CursorError::Corruption { .. })));

@@ -1,5 +1,6 @@
 //! Appending to a staged WAL: one checked batch (or group of frames), written back to back,
-//! one fdatasync per segment file written, one folder fsync when a segment was created.
+//! one fdatasync per segment file written, one folder fsync when a segment was created; the
+//! open segment's preallocated zeros extended or, at a roll, cut (module docs of `stage`).
 //!
 //! What it does not: recover a folder (see `recovery`), or decide when to sync (the caller's
 //! batch is the unit: the transfer groups every frame already waiting into one batch).
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use ferry_wire::wal::{check_record, segment_name, FormatError, Layout, Preamble, RecordHeader, PREAMBLE_LEN_BYTES};
 use ferry_wire::{crc32c_append, Lsn};
 
-use super::{io_err, Place, Segment, StageError, StagedRecord, StagedWal, WRITE_COALESCE_MAX_BYTES};
+use super::{io_err, Place, Segment, StageError, StagedRecord, StagedWal, WRITE_COALESCE_MAX_BYTES, ZEROS_PIECE_BYTES};
 use crate::storage::StorageFile;
 
 /// Bytes gathered for one write call at `start` of the open segment.
@@ -43,6 +44,7 @@ impl StagedWal {
             match self.place(record.lsn, len_bytes, record.source_preamble, layout) {
                 Place::Start { name_lsn } => {
                     self.write_pending(&mut pending)?;
+                    self.cut_zeros_of_open(&mut touched)?;
                     let name = segment_name(name_lsn);
                     let path = self.dir.join(&name);
                     if self.storage.exists(&path) {
@@ -54,6 +56,7 @@ impl StagedWal {
                     let file = self.storage.open_rw(&path).map_err(io_err("create", &path))?;
                     touched.push((name.clone(), Arc::clone(&file)));
                     self.open_file = Some(file);
+                    self.open_file_len_bytes = 0;
                     created = true;
                     self.segments.push(Segment {
                         name,
@@ -86,6 +89,7 @@ impl StagedWal {
             }
         }
         self.write_pending(&mut pending)?;
+        self.preallocate()?;
         for (name, file) in &touched {
             let path = self.dir.join(name);
             file.sync_data().map_err(io_err("sync", &path))?;
@@ -167,6 +171,45 @@ impl StagedWal {
             seg.len_bytes = seg.len_bytes.saturating_add(bytes.len() as u64);
             seg.crc32c = crc32c_append(seg.crc32c, bytes);
         }
+        Ok(())
+    }
+
+    /// Before a roll: cuts the open segment's preallocated zeros (synced with the batch, so
+    /// a sealed segment never ends in zeros once the batch is durable).
+    fn cut_zeros_of_open(&mut self, touched: &mut Vec<(String, Arc<dyn StorageFile>)>) -> Result<(), StageError> {
+        let (Some(seg), Some(file)) = (self.segments.last(), self.open_file.as_ref()) else { return Ok(()) };
+        if self.open_file_len_bytes > seg.len_bytes {
+            let path = self.dir.join(&seg.name);
+            file.set_len(seg.len_bytes).map_err(io_err("cut the preallocated zeros of", &path))?;
+            if !touched.iter().any(|(name, _)| *name == seg.name) {
+                touched.push((seg.name.clone(), Arc::clone(file)));
+            }
+        }
+        self.open_file_len_bytes = seg.len_bytes;
+        Ok(())
+    }
+
+    /// Writes zeros ahead of the open segment's records when less than half of
+    /// [`StageOptions::preallocate_bytes`] is left (never past the roll size unless the
+    /// records already are). The open segment is in the batch's files to sync.
+    fn preallocate(&mut self) -> Result<(), StageError> {
+        static ZEROS: [u8; ZEROS_PIECE_BYTES] = [0; ZEROS_PIECE_BYTES];
+        let step = self.options.preallocate_bytes;
+        let (Some(seg), Some(file)) = (self.segments.last(), self.open_file.as_ref()) else { return Ok(()) };
+        let len = seg.len_bytes;
+        self.open_file_len_bytes = self.open_file_len_bytes.max(len);
+        if step == 0 || self.open_file_len_bytes.saturating_sub(len) >= step / 2 {
+            return Ok(());
+        }
+        let wanted = len.saturating_add(step).next_multiple_of(4096).min(self.options.roll_size_bytes.max(len));
+        let path = self.dir.join(&seg.name);
+        let mut at = self.open_file_len_bytes;
+        while at < wanted {
+            let piece = usize::try_from(wanted - at).unwrap_or(ZEROS_PIECE_BYTES).min(ZEROS_PIECE_BYTES);
+            file.write_at(&ZEROS[..piece], at).map_err(io_err("preallocate", &path))?;
+            at += piece as u64;
+        }
+        self.open_file_len_bytes = at;
         Ok(())
     }
 

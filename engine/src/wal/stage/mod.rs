@@ -27,6 +27,16 @@
 //! durable ones.
 //! [`StagedWal::segments`] gives the `MANIFEST.json` entry of every staged segment.
 //!
+//! Preallocation: the open segment's file is kept zero-filled ahead of its records (by
+//! [`StageOptions::preallocate_bytes`], extended when less than half of that is left), so a
+//! group commit writes into blocks the file already has and its fdatasync flushes data only.
+//! An append that grows the file makes its fdatasync commit the filesystem's journal too (the
+//! new size and blocks), about twice the flushes. The zeros past the records are never part of
+//! a segment's size or CRC32C in the manifest; a reader stops at them as at the end of what is
+//! written. They are cut when the segment rolls (in the same batch, before it is durable),
+//! by [`StagedWal::trim`] (before a staging is released: a released staged WAL is records back
+//! to back, DESIGN section 3), and by [`StagedWal::open`] as any torn tail.
+//!
 //! Decisions, written down:
 //! - A record at or below the durable LSN is refused ([`StageError::NotAboveDurable`]), not
 //!   skipped, even when it is byte-identical to what is staged. The resume protocol asks the
@@ -81,12 +91,26 @@ pub struct StageOptions {
     pub base_lsn: Lsn,
     /// A segment rolls when the next record would take it past this size.
     pub roll_size_bytes: u64,
+    /// Zeros kept written ahead of the open segment's records (0: none; the file grows with
+    /// every group commit). See the module docs.
+    pub preallocate_bytes: u64,
 }
 
+/// Zeros written ahead of the open segment's records by default: one extension (and one
+/// journal commit) per MiB of records.
+pub const PREALLOCATE_DEFAULT_BYTES: u64 = 1 << 20;
+
+/// A preallocation is written in pieces of this size.
+const ZEROS_PIECE_BYTES: usize = 64 << 10;
+
 impl StageOptions {
-    /// Options with NodeDB's default 64 MiB roll size.
+    /// Options with NodeDB's default 64 MiB roll size and [`PREALLOCATE_DEFAULT_BYTES`].
     pub fn new(base_lsn: Lsn) -> Self {
-        StageOptions { base_lsn, roll_size_bytes: ROLL_SIZE_DEFAULT_BYTES }
+        StageOptions {
+            base_lsn,
+            roll_size_bytes: ROLL_SIZE_DEFAULT_BYTES,
+            preallocate_bytes: PREALLOCATE_DEFAULT_BYTES,
+        }
     }
 }
 
@@ -197,6 +221,8 @@ pub struct StagedWal {
     segments: Vec<Segment>,
     /// The last segment's file, appended to.
     open_file: Option<Arc<dyn StorageFile>>,
+    /// The open segment file's length: its records, then zeros (preallocated).
+    open_file_len_bytes: u64,
     durable_lsn: Lsn,
     failed: bool,
 }
@@ -216,5 +242,24 @@ impl StagedWal {
     /// durable.
     pub fn segments(&self) -> Vec<StagedWalSegment> {
         self.segments.iter().map(Segment::entry).collect()
+    }
+
+    /// Cuts the zeros preallocated past the open segment's records, durably: the staged WAL
+    /// is then records back to back, as a released staging must be.
+    pub fn trim(&mut self) -> Result<(), StageError> {
+        if self.failed {
+            return Err(StageError::Failed);
+        }
+        let (Some(seg), Some(file)) = (self.segments.last(), self.open_file.as_ref()) else { return Ok(()) };
+        if self.open_file_len_bytes <= seg.len_bytes {
+            return Ok(());
+        }
+        let path = self.dir.join(&seg.name);
+        self.failed = true;
+        file.set_len(seg.len_bytes).map_err(io_err("cut the preallocated zeros of", &path))?;
+        file.sync_data().map_err(io_err("sync", &path))?;
+        self.open_file_len_bytes = seg.len_bytes;
+        self.failed = false;
+        Ok(())
     }
 }

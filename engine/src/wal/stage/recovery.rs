@@ -87,8 +87,18 @@ impl StagedWal {
         let durable_lsn = segments.last().map_or(options.base_lsn, |s| s.last_lsn);
         report.durable_lsn = durable_lsn;
         report.records_count = segments.iter().map(|s| s.records_count).sum();
-        let wal =
-            StagedWal { storage, dir: dir.to_path_buf(), options, segments, open_file, durable_lsn, failed: false };
+        // The torn tail (preallocated zeros included) was cut above: the file ends at its records.
+        let open_file_len_bytes = segments.last().map_or(0, |s| s.len_bytes);
+        let wal = StagedWal {
+            storage,
+            dir: dir.to_path_buf(),
+            options,
+            segments,
+            open_file,
+            open_file_len_bytes,
+            durable_lsn,
+            failed: false,
+        };
         Ok((wal, report))
     }
 }

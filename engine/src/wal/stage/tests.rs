@@ -33,7 +33,7 @@ fn fake() -> (FakeStorage, Arc<dyn Storage>, PathBuf) {
 }
 
 fn options(base: u64, roll: u64) -> StageOptions {
-    StageOptions { base_lsn: Lsn(base), roll_size_bytes: roll }
+    StageOptions { base_lsn: Lsn(base), roll_size_bytes: roll, preallocate_bytes: 0 }
 }
 
 /// A test record: LSN, bytes, source preamble.
@@ -305,4 +305,70 @@ fn the_plan_agrees_with_staged_plan_when_the_layout_is_fixed() {
             wal.append_batch(&[StagedRecord { lsn: Lsn(lsn), bytes: &bytes, source_preamble: pre }]).unwrap();
         }
     }
+}
+
+/// The length of a staged file.
+fn file_len(storage: &dyn Storage, path: &Path) -> u64 {
+    storage.open_read(path).unwrap().len_bytes().unwrap()
+}
+
+#[test]
+fn preallocated_zeros_keep_group_commits_from_growing_the_file_and_stay_out_of_the_manifest() {
+    let (fs, storage, dir) = fake();
+    let opts = StageOptions { preallocate_bytes: 16 << 10, ..options(0, 1 << 20) };
+    let (mut wal, _) = StagedWal::open(Arc::clone(&storage), &dir, opts).unwrap();
+    let path = dir.join(segment_name(Lsn(1)));
+    let mut all = Vec::new();
+    let mut lens = Vec::new();
+    for lsn in 1..=200u64 {
+        let rec = (lsn, record(Layout::A, lsn, 20), None);
+        all.extend_from_slice(&rec.1);
+        let before = fs.syncs_count();
+        wal.append_batch(&batch(&[rec])).unwrap();
+        assert_eq!(fs.syncs_count() - before, if lsn == 1 { 2 } else { 1 }, "one data sync per group (LSN {lsn})");
+        lens.push(file_len(&*storage, &path));
+    }
+    // Records of 74 bytes: 14,800 bytes in all. The file grew twice, not at every group: to
+    // 74 bytes + 16 KiB in whole blocks at the first group, and again once less than 8 KiB of
+    // zeros was left.
+    lens.dedup();
+    assert_eq!(lens, vec![20 << 10, 32 << 10], "file lengths");
+    let entry = &wal.segments()[0];
+    assert_eq!((entry.size_bytes, entry.crc32c), (all.len() as u64, crc32c(&all)));
+    let bytes = storage.read_all(&path).unwrap();
+    assert_eq!(&bytes[..all.len()], &all[..]);
+    assert!(bytes[all.len()..].iter().all(|b| *b == 0), "zeros past the records");
+    // Trimmed (as before a release): records back to back, durably; trimming again does nothing.
+    wal.trim().unwrap();
+    assert_eq!(file_len(&fs.recover(), &path), all.len() as u64);
+    let before = fs.syncs_count();
+    wal.trim().unwrap();
+    assert_eq!(fs.syncs_count(), before);
+    assert_eq!(read_staged(&*storage, &dir).len(), 200);
+}
+
+#[test]
+fn a_roll_cuts_the_zeros_of_the_segment_it_seals_and_a_reopen_cuts_the_open_ones() {
+    let (fs, storage, dir) = fake();
+    // 230-byte segments (three 74-byte records); zeros are kept up to the roll size.
+    let opts = StageOptions { preallocate_bytes: 4096, ..options(0, 230) };
+    let (mut wal, _) = StagedWal::open(Arc::clone(&storage), &dir, opts).unwrap();
+    let recs: Vec<_> = (1..=5).map(|l| (l, record(Layout::A, l, 20), None)).collect();
+    wal.append_batch(&batch(&recs[..1])).unwrap();
+    let first = dir.join(segment_name(Lsn(1)));
+    assert_eq!(file_len(&*storage, &first), 230, "zeros up to the roll size");
+    wal.append_batch(&batch(&recs[1..4])).unwrap(); // fills wal-1, starts wal-4
+    let recovered = fs.recover();
+    assert_eq!(file_len(&recovered, &first), 222, "the sealed segment ends at its records, durably");
+    let second = dir.join(segment_name(Lsn(4)));
+    assert_eq!(file_len(&recovered, &second), 230);
+    // A restart cuts the open segment's zeros like a torn tail and stages on from there.
+    let storage: Arc<dyn Storage> = Arc::new(recovered.clone());
+    let (mut wal, report) = StagedWal::open(Arc::clone(&storage), &dir, opts).unwrap();
+    assert_eq!((report.durable_lsn, report.truncated_bytes), (Lsn(4), 230 - 74));
+    assert_eq!(file_len(&*storage, &second), 74);
+    wal.append_batch(&batch(&recs[4..])).unwrap();
+    wal.trim().unwrap();
+    let read: Vec<u64> = read_staged(&*storage, &dir).into_iter().map(|(_, lsn, _)| lsn).collect();
+    assert_eq!(read, vec![1, 2, 3, 4, 5]);
 }
