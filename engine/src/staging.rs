@@ -83,6 +83,11 @@ impl StagingLayout {
     fn manifest_tmp_path(&self) -> PathBuf {
         self.ferry_dir().join("MANIFEST.json.tmp")
     }
+    /// A second name of the manifest a prepared commit will replace (see
+    /// [`prepare_manifest_commit`]).
+    fn manifest_held_path(&self) -> PathBuf {
+        self.ferry_dir().join("MANIFEST.json.held")
+    }
 }
 
 /// Reads `MANIFEST.json` when there is one.
@@ -125,7 +130,29 @@ pub fn prepare_manifest_commit(
     let file = storage.open_rw(&tmp).map_err(io_err("create", &tmp))?;
     file.set_len(0).map_err(io_err("truncate", &tmp))?;
     file.write_at(&vec![b' '; len], 0).map_err(io_err("write", &tmp))?;
-    file.sync_data().map_err(io_err("fsync", &tmp))
+    file.sync_data().map_err(io_err("fsync", &tmp))?;
+    // A second name for the manifest the commit will replace: its rename then drops a name,
+    // not the file's last one, so the filesystem frees nothing on the pause's path (on this
+    // project's ext4, mounted with `discard`, a rename that dropped the last link took about
+    // 240 us at p50 against 45). The name needs no flush: only the in-memory link count
+    // matters to the rename. It goes with the next prepare, the release, or the staging.
+    release_held_manifest(storage, layout)?;
+    let path = layout.manifest_path();
+    if storage.exists(&path) {
+        let held = layout.manifest_held_path();
+        storage.hard_link(&path, &held).map_err(io_err("link", &held))?;
+    }
+    Ok(())
+}
+
+/// Removes the second name [`prepare_manifest_commit`] gave a manifest (off the pause's path:
+/// this may free the file).
+pub fn release_held_manifest(storage: &dyn Storage, layout: &StagingLayout) -> Result<(), StagingError> {
+    let held = layout.manifest_held_path();
+    if storage.exists(&held) {
+        storage.remove_file(&held).map_err(io_err("remove", &held))?;
+    }
+    Ok(())
 }
 
 /// [`write_manifest`] into the temp file [`prepare_manifest_commit`] left, padded to its size
@@ -290,6 +317,22 @@ mod tests {
         write_manifest(&storage, &layout, &copying()).unwrap();
         prepare_manifest_commit(&storage, &layout, &copying()).unwrap();
         (storage, layout)
+    }
+
+    #[test]
+    fn a_prepared_commit_keeps_a_second_name_of_the_manifest_it_replaces_until_released() {
+        let (storage, layout) = prepared();
+        let held = layout.manifest_held_path();
+        assert_eq!(storage.read_all(&held).unwrap(), copying().encode(), "the manifest before the fence");
+        write_manifest_prepared(&storage, &layout, &fenced(1)).unwrap();
+        assert_eq!(read_manifest(&storage, &layout).unwrap(), Some(fenced(1)));
+        assert_eq!(storage.read_all(&held).unwrap(), copying().encode(), "the rename dropped a name, not the file");
+        // The next prepare replaces it; a release removes it.
+        prepare_manifest_commit(&storage, &layout, &fenced(1)).unwrap();
+        assert_eq!(StagingManifest::decode(&storage.read_all(&held).unwrap()).unwrap(), fenced(1));
+        release_held_manifest(&storage, &layout).unwrap();
+        assert!(!storage.exists(&held));
+        release_held_manifest(&storage, &layout).unwrap();
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub trait Storage: Send + Sync + Debug {
     fn open_read(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// A second name `link` for the existing file `original` (`link` must not exist).
+    fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()>;
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Makes a folder's entries durable (fsync of the folder).
@@ -169,6 +171,9 @@ impl Storage for DiskStorage {
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)
+    }
+    fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()> {
+        std::fs::hard_link(original, link)
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
@@ -444,6 +449,21 @@ impl Storage for FakeStorage {
         }
         state.live.remove(from);
         state.live.insert(to.to_path_buf(), node);
+        Ok(())
+    }
+    fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()> {
+        let mut state = self.alive()?;
+        let node = *state.live.get(original).ok_or_else(|| not_found(original))?;
+        if node == Node::Dir {
+            return Err(io::Error::other("a folder cannot be hard-linked"));
+        }
+        if !state.parent_is_dir(link) {
+            return Err(not_found(link));
+        }
+        if state.live.contains_key(link) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", link.display())));
+        }
+        state.live.insert(link.to_path_buf(), node);
         Ok(())
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {

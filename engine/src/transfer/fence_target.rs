@@ -224,7 +224,8 @@ pub async fn release_staging(ctx: &Arc<TargetContext>, id: &MigrationId, final_l
             .unwrap_or_else(|e| e.into_inner())
             .trim()
             .map_err(|e| TransferError::Local(format!("trimming the staged WAL: {e}")))?;
-        Ok(staging::write_manifest(&*storage, &layout, &manifest)?)
+        staging::write_manifest(&*storage, &layout, &manifest)?;
+        Ok(staging::release_held_manifest(&*storage, &layout)?)
     })
     .await?;
     ctx.update(id, |s| {
