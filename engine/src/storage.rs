@@ -58,21 +58,7 @@ pub trait Storage: Send + Sync + Debug {
 
     /// Reads a whole file.
     fn read_all(&self, path: &Path) -> io::Result<Vec<u8>> {
-        let file = self.open_read(path)?;
-        let len = usize::try_from(file.len_bytes()?).map_err(|_| io::Error::other("file too large to read whole"))?;
-        let mut buf = vec![0; len];
-        let mut done = 0;
-        while done < len {
-            let n = file.read_at(&mut buf[done..], done as u64)?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("{} shrank while read", path.display()),
-                ));
-            }
-            done += n;
-        }
-        Ok(buf)
+        read_whole(&*self.open_read(path)?, path)
     }
 
     /// Writes a whole file durably under `path` via `tmp`: write, fsync, rename, fsync of the
@@ -86,6 +72,21 @@ pub trait Storage: Send + Sync + Debug {
         self.rename(tmp, path)?;
         self.sync_dir(path.parent().unwrap_or(Path::new("/")))
     }
+}
+
+/// Reads the whole of `file`, opened at `path` (named in the error when it shrinks meanwhile).
+pub fn read_whole(file: &dyn StorageFile, path: &Path) -> io::Result<Vec<u8>> {
+    let len = usize::try_from(file.len_bytes()?).map_err(|_| io::Error::other("file too large to read whole"))?;
+    let mut buf = vec![0; len];
+    let mut done = 0;
+    while done < len {
+        let n = file.read_at(&mut buf[done..], done as u64)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} shrank while read", path.display())));
+        }
+        done += n;
+    }
+    Ok(buf)
 }
 
 /// `offset_bytes + len_bytes`, or an error when it does not fit a file offset.

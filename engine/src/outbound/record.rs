@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use ferry_wire::api::PhaseRecord;
 use ferry_wire::{slots, MigrationId};
 
-use crate::storage::Storage;
+use crate::storage::{read_whole, Storage};
 
 /// The folder holding every outbound migration's record.
 pub fn outbound_dir(data_dir: &Path) -> PathBuf {
@@ -41,10 +41,10 @@ pub fn write(storage: &dyn Storage, data_dir: &Path, id: &MigrationId, record: &
     let path = dir.join(SLOTS_FILE);
     let payload = record.encode();
     if storage.exists(&path) {
-        let file = storage.read_all(&path)?;
-        let rewrite = slots::newest(&file).ok().and_then(|newest| slots::next_write(file.len(), &newest, &payload));
+        let file = storage.open_rw(&path)?;
+        let bytes = read_whole(&*file, &path)?;
+        let rewrite = slots::newest(&bytes).ok().and_then(|newest| slots::next_write(bytes.len(), &newest, &payload));
         if let Some(rewrite) = rewrite {
-            let file = storage.open_rw(&path)?;
             file.write_at(&rewrite.bytes, rewrite.offset_bytes)?;
             return file.sync_data();
         }

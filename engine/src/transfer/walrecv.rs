@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ferry_wire::frame::FrameKind;
-use ferry_wire::manifest::StagedWalSegment;
 use ferry_wire::message::Message;
 use ferry_wire::walstream;
 use ferry_wire::{Lsn, MigrationId};
@@ -75,13 +74,6 @@ impl WalStages {
         let wal = Arc::new(Mutex::new(wal));
         open.insert(id.clone(), wal.clone());
         Ok(wal)
-    }
-
-    /// The manifest entries and durable LSN of a migration's staged WAL, if it has one.
-    pub fn segments(&self, id: &MigrationId) -> Option<(Vec<StagedWalSegment>, Lsn)> {
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let wal = open.get(id)?.lock().unwrap_or_else(|e| e.into_inner());
-        Some((wal.segments(), wal.durable_lsn()))
     }
 
     /// The staged WAL of a migration, if it is open.

@@ -174,9 +174,13 @@ impl StagedWal {
         Ok(())
     }
 
-    /// Before a roll: cuts the open segment's preallocated zeros (synced with the batch, so
-    /// a sealed segment never ends in zeros once the batch is durable).
-    fn cut_zeros_of_open(&mut self, touched: &mut Vec<(String, Arc<dyn StorageFile>)>) -> Result<(), StageError> {
+    /// Cuts the open segment's preallocated zeros and adds its file to `touched` (to sync):
+    /// before a roll (synced with the batch, so a sealed segment never ends in zeros once the
+    /// batch is durable), and for [`StagedWal::trim`].
+    pub(super) fn cut_zeros_of_open(
+        &mut self,
+        touched: &mut Vec<(String, Arc<dyn StorageFile>)>,
+    ) -> Result<(), StageError> {
         let (Some(seg), Some(file)) = (self.segments.last(), self.open_file.as_ref()) else { return Ok(()) };
         if self.open_file_len_bytes > seg.len_bytes {
             let path = self.dir.join(&seg.name);

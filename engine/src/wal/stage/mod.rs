@@ -250,15 +250,13 @@ impl StagedWal {
         if self.failed {
             return Err(StageError::Failed);
         }
-        let (Some(seg), Some(file)) = (self.segments.last(), self.open_file.as_ref()) else { return Ok(()) };
-        if self.open_file_len_bytes <= seg.len_bytes {
-            return Ok(());
-        }
-        let path = self.dir.join(&seg.name);
+        // Poisoned until the cut is durable, as a batch is.
         self.failed = true;
-        file.set_len(seg.len_bytes).map_err(io_err("cut the preallocated zeros of", &path))?;
-        file.sync_data().map_err(io_err("sync", &path))?;
-        self.open_file_len_bytes = seg.len_bytes;
+        let mut cut = Vec::new();
+        self.cut_zeros_of_open(&mut cut)?;
+        for (name, file) in &cut {
+            file.sync_data().map_err(io_err("sync", &self.dir.join(name)))?;
+        }
         self.failed = false;
         Ok(())
     }
