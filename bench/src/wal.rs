@@ -253,6 +253,7 @@ pub fn request(
             alignment_bytes: 4096,
             until_lsn: Some(until),
             max_held_wal_bytes: 16 << 30,
+            poll_interval: ferry_engine::transfer::walsend::POLL_INTERVAL,
         }),
         cutover: None,
     })

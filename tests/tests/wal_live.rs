@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_engine::storage::DiskStorage;
-use ferry_engine::transfer::walsend::WalSourceConfig;
+use ferry_engine::transfer::walsend::{WalSourceConfig, POLL_INTERVAL};
 use ferry_engine::wal::tail::FolderTail;
 use ferry_engine::wal::writer::{FlushStyle, Leftovers, PreambleOptions, RecordSpec, WalWriter, WriterOptions};
 use ferry_tests::{copy, request, tree_sha256, write_file, Certs, Target};
@@ -95,6 +95,7 @@ async fn live_copy(layout: Layout, preamble: bool, truncate: bool, drops: usize)
         alignment_bytes: 4096,
         until_lsn: Some(tip),
         max_held_wal_bytes: 1 << 30,
+        poll_interval: POLL_INTERVAL,
     });
     let copy_task = {
         let certs = certs.clone();
@@ -223,6 +224,7 @@ async fn segments_deleted_before_the_tail_reads_them_are_still_streamed() {
         alignment_bytes: 4096,
         until_lsn: Some(tip),
         max_held_wal_bytes: 1 << 30,
+        poll_interval: POLL_INTERVAL,
     });
     let copy_task = {
         let certs = certs.clone();
@@ -299,6 +301,7 @@ async fn a_flipped_bit_in_the_source_wal_fails_the_copy_naming_file_and_offset()
         alignment_bytes: 4096,
         until_lsn: Some(written.last().unwrap().0),
         max_held_wal_bytes: 1 << 30,
+        poll_interval: POLL_INTERVAL,
     });
     let err = tokio::time::timeout(Duration::from_secs(60), copy(&certs, req)).await.expect("copy hung").unwrap_err();
     let text = err.to_string();

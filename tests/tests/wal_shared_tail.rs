@@ -12,7 +12,7 @@ use std::time::Duration;
 use ferry_engine::quic::QuicTuning;
 use ferry_engine::storage::DiskStorage;
 use ferry_engine::transfer::source::{self, CopyReport, CopyRequest, RateHandle};
-use ferry_engine::transfer::walsend::WalSourceConfig;
+use ferry_engine::transfer::walsend::{WalSourceConfig, POLL_INTERVAL};
 use ferry_engine::transfer::waltail_hub::{folder_stats, FolderStats};
 use ferry_engine::transfer::TransferError;
 use ferry_engine::wal::tail::FolderTail;
@@ -70,6 +70,7 @@ fn wal_request(
         alignment_bytes: 4096,
         until_lsn: Some(Lsn(tip)),
         max_held_wal_bytes: 1 << 30,
+        poll_interval: POLL_INTERVAL,
     });
     req
 }

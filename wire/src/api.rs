@@ -380,8 +380,10 @@ pub struct FenceResult {
     pub final_lsn: u64,
     /// The target's durable LSN for the vShard (the last selected record at or below final_lsn).
     pub target_durable_lsn: u64,
+    /// Records up to final_lsn read and sent.
     pub drain_us: u64,
-    /// The target's MANIFEST commit and the round trip to it.
+    /// The target's staged WAL fdatasync of the last records, its MANIFEST commit and the
+    /// round trip to it.
     pub target_durable_us: u64,
     pub apply_wait_us: u64,
     /// Writes paused to this answer.

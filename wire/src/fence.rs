@@ -1,10 +1,10 @@
 //! The cut-over fence's rules (DESIGN sections 2 and 5), without I/O or clocks.
 //!
 //! What it does:
-//! - [`drain_check`]: from what the source's WAL tail has read and what the target made durable,
-//!   whether every selected record up to `final_lsn` is durable on the target
-//!   ([`Drain::Drained`]), not yet ([`Drain::Waiting`]), or the writer did not pause: a record
-//!   of the vShard above `final_lsn` was read ([`Drain::Violated`]).
+//! - [`drain_check`]: from what the source's WAL tail has read, whether every record up to
+//!   `final_lsn` was read, with the last of the vShard's the target must make durable before
+//!   it fences ([`Drain::Drained`]), not yet ([`Drain::Waiting`]), or the writer did not pause:
+//!   a record of the vShard above `final_lsn` was read ([`Drain::Violated`]).
 //! - [`estimate_pause_us`]: the pause `migration.prepare_cutover` admits, from measured figures
 //!   (bytes still queued, the WAL stream's measured rate, the measured round trip of a group
 //!   commit and of a MANIFEST commit).
@@ -28,19 +28,19 @@ pub struct DrainState {
     /// Every record (of any vShard) at or below it has been read by this migration's tail.
     pub scanned_lsn: Lsn,
     /// The last record of the vShard the tail selected (`None`: none since the stream began).
+    /// Read after `scanned_lsn`, so it is at least as new.
     pub last_selected_lsn: Option<Lsn>,
-    /// The target's staged WAL is durable up to here.
-    pub durable_lsn: Lsn,
 }
 
 /// Where the drain stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drain {
-    /// The tail has not read up to `final_lsn` yet, or the target has not made the last
-    /// selected record durable yet.
+    /// The tail has not read up to `final_lsn` yet.
     Waiting,
-    /// Every selected record up to `final_lsn` is durable on the target.
-    Drained,
+    /// Every record up to `final_lsn` was read; `through_lsn` is the last of the vShard's
+    /// (`None`: none since the stream began). The target fences once its staged WAL is durable
+    /// up to it (DESIGN section 5: the staged WAL's fdatasync is the target's part).
+    Drained { through_lsn: Option<Lsn> },
     /// A record of the vShard with this LSN, above `final_lsn`, was read: the writer did not
     /// pause (`FenceViolated`).
     Violated { lsn: Lsn },
@@ -57,10 +57,7 @@ pub fn drain_check(final_lsn: Lsn, state: &DrainState) -> Drain {
     if state.scanned_lsn < final_lsn {
         return Drain::Waiting;
     }
-    match state.last_selected_lsn {
-        Some(selected) if state.durable_lsn < selected => Drain::Waiting,
-        _ => Drain::Drained,
-    }
+    Drain::Drained { through_lsn: state.last_selected_lsn }
 }
 
 /// Measured figures the pause estimate is built from.
@@ -116,10 +113,11 @@ pub struct PauseStamps {
     pub writes_paused_at_ns: u64,
     /// The fence call reached the source daemon.
     pub fence_received_at_ns: u64,
-    /// Every selected record up to `final_lsn` was durable on the target.
+    /// Every record up to `final_lsn` was read by the source's tail (the vShard's among them
+    /// handed to the WAL stream) and the target was asked to fence.
     pub drained_at_ns: u64,
-    /// The target answered that the staging is `fenced` (its MANIFEST commit, and the wait for
-    /// its database's ingest, done).
+    /// The target answered that the staging is `fenced` (its staged WAL durable up to the last
+    /// selected record, its MANIFEST commit, and the wait for its database's ingest, done).
     pub target_durable_at_ns: u64,
     /// Of the span from drained to target durable, the target's wait for ingest.
     pub apply_wait_ns: u64,
@@ -130,9 +128,10 @@ pub struct PauseStamps {
 pub struct PauseBreakdown {
     /// Writes paused to the fence call reaching the source daemon.
     pub before_fence_us: u64,
-    /// Records up to `final_lsn` read, sent and acknowledged durable.
+    /// Records up to `final_lsn` read and sent.
     pub drain_us: u64,
-    /// The target's MANIFEST commit (state `fenced`) and the round trip to it.
+    /// The target's staged WAL fdatasync of the last records and its MANIFEST commit (state
+    /// `fenced`), and the round trip to it.
     pub target_durable_us: u64,
     /// The target waited for its database to apply up to `final_lsn`.
     pub apply_wait_us: u64,
@@ -216,24 +215,24 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn state(scanned: u64, selected: Option<u64>, durable: u64) -> DrainState {
-        DrainState { scanned_lsn: Lsn(scanned), last_selected_lsn: selected.map(Lsn), durable_lsn: Lsn(durable) }
+    fn state(scanned: u64, selected: Option<u64>) -> DrainState {
+        DrainState { scanned_lsn: Lsn(scanned), last_selected_lsn: selected.map(Lsn) }
     }
 
     #[test]
-    fn the_drain_waits_for_the_scan_and_the_durable_ack_and_sees_violations() {
+    fn the_drain_waits_for_the_scan_names_the_last_selected_record_and_sees_violations() {
         let f = Lsn(100);
         // The tail has not read record 100 yet.
-        assert_eq!(drain_check(f, &state(99, Some(97), 97)), Drain::Waiting);
-        // Read, but the last selected record is not durable yet.
-        assert_eq!(drain_check(f, &state(100, Some(98), 97)), Drain::Waiting);
-        assert_eq!(drain_check(f, &state(100, Some(98), 98)), Drain::Drained);
+        assert_eq!(drain_check(f, &state(99, Some(97))), Drain::Waiting);
+        // Read: the target fences once record 98 is durable there.
+        assert_eq!(drain_check(f, &state(100, Some(98))), Drain::Drained { through_lsn: Some(Lsn(98)) });
         // final_lsn is node-global: other vShards' records after the last selected one.
-        assert_eq!(drain_check(f, &state(140, Some(98), 98)), Drain::Drained);
+        assert_eq!(drain_check(f, &state(140, Some(98))), Drain::Drained { through_lsn: Some(Lsn(98)) });
         // Nothing selected since the stream began.
-        assert_eq!(drain_check(f, &state(100, None, 50)), Drain::Drained);
+        assert_eq!(drain_check(f, &state(100, None)), Drain::Drained { through_lsn: None });
         // A vShard record above final_lsn: the writer did not pause.
-        assert_eq!(drain_check(f, &state(101, Some(101), 98)), Drain::Violated { lsn: Lsn(101) });
+        assert_eq!(drain_check(f, &state(101, Some(101))), Drain::Violated { lsn: Lsn(101) });
+        assert_eq!(drain_check(f, &state(99, Some(101))), Drain::Violated { lsn: Lsn(101) });
     }
 
     #[test]
@@ -319,11 +318,15 @@ mod tests {
 
         #[test]
         fn the_drain_check_never_panics(
-            f in any::<u64>(), s in any::<u64>(), sel in proptest::option::of(any::<u64>()), d in any::<u64>(),
+            f in any::<u64>(), s in any::<u64>(), sel in proptest::option::of(any::<u64>()),
         ) {
-            let verdict = drain_check(Lsn(f), &state(s, sel, d));
-            if let Drain::Violated { lsn } = verdict {
-                prop_assert!(lsn.0 > f);
+            match drain_check(Lsn(f), &state(s, sel)) {
+                Drain::Violated { lsn } => prop_assert!(lsn.0 > f),
+                Drain::Drained { through_lsn } => {
+                    prop_assert!(s >= f);
+                    prop_assert!(through_lsn.is_none_or(|t| t.0 <= f));
+                }
+                Drain::Waiting => prop_assert!(s < f),
             }
         }
     }

@@ -78,12 +78,21 @@ pub enum Message {
     Commit { final_lsn: Lsn },
     /// The staging is released.
     Committed,
-    /// Live cut-over: the source has sent every selected record up to `final_lsn` and the
-    /// target acknowledged them durable; the target checks its staged WAL holds nothing above
-    /// `final_lsn`, marks the staging `fenced` (MANIFEST commit) and, when its database
-    /// acknowledges ingest (`migration.applied`), waits up to `apply_wait_max_us` for the
-    /// applied LSN to reach `final_lsn`.
-    Fence { final_lsn: Lsn, apply_wait_max_us: u64 },
+    /// Live cut-over: the source has read every record up to `final_lsn`, and `through_lsn` is
+    /// the last of the vShard's among them (sent on the WAL stream, which may arrive after this
+    /// message). The target waits up to `wal_wait_max_us` for its staged WAL to be durable up
+    /// to `through_lsn` (`None`: it does not wait: the source knew it durable already), checks
+    /// that it holds nothing above `final_lsn`, marks the staging `fenced` (MANIFEST commit)
+    /// and, when its database acknowledges ingest (`migration.applied`), waits up to
+    /// `apply_wait_max_us` for the applied LSN to reach `final_lsn`.
+    Fence {
+        final_lsn: Lsn,
+        apply_wait_max_us: u64,
+        #[serde(default)]
+        through_lsn: Option<Lsn>,
+        #[serde(default)]
+        wal_wait_max_us: u64,
+    },
     /// The target did not complete the fence (its database's ingest did not reach `final_lsn`
     /// in time, or its staged WAL holds records above it); the staging stays as it was.
     FenceCancelled { reason: String },

@@ -431,7 +431,9 @@ fn notice(args: &Args, layout: Layout, inotify: bool) -> anyhow::Result<Option<D
                         last = record.header.lsn.0;
                         seen.push((last, Instant::now()));
                     }
-                    None => notice.wait(POLL_INTERVAL)?,
+                    None => {
+                        notice.wait(POLL_INTERVAL)?;
+                    }
                 }
             }
             Ok((seen, thread_cpu_secs() - cpu_before, notice.is_watching()))

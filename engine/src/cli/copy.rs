@@ -123,6 +123,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
                 alignment_bytes: args.wal_alignment,
                 until_lsn: args.until_lsn.map(Lsn),
                 max_held_wal_bytes: args.max_held_wal_bytes,
+                poll_interval: crate::transfer::walsend::POLL_INTERVAL,
             })
         }
     };

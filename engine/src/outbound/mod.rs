@@ -321,6 +321,7 @@ impl Outbound {
                 alignment_bytes: params.wal_alignment_bytes,
                 until_lsn: params.until_lsn.map(Lsn),
                 max_held_wal_bytes: self.config.max_held_wal_bytes,
+                poll_interval: crate::transfer::walsend::POLL_INTERVAL,
             }),
             cutover,
         })

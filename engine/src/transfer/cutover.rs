@@ -2,10 +2,11 @@
 //!
 //! What it does: once the base is staged, a live copy (a WAL stream, no offline commit) waits
 //! for [`FenceCommand`]s from its daemon ([`CutOver`]). For each: it drains (waits until its
-//! tail has read every record up to `final_lsn` and the target acknowledged the last selected
-//! one durable, [`ferry_wire::fence::drain_check`]), then asks the target to mark the staging
-//! `fenced` (`Fence` on the control stream; the target's MANIFEST commit) and answers with the
-//! stamps of each step. A drain or a target answer that is not done by the deadline is cancelled
+//! tail has read every record up to `final_lsn`, [`ferry_wire::fence::drain_check`]), then asks
+//! the target to mark the staging `fenced` once its staged WAL is durable up to the last
+//! selected record (`Fence` with `through_lsn` on the control stream: the target's WAL
+//! fdatasync and MANIFEST commit, without a round trip back to the source between them) and
+//! answers with the stamps of each step. A drain or a target answer that is not done by the deadline is cancelled
 //! ([`FenceFailure::Cancelled`]) and a vShard record above `final_lsn` is a violation
 //! ([`FenceFailure::Violated`]): either way the copy goes on streaming (the migration is back in
 //! `WalCatchUp`) and waits for the next command. A fence that succeeds ends the copy: nothing
@@ -16,8 +17,10 @@
 //!
 //! Invariants: from the fence's start no record above `final_lsn` is sent (a ceiling on the
 //! WAL stream, lifted when the fence fails), so a writer resumed on the target right after the
-//! answer never has records staged past the fence; the target is asked to fence only after
-//! every selected record up to `final_lsn` is durable there; a fence whose answer is not back by
+//! answer never has records staged past the fence; the target fences only once every selected
+//! record up to `final_lsn` is durable there (the `Fence` names the last one, read by the tail
+//! before the `Fence` is sent); a vShard record above `final_lsn` read before the target's
+//! answer fails the fence as violated; a fence whose answer is not back by
 //! the deadline is cancelled (the target's late answer is skipped when it comes: answers come
 //! in order on the control stream); a completed fence ends the copy only once the daemon has
 //! taken the answer (a daemon that gave up has put the migration back in `WalCatchUp`).
@@ -167,14 +170,22 @@ pub(super) async fn serve(
             }
         };
         let drained_at_ns = monotonic_ns();
-        if let Err(failure) = drained {
-            tracing::warn!(%final_lsn, "fence not completed: {failure:?}");
-            wal.shared.lift_ceiling();
-            let _ = reply.send(Err(failure));
-            continue;
-        }
-        let wait_max_us = apply_wait_max_us.min(target_wait_us(drained_at_ns, deadline_ns));
-        let fence = Message::Fence { final_lsn, apply_wait_max_us: wait_max_us };
+        let through_lsn = match drained {
+            Ok(through_lsn) => through_lsn,
+            Err(failure) => {
+                tracing::warn!(%final_lsn, "fence not completed: {failure:?}");
+                wal.shared.lift_ceiling();
+                let _ = reply.send(Err(failure));
+                continue;
+            }
+        };
+        let wait_max_us = target_wait_us(drained_at_ns, deadline_ns);
+        let fence = Message::Fence {
+            final_lsn,
+            apply_wait_max_us: apply_wait_max_us.min(wait_max_us),
+            through_lsn,
+            wal_wait_max_us: wait_max_us,
+        };
         write_control(send, &fence).await.inspect_err(|e| {
             tracing::warn!("fence cancelled: {e}");
         })?;
@@ -191,6 +202,14 @@ pub(super) async fn serve(
         .await;
         let target_durable_at_ns = monotonic_ns();
         match answer {
+            Ok(Some(Ok(Some(Message::Fenced { .. })))) if violation(&wal.shared, final_lsn).is_some() => {
+                // Read while the target fenced: the writer did not pause. The target's staging
+                // goes back to copying when that record reaches it (the ceiling is lifted).
+                let lsn = violation(&wal.shared, final_lsn).unwrap_or(final_lsn);
+                tracing::warn!(%final_lsn, %lsn, "fence violated after the drain");
+                wal.shared.lift_ceiling();
+                let _ = reply.send(Err(FenceFailure::Violated(lsn)));
+            }
             Ok(Some(Ok(Some(Message::Fenced { durable_lsn, commit_us, apply_wait_us })))) => {
                 let done =
                     FenceDone { final_lsn, durable_lsn, drained_at_ns, target_durable_at_ns, commit_us, apply_wait_us };
@@ -239,34 +258,45 @@ fn unexpected_message(when: &str, message: Option<Result<Option<Message>, Transf
     }
 }
 
-/// Waits until every selected record up to `final_lsn` is durable on the target. The outer
-/// error is the WAL stream's own failure (the copy fails or reconnects with it).
-async fn drain(wal: &mut WalRun, final_lsn: Lsn, deadline_ns: u64) -> Result<Result<(), FenceFailure>, TransferError> {
+/// The vShard record above `final_lsn` the tail has read, if any.
+fn violation(shared: &TailShared, final_lsn: Lsn) -> Option<Lsn> {
+    Some(Lsn(shared.source_lsn.load(Ordering::Acquire))).filter(|lsn| *lsn > final_lsn)
+}
+
+/// What the tail has read: `scanned_lsn` first (stored last, with release ordering, by the
+/// tail), so the last selected record read after it is at least as new.
+fn drain_state(shared: &TailShared) -> DrainState {
+    let scanned_lsn = Lsn(shared.scanned_lsn.load(Ordering::Acquire));
+    DrainState { scanned_lsn, last_selected_lsn: Some(Lsn(shared.source_lsn.load(Ordering::Acquire))) }
+}
+
+/// Waits until the tail has read every record up to `final_lsn`; returns the last selected
+/// one (the target fences once it is durable there). The outer error is the WAL stream's own
+/// failure (the copy fails or reconnects with it).
+async fn drain(
+    wal: &mut WalRun,
+    final_lsn: Lsn,
+    deadline_ns: u64,
+) -> Result<Result<Option<Lsn>, FenceFailure>, TransferError> {
     let shared = wal.shared.clone();
     // Wake when the tail offers final_lsn (or anything above it: a violation).
     shared.wake_at_lsn.store(final_lsn.0.max(1), Ordering::Relaxed);
     let deadline = tokio::time::sleep_until(instant_at(deadline_ns));
     tokio::pin!(deadline);
-    let mut durable = wal.durable.clone();
     let result = loop {
-        let state = DrainState {
-            scanned_lsn: Lsn(shared.scanned_lsn.load(Ordering::Relaxed)),
-            last_selected_lsn: Some(Lsn(shared.source_lsn.load(Ordering::Relaxed))),
-            durable_lsn: *durable.borrow_and_update(),
-        };
+        let state = drain_state(&shared);
         match drain_check(final_lsn, &state) {
-            Drain::Drained => break Ok(()),
+            Drain::Drained { through_lsn } => break Ok(through_lsn),
             Drain::Violated { lsn } => break Err(FenceFailure::Violated(lsn)),
             Drain::Waiting => {}
         }
         tokio::select! {
             () = shared.wake.notified() => {}
-            _ = durable.changed() => {}
             () = tokio::time::sleep(DRAIN_RECHECK) => {}
             () = &mut deadline => {
                 break Err(FenceFailure::Cancelled(format!(
-                    "the drain to final_lsn {final_lsn} did not finish within the pause budget: the tail has read up to {}, the target is durable up to {} (last selected record {})",
-                    state.scanned_lsn, state.durable_lsn, state.last_selected_lsn.map_or(0, |l| l.0)
+                    "the drain to final_lsn {final_lsn} did not finish within the pause budget: the tail has read up to {} (last selected record {})",
+                    state.scanned_lsn, state.last_selected_lsn.map_or(0, |l| l.0)
                 )));
             }
             ended = wal.ended(), if wal.running() => {

@@ -1,11 +1,14 @@
 //! The target's side of the cut-over: `fenced`, then `released` (DESIGN sections 2 and 3).
 //!
-//! What it does: [`fence_staging`] answers the source's `Fence{final_lsn}`: it checks that the
-//! staged WAL holds nothing above `final_lsn`, writes `MANIFEST.json` in state `fenced` with
-//! `final_lsn` and the staged WAL's segments (one MANIFEST commit: temp file, fsync, rename,
-//! folder fsync, into a temp file prepared when the base was staged so its flush has no
-//! allocation to journal, [`staging::prepare_manifest_commit`]; the staged WAL's fdatasync
-//! already happened when its records were acknowledged durable), and, when the target's
+//! What it does: [`fence_staging`] answers the source's `Fence{final_lsn, through_lsn}`: it
+//! waits for the staged WAL to be durable up to `through_lsn` (the last record of the vShard
+//! the source read up to `final_lsn`; its group's fdatasync is the staged WAL's flush on the
+//! fence's path, and the source does not wait for its acknowledgement before it asks), checks
+//! that the staged WAL holds nothing above `final_lsn`, writes `MANIFEST.json` in state
+//! `fenced` with `final_lsn` and the staged WAL's segments (one MANIFEST commit: temp file,
+//! fsync, rename, folder fsync, into a temp file prepared when the base was staged so its
+//! flush has no allocation to journal, [`staging::prepare_manifest_commit`]), and, when the
+//! target's
 //! database acknowledges ingest (`migration.applied`), waits within the fence's time for the
 //! applied LSN to reach `final_lsn`. [`unfence_hook`] puts a staging fenced by a fence the source then cancelled (its answer came
 //! too late) back to `copying` when records above its `final_lsn` arrive. [`release_staging`]
@@ -46,26 +49,50 @@ async fn inline<T: Send + 'static>(
     crate::inline::run(f).await.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))?
 }
 
-/// Marks the staging of `offer` `fenced` at `final_lsn`; answers `Fenced` or `FenceCancelled`
-/// (within `wait_max_us` when its database's ingest is awaited). An I/O failure fails the
-/// transfer (never retried).
+/// How long a fence may wait on the target, each from the `Fence`'s arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FenceWaits {
+    /// The staged WAL must be durable up to here before the staging is fenced (`None`: no
+    /// wait).
+    pub through_lsn: Option<Lsn>,
+    pub wal_wait_max_us: u64,
+    /// For the database's ingest (`migration.applied`), when it acknowledges ingest.
+    pub apply_wait_max_us: u64,
+}
+
+/// Marks the staging of `offer` `fenced` at `final_lsn` once its staged WAL is durable up to
+/// `waits.through_lsn`; answers `Fenced` or `FenceCancelled` (the WAL or, when it is awaited,
+/// the database's ingest not there within its wait). An I/O failure fails the transfer (never
+/// retried).
 pub async fn fence_staging(
     ctx: &Arc<TargetContext>,
     offer: &Offer,
     layout: &StagingLayout,
     final_lsn: Lsn,
-    wait_max_us: u64,
+    waits: FenceWaits,
 ) -> Result<Message, TransferError> {
     let id = &offer.migration_id;
-    let deadline = tokio::time::Instant::now() + Duration::from_micros(wait_max_us);
+    let arrived = tokio::time::Instant::now();
+    let deadline = arrived + Duration::from_micros(waits.apply_wait_max_us);
     if final_lsn < offer.base_lsn {
         return Ok(Message::FenceCancelled {
             reason: format!("final_lsn {final_lsn} is below the migration's base_lsn {}", offer.base_lsn),
         });
     }
+    if let Some(through_lsn) = waits.through_lsn.filter(|t| *t > final_lsn) {
+        return Ok(Message::FenceCancelled {
+            reason: format!("the source names record {through_lsn}, above final_lsn {final_lsn}, as the last to stage"),
+        });
+    }
     let Some(wal) = ctx.wal_stages.get(id) else {
         return Ok(Message::FenceCancelled { reason: "the WAL stream of this migration was never opened".into() });
     };
+    if let Some(through_lsn) = waits.through_lsn {
+        let wal_deadline = arrived + Duration::from_micros(waits.wal_wait_max_us);
+        if let Some(reason) = wait_wal_durable(ctx, id, through_lsn, wal_deadline).await {
+            return Ok(Message::FenceCancelled { reason });
+        }
+    }
     let started = Instant::now();
     let (ctx_owned, layout_owned, id_owned) = (ctx.clone(), layout.clone(), id.clone());
     let committed = inline(move || {
@@ -171,6 +198,28 @@ async fn wait_applied(
     }
 }
 
+/// Waits for the staged WAL of `id` to be durable up to `through_lsn`; `Some(why)` when it was
+/// not by `deadline`.
+async fn wait_wal_durable(
+    ctx: &TargetContext,
+    id: &MigrationId,
+    through_lsn: Lsn,
+    deadline: tokio::time::Instant,
+) -> Option<String> {
+    loop {
+        let notified = ctx.wal_durable.notified();
+        let durable = ctx.wal_durable_lsn(id).unwrap_or(0);
+        if durable >= through_lsn.0 {
+            return None;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Some(format!(
+                "the staged WAL is durable up to {durable}, not up to record {through_lsn} (the last the source read up to the fence), within the pause budget"
+            ));
+        }
+    }
+}
+
 /// Records the target database's ingest progress (`migration.applied`); it only grows.
 pub fn set_applied(ctx: &TargetContext, id: &MigrationId, applied_lsn: Lsn) -> Result<u64, TransferError> {
     if !ctx.has_inbound(id) {
@@ -235,3 +284,7 @@ pub async fn release_staging(ctx: &Arc<TargetContext>, id: &MigrationId, final_l
     tracing::info!(migration = %id, %final_lsn, "staging released");
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "fence_target_tests.rs"]
+mod tests;

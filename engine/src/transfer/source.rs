@@ -487,8 +487,6 @@ pub(super) struct WalRun {
     task: Option<tokio::task::JoinHandle<Result<Lsn, TransferError>>>,
     /// The durable LSN the stream ended with, when it ended before `finish`.
     ended_at: Option<Lsn>,
-    /// The target's durable LSN, as the stream learns it.
-    pub(super) durable: watch::Receiver<Lsn>,
     pub(super) shared: Arc<TailShared>,
     until: Option<Lsn>,
     /// Publishes the WAL fields of the progress from the start of the stream, so they move
@@ -600,8 +598,7 @@ async fn start_wal(
             .await
             .map_err(|e| TransferError::Local(format!("the WAL subscription task failed: {e}")))??
     };
-    let (durable_tx, durable_rx) = watch::channel(durable);
-    let task = tokio::spawn(walsend::stream(wal_send, wal_recv, events, shared.clone(), durable_tx));
+    let task = tokio::spawn(walsend::stream(wal_send, wal_recv, events, shared.clone(), durable));
     publish_wal(&shared, progress);
     let publisher = {
         let (shared, progress) = (shared.clone(), progress.clone());
@@ -616,7 +613,6 @@ async fn start_wal(
     Ok(WalRun {
         task: Some(task),
         ended_at: None,
-        durable: durable_rx,
         shared,
         until: config.until_lsn,
         _publisher: super::target::AbortOnDrop(publisher),

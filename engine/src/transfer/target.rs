@@ -102,6 +102,8 @@ pub struct TargetContext {
     limits: Mutex<TargetLimits>,
     /// Woken when a database reports progress with `migration.applied`.
     pub(crate) applied: tokio::sync::Notify,
+    /// Woken when a staged WAL's durable LSN moves (a fence waits for its `through_lsn`).
+    pub(crate) wal_durable: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for TargetContext {
@@ -128,6 +130,7 @@ impl TargetContext {
             wal_stages: super::walrecv::WalStages::default(),
             limits: Mutex::new(TargetLimits::default()),
             applied: tokio::sync::Notify::new(),
+            wal_durable: tokio::sync::Notify::new(),
         }
     }
 
@@ -271,6 +274,11 @@ impl TargetContext {
     /// What the target's database reported applied for `id` (`migration.applied`), if anything.
     pub fn applied_lsn(&self, id: &MigrationId) -> Option<u64> {
         locked(&self.status).get(id).and_then(|s| s.applied_lsn)
+    }
+
+    /// The durable LSN of the staged WAL of `id`, once its WAL stream has started.
+    pub fn wal_durable_lsn(&self, id: &MigrationId) -> Option<u64> {
+        locked(&self.status).get(id).and_then(|s| s.wal_durable_lsn)
     }
 
     /// The `final_lsn` the staging of `id` is fenced at, if it is fenced (not released).
@@ -505,6 +513,7 @@ fn spawn_wal_stream(conn: Connection, ctx: Arc<TargetContext>, offer: &Offer, la
             let unfence = super::fence_target::unfence_hook(ctx.clone(), id.clone(), layout_for_hook);
             super::walrecv::serve_stream(send, recv, wal, unfence, move |lsn| {
                 ctx_durable.update(&id_durable, |s| s.wal_durable_lsn = Some(lsn.0));
+                ctx_durable.wal_durable.notify_waiters();
             })
             .await
         }
@@ -980,9 +989,9 @@ async fn commit_phase(
                 ctx.update(&offer.migration_id, |s| s.state = "released".into());
                 write_control(send, &Message::Committed).await?;
             }
-            Some(Ok(Message::Fence { final_lsn, apply_wait_max_us })) => {
-                let answer =
-                    super::fence_target::fence_staging(ctx, offer, layout, final_lsn, apply_wait_max_us).await?;
+            Some(Ok(Message::Fence { final_lsn, apply_wait_max_us, through_lsn, wal_wait_max_us })) => {
+                let waits = super::fence_target::FenceWaits { through_lsn, wal_wait_max_us, apply_wait_max_us };
+                let answer = super::fence_target::fence_staging(ctx, offer, layout, final_lsn, waits).await?;
                 write_control(send, &answer).await?;
             }
             Some(Ok(Message::Error { kind, message })) => return Err(TransferError::Peer { kind, message }),

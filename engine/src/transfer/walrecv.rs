@@ -108,6 +108,7 @@ pub async fn serve_stream(
         other => return Err(unexpected("wal_start", other.as_ref())),
     }
     let durable = wal.lock().unwrap_or_else(|e| e.into_inner()).durable_lsn();
+    on_durable(durable);
     write_control(&mut send, &Message::WalDurable { durable_lsn: durable }).await?;
     let (frames_tx, mut frames) = mpsc::channel(FRAMES_QUEUED_MAX_COUNT);
     let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));

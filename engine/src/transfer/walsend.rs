@@ -35,7 +35,7 @@ use ferry_wire::message::Message;
 use ferry_wire::wal::{parse_segment_name, LayoutChoice};
 use ferry_wire::{Lsn, MigrationId};
 use quinn::{RecvStream, SendStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::framing::{read_control, unexpected, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::TransferError;
@@ -59,6 +59,9 @@ pub struct WalSourceConfig {
     /// offline end, or the fence's `final_lsn`). `None`: stream until stopped.
     pub until_lsn: Option<Lsn>,
     pub max_held_wal_bytes: u64,
+    /// How long the folder's tail thread waits without a notice before it reads and lists
+    /// the folder again ([`POLL_INTERVAL`]; the thread takes its first subscription's).
+    pub poll_interval: Duration,
 }
 
 /// Selected records on their way to the target: a WAL batch frame body (the
@@ -277,7 +280,9 @@ impl TailShared {
 
     /// Notes that every record up to `lsn` was offered; wakes a waiting fence when asked to.
     pub fn note_scanned(&self, lsn: Lsn) {
-        self.scanned_lsn.store(lsn.0, Ordering::Relaxed);
+        // Release: a fence that reads this (acquire) sees the last selected record stored
+        // before it (`source_lsn`), so it never names an older one to the target.
+        self.scanned_lsn.store(lsn.0, Ordering::Release);
         let wake = self.wake_at_lsn.load(Ordering::Relaxed);
         if wake != 0 && lsn.0 >= wake {
             self.wake.notify_one();
@@ -355,7 +360,7 @@ pub async fn stream(
     mut wal_recv: RecvStream,
     mut events: mpsc::Receiver<TailEvent>,
     shared: Arc<TailShared>,
-    durable_tx: watch::Sender<Lsn>,
+    mut durable: Lsn,
 ) -> Result<Lsn, TransferError> {
     let (acks_tx, mut acks) = mpsc::channel(64);
     let _reader = super::target::AbortOnDrop(tokio::spawn(async move {
@@ -375,7 +380,6 @@ pub async fn stream(
     // An event taken while filling a frame that did not fit in it; it goes first next time.
     let mut held: Option<TailEvent> = None;
     loop {
-        let durable = *durable_tx.borrow();
         if reached && last_sent.is_none_or(|l| durable >= l) {
             return Ok(durable);
         }
@@ -418,7 +422,7 @@ pub async fn stream(
                 Some(Ok(Some(Message::WalDurable { durable_lsn }))) => {
                     shared.durable_lsn.store(durable_lsn.0, Ordering::Relaxed);
                     timer.durable(&shared, durable_lsn);
-                    durable_tx.send_replace(durable_lsn);
+                    durable = durable_lsn;
                 }
                 Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
                 Some(Ok(Some(other))) => return Err(TransferError::Protocol(format!("unexpected {} on the WAL stream", other.name()))),

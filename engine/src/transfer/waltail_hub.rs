@@ -35,9 +35,11 @@
 //! subscription with room closes the gap whenever the writer leaves headroom).
 //!
 //! Where the shared tail reads: through links of its own, `<wal_dir>/.ferry-held/.tail-<pid>-<n>/`
-//! (a migration id cannot start with a dot), made before the first read and at every poll
-//! interval and dropped behind the tail, so a segment the database deletes before the tail
-//! reaches it is still read. Such folders left by processes that are gone are removed when a
+//! (a migration id cannot start with a dot), made before the first read, at every poll
+//! interval and as soon as the folder's notice says a file was created or moved in (so a
+//! segment the database just rolled to is read at once, not up to a poll interval later:
+//! a fence's drain met that wait at every roll), and dropped behind the tail, so a segment
+//! the database deletes before the tail reaches it is still read. Such folders left by processes that are gone are removed when a
 //! thread starts. It starts at the first subscription's LSN, or at the folder's oldest
 //! segment when the database already deleted the one holding it (that subscription then
 //! catches up from its own links).
@@ -61,7 +63,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_wire::limits::WAL_BATCH_TARGET_BYTES;
 use ferry_wire::wal::{CursorConfig, Selection};
@@ -70,9 +72,7 @@ use ferry_wire::{Lsn, MigrationId, VShardId};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::walsend::{
-    list_segments, Holder, OutgoingBatch, TailEvent, TailShared, WalSourceConfig, HELD_DIR_NAME, POLL_INTERVAL,
-};
+use super::walsend::{list_segments, Holder, OutgoingBatch, TailEvent, TailShared, WalSourceConfig, HELD_DIR_NAME};
 use super::TransferError;
 use crate::wal::notice::AppendNotice;
 use crate::wal::tail::{FolderTail, TailRecordRef};
@@ -279,6 +279,10 @@ struct Hub {
     subs: Vec<Subscriber>,
     counters: Arc<Counters>,
     refreshed_at: Instant,
+    /// The notice saw a file created or moved in: link it before the next read.
+    refresh_due: bool,
+    /// The first subscription's [`WalSourceConfig::poll_interval`].
+    poll_interval: Duration,
 }
 
 impl Hub {
@@ -288,7 +292,7 @@ impl Hub {
         // folder raise no event there), before the first read, so no append is missed.
         let (notice, watch_error) = AppendNotice::watch(folder);
         if let Some(e) = watch_error {
-            tracing::warn!(dir = %folder.display(), "no inotify watch on the WAL folder ({e}): polling every {POLL_INTERVAL:?}");
+            tracing::warn!(dir = %folder.display(), "no inotify watch on the WAL folder ({e}): polling every {:?}", first.config.poll_interval);
         }
         let listing = list_segments(folder)?;
         let from = first.from_lsn;
@@ -319,6 +323,8 @@ impl Hub {
             subs: Vec::new(),
             counters,
             refreshed_at: Instant::now(),
+            refresh_due: false,
+            poll_interval: first.config.poll_interval,
         })
     }
 
@@ -352,7 +358,7 @@ impl Hub {
                 }
                 continue;
             }
-            if self.refreshed_at.elapsed() >= POLL_INTERVAL {
+            if self.refresh_due || self.refreshed_at.elapsed() >= self.poll_interval {
                 self.refresh()?;
             }
             let shared_caught_up = self.shared_step()?;
@@ -367,8 +373,11 @@ impl Hub {
                 sub.pump(shared_caught_up);
             }
             if idle {
-                if let Err(e) = self.notice.wait(POLL_INTERVAL) {
-                    tracing::warn!(dir = %self.folder.display(), "the WAL folder's inotify watch failed ({e}): polling every {POLL_INTERVAL:?}");
+                match self.notice.wait(self.poll_interval) {
+                    Ok(noticed) => self.refresh_due |= noticed.created,
+                    Err(e) => {
+                        tracing::warn!(dir = %self.folder.display(), "the WAL folder's inotify watch failed ({e}): polling every {:?}", self.poll_interval);
+                    }
                 }
             }
         }
@@ -460,6 +469,7 @@ impl Hub {
             }
         }
         self.refreshed_at = Instant::now();
+        self.refresh_due = false;
         Ok(())
     }
 
@@ -664,7 +674,7 @@ impl Outlet {
                 return Err(TransferError::Local(format!("WAL record {lsn} is too large to send")));
             }
             self.batch.note(record.segment, lsn);
-            self.shared.source_lsn.store(lsn.0, Ordering::Relaxed);
+            self.shared.source_lsn.store(lsn.0, Ordering::Release);
         }
         self.next_lsn = Lsn(lsn.0.saturating_add(1));
         self.shared.note_scanned(lsn);

@@ -8,6 +8,7 @@ use ferry_wire::wal::{check_record, Layout, LayoutChoice};
 use ferry_wire::walstream;
 
 use super::*;
+use crate::transfer::walsend::POLL_INTERVAL;
 use crate::wal::writer::{FlushStyle, RecordSpec, WalWriter, WriterOptions};
 
 /// Polls of 1 ms before a wait gives up: a guard against a hang, not a timing assertion.
@@ -54,6 +55,7 @@ fn wal_config(dir: &Path, until: Option<u64>) -> WalSourceConfig {
         alignment_bytes: 4096,
         until_lsn: until.map(Lsn),
         max_held_wal_bytes: 1 << 30,
+        poll_interval: POLL_INTERVAL,
     }
 }
 
@@ -303,4 +305,24 @@ fn other_cursor_settings_read_privately_on_the_same_thread() {
     let stats = wait_stats(dir.path(), "the thread stopped", |s| !s.tail_running);
     assert_eq!(stats.tail_threads_started_count, 1);
     assert_eq!(stats.catch_up_read_bytes, record_bytes(dir.path(), 1, 600));
+}
+
+/// With the periodic listing an hour away, records in a segment the writer rolls to still
+/// arrive: the notice of the new file links it at once. (Before, they waited for the next
+/// listing: a fence whose last records followed a roll waited a whole poll interval.)
+#[test]
+fn a_segment_rolled_to_is_followed_at_its_notice_not_at_the_next_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = WalWriter::create(dir.path(), options(), Lsn(1)).unwrap();
+    append(&mut writer, 10, 40);
+    let config = WalSourceConfig { poll_interval: Duration::from_secs(3600), ..wal_config(dir.path(), None) };
+    let mut sink = Sink::subscribe(config, "rolled", 1, 1, walsend_queue());
+    sink.wait("the records before the roll", |s| s.lsns == s.expected(1, 10));
+    for round in 0..3 {
+        writer.roll().unwrap();
+        append(&mut writer, 10, 40);
+        let to = 20 + round * 10;
+        sink.wait("the records past a roll", |s| s.lsns == s.expected(1, to));
+    }
+    assert!(list_segments(dir.path()).unwrap().len() >= 4);
 }

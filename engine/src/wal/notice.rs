@@ -2,7 +2,9 @@
 //!
 //! What it does: [`AppendNotice::watch`] puts an inotify watch on a folder (writes to its
 //! files, files created or moved in) and [`AppendNotice::wait`] returns as soon as one of
-//! those happened since the previous wait, or when the timeout passes, whichever is first.
+//! those happened since the previous wait, or when the timeout passes, whichever is first,
+//! saying whether a file was created or moved in ([`Noticed::created`]: a tailer that reads
+//! through links of its own links the new segment now, not at its next periodic listing).
 //! A tailer polls its [`FolderTail`](super::tail::FolderTail) until it has nothing more, then
 //! waits here: an append is noticed within tens of microseconds instead of the poll period.
 //!
@@ -14,19 +16,31 @@
 //! Invariants: no notice is lost between a tailer's last read and its wait: the watch exists
 //! before the first wait, events queue in the kernel until read, and a wait first drains
 //! what is queued and returns at once if anything was. A spurious wake-up costs one poll.
-//! No `unsafe` here (inotify through rustix, the timed wait through mio).
+//! No `unsafe` here (inotify and its event records through rustix, the timed wait through
+//! mio).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 
-/// Bytes read from the inotify queue at a time (events are only counted, never parsed).
+/// Bytes read from the inotify queue at a time (each read holds whole events).
 const DRAIN_BUF_BYTES: usize = 4096;
+
+/// What a wait saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Noticed {
+    /// Something was written to the folder.
+    pub written: bool,
+    /// A file was created or moved into the folder, or events were lost (the queue
+    /// overflowed): list the folder again now.
+    pub created: bool,
+}
 
 /// Wakes a tailer when its WAL folder is written to. See the module docs.
 #[derive(Debug)]
@@ -39,7 +53,7 @@ struct Watch {
     fd: OwnedFd,
     poll: Poll,
     events: Events,
-    buf: Box<[u8; DRAIN_BUF_BYTES]>,
+    buf: Box<[MaybeUninit<u8>; DRAIN_BUF_BYTES]>,
 }
 
 impl AppendNotice {
@@ -62,15 +76,16 @@ impl AppendNotice {
         self.watch.is_some()
     }
 
-    /// Returns once the folder was written to since the last wait, or after `timeout`. A
-    /// failing watch is dropped (waits become sleeps) and its error returned, once.
-    pub fn wait(&mut self, timeout: Duration) -> Result<(), io::Error> {
+    /// Returns once the folder was written to since the last wait, or after `timeout`, with
+    /// what it saw. A failing watch is dropped (waits become sleeps) and its error returned,
+    /// once.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Noticed, io::Error> {
         let Some(watch) = self.watch.as_mut() else {
             std::thread::sleep(timeout);
-            return Ok(());
+            return Ok(Noticed::default());
         };
         match watch.wait(timeout) {
-            Ok(()) => Ok(()),
+            Ok(noticed) => Ok(noticed),
             Err(e) => {
                 self.watch = None;
                 Err(e)
@@ -85,32 +100,42 @@ impl Watch {
         inotify::add_watch(&fd, dir, WatchFlags::MODIFY | WatchFlags::CREATE | WatchFlags::MOVED_TO)?;
         let poll = Poll::new()?;
         poll.registry().register(&mut SourceFd(&fd.as_raw_fd()), Token(0), Interest::READABLE)?;
-        Ok(Watch { fd, poll, events: Events::with_capacity(4), buf: Box::new([0; DRAIN_BUF_BYTES]) })
+        Ok(Watch {
+            fd,
+            poll,
+            events: Events::with_capacity(4),
+            buf: Box::new([MaybeUninit::uninit(); DRAIN_BUF_BYTES]),
+        })
     }
 
-    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+    fn wait(&mut self, timeout: Duration) -> io::Result<Noticed> {
         // mio registers edge-triggered: the queue is always drained before sleeping, so a
         // new event is a new edge.
-        if self.drain()? {
-            return Ok(());
+        let queued = self.drain()?;
+        if queued.written || queued.created {
+            return Ok(queued);
         }
         match self.poll.poll(&mut self.events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        self.drain()?;
-        Ok(())
+        self.drain()
     }
 
-    /// Reads every queued event; whether there was any.
-    fn drain(&mut self) -> io::Result<bool> {
-        let mut any = false;
+    /// Reads every queued event; what they say.
+    fn drain(&mut self) -> io::Result<Noticed> {
+        let mut noticed = Noticed::default();
+        let mut reader = inotify::Reader::new(&self.fd, &mut self.buf[..]);
         loop {
-            match rustix::io::read(&self.fd, &mut self.buf[..]) {
-                Ok(0) => return Ok(any),
-                Ok(_) => any = true,
-                Err(rustix::io::Errno::AGAIN) => return Ok(any),
+            match reader.next() {
+                Ok(event) => {
+                    let flags = event.events();
+                    noticed.written |= flags.contains(ReadFlags::MODIFY);
+                    noticed.created |=
+                        flags.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO | ReadFlags::QUEUE_OVERFLOW);
+                }
+                Err(rustix::io::Errno::AGAIN) => return Ok(noticed),
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -139,12 +164,22 @@ mod tests {
         let mut file = std::fs::File::create(dir.path().join("wal-00000000000000000001.seg")).unwrap();
         file.write_all(b"x").unwrap();
         // Drains the create and the write; then nothing is queued.
-        notice.wait(Duration::from_secs(3600)).unwrap();
+        let noticed = notice.wait(Duration::from_secs(3600)).unwrap();
+        assert_eq!(noticed, Noticed { written: true, created: true });
         let watch = notice.watch.as_mut().unwrap();
-        assert!(!watch.drain().unwrap(), "the wait left events queued");
+        assert_eq!(watch.drain().unwrap(), Noticed::default(), "the wait left events queued");
         file.write_all(b"y").unwrap();
-        assert!(watch.drain().unwrap(), "a write raised no event");
-        notice.wait(Duration::from_millis(1)).unwrap();
+        assert_eq!(watch.drain().unwrap(), Noticed { written: true, created: false }, "a write raised no event");
+        // A file moved in is a new file too.
+        std::fs::write(dir.path().join(".wal-00000000000000000009.tmp"), b"z").unwrap();
+        watch.drain().unwrap();
+        std::fs::rename(
+            dir.path().join(".wal-00000000000000000009.tmp"),
+            dir.path().join("wal-00000000000000000009.seg"),
+        )
+        .unwrap();
+        assert_eq!(watch.drain().unwrap(), Noticed { written: false, created: true });
+        assert_eq!(notice.wait(Duration::from_millis(1)).unwrap(), Noticed::default());
     }
 
     /// A write from another thread wakes a waiter that would otherwise wait an hour.
@@ -177,7 +212,7 @@ mod tests {
     fn without_a_watch_a_wait_sleeps() {
         let mut notice = AppendNotice::sleeping();
         assert!(!notice.is_watching());
-        notice.wait(Duration::from_millis(1)).unwrap();
+        assert_eq!(notice.wait(Duration::from_millis(1)).unwrap(), Noticed::default());
         let (notice, err) = AppendNotice::watch(Path::new("/nonexistent/ferry/wal"));
         assert!(err.is_some() && !notice.is_watching());
     }
