@@ -24,8 +24,11 @@
 
 use crate::limits::{CHUNK_LEN_MAX_BYTES, CONTROL_BODY_LEN_MAX_BYTES, WAL_BATCH_BODY_LEN_MAX_BYTES};
 
-/// The protocol version this build speaks, exchanged in the first frame of a connection.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks, exchanged in the first frame of a connection; peers
+/// of different versions refuse each other. 2: a `Fence` names `through_lsn` and the target
+/// waits for its staged WAL to be durable up to it (a version-1 target would fence without
+/// waiting, before the last records are durable).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Frame magic: "FRY1" as little-endian bytes.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
 /// Size of the frame header, in bytes.
