@@ -184,18 +184,10 @@ async fn wait_applied(
     final_lsn: Lsn,
     deadline: tokio::time::Instant,
 ) -> Option<String> {
-    loop {
-        let notified = ctx.applied.notified();
-        let applied = ctx.applied_lsn(id)?;
-        if applied >= final_lsn.0 {
-            return None;
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Some(format!(
-                "the target's database has applied up to {applied}, not final_lsn {final_lsn}, within the pause budget"
-            ));
-        }
-    }
+    let applied = wait_for(&ctx.applied, final_lsn, deadline, || ctx.applied_lsn(id)).await.err()?;
+    Some(format!(
+        "the target's database has applied up to {applied}, not final_lsn {final_lsn}, within the pause budget"
+    ))
 }
 
 /// Waits for the staged WAL of `id` to be durable up to `through_lsn`; `Some(why)` when it was
@@ -206,16 +198,30 @@ async fn wait_wal_durable(
     through_lsn: Lsn,
     deadline: tokio::time::Instant,
 ) -> Option<String> {
+    let durable =
+        wait_for(&ctx.wal_durable, through_lsn, deadline, || Some(ctx.wal_durable_lsn(id).unwrap_or(0))).await.err()?;
+    Some(format!(
+        "the staged WAL is durable up to {durable}, not up to record {through_lsn} (the last the source read up to the fence), within the pause budget"
+    ))
+}
+
+/// Waits, woken by `notify`, until `reached()` is at least `goal` (or `None`: nothing to wait
+/// for); `Err(what it last was)` at `deadline`.
+async fn wait_for(
+    notify: &tokio::sync::Notify,
+    goal: Lsn,
+    deadline: tokio::time::Instant,
+    reached: impl Fn() -> Option<u64>,
+) -> Result<(), u64> {
     loop {
-        let notified = ctx.wal_durable.notified();
-        let durable = ctx.wal_durable_lsn(id).unwrap_or(0);
-        if durable >= through_lsn.0 {
-            return None;
+        // Made before the check: a notify_waiters() between the check and the wait wakes it.
+        let notified = notify.notified();
+        let Some(now) = reached() else { return Ok(()) };
+        if now >= goal.0 {
+            return Ok(());
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Some(format!(
-                "the staged WAL is durable up to {durable}, not up to record {through_lsn} (the last the source read up to the fence), within the pause budget"
-            ));
+            return Err(now);
         }
     }
 }
