@@ -201,16 +201,16 @@ pub(super) async fn serve(
         })
         .await;
         let target_durable_at_ns = monotonic_ns();
-        match answer {
-            Ok(Some(Ok(Some(Message::Fenced { .. })))) if violation(&wal.shared, final_lsn).is_some() => {
-                // Read while the target fenced: the writer did not pause. The target's staging
-                // goes back to copying when that record reaches it (the ceiling is lifted).
-                let lsn = violation(&wal.shared, final_lsn).unwrap_or(final_lsn);
+        // Read while the target fenced: the writer did not pause.
+        match (answer, violation(&wal.shared, final_lsn)) {
+            (Ok(Some(Ok(Some(Message::Fenced { .. })))), Some(lsn)) => {
+                // The target's staging goes back to copying when that record reaches it (the
+                // ceiling is lifted).
                 tracing::warn!(%final_lsn, %lsn, "fence violated after the drain");
                 wal.shared.lift_ceiling();
                 let _ = reply.send(Err(FenceFailure::Violated(lsn)));
             }
-            Ok(Some(Ok(Some(Message::Fenced { durable_lsn, commit_us, apply_wait_us })))) => {
+            (Ok(Some(Ok(Some(Message::Fenced { durable_lsn, commit_us, apply_wait_us })))), None) => {
                 let done =
                     FenceDone { final_lsn, durable_lsn, drained_at_ns, target_durable_at_ns, commit_us, apply_wait_us };
                 // The daemon's receipt is the commit point: one that gave up meanwhile has put
@@ -221,16 +221,16 @@ pub(super) async fn serve(
                 tracing::warn!(%final_lsn, "the target fenced after the daemon gave up on the fence; streaming goes on");
                 wal.shared.lift_ceiling();
             }
-            Ok(Some(Ok(Some(Message::FenceCancelled { reason })))) => {
+            (Ok(Some(Ok(Some(Message::FenceCancelled { reason })))), _) => {
                 wal.shared.lift_ceiling();
                 let _ = reply.send(Err(FenceFailure::Cancelled(format!("the target cancelled the fence: {reason}"))));
             }
-            Ok(other) => {
+            (Ok(other), _) => {
                 let e = unexpected_message("waiting for the target's fenced answer", other);
                 let _ = reply.send(Err(FenceFailure::Cancelled(format!("lost the target during the fence: {e}"))));
                 return Err(e);
             }
-            Err(_) => {
+            (Err(_), _) => {
                 // No answer within the budget. Cancelling is safe even if the target fences
                 // later: only a release makes it authoritative, and the target releases only
                 // at the final_lsn of a fence the source recorded as completed.
