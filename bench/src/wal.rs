@@ -324,7 +324,7 @@ impl DurableObserver {
             let started = Instant::now();
             let mut last = 0u64;
             while !stopped.load(Ordering::Relaxed) {
-                let now_lsn = ctx.inbound().get(&id).and_then(|s| s.wal_durable_lsn).unwrap_or(0);
+                let now_lsn = ctx.wal_durable_lsn(&id).unwrap_or(0);
                 let at = Instant::now();
                 seen.polls_count += 1;
                 if now_lsn > last {

@@ -30,6 +30,8 @@ use crate::control::{CallFuture, Handler, Reply, Subscription};
 use crate::outbound::{Outbound, OutboundError};
 use crate::transfer::target::{InboundStatus, TargetContext};
 use crate::transfer::TransferError;
+use ferry_wire::proto::inbound::{InboundError, InboundState};
+use ferry_wire::proto::Blame;
 
 /// How often migrations are checked for changes to publish.
 pub const EVENT_INTERVAL: Duration = Duration::from_millis(250);
@@ -48,42 +50,40 @@ pub struct Daemon {
 
 /// An inbound migration as `migration.status` shows it.
 pub fn inbound_status(id: &MigrationId, s: &InboundStatus) -> MigrationStatus {
-    let phase = match s.state.as_str() {
-        "base_staged" => Phase::WalCatchUp,
-        "fenced" => Phase::AtomicCutOver,
-        "released" => Phase::Completed,
-        "aborted" | "failed" => Phase::Failed,
-        _ => Phase::BaseCopy,
+    let m = &s.migration;
+    let (phase, staging_state) = match m.state {
+        InboundState::Receiving | InboundState::Interrupted => (Phase::BaseCopy, "copying"),
+        InboundState::BaseStaged => (Phase::WalCatchUp, "copying"),
+        InboundState::Fenced { .. } => (Phase::AtomicCutOver, "fenced"),
+        InboundState::Released { .. } => (Phase::Completed, "released"),
+        InboundState::Aborted { .. } => (Phase::Failed, "aborted"),
     };
     MigrationStatus {
         migration_id: id.as_str().to_owned(),
         role: Role::Target,
         phase,
-        vshard_id: None,
-        peer_node: s.source_node.clone(),
-        bytes_transferred: s.bytes_verified,
-        bytes_total: s.bytes_total,
-        bytes_resent: s.bytes_resent,
-        files_staged: s.files_staged_count,
-        files_total: s.files_total_count,
-        wal: WalProgress { start_lsn: None, current_lsn: s.wal_durable_lsn, source_lsn: None, held_bytes: 0 },
+        vshard_id: m.vshard_id.map(|v| v.0),
+        peer_node: m.source_node.clone(),
+        bytes_transferred: m.bytes_verified,
+        bytes_total: m.bytes_total,
+        bytes_resent: m.bytes_resent,
+        files_staged: m.files_staged_count,
+        files_total: m.files_total_count,
+        wal: WalProgress {
+            start_lsn: None,
+            current_lsn: m.wal_durable_lsn.map(|l| l.0),
+            source_lsn: None,
+            held_bytes: 0,
+        },
         rate_limit_bytes_per_sec: 0,
         throughput_bytes_per_sec: 0,
         pause_duration_us: None,
         pause: None,
         fence_started_at_ns: None,
-        final_lsn: None,
-        reason: s.reason.clone(),
-        staging_state: Some(
-            match s.state.as_str() {
-                "released" => "released",
-                "aborted" => "aborted",
-                "fenced" => "fenced",
-                _ => "copying",
-            }
-            .to_owned(),
-        ),
-        started_at_unix_ms: 0,
+        final_lsn: m.final_lsn().map(|l| l.0),
+        reason: m.reason().map(str::to_owned),
+        staging_state: Some(staging_state.to_owned()),
+        started_at_unix_ms: m.started_at_unix_ms,
         updated_at_unix_ms: 0,
     }
 }
@@ -118,6 +118,8 @@ fn outbound_rpc(e: OutboundError) -> RpcError {
 fn transfer_rpc(e: TransferError) -> RpcError {
     match e {
         TransferError::Refused(message) => RpcError::refused(message),
+        TransferError::Inbound(InboundError::NotFound { id }) => not_found(&id),
+        TransferError::Inbound(e) if e.blame() != Blame::Local => RpcError::refused(e.to_string()),
         other => RpcError::internal(other.to_string()),
     }
 }

@@ -181,13 +181,14 @@ fn spawn_progress_log(ctx: Arc<TargetContext>, every: Duration) -> tokio::task::
         loop {
             tick.tick().await;
             for (id, status) in ctx.inbound() {
-                if status.state == "receiving" {
+                let m = &status.migration;
+                if m.state == ferry_wire::proto::inbound::InboundState::Receiving {
                     tracing::info!(
                         migration = %id,
-                        bytes_transferred = status.bytes_verified,
-                        bytes_total = status.bytes_total,
-                        files_staged = status.files_staged_count,
-                        files_total = status.files_total_count,
+                        bytes_transferred = m.bytes_verified,
+                        bytes_total = m.bytes_total,
+                        files_staged = m.files_staged_count,
+                        files_total = m.files_total_count,
                         "inbound base copy"
                     );
                 }

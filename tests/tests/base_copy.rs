@@ -167,7 +167,7 @@ async fn the_rate_limit_changes_while_a_copy_runs() {
     };
     // Limited: it makes progress, slowly.
     loop {
-        let verified = target.ctx.inbound().values().map(|s| s.bytes_verified).max().unwrap_or(0);
+        let verified = target.ctx.inbound().values().map(|s| s.migration.bytes_verified).max().unwrap_or(0);
         if verified >= 1 << 20 {
             break;
         }

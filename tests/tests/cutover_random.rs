@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_engine::cli::cutover::{cut_over, CutOverOptions, RefWrites};
+use ferry_engine::cli::coordinator::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::control::ControlClient;
 use ferry_engine::refnode::{
     export_base, generate_bulk, read_wal_folder, verify, FolderKind, RecordLayout, RefWriter, RefWriterConfig,

@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ferry_engine::cli::cutover::{cut_over, CutOverOptions, RefWrites};
+use ferry_engine::cli::coordinator::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::clock::monotonic_ns;
 use ferry_engine::control::ControlClient;
 use ferry_engine::refnode::{

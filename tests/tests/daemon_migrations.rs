@@ -821,3 +821,36 @@ fn a_release_after_the_source_daemon_restarted_completes_a_fence_that_completed(
     });
     assert!(verification.passed(), "{verification:?}");
 }
+
+#[test]
+fn a_refused_recopy_under_a_released_id_leaves_the_target_as_it_was() {
+    // The phantom-migration sequence: a released migration's id offered again with other
+    // files is refused; the target must still show it released, hold no admission slot for
+    // it, and let it be forgotten.
+    let c = cluster("", "max_inbound_migrations = 1", &[("a.seg", 1 << 20)]);
+    c.source.call("migration.start", c.params("m-1", 1, 0)).unwrap();
+    c.source.wait_for("m-1", "the first copy", phase_is("Completed"));
+    c.target.wait_for("m-1", "the staging released", phase_is("Completed"));
+    c.source.call("migration.forget", json!({ "migration_id": "m-1" })).unwrap();
+
+    let other_root = c.source_root.parent().unwrap().join("other-shard");
+    write_file(&other_root, "b.seg", 1 << 20, 9);
+    let mut params = c.params("m-1", 1, 0);
+    params["segments_root"] = json!(other_root.display().to_string());
+    c.source.call("migration.start", params).unwrap();
+    let refused = c.source.wait_for("m-1", "the refusal", phase_is("Failed"));
+    assert!(refused["reason"].as_str().unwrap().contains("different or aborted"), "{refused}");
+
+    let inbound = c.target.status("m-1");
+    assert_eq!((inbound["phase"].as_str(), inbound["staging_state"].as_str()), (Some("Completed"), Some("released")));
+    assert_eq!(c.manifest_state("m-1"), "released");
+    let list = c.target.call("migration.list", json!({})).unwrap();
+    let base_copies = list["migrations"].as_array().unwrap().iter().filter(|m| m["phase"] == "BaseCopy").count();
+    assert_eq!(base_copies, 0, "{list}");
+
+    // The only admission slot is free: a new migration is admitted and completes.
+    c.source.call("migration.start", c.params("m-2", 2, 0)).unwrap();
+    c.source.wait_for("m-2", "the second copy", phase_is("Completed"));
+    c.target.call("migration.forget", json!({ "migration_id": "m-1" })).unwrap();
+    assert!(!c.staged("m-1").exists());
+}

@@ -29,7 +29,7 @@ fn seed() -> u64 {
 /// Waits until the target has verified at least `bytes` of migration `id`.
 async fn wait_verified(target: &Target, id: &str, bytes: u64) {
     for _ in 0..6000 {
-        let done = target.ctx.inbound().iter().any(|(m, s)| m.as_str() == id && s.bytes_verified >= bytes);
+        let done = target.ctx.inbound().iter().any(|(m, s)| m.as_str() == id && s.migration.bytes_verified >= bytes);
         if done {
             return;
         }

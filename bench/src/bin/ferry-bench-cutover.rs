@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use ferry_bench::certs::{BenchCerts, SOURCE_NODE, TARGET_NODE};
-use ferry_engine::cli::cutover::{cut_over, CutOverOptions, RefWrites};
+use ferry_engine::cli::coordinator::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::config::NodeConfig;
 use ferry_engine::control::ControlClient;
 use ferry_engine::node::RunningNode;

@@ -8,7 +8,7 @@
 //!
 //! Without `--offline` the migration is live: it needs `--wal-dir` and the three commands that
 //! pause and resume the database's writes. Once the migration is in `WalCatchUp` it runs the
-//! cut-over ([`super::cutover::cut_over`]): prepare until the estimated pause fits the budget,
+//! cut-over ([`super::coordinator::cut_over`]): prepare until the estimated pause fits the budget,
 //! `--pause-cmd` (prints the last acknowledged LSN: `final_lsn`), fence, `--resume-cmd` (writes
 //! resume on the target) and release; a cancelled or violated fence runs
 //! `--resume-source-cmd` and is tried again up to `--fence-retries` times.
@@ -31,7 +31,7 @@ use ferry_wire::api::{MigrationStatus, Phase, Role, StartParams, WRITE_PAUSE_BUD
 use ferry_wire::MigrationId;
 use serde::Serialize;
 
-use super::cutover::{CutOverOptions, CutOverOutcome, ShellWrites};
+use super::coordinator::{CutOverOptions, CutOverOutcome, ShellWrites};
 use super::ops::{self, SocketArgs, Tracked};
 use super::render::{format_bytes, parse_byte_size, render_line};
 use crate::control::typed::MigrationEvent;
@@ -357,7 +357,7 @@ async fn coordinate(
                     "ferry migrate: {id} is catching up; cutting over (budget {} us)",
                     params.write_pause_budget_us
                 );
-                let outcome = super::cutover::cut_over(&mut calls, &id, writes, *options).await?;
+                let outcome = super::coordinator::cut_over(&mut calls, &id, writes, *options).await?;
                 eprintln!("ferry migrate: {}", cut_over_report(&outcome));
                 cut = Some(outcome);
             }
@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn the_pause_command_must_print_an_lsn() {
-        use crate::cli::cutover::WriteControl;
+        use crate::cli::coordinator::WriteControl;
         let mut writes = ShellWrites {
             pause_cmd: "echo paused; echo 1234".into(),
             resume_cmd: "true".into(),

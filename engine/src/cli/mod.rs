@@ -6,8 +6,8 @@
 //! What it does not: hold transfer logic; it calls the library.
 
 mod certs_cmd;
+pub mod coordinator;
 mod copy;
-pub mod cutover;
 mod demo;
 mod migrate;
 mod ops;

@@ -18,8 +18,8 @@
 //! Invariants: a migration's phase record is durable before `start` answers; a final phase is
 //! never left again; every registry lock is held briefly and never across an await.
 
-mod cutover;
-pub use cutover::RELEASE_PENDING_OUTCOME;
+mod fence_calls;
+pub use fence_calls::RELEASE_PENDING_OUTCOME;
 pub mod record;
 
 use std::collections::BTreeMap;
@@ -100,15 +100,15 @@ struct Entry {
     bytes_resent: u64,
     staging_state: Option<String>,
     /// A live migration's way into its running copy's cut-over.
-    cutover: Option<tokio::sync::mpsc::Sender<crate::transfer::cutover::FenceCommand>>,
+    cutover: Option<tokio::sync::mpsc::Sender<crate::transfer::fence_source::FenceCommand>>,
     /// The running WAL stream's live figures (for the estimate).
-    stream: crate::transfer::cutover::StreamFigures,
+    stream: crate::transfer::fence_source::StreamFigures,
     /// The estimate the last `prepare_cutover` admitted.
     estimate_us: Option<u64>,
     /// The slowest MANIFEST commit the target reported in this migration's fences.
     manifest_commit_us: u64,
     /// The fence in progress or completed (cleared when one is cancelled).
-    fence: Option<cutover::FenceState>,
+    fence: Option<fence_calls::FenceState>,
     /// A fence this migration started before a daemon restart, from its record: a release may
     /// still complete it when the target confirms it is fenced there.
     recovered_fence: Option<ferry_wire::fence::PauseStamps>,
@@ -253,7 +253,7 @@ impl Outbound {
             self.global_rate.clone(),
         );
         let live = params.wal_dir.is_some() && !params.offline;
-        let (cutover_tx, cutover) = crate::transfer::cutover::CutOver::channel();
+        let (cutover_tx, cutover) = crate::transfer::fence_source::CutOver::channel();
         let stream = cutover.stream.clone();
         let cutover = live.then_some(cutover);
         let me = self.clone();
@@ -295,7 +295,7 @@ impl Outbound {
         &self,
         id: &MigrationId,
         params: &StartParams,
-        cutover: Option<crate::transfer::cutover::CutOver>,
+        cutover: Option<crate::transfer::fence_source::CutOver>,
     ) -> Result<CopyRequest, OutboundError> {
         let bad = |e: String| OutboundError::InvalidParams(e);
         let target_addr: SocketAddr = params.target_address.parse().map_err(|e| bad(format!("target_address: {e}")))?;
@@ -334,7 +334,7 @@ impl Outbound {
         params: StartParams,
         progress: watch::Sender<Progress>,
         rate: RateHandle,
-        cutover: Option<crate::transfer::cutover::CutOver>,
+        cutover: Option<crate::transfer::fence_source::CutOver>,
     ) {
         let request = match self.copy_request(&id, &params, cutover) {
             Ok(request) => request,
@@ -481,7 +481,7 @@ impl Outbound {
                 // Told by [`Outbound::tell_pending_releases`], so an unreachable target does
                 // not hold up the daemon's start.
                 self.insert_final(&id, &record);
-                outcomes.push((id, cutover::RELEASE_PENDING_OUTCOME.to_owned()));
+                outcomes.push((id, fence_calls::RELEASE_PENDING_OUTCOME.to_owned()));
             } else if record.phase.is_final() {
                 self.insert_final(&id, &record);
                 outcomes.push((id, format!("kept: {:?}", record.phase)));
@@ -549,7 +549,7 @@ impl Outbound {
                     _ => None,
                 },
                 cutover: None,
-                stream: crate::transfer::cutover::StreamFigures::default(),
+                stream: crate::transfer::fence_source::StreamFigures::default(),
                 estimate_us: None,
                 manifest_commit_us: 0,
                 fence: None,

@@ -18,11 +18,12 @@ use std::time::Duration;
 use ferry_wire::frame::PROTOCOL_VERSION;
 use ferry_wire::manifest::{StagingManifest, StagingState, MANIFEST_FORMAT_VERSION};
 use ferry_wire::message::Message;
+use ferry_wire::proto::inbound::{AbortStep, InboundState};
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 use quinn::VarInt;
 
 use super::framing::{read_control, unexpected, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
-use super::target::TargetContext;
+use super::inbound::TargetContext;
 use super::TransferError;
 use crate::quic::{close_code, QuicTuning};
 use crate::staging::{self, StagingLayout};
@@ -108,6 +109,9 @@ async fn one_request(
     result
 }
 
+/// How long an abort waits for the receiving task of a cut connection to stop.
+const RECEIVER_STOP_WAIT: Duration = Duration::from_secs(10);
+
 /// What an abort found on the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aborted {
@@ -131,22 +135,20 @@ pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &
     };
     // A manifest we cannot read is not a released one: the abort goes ahead and replaces it.
     let existing = existing.ok().flatten();
-    match existing.as_ref().map(|m| m.state) {
-        Some(StagingState::Released) => {
-            return Err(TransferError::Refused(format!(
-                "migration {id} is released: the target is authoritative and its staging is the database's; it cannot be aborted"
-            )))
-        }
-        Some(StagingState::Aborted) => return Ok(Aborted::Already),
-        _ => {}
+    if let Some(m) = &existing {
+        // A staging this node had not listed (unreadable at start-up) is known from now on.
+        ctx.machine().adopt(id, InboundState::of_staging(m.state, m.base_complete, m.final_lsn));
+    }
+    if ctx.machine().check_abort(id)? == AbortStep::Already {
+        return Ok(Aborted::Already);
     }
     ctx.cut(id, &format!("migration aborted: {reason}"));
-    // Let the receiving task see the cut before its files go.
-    for _ in 0..40 {
-        if !ctx.is_receiving(id) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // The receiving task releases its claim when it sees the cut; only then do its files go.
+    if !ctx.wait_unclaimed(id, tokio::time::Instant::now() + RECEIVER_STOP_WAIT).await {
+        return Err(TransferError::Local(format!(
+            "the receiver of {id} did not stop within {} s of its connection's cut; retry the abort",
+            RECEIVER_STOP_WAIT.as_secs()
+        )));
     }
     ctx.wal_stages.forget(id);
     let had_staging = ctx.storage.exists(&layout.root);
@@ -174,10 +176,7 @@ pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &
     })
     .await
     .map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
-    ctx.mark_aborted(id, reason);
+    ctx.machine().aborted(id, reason)?;
     tracing::warn!(migration = %id, "inbound migration aborted: {reason}");
     Ok(if had_staging { Aborted::Removed } else { Aborted::NothingStaged })
 }
-
-/// The close code a cut inbound connection gets: the source must not retry it.
-pub(crate) const CUT_CLOSE_CODE: u32 = close_code::REFUSED;

@@ -30,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use ferry_wire::manifest::StagingState;
 use ferry_wire::message::{Message, Offer};
+use ferry_wire::proto::inbound::ReleaseStep;
 use ferry_wire::{Lsn, MigrationId};
 
-use super::target::TargetContext;
+use super::inbound::TargetContext;
 use super::TransferError;
 use crate::staging::{self, StagingLayout};
 
@@ -104,23 +105,15 @@ pub async fn fence_staging(
             return Ok(Err(above));
         }
         let storage = &*ctx_owned.storage;
+        ctx_owned.machine().check_fence(&id_owned)?;
         let mut manifest = staging::read_manifest(storage, &layout_owned)?
             .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before the fence".into()))?;
-        match manifest.state {
-            StagingState::Released | StagingState::Aborted => {
-                return Err(TransferError::Refused(format!("the staging is {:?}: it cannot be fenced", manifest.state)))
-            }
-            StagingState::Copying | StagingState::Fenced => {}
-        }
         manifest.state = StagingState::Fenced;
         manifest.final_lsn = Some(final_lsn);
         manifest.wal_segments = segments;
         staging::write_manifest_prepared(storage, &layout_owned, &manifest)?;
         // Still under the lock, so a group staged next sees the staging fenced.
-        ctx_owned.update(&id_owned, |s| {
-            s.state = "fenced".into();
-            s.final_lsn = Some(final_lsn.0);
-        });
+        ctx_owned.machine().fenced(&id_owned, final_lsn)?;
         Ok(Ok(durable))
     })
     .await?;
@@ -163,10 +156,9 @@ pub fn unfence_hook(ctx: Arc<TargetContext>, id: MigrationId, layout: StagingLay
                 staging::prepare_manifest_commit(&*ctx.storage, &layout, &manifest)?;
             }
         }
-        ctx.update(&id, |s| {
-            s.state = "base_staged".into();
-            s.final_lsn = None;
-        });
+        if let Err(e) = ctx.machine().unfenced(&id) {
+            tracing::debug!(migration = %id, "not unfenced: {e}");
+        }
         tracing::info!(migration = %id, fenced_at, %last_lsn, "records above a cancelled fence arrive: the staging is copying again");
         Ok(())
     })
@@ -228,40 +220,29 @@ async fn wait_for(
 
 /// Records the target database's ingest progress (`migration.applied`); it only grows.
 pub fn set_applied(ctx: &TargetContext, id: &MigrationId, applied_lsn: Lsn) -> Result<u64, TransferError> {
-    if !ctx.has_inbound(id) {
-        return Err(TransferError::Local(format!("no inbound migration {id} on this node")));
-    }
-    let mut now = applied_lsn.0;
-    ctx.update(id, |s| {
-        now = s.applied_lsn.map_or(applied_lsn.0, |before| before.max(applied_lsn.0));
-        s.applied_lsn = Some(now);
-    });
+    let now = ctx.machine().applied(id, applied_lsn)?;
     ctx.applied.notify_waiters();
-    Ok(now)
+    Ok(now.0)
 }
 
 /// Marks the staging of `id`, fenced at `final_lsn`, `released`. Idempotent.
 pub async fn release_staging(ctx: &Arc<TargetContext>, id: &MigrationId, final_lsn: Lsn) -> Result<(), TransferError> {
+    if !ctx.has_inbound(id) {
+        return Err(TransferError::Refused(format!(
+            "migration {id} has no staging on this target: nothing to release"
+        )));
+    }
+    if ctx.machine().check_release(id, final_lsn)? == ReleaseStep::Already {
+        return Ok(());
+    }
     let layout = StagingLayout::new(&ctx.data_dir, id);
     let manifest = {
         let (storage, layout) = (ctx.storage.clone(), layout.clone());
         blocking(move || Ok(staging::read_manifest(&*storage, &layout)?)).await?
     };
     let Some(mut manifest) = manifest else {
-        return Err(TransferError::Refused(format!(
-            "migration {id} has no staging on this target: nothing to release"
-        )));
+        return Err(TransferError::Local(format!("the staging of {id} lost its MANIFEST.json while fenced")));
     };
-    match (manifest.state, manifest.final_lsn) {
-        (StagingState::Released, Some(at)) if at == final_lsn => return Ok(()),
-        (StagingState::Fenced, Some(at)) if at == final_lsn => {}
-        (state, at) => {
-            return Err(TransferError::Refused(format!(
-                "migration {id} is {state:?} at final_lsn {} on this target, not fenced at {final_lsn}: it cannot be released",
-                at.map_or_else(|| "none".to_owned(), |l| l.to_string())
-            )))
-        }
-    }
     // The staged WAL may have grown after the fence only if a writer did not pause; then the
     // staging must not be released at this fence.
     let wal = ctx.wal_stages.get_or_open(&ctx.storage, &layout, id, manifest.base_lsn)?;
@@ -283,10 +264,7 @@ pub async fn release_staging(ctx: &Arc<TargetContext>, id: &MigrationId, final_l
         Ok(staging::release_held_manifest(&*storage, &layout)?)
     })
     .await?;
-    ctx.update(id, |s| {
-        s.state = "released".into();
-        s.final_lsn = Some(final_lsn.0);
-    });
+    ctx.machine().released(id, final_lsn)?;
     tracing::info!(migration = %id, %final_lsn, "staging released");
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ferry_wire::manifest::{StagingManifest, StagingState, MANIFEST_FORMAT_VERSION};
 use ferry_wire::message::{Message, Offer};
+use ferry_wire::proto::inbound::InboundState;
 use ferry_wire::wal::{encode_record, Layout, RecordHeader};
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 
@@ -51,7 +52,9 @@ fn scene() -> Scene {
     staging::write_manifest(&*storage, &layout, &manifest).unwrap();
     staging::prepare_manifest_commit(&*storage, &layout, &manifest).unwrap();
     ctx.wal_stages.get_or_open(&storage, &layout, &id, BASE_LSN).unwrap();
-    ctx.update(&id, |s| s.wal_durable_lsn = Some(BASE_LSN.0));
+    // The staging as the machine knows it once the base is staged.
+    ctx.machine().adopt(&id, InboundState::BaseStaged);
+    ctx.set_wal_durable(&id, BASE_LSN);
     let offer = Offer {
         migration_id: id,
         vshard_id: VShardId(7),
@@ -81,8 +84,7 @@ fn stage(scene: &Scene, lsns: &[u64]) {
         .collect();
     let wal = scene.ctx.wal_stages.get(&scene.offer.migration_id).unwrap();
     let durable = wal.lock().unwrap().append_batch(&records).unwrap();
-    scene.ctx.update(&scene.offer.migration_id, |s| s.wal_durable_lsn = Some(durable.0));
-    scene.ctx.wal_durable.notify_waiters();
+    scene.ctx.set_wal_durable(&scene.offer.migration_id, durable);
 }
 
 fn state(scene: &Scene) -> (StagingState, Option<Lsn>) {

@@ -6,20 +6,33 @@
 //!
 //! What it does not: decide protocol rules (ferry-wire does) or talk to coordinators (the
 //! daemon does).
+//!
+//! The modules, by role (imports point one way: no module imports one that imports it back):
+//! - source side: `source` (the copy: snapshot, reads, chunk streams), `walrun` and `walsend`
+//!   (the WAL stream of one attempt), `waltail_hub` (one shared tail per WAL folder),
+//!   `fence_source` (the fence inside a running copy);
+//! - target side: `inbound` (the [`inbound::TargetContext`]: the one owner of every inbound
+//!   migration's state, around `ferry_wire::proto::inbound`), `target` (the conversation and
+//!   the chunk streams), `chunklog`, `walrecv`, `fence_target`, `abort`;
+//! - both: `framing` (frames on quinn streams), `task`.
 
 pub mod abort;
 pub mod chunklog;
-pub mod cutover;
+pub mod fence_source;
 pub mod fence_target;
 pub mod framing;
+pub mod inbound;
 pub mod source;
 pub mod target;
+mod task;
 pub mod walrecv;
+mod walrun;
 pub mod walsend;
 pub mod waltail_hub;
 
 use ferry_wire::frame::FrameError;
 use ferry_wire::message::{ErrorKind, MessageError};
+use ferry_wire::proto::inbound::InboundError;
 use ferry_wire::session::SessionError;
 
 use crate::quic::close_code;
@@ -50,6 +63,9 @@ pub enum TransferError {
     ChunkChecksum { file_index: u32, offset_bytes: u64, expected: u32, found: u32 },
     #[error("the target refused the transfer: {0}")]
     Refused(String),
+    /// The target's inbound machine refused a transition (admission, a claim, a release...).
+    #[error("the target refused: {0}")]
+    Inbound(#[from] InboundError),
     #[error("connection to the peer failed: {0}")]
     Connection(String),
     #[error("timed out waiting for {0}")]
@@ -134,21 +150,61 @@ impl TransferError {
         matches!(self, Self::Connection(_) | Self::Timeout(_) | Self::Peer { kind: ErrorKind::Cancelled, .. })
     }
 
+    /// The label of the errors metric: from the error's kind, never from its text.
+    pub fn metric_kind(&self) -> &'static str {
+        match self {
+            Self::Connection(_) | Self::Timeout(_) => "connection",
+            Self::Peer { kind: ErrorKind::Cancelled, .. } => "connection",
+            _ => match self.kind_and_code().0 {
+                ErrorKind::Refused => "refused",
+                ErrorKind::Checksum => "checksum",
+                ErrorKind::SourceChanged => "source_changed",
+                ErrorKind::Storage => "storage",
+                ErrorKind::Cancelled => "connection",
+                ErrorKind::IncompatibleVersion | ErrorKind::Malformed | ErrorKind::Protocol => "protocol",
+            },
+        }
+    }
+
     /// The error kind and close code to tell the peer.
     pub fn kind_and_code(&self) -> (ErrorKind, u32) {
         match self {
             Self::Malformed(_) => (ErrorKind::Malformed, close_code::MALFORMED),
-            Self::Protocol(_) | Self::Peer { .. } | Self::Connection(_) | Self::Local(_) => {
-                (ErrorKind::Protocol, close_code::PROTOCOL)
-            }
+            Self::Protocol(_) | Self::Peer { .. } => (ErrorKind::Protocol, close_code::PROTOCOL),
+            // A lost connection (of this transfer's data connections, say) is nobody's protocol
+            // error: the peer may reconnect and resume.
+            Self::Connection(_) => (ErrorKind::Cancelled, close_code::CANCELLED),
+            // A failure of this node's own: never reported to the peer as its protocol error.
+            Self::Local(_) => (ErrorKind::Storage, close_code::STORAGE),
             Self::IncompatibleVersion { .. } => (ErrorKind::IncompatibleVersion, close_code::INCOMPATIBLE_VERSION),
             Self::Snapshot(SnapshotError::Changed { .. }) => (ErrorKind::SourceChanged, close_code::SOURCE_CHANGED),
             Self::Snapshot(_)
             | Self::Staging(StagingError::Io { .. } | StagingError::Manifest { .. })
             | Self::Read { .. } => (ErrorKind::Storage, close_code::STORAGE),
             Self::Staging(_) | Self::ChunkChecksum { .. } => (ErrorKind::Checksum, close_code::CHECKSUM),
-            Self::Refused(_) => (ErrorKind::Refused, close_code::REFUSED),
+            Self::Refused(_) | Self::Inbound(_) => (ErrorKind::Refused, close_code::REFUSED),
             Self::Timeout(_) => (ErrorKind::Cancelled, close_code::TIMEOUT),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blame_decides_what_the_peer_is_told() {
+        // A lost connection (a data connection of the transfer, say) lets the peer resume.
+        assert_eq!(
+            TransferError::Connection("closed".into()).kind_and_code(),
+            (ErrorKind::Cancelled, close_code::CANCELLED)
+        );
+        // A local failure is never the peer's protocol error.
+        assert_eq!(TransferError::Local("fdatasync failed".into()).kind_and_code().0, ErrorKind::Storage);
+        let refused = TransferError::Inbound(InboundError::AtCapacity { active_count: 1, limit: 1 });
+        assert_eq!(refused.kind_and_code(), (ErrorKind::Refused, close_code::REFUSED));
+        assert_eq!(refused.metric_kind(), "refused");
+        assert_eq!(TransferError::Protocol("x".into()).kind_and_code().0, ErrorKind::Protocol);
+        assert_eq!(TransferError::Timeout("hello").metric_kind(), "connection");
     }
 }

@@ -27,10 +27,10 @@ use quinn::{Connection, SendStream, VarInt};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
-use super::cutover::CutOver;
+use super::fence_source::CutOver;
 use super::framing::{read_control, unexpected, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
-use super::walsend::{self, TailShared, WalSourceConfig};
-use super::waltail_hub::{self, SubscribeRequest};
+use super::walrun::{publish_wal, start_wal, Messages, WalRun};
+use super::walsend::{self, WalSourceConfig};
 use super::TransferError;
 use crate::quic::{close_code, QuicTuning};
 use crate::read::{ChunkReader, ReadMode, ReaderConfig, SourceFile};
@@ -361,10 +361,10 @@ async fn run(
             }
         }
     });
-    let _reader_guard = super::target::AbortOnDrop(reader_task);
+    let _reader_guard = super::task::AbortOnDrop(reader_task);
 
     let mut wal = match &request.wal {
-        Some(config) => Some(start_wal(conn, config, request, offer, progress).await?),
+        Some(config) => Some(start_wal(conn, config, &request.migration_id, request.vshard_id, offer, progress).await?),
         None => None,
     };
     let bytes_resent = if already_staged {
@@ -424,7 +424,7 @@ async fn run(
     let mut fenced = false;
     let final_lsn = match (wal, &request.cutover) {
         (Some(mut wal), Some(cutover)) if !request.commit => {
-            let final_lsn = super::cutover::serve(cutover, &mut wal, &mut send, &mut messages).await?;
+            let final_lsn = super::fence_source::serve(cutover, &mut wal, &mut send, &mut messages).await?;
             publish_wal(&wal.shared, progress);
             fenced = true;
             final_lsn
@@ -481,149 +481,9 @@ fn publish(progress: &watch::Sender<Progress>, base: Progress) {
     });
 }
 
-/// The WAL stream of one attempt: its task, its subscription to the folder's tail, and the
-/// task that publishes its progress.
-pub(super) struct WalRun {
-    task: Option<tokio::task::JoinHandle<Result<Lsn, TransferError>>>,
-    /// The durable LSN the stream ended with, when it ended before `finish`.
-    ended_at: Option<Lsn>,
-    pub(super) shared: Arc<TailShared>,
-    until: Option<Lsn>,
-    /// Publishes the WAL fields of the progress from the start of the stream, so they move
-    /// during the base copy too.
-    _publisher: super::target::AbortOnDrop,
-}
-
-/// How often the WAL fields of the progress are refreshed.
-const WAL_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
-
-impl Drop for WalRun {
-    fn drop(&mut self) {
-        // Leaves the folder's tail (the hub drops the subscription at its next turn).
-        self.shared.stop.store(true, Ordering::Relaxed);
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-impl WalRun {
-    /// Whether the stream task still runs.
-    pub(super) fn running(&self) -> bool {
-        self.task.is_some()
-    }
-
-    /// Waits for the stream task to end (while the base copy runs); keeps its result.
-    pub(super) async fn ended(&mut self) -> Result<(), TransferError> {
-        let Some(task) = self.task.as_mut() else { return Ok(()) };
-        let joined = task.await;
-        self.task = None;
-        let durable = joined.map_err(|e| TransferError::Local(format!("the WAL task failed: {e}")))??;
-        self.ended_at = Some(durable);
-        Ok(())
-    }
-
-    /// Waits until every selected record up to `until_lsn` is durable (forever without one).
-    /// Returns the final LSN.
-    async fn finish(&mut self, progress: &watch::Sender<Progress>) -> Result<Lsn, TransferError> {
-        if let Some(durable) = self.ended_at {
-            publish_wal(&self.shared, progress);
-            return Ok(self.until.unwrap_or(durable));
-        }
-        let Some(task) = self.task.as_mut() else {
-            return Err(TransferError::Local("the WAL stream already ended".into()));
-        };
-        let durable = task.await;
-        self.task = None;
-        let durable = durable.map_err(|e| TransferError::Local(format!("the WAL task failed: {e}")))??;
-        publish_wal(&self.shared, progress);
-        Ok(self.until.unwrap_or(durable))
-    }
-}
-
-/// Publishes the WAL fields of the progress; watchers are woken only when one changed.
-fn publish_wal(shared: &TailShared, progress: &watch::Sender<Progress>) {
-    let durable = shared.durable_lsn.load(Ordering::Relaxed);
-    let source = shared.source_lsn.load(Ordering::Relaxed).max(durable);
-    let held_bytes = shared.held_bytes.load(Ordering::Relaxed);
-    let lag_bytes =
-        shared.queued_bytes.load(Ordering::Relaxed).saturating_add(shared.inflight_bytes.load(Ordering::Relaxed));
-    let rate = shared.rate_bytes_per_sec.load(Ordering::Relaxed);
-    let group_commit_us = shared.group_commit_us.load(Ordering::Relaxed);
-    progress.send_if_modified(|p| {
-        let changed = p.wal_durable_lsn != Some(durable)
-            || p.wal_source_lsn != Some(source)
-            || p.wal_held_bytes != held_bytes
-            || p.wal_lag_bytes != lag_bytes
-            || p.wal_rate_bytes_per_sec != rate
-            || p.wal_group_commit_us != group_commit_us;
-        p.wal_durable_lsn = Some(durable);
-        p.wal_source_lsn = Some(source);
-        p.wal_held_bytes = held_bytes;
-        p.wal_lag_bytes = lag_bytes;
-        p.wal_rate_bytes_per_sec = rate;
-        p.wal_group_commit_us = group_commit_us;
-        changed
-    });
-}
-
-/// Opens the WAL stream, subscribes to the folder's tail from the first record the target
-/// does not hold, and starts publishing the WAL progress.
-async fn start_wal(
-    conn: &Connection,
-    config: &WalSourceConfig,
-    request: &CopyRequest,
-    offer: &Offer,
-    progress: &watch::Sender<Progress>,
-) -> Result<WalRun, TransferError> {
-    let (wal_send, wal_recv, durable) = walsend::open(conn).await?;
-    let durable = durable.max(offer.base_lsn);
-    let start = durable.next().ok_or_else(|| TransferError::Local("the LSN space is exhausted".into()))?;
-    let shared = Arc::new(TailShared::default());
-    shared.durable_lsn.store(durable.0, Ordering::Relaxed);
-    shared.source_lsn.store(durable.0, Ordering::Relaxed);
-    // Every record up to the durable LSN needs no reading: the drain counts it as read.
-    shared.scanned_lsn.store(durable.0, Ordering::Relaxed);
-    let subscription = SubscribeRequest {
-        config: config.clone(),
-        migration_id: request.migration_id.clone(),
-        vshard_id: request.vshard_id,
-        from_lsn: start,
-        queue_max_bytes: walsend::QUEUE_MAX_BYTES,
-    };
-    let events = {
-        let shared = shared.clone();
-        // canonicalize and a channel send: quick, but file system calls stay off the runtime.
-        tokio::task::spawn_blocking(move || waltail_hub::subscribe(subscription, shared))
-            .await
-            .map_err(|e| TransferError::Local(format!("the WAL subscription task failed: {e}")))??
-    };
-    let task = tokio::spawn(walsend::stream(wal_send, wal_recv, events, shared.clone(), durable));
-    publish_wal(&shared, progress);
-    let publisher = {
-        let (shared, progress) = (shared.clone(), progress.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(WAL_PROGRESS_INTERVAL);
-            loop {
-                tick.tick().await;
-                publish_wal(&shared, &progress);
-            }
-        })
-    };
-    Ok(WalRun {
-        task: Some(task),
-        ended_at: None,
-        shared,
-        until: config.until_lsn,
-        _publisher: super::target::AbortOnDrop(publisher),
-    })
-}
-
 fn lock(session: &Mutex<SourceSession>) -> MutexGuard<'_, SourceSession> {
     session.lock().unwrap_or_else(|e| e.into_inner())
 }
-
-pub(super) type Messages = mpsc::Receiver<Result<Option<Message>, TransferError>>;
 
 async fn wait_base_staged(messages: &mut Messages) -> Result<u64, TransferError> {
     loop {
@@ -708,7 +568,7 @@ async fn ship(
             // A WAL stream that fails (a corrupt source WAL, too many held bytes) fails the copy
             // now, with its own error, not after the base copy.
             ended = async { match wal.as_mut() { Some(w) => w.ended().await, None => std::future::pending().await } },
-                if wal.as_ref().is_some_and(|w| w.task.is_some()) => ended?,
+                if wal.as_ref().is_some_and(|w| w.running()) => ended?,
             joined = streams.join_next(), if streams_left > 0 => {
                 streams_left -= 1;
                 match joined {

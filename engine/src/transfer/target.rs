@@ -12,8 +12,7 @@
 //! Bounds: one chunk buffer per uni stream (at most `CHUNK_LEN_MAX_BYTES`), at most
 //! `uni_streams_max_count` streams per connection, a bounded event queue per transfer.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,13 +22,17 @@ use ferry_wire::frame::{FrameKind, PROTOCOL_VERSION};
 use ferry_wire::limits::CONTROL_BODY_LEN_MAX_BYTES;
 use ferry_wire::manifest::{StagedSegment, StagingManifest, StagingState, MANIFEST_FORMAT_VERSION};
 use ferry_wire::message::{ChunkRef, Message, Offer};
+use ferry_wire::proto::inbound::{Begin, ConnId};
 use ferry_wire::session::{ChunkVerdict, FileDone, TargetSession};
-use ferry_wire::{MigrationId, NodeId};
+use ferry_wire::MigrationId;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 
 use super::chunklog::{self, ChunkLog};
 use super::framing::{read_control, write_control, BodyPieces, FrameReader, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::inbound::{now_unix_ms, summary, ClaimGuard};
+pub use super::inbound::{InboundStatus, TargetContext, TargetLimits};
+use super::task::AbortOnDrop;
 use super::TransferError;
 use crate::staging::{self, StagingLayout};
 use crate::storage::{Storage, StorageFile};
@@ -42,73 +45,34 @@ const EVENT_QUEUE_MAX_COUNT: usize = 1024;
 /// a power loss makes the source send again; a killed process loses nothing of it.
 const SYNC_BATCH_BYTES: u64 = 64 << 20;
 
-/// Progress of one inbound transfer, as the daemon shows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct InboundStatus {
-    pub source_node: Option<String>,
-    pub bytes_verified: u64,
-    pub bytes_total: u64,
-    pub bytes_resent: u64,
-    /// Chunk bytes received for this migration by this process, over every connection. Unlike
-    /// `bytes_resent` it does not survive a restart; it shows what resumption saved.
-    pub bytes_received_in_process: u64,
-    pub files_staged_count: u64,
-    pub files_total_count: u64,
-    pub state: String,
-    /// The staged WAL's durable LSN, when the transfer has a WAL stream.
-    pub wal_durable_lsn: Option<u64>,
-    /// An aborted migration: why.
-    pub reason: Option<String>,
-    /// What the target's database reported applied (`migration.applied`); once set, a fence
-    /// waits for it to reach `final_lsn`.
-    pub applied_lsn: Option<u64>,
-    /// The LSN the staging was fenced or released at.
-    pub final_lsn: Option<u64>,
-}
-
-/// What the target admits (DESIGN section 4: admission).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TargetLimits {
-    /// Inbound migrations received at once (a resumed one does not count twice); 0: unlimited.
-    pub max_inbound_count: usize,
-    /// Refuse a new migration whose base does not fit in the data folder's free space.
-    pub check_free_space: bool,
-}
-
-/// States of an inbound migration that still hold a slot.
-fn is_active_state(state: &str) -> bool {
-    matches!(state, "receiving" | "interrupted" | "base_staged" | "fenced")
-}
-
 /// A transfer being received, as extra data connections find it.
 struct Joinable {
+    /// The connection whose claim the transfer runs under.
+    conn: ConnId,
     inbound: Arc<Inbound>,
     events: mpsc::Sender<Event>,
 }
 
-/// What the receiver needs: where staging goes, how it is written, who this node is.
-pub struct TargetContext {
-    pub node_id: NodeId,
-    pub data_dir: PathBuf,
-    pub storage: Arc<dyn Storage>,
-    status: Mutex<BTreeMap<MigrationId, InboundStatus>>,
-    /// Migrations being received, with the control connection and peer that hold them.
-    claims: Mutex<HashMap<MigrationId, (Connection, Option<String>)>>,
+/// The transfers that extra data connections may join, shared by the connections of one
+/// endpoint; `changed` wakes a join waiting for its transfer to start taking chunks.
+#[derive(Default)]
+struct Joins {
     joinable: Mutex<HashMap<MigrationId, Joinable>>,
-    connections: Mutex<Vec<Connection>>,
-    received: Mutex<HashMap<MigrationId, Arc<AtomicU64>>>,
-    /// The staged WALs open on this node.
-    pub wal_stages: super::walrecv::WalStages,
-    limits: Mutex<TargetLimits>,
-    /// Woken when a database reports progress with `migration.applied`.
-    pub(crate) applied: tokio::sync::Notify,
-    /// Woken when a staged WAL's durable LSN moves (a fence waits for its `through_lsn`).
-    pub(crate) wal_durable: tokio::sync::Notify,
+    changed: tokio::sync::Notify,
 }
 
-impl std::fmt::Debug for TargetContext {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TargetContext").field("node_id", &self.node_id).field("data_dir", &self.data_dir).finish()
+impl Joins {
+    fn open(&self, id: &MigrationId, joinable: Joinable) {
+        locked(&self.joinable).insert(id.clone(), joinable);
+        self.changed.notify_waiters();
+    }
+
+    /// Closes `id` to joins, unless a newer connection's transfer replaced it.
+    fn close(&self, id: &MigrationId, conn: ConnId) {
+        let mut joinable = locked(&self.joinable);
+        if joinable.get(id).is_some_and(|j| j.conn == conn) {
+            joinable.remove(id);
+        }
     }
 }
 
@@ -116,195 +80,11 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl TargetContext {
-    pub fn new(node_id: NodeId, data_dir: PathBuf, storage: Arc<dyn Storage>) -> Self {
-        Self {
-            node_id,
-            data_dir,
-            storage,
-            status: Mutex::new(BTreeMap::new()),
-            claims: Mutex::new(HashMap::new()),
-            joinable: Mutex::new(HashMap::new()),
-            connections: Mutex::new(Vec::new()),
-            received: Mutex::new(HashMap::new()),
-            wal_stages: super::walrecv::WalStages::default(),
-            limits: Mutex::new(TargetLimits::default()),
-            applied: tokio::sync::Notify::new(),
-            wal_durable: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Sets the admission limits (from the daemon's configuration).
-    pub fn set_limits(&self, limits: TargetLimits) {
-        *locked(&self.limits) = limits;
-    }
-
-    /// Lists the stagings an earlier run of the daemon left (state from their MANIFEST.json;
-    /// a staging without one was interrupted during its base copy), so a restarted target
-    /// shows them before their sources reconnect. Unreadable entries are logged and skipped.
-    pub fn load_existing(&self) {
-        let dir = self.data_dir.join("migrations");
-        let Ok(names) = self.storage.list_dir(&dir) else { return };
-        for name in names {
-            let Ok(id) = MigrationId::new(name.clone()) else { continue };
-            let layout = StagingLayout::new(&self.data_dir, &id);
-            let state = match staging::read_manifest(&*self.storage, &layout) {
-                Ok(Some(m)) => match m.state {
-                    StagingState::Copying if m.base_complete => "base_staged",
-                    StagingState::Copying => "interrupted",
-                    StagingState::Fenced => "fenced",
-                    StagingState::Released => "released",
-                    StagingState::Aborted => "aborted",
-                },
-                Ok(None) => "interrupted",
-                Err(e) => {
-                    tracing::warn!(migration = %id, "cannot read the staging's manifest: {e}");
-                    continue;
-                }
-            };
-            self.update(&id, |s| s.state = state.into());
-        }
-    }
-
-    /// Refuses a new inbound migration when the target is at capacity or lacks the space.
-    fn admit(&self, offer: &Offer) -> Result<(), TransferError> {
-        let limits = *locked(&self.limits);
-        let id = &offer.migration_id;
-        if self.storage.exists(&StagingLayout::new(&self.data_dir, id).root) {
-            // Resuming (or repeating) a migration already admitted.
-            return Ok(());
-        }
-        if limits.max_inbound_count > 0 {
-            let active =
-                locked(&self.status).iter().filter(|(other, s)| *other != id && is_active_state(&s.state)).count();
-            if active >= limits.max_inbound_count {
-                return Err(TransferError::Refused(format!(
-                    "target {} is at capacity: {active} inbound migrations, limit max_inbound_migrations = {}; retry later",
-                    self.node_id, limits.max_inbound_count
-                )));
-            }
-        }
-        if limits.check_free_space {
-            let needed_bytes = offer.bytes_total();
-            let free_bytes = free_space_bytes(&self.data_dir).map_err(|e| {
-                TransferError::Local(format!("cannot read free space of {}: {e}", self.data_dir.display()))
-            })?;
-            if free_bytes < needed_bytes {
-                return Err(TransferError::Refused(format!(
-                    "target {} lacks disk space: the base needs {needed_bytes} bytes, {} has {free_bytes} free",
-                    self.node_id,
-                    self.data_dir.display()
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Cuts the connection receiving `id` (the source does not retry the code).
-    pub(crate) fn cut(&self, id: &MigrationId, reason: &str) {
-        if let Some((conn, _)) = locked(&self.claims).get(id) {
-            conn.close(VarInt::from_u32(super::abort::CUT_CLOSE_CODE), reason.as_bytes());
-        }
-    }
-
-    /// Whether a connection is receiving `id` now.
-    pub(crate) fn is_receiving(&self, id: &MigrationId) -> bool {
-        locked(&self.claims).contains_key(id)
-    }
-
-    pub(crate) fn mark_aborted(&self, id: &MigrationId, reason: &str) {
-        self.update(id, |s| {
-            s.state = "aborted".into();
-            s.reason = Some(reason.to_owned());
-        });
-    }
-
-    /// Removes what this node holds for a finished (released or aborted) inbound migration:
-    /// its staging folder and its status. A migration still in progress is refused.
-    pub async fn forget(&self, id: &MigrationId) -> Result<(), TransferError> {
-        let state = locked(&self.status).get(id).map(|s| s.state.clone());
-        match state.as_deref() {
-            None => return Err(TransferError::Local(format!("no inbound migration {id} on this node"))),
-            Some("released" | "aborted") => {}
-            Some(other) => {
-                return Err(TransferError::Refused(format!(
-                    "inbound migration {id} is {other}: abort it first, or wait until it is released"
-                )))
-            }
-        }
-        if self.is_receiving(id) {
-            return Err(TransferError::Refused(format!("inbound migration {id} still has a connection; retry")));
-        }
-        let layout = StagingLayout::new(&self.data_dir, id);
-        let storage = self.storage.clone();
-        blocking(move || {
-            if storage.exists(&layout.root) {
-                storage.remove_dir_all(&layout.root).map_err(staging::io_err("remove", &layout.root))?;
-                storage
-                    .sync_dir(&layout.migrations_dir())
-                    .map_err(staging::io_err("sync", &layout.migrations_dir()))?;
-            }
-            Ok(())
-        })
-        .await?;
-        self.wal_stages.forget(id);
-        locked(&self.status).remove(id);
-        locked(&self.received).remove(id);
-        Ok(())
-    }
-
-    fn received_counter(&self, id: &MigrationId) -> Arc<AtomicU64> {
-        locked(&self.received).entry(id.clone()).or_default().clone()
-    }
-
-    /// A copy of every inbound transfer's status.
-    pub fn inbound(&self) -> BTreeMap<MigrationId, InboundStatus> {
-        let mut status = locked(&self.status).clone();
-        for (id, s) in status.iter_mut() {
-            s.bytes_received_in_process = self.received_counter(id).load(Ordering::Relaxed);
-        }
-        status
-    }
-
-    /// Whether `id` is an inbound migration here (without copying every status).
-    pub fn has_inbound(&self, id: &MigrationId) -> bool {
-        locked(&self.status).contains_key(id)
-    }
-
-    /// What the target's database reported applied for `id` (`migration.applied`), if anything.
-    pub fn applied_lsn(&self, id: &MigrationId) -> Option<u64> {
-        locked(&self.status).get(id).and_then(|s| s.applied_lsn)
-    }
-
-    /// The durable LSN of the staged WAL of `id`, once its WAL stream has started.
-    pub fn wal_durable_lsn(&self, id: &MigrationId) -> Option<u64> {
-        locked(&self.status).get(id).and_then(|s| s.wal_durable_lsn)
-    }
-
-    /// The `final_lsn` the staging of `id` is fenced at, if it is fenced (not released).
-    pub fn fenced_at(&self, id: &MigrationId) -> Option<u64> {
-        locked(&self.status).get(id).filter(|s| s.state == "fenced").and_then(|s| s.final_lsn)
-    }
-
-    pub(crate) fn update(&self, id: &MigrationId, f: impl FnOnce(&mut InboundStatus)) {
-        f(locked(&self.status).entry(id.clone()).or_default());
-    }
-
-    /// Closes every live peer connection, as a network cut would. Transfers resume when their
-    /// source reconnects. Tests use it to interrupt copies at chosen points.
-    pub fn drop_connections(&self) -> usize {
-        let connections = std::mem::take(&mut *locked(&self.connections));
-        for conn in &connections {
-            conn.close(VarInt::from_u32(crate::quic::close_code::CANCELLED), b"connection dropped on purpose");
-        }
-        connections.len()
-    }
-}
-
 /// Accepts connections until the endpoint closes. A failing peer never stops the loop.
 pub async fn serve(endpoint: Endpoint, ctx: Arc<TargetContext>) {
+    let joins = Arc::new(Joins::default());
     while let Some(incoming) = endpoint.accept().await {
-        let ctx = ctx.clone();
+        let (ctx, joins) = (ctx.clone(), joins.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -314,32 +94,33 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<TargetContext>) {
                     return;
                 }
             };
-            locked(&ctx.connections).push(conn.clone());
+            ctx.connected(&conn);
             let peer = crate::tls::peer_node_id(&conn).map(|n| n.to_string());
-            match handle_connection(&conn, &ctx, peer.clone()).await {
+            match handle_connection(&conn, &ctx, &joins, peer.clone()).await {
                 Ok(()) => tracing::debug!(%remote, ?peer, "inbound transfer connection finished"),
                 Err(e) => {
                     let (_, code) = e.kind_and_code();
                     tracing::warn!(%remote, ?peer, "inbound transfer failed: {e}");
-                    crate::metrics::count_error(crate::metrics::error_kind_of(&e.to_string()));
+                    crate::metrics::count_error(e.metric_kind());
                     conn.close(VarInt::from_u32(code), e.to_string().as_bytes());
                 }
             }
-            locked(&ctx.connections).retain(|c| c.stable_id() != conn.stable_id());
+            ctx.disconnected(&conn);
         });
     }
 }
 
 /// Runs one connection: the control conversation, and the chunk streams it owns.
-pub async fn handle_connection(
+async fn handle_connection(
     conn: &Connection,
     ctx: &Arc<TargetContext>,
+    joins: &Arc<Joins>,
     peer: Option<String>,
 ) -> Result<(), TransferError> {
     let (mut send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| TransferError::Timeout("the source's control stream"))??;
-    let result = converse(conn, ctx, peer, &mut send, recv).await;
+    let result = converse(conn, ctx, joins, peer, &mut send, recv).await;
     if let Err(e) = &result {
         let (kind, _) = e.kind_and_code();
         // Best effort: tell the source why before the connection closes.
@@ -375,25 +156,32 @@ fn spawn_reader(mut recv: RecvStream) -> (Messages, AbortOnDrop) {
     (rx, AbortOnDrop(task))
 }
 
-/// Aborts a task when dropped, so no task outlives the transfer that spawned it.
-#[derive(Debug)]
-pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
 ) -> Result<T, TransferError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))?
 }
 
+/// Answers a one-shot request (release, abort) and finishes the stream.
+async fn answer_and_finish(send: &mut SendStream, answer: &Message) -> Result<(), TransferError> {
+    write_control(send, answer).await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    Ok(())
+}
+
+/// Refuses a request about `id` from a node other than the one receiving it.
+fn check_peer(ctx: &TargetContext, id: &MigrationId, peer: Option<&str>) -> Result<(), TransferError> {
+    if ctx.machine().may_act(id, peer) {
+        return Ok(());
+    }
+    Err(TransferError::Refused(format!("migration {id} is received from another node")))
+}
+
 async fn converse(
     conn: &Connection,
     ctx: &Arc<TargetContext>,
+    joins: &Arc<Joins>,
     peer: Option<String>,
     send: &mut SendStream,
     mut recv: RecvStream,
@@ -411,58 +199,38 @@ async fn converse(
     write_control(send, &Message::Hello { protocol_version: PROTOCOL_VERSION, node_id: ctx.node_id.clone() }).await?;
     let offer = match read_control(&mut recv, CONTROL_BODY_LEN_MAX_BYTES).await? {
         Some(Message::Offer(offer)) => offer,
-        Some(Message::Join { migration_id }) => return join(conn, ctx, peer, send, &migration_id).await,
+        Some(Message::Join { migration_id }) => return join(conn, ctx, joins, peer, send, &migration_id).await,
         Some(Message::Release { migration_id, final_lsn }) => {
-            let holder = locked(&ctx.claims).get(&migration_id).map(|(_, p)| p.clone());
-            if holder.is_some_and(|holder| holder != peer) {
-                return Err(TransferError::Refused(format!("migration {migration_id} is received from another node")));
-            }
+            check_peer(ctx, &migration_id, peer.as_deref())?;
             super::fence_target::release_staging(ctx, &migration_id, final_lsn).await?;
-            write_control(send, &Message::Released).await?;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-            return Ok(());
+            return answer_and_finish(send, &Message::Released).await;
         }
         Some(Message::Abort { migration_id, reason }) => {
-            let holder = locked(&ctx.claims).get(&migration_id).map(|(_, p)| p.clone());
-            if holder.is_some_and(|holder| holder != peer) {
-                return Err(TransferError::Refused(format!("migration {migration_id} is received from another node")));
-            }
+            check_peer(ctx, &migration_id, peer.as_deref())?;
             let reason = format!("{reason} (asked by source {})", peer.as_deref().unwrap_or("?"));
             super::abort::abort_staging(ctx, &migration_id, &reason).await?;
-            write_control(send, &Message::Aborted).await?;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-            return Ok(());
+            return answer_and_finish(send, &Message::Aborted).await;
         }
         other => return Err(TransferError::Protocol(format!("expected an offer, got {}", describe(other.as_ref())))),
     };
     offer.validate().map_err(|e| TransferError::Protocol(e.to_string()))?;
-    ctx.admit(&offer)?;
-    let _claim = Claim::take(ctx, &offer.migration_id, conn, peer.clone()).await?;
+    // Admitted and claimed, but not visible until the staging is ready: an offer the staging
+    // refuses leaves the migration as it was, and its slot free (the claim's drop).
+    let claim = ctx.claim(&offer, conn, peer.as_deref()).await?;
     let id = offer.migration_id.clone();
-    if locked(&ctx.status).get(&id).is_some_and(|s| s.state == "aborted") {
-        return Err(TransferError::Refused(format!(
-            "migration {id} was aborted on this target: forget it or use a new id"
-        )));
-    }
-    ctx.update(&id, |s| {
-        *s = InboundStatus {
-            source_node: peer,
-            bytes_total: offer.bytes_total(),
-            files_total_count: offer.files.len() as u64,
-            state: "receiving".into(),
-            ..Default::default()
-        }
-    });
     let layout = StagingLayout::new(&ctx.data_dir, &id);
     let start = {
         let (storage, layout, offer) = (ctx.storage.clone(), layout.clone(), offer.clone());
         blocking(move || start_staging(&*storage, &layout, &offer)).await?
     };
+    let begin = match &start {
+        Start::AlreadyStaged { state, final_lsn } => Begin::AlreadyStaged { state: *state, final_lsn: *final_lsn },
+        Start::Receive { .. } => Begin::Receive,
+    };
+    ctx.machine().begin(&summary(&offer), claim.conn(), begin, now_unix_ms())?;
     let _wal = offer.wal.then(|| spawn_wal_stream(conn.clone(), ctx.clone(), &offer, &layout));
     let (mut messages, _reader) = match start {
-        Start::AlreadyStaged => {
+        Start::AlreadyStaged { .. } => {
             write_control(send, &Message::Accept { resume: Vec::new(), bytes_resent: 0, already_staged: true }).await?;
             spawn_reader(recv)
         }
@@ -478,21 +246,18 @@ async fn converse(
             let bytes_resent = session.bytes_resent();
             write_control(send, &Message::Accept { resume, bytes_resent, already_staged: false }).await?;
             let (mut messages, reader) = spawn_reader(recv);
-            let result = receive_base(conn, ctx, &offer, &layout, session, log, send, &mut messages).await;
+            let receiver = Receiver { conn, ctx, joins, claim: &claim, offer: &offer, layout: &layout };
+            let result = receiver.receive_base(session, log, send, &mut messages).await;
             if result.is_err() {
-                ctx.update(&id, |s| s.state = "interrupted".into());
+                if let Err(e) = ctx.machine().interrupted(&id) {
+                    tracing::debug!(migration = %id, "not marked interrupted: {e}");
+                }
             }
-            let bytes_resent = result?;
-            ctx.update(&id, |s| s.bytes_resent = bytes_resent);
+            ctx.machine().base_staged(&id, result?)?;
             (messages, reader)
         }
     };
-    ctx.update(&id, |s| {
-        s.state = "base_staged".into();
-        s.bytes_verified = s.bytes_total;
-        s.files_staged_count = s.files_total_count;
-    });
-    let bytes_resent = ctx.inbound().get(&id).map_or(0, |s| s.bytes_resent);
+    let bytes_resent = ctx.machine().get(&id).map_or(0, |m| m.bytes_resent);
     write_control(send, &Message::BaseStaged { bytes_resent }).await?;
     commit_phase(ctx, &offer, &layout, send, &mut messages).await
 }
@@ -512,8 +277,7 @@ fn spawn_wal_stream(conn: Connection, ctx: Arc<TargetContext>, offer: &Offer, la
             let id_durable = id.clone();
             let unfence = super::fence_target::unfence_hook(ctx.clone(), id.clone(), layout_for_hook);
             super::walrecv::serve_stream(send, recv, wal, unfence, move |lsn| {
-                ctx_durable.update(&id_durable, |s| s.wal_durable_lsn = Some(lsn.0));
-                ctx_durable.wal_durable.notify_waiters();
+                ctx_durable.set_wal_durable(&id_durable, lsn);
             })
             .await
         }
@@ -528,13 +292,12 @@ fn spawn_wal_stream(conn: Connection, ctx: Arc<TargetContext>, offer: &Offer, la
 
 /// How long a join waits for the transfer it names to start taking chunks.
 const JOIN_WAIT: Duration = Duration::from_secs(5);
-/// How often a waiting join looks again.
-const JOIN_RECHECK: Duration = Duration::from_millis(5);
 
 /// An extra data connection: its uni streams feed the transfer offered on another connection.
 async fn join(
     conn: &Connection,
     ctx: &Arc<TargetContext>,
+    joins: &Joins,
     peer: Option<String>,
     send: &mut SendStream,
     id: &MigrationId,
@@ -543,17 +306,22 @@ async fn join(
     // may come a moment before the transfer can be joined: it waits for that, a bounded time.
     let deadline = tokio::time::Instant::now() + JOIN_WAIT;
     let (inbound, events) = loop {
-        let holder = locked(&ctx.claims).get(id).map(|(_, p)| p.clone());
-        if holder.is_none() || holder.as_ref() != Some(&peer) {
+        let opened = joins.changed.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        let claimant = {
+            let machine = ctx.machine();
+            machine.claimant(id).filter(|_| machine.may_act(id, peer.as_deref()))
+        };
+        let Some(claimant) = claimant else {
             return Err(TransferError::Refused(format!("no transfer {id} from this node is being received to join")));
-        }
-        if let Some(j) = locked(&ctx.joinable).get(id) {
+        };
+        if let Some(j) = locked(&joins.joinable).get(id).filter(|j| j.conn == claimant) {
             break (j.inbound.clone(), j.events.clone());
         }
-        if tokio::time::Instant::now() >= deadline {
+        if tokio::time::timeout_at(deadline, opened).await.is_err() {
             return Err(TransferError::Refused(format!("transfer {id} is not receiving chunks")));
         }
-        tokio::time::sleep(JOIN_RECHECK).await;
     };
     write_control(send, &Message::Joined).await?;
     accept_chunk_streams(conn.clone(), inbound, events).await;
@@ -567,62 +335,17 @@ fn describe(message: Option<&Message>) -> String {
     }
 }
 
-/// Marks a migration as being received on one control connection, so a second connection
-/// for the same id cannot write into the same staging. A new connection from the same node
-/// takes over (its source reconnected; the old connection is dead or dying).
-struct Claim {
-    ctx: Arc<TargetContext>,
-    id: MigrationId,
-    conn_id: usize,
-}
-
-impl Claim {
-    async fn take(
-        ctx: &Arc<TargetContext>,
-        id: &MigrationId,
-        conn: &Connection,
-        peer: Option<String>,
-    ) -> Result<Self, TransferError> {
-        for _ in 0..100 {
-            {
-                let mut claims = locked(&ctx.claims);
-                match claims.get(id) {
-                    None => {
-                        claims.insert(id.clone(), (conn.clone(), peer));
-                        return Ok(Self { ctx: ctx.clone(), id: id.clone(), conn_id: conn.stable_id() });
-                    }
-                    Some((old, holder)) if *holder == peer => {
-                        old.close(
-                            VarInt::from_u32(crate::quic::close_code::CANCELLED),
-                            b"superseded by a new connection",
-                        );
-                    }
-                    Some(_) => {
-                        return Err(TransferError::Refused(format!(
-                            "migration {id} is being received from another node"
-                        )))
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err(TransferError::Refused(format!("migration {id} is still held by an old connection; retry")))
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        let mut claims = locked(&self.ctx.claims);
-        if claims.get(&self.id).is_some_and(|(c, _)| c.stable_id() == self.conn_id) {
-            claims.remove(&self.id);
-            locked(&self.ctx.joinable).remove(&self.id);
-        }
-    }
-}
-
 enum Start {
-    AlreadyStaged,
-    Receive { session: TargetSession, log: Arc<ChunkLog>, restored: chunklog::Restored },
+    /// The base was staged before; its manifest says where the staging is.
+    AlreadyStaged {
+        state: StagingState,
+        final_lsn: Option<ferry_wire::Lsn>,
+    },
+    Receive {
+        session: TargetSession,
+        log: Arc<ChunkLog>,
+        restored: chunklog::Restored,
+    },
 }
 
 /// Decides how to start: the base is staged already; an earlier run left chunks to resume
@@ -645,7 +368,7 @@ fn start_staging(storage: &dyn Storage, layout: &StagingLayout, offer: &Offer) -
                 manifest.migration_id
             )));
         }
-        return Ok(Start::AlreadyStaged);
+        return Ok(Start::AlreadyStaged { state: manifest.state, final_lsn: manifest.final_lsn });
     }
     let mut session = TargetSession::new(offer);
     if let Some(replay) = ChunkLog::replay_existing(storage, layout, offer) {
@@ -707,143 +430,170 @@ enum Event {
     Failed(TransferError),
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn receive_base(
-    conn: &Connection,
-    ctx: &Arc<TargetContext>,
-    offer: &Offer,
-    layout: &StagingLayout,
-    session: TargetSession,
-    log: Arc<ChunkLog>,
-    send: &mut SendStream,
-    messages: &mut Messages,
-) -> Result<u64, TransferError> {
-    let inbound = Arc::new(Inbound {
-        session: Mutex::new(session),
-        parts: Mutex::new(HashMap::new()),
-        layout: layout.clone(),
-        storage: ctx.storage.clone(),
-        log,
-        received: ctx.received_counter(&offer.migration_id),
-    });
-    let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE_MAX_COUNT);
-    locked(&ctx.joinable)
-        .insert(offer.migration_id.clone(), Joinable { inbound: inbound.clone(), events: events_tx.clone() });
-    let _acceptor = AbortOnDrop(tokio::spawn(accept_chunk_streams(conn.clone(), inbound.clone(), events_tx)));
-    let files_count = offer.files.len();
-    let mut staged = vec![false; files_count];
-    let mut staged_count = 0usize;
-    let mut unsynced_bytes = 0u64;
-    while staged_count < files_count {
-        let mut ready = Vec::new();
-        tokio::select! {
-            message = messages.recv() => match message {
-                Some(Ok(Message::FileDone { file_index, size_bytes, crc32c })) => {
-                    let done = FileDone { file_index, size_bytes, crc32c };
-                    ready.extend(inbound.session().on_file_done(done)?);
-                }
-                Some(Ok(Message::Error { kind, message })) => return Err(TransferError::Peer { kind, message }),
-                Some(Ok(other)) => return Err(TransferError::Protocol(format!("unexpected {} while receiving the base", describe(Some(&other))))),
-                Some(Err(e)) => return Err(e),
-                None => return Err(TransferError::Protocol("the source closed its control stream before the base was staged".into())),
-            },
-            event = events.recv() => {
-                let mut acks = Vec::new();
-                let mut next = event;
-                while let Some(event) = next {
-                    match event {
-                        Event::Written { chunk, crc32c, len_bytes } => {
-                            ready.extend(inbound.session().on_chunk_written(chunk.file_index, chunk.chunk_index, crc32c)?);
-                            unsynced_bytes += u64::from(len_bytes);
-                            acks.push(chunk);
-                        }
-                        Event::Duplicate(chunk) => acks.push(chunk),
-                        Event::Failed(e) => return Err(e),
+/// The base copy of one claimed offer: what [`Receiver::receive_base`] needs besides the
+/// session, its log and the control stream.
+struct Receiver<'a> {
+    conn: &'a Connection,
+    ctx: &'a Arc<TargetContext>,
+    joins: &'a Joins,
+    claim: &'a ClaimGuard,
+    offer: &'a Offer,
+    layout: &'a StagingLayout,
+}
+
+impl Receiver<'_> {
+    async fn receive_base(
+        &self,
+        session: TargetSession,
+        log: Arc<ChunkLog>,
+        send: &mut SendStream,
+        messages: &mut Messages,
+    ) -> Result<u64, TransferError> {
+        let Self { conn, ctx, joins, claim, offer, layout } = *self;
+        // Closed to joins however this ends (a newer connection's transfer is left alone).
+        let _joins_closed = JoinsClosed { joins, id: &offer.migration_id, conn: claim.conn() };
+        let inbound = Arc::new(Inbound {
+            session: Mutex::new(session),
+            parts: Mutex::new(HashMap::new()),
+            layout: layout.clone(),
+            storage: ctx.storage.clone(),
+            log,
+            received: ctx.received_counter(&offer.migration_id),
+        });
+        let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE_MAX_COUNT);
+        joins.open(
+            &offer.migration_id,
+            Joinable { conn: claim.conn(), inbound: inbound.clone(), events: events_tx.clone() },
+        );
+        let _acceptor = AbortOnDrop(tokio::spawn(accept_chunk_streams(conn.clone(), inbound.clone(), events_tx)));
+        let files_count = offer.files.len();
+        let mut staged = vec![false; files_count];
+        let mut staged_count = 0usize;
+        let mut unsynced_bytes = 0u64;
+        while staged_count < files_count {
+            let mut ready = Vec::new();
+            tokio::select! {
+                message = messages.recv() => match message {
+                    Some(Ok(Message::FileDone { file_index, size_bytes, crc32c })) => {
+                        let done = FileDone { file_index, size_bytes, crc32c };
+                        ready.extend(inbound.session().on_file_done(done)?);
                     }
-                    next = events.try_recv().ok();
+                    Some(Ok(Message::Error { kind, message })) => return Err(TransferError::Peer { kind, message }),
+                    Some(Ok(other)) => return Err(TransferError::Protocol(format!("unexpected {} while receiving the base", describe(Some(&other))))),
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(TransferError::Protocol("the source closed its control stream before the base was staged".into())),
+                },
+                event = events.recv() => {
+                    let mut acks = Vec::new();
+                    let mut next = event;
+                    while let Some(event) = next {
+                        match event {
+                            Event::Written { chunk, crc32c, len_bytes } => {
+                                ready.extend(inbound.session().on_chunk_written(chunk.file_index, chunk.chunk_index, crc32c)?);
+                                unsynced_bytes += u64::from(len_bytes);
+                                acks.push(chunk);
+                            }
+                            Event::Duplicate(chunk) => acks.push(chunk),
+                            Event::Failed(e) => return Err(e),
+                        }
+                        next = events.try_recv().ok();
+                    }
+                    if unsynced_bytes >= SYNC_BATCH_BYTES {
+                        let inbound = inbound.clone();
+                        blocking(move || inbound.sync()).await?;
+                        unsynced_bytes = 0;
+                    }
+                    if !acks.is_empty() {
+                        write_control(send, &Message::Acks { chunks: acks }).await?;
+                    }
+                    let (verified, resent) = { let s = inbound.session(); (s.bytes_verified(), s.bytes_resent()) };
+                    ctx.machine().progress(&offer.migration_id, verified, resent)?;
                 }
-                if unsynced_bytes >= SYNC_BATCH_BYTES {
-                    let inbound = inbound.clone();
-                    blocking(move || inbound.sync()).await?;
-                    unsynced_bytes = 0;
+            }
+            for done in ready {
+                let index = done.file_index as usize;
+                let path = offer
+                    .files
+                    .get(index)
+                    .map(|f| f.path.clone())
+                    .ok_or_else(|| TransferError::Protocol(format!("no file {}", done.file_index)))?;
+                if staged.get(index).copied().unwrap_or(true) {
+                    continue;
                 }
-                if !acks.is_empty() {
-                    write_control(send, &Message::Acks { chunks: acks }).await?;
+                if !inbound.session().is_staged(done.file_index) {
+                    let (storage, layout_owned, log) = (ctx.storage.clone(), layout.clone(), inbound.log.clone());
+                    locked(&inbound.parts).remove(&done.file_index);
+                    blocking(move || {
+                        staging::finalize_file(
+                            &*storage,
+                            &layout_owned,
+                            done.file_index,
+                            &path,
+                            done.size_bytes,
+                            done.crc32c,
+                        )?;
+                        log.append(LogRecord::Staged { file_index: done.file_index, crc32c: done.crc32c })?;
+                        Ok(())
+                    })
+                    .await?;
                 }
-                let (verified, resent) = { let s = inbound.session(); (s.bytes_verified(), s.bytes_resent()) };
-                ctx.update(&offer.migration_id, |s| { s.bytes_verified = verified; s.bytes_resent = resent; });
+                staged[index] = true;
+                staged_count += 1;
+                ctx.machine().files_staged(&offer.migration_id, staged_count as u64)?;
+                write_control(send, &Message::FileStaged { file_index: done.file_index }).await?;
             }
         }
-        for done in ready {
-            let index = done.file_index as usize;
-            let path = offer
+        joins.close(&offer.migration_id, claim.conn());
+        let manifest = StagingManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            migration_id: offer.migration_id.clone(),
+            vshard_id: offer.vshard_id,
+            base_lsn: offer.base_lsn,
+            final_lsn: None,
+            state: StagingState::Copying,
+            base_complete: true,
+            db_meta: offer.db_meta.clone(),
+            segments: Vec::new(),
+            wal_segments: Vec::new(),
+        };
+        let bytes_resent = inbound.session().bytes_resent();
+        let (storage, layout_owned, offer_owned) = (ctx.storage.clone(), layout.clone(), offer.clone());
+        let crcs = inbound_crcs(&inbound, offer)?;
+        let sync_inbound = inbound.clone();
+        blocking(move || {
+            sync_inbound.sync()?;
+            let paths: Vec<_> = offer_owned.files.iter().map(|f| f.path.clone()).collect();
+            staging::sync_segment_tree(&*storage, &layout_owned, &paths)?;
+            let segments = offer_owned
                 .files
-                .get(index)
-                .map(|f| f.path.clone())
-                .ok_or_else(|| TransferError::Protocol(format!("no file {}", done.file_index)))?;
-            if staged.get(index).copied().unwrap_or(true) {
-                continue;
+                .iter()
+                .zip(crcs)
+                .map(|(f, crc32c)| StagedSegment { path: f.path.clone(), size_bytes: f.size_bytes, crc32c })
+                .collect();
+            let manifest = StagingManifest { segments, ..manifest };
+            staging::write_manifest(&*storage, &layout_owned, &manifest)?;
+            if offer_owned.wal {
+                // A live copy is fenced next: its MANIFEST commit is prepared now, off the pause.
+                staging::prepare_manifest_commit(&*storage, &layout_owned, &manifest)?;
             }
-            if !inbound.session().is_staged(done.file_index) {
-                let (storage, layout_owned, log) = (ctx.storage.clone(), layout.clone(), inbound.log.clone());
-                locked(&inbound.parts).remove(&done.file_index);
-                blocking(move || {
-                    staging::finalize_file(
-                        &*storage,
-                        &layout_owned,
-                        done.file_index,
-                        &path,
-                        done.size_bytes,
-                        done.crc32c,
-                    )?;
-                    log.append(LogRecord::Staged { file_index: done.file_index, crc32c: done.crc32c })?;
-                    Ok(())
-                })
-                .await?;
-            }
-            staged[index] = true;
-            staged_count += 1;
-            ctx.update(&offer.migration_id, |s| s.files_staged_count = staged_count as u64);
-            write_control(send, &Message::FileStaged { file_index: done.file_index }).await?;
-        }
+            Ok(())
+        })
+        .await?;
+        Ok(bytes_resent)
     }
-    locked(&ctx.joinable).remove(&offer.migration_id);
-    let manifest = StagingManifest {
-        format_version: MANIFEST_FORMAT_VERSION,
-        migration_id: offer.migration_id.clone(),
-        vshard_id: offer.vshard_id,
-        base_lsn: offer.base_lsn,
-        final_lsn: None,
-        state: StagingState::Copying,
-        base_complete: true,
-        db_meta: offer.db_meta.clone(),
-        segments: Vec::new(),
-        wal_segments: Vec::new(),
-    };
-    let bytes_resent = inbound.session().bytes_resent();
-    let (storage, layout_owned, offer_owned) = (ctx.storage.clone(), layout.clone(), offer.clone());
-    let crcs = inbound_crcs(&inbound, offer)?;
-    let sync_inbound = inbound.clone();
-    blocking(move || {
-        sync_inbound.sync()?;
-        let paths: Vec<_> = offer_owned.files.iter().map(|f| f.path.clone()).collect();
-        staging::sync_segment_tree(&*storage, &layout_owned, &paths)?;
-        let segments = offer_owned
-            .files
-            .iter()
-            .zip(crcs)
-            .map(|(f, crc32c)| StagedSegment { path: f.path.clone(), size_bytes: f.size_bytes, crc32c })
-            .collect();
-        let manifest = StagingManifest { segments, ..manifest };
-        staging::write_manifest(&*storage, &layout_owned, &manifest)?;
-        if offer_owned.wal {
-            // A live copy is fenced next: its MANIFEST commit is prepared now, off the pause.
-            staging::prepare_manifest_commit(&*storage, &layout_owned, &manifest)?;
-        }
-        Ok(())
-    })
-    .await?;
-    Ok(bytes_resent)
+}
+
+/// Closes a transfer to joins when dropped.
+struct JoinsClosed<'a> {
+    joins: &'a Joins,
+    id: &'a MigrationId,
+    conn: ConnId,
+}
+
+impl Drop for JoinsClosed<'_> {
+    fn drop(&mut self) {
+        self.joins.close(self.id, self.conn);
+    }
 }
 
 /// Each file's CRC32C as the source announced it and the target verified it.
@@ -986,7 +736,7 @@ async fn commit_phase(
                     Ok(())
                 })
                 .await?;
-                ctx.update(&offer.migration_id, |s| s.state = "released".into());
+                ctx.machine().committed(&offer.migration_id, final_lsn)?;
                 write_control(send, &Message::Committed).await?;
             }
             Some(Ok(Message::Fence { final_lsn, apply_wait_max_us, through_lsn, wal_wait_max_us })) => {
@@ -1010,10 +760,4 @@ async fn commit_phase(
             }
         }
     }
-}
-
-/// Bytes available to this process on the filesystem holding `path`.
-fn free_space_bytes(path: &std::path::Path) -> std::io::Result<u64> {
-    let stat = rustix::fs::statvfs(path)?;
-    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }

@@ -30,7 +30,7 @@ use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::framing::{read_body, read_control, read_header, unexpected, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
-use super::target::AbortOnDrop;
+use super::task::AbortOnDrop;
 use super::TransferError;
 use crate::staging::StagingLayout;
 use crate::storage::Storage;

@@ -363,7 +363,7 @@ pub async fn stream(
     mut durable: Lsn,
 ) -> Result<Lsn, TransferError> {
     let (acks_tx, mut acks) = mpsc::channel(64);
-    let _reader = super::target::AbortOnDrop(tokio::spawn(async move {
+    let _reader = super::task::AbortOnDrop(tokio::spawn(async move {
         loop {
             let next = read_control(&mut wal_recv, SMALL_CONTROL_BODY_MAX_BYTES).await;
             let end = !matches!(next, Ok(Some(_)));

@@ -26,7 +26,7 @@ use ferry_wire::{Lsn, MigrationId};
 
 use super::progress::{self, ProgressLine, POLL_INTERVAL};
 use super::{DemoArgs, Dirs, MIGRATION_ID, SOURCE_NODE, TARGET_NODE, VSHARD};
-use crate::cli::cutover::{cut_over, CutOverOptions, CutOverOutcome, RefWrites};
+use crate::cli::coordinator::{cut_over, CutOverOptions, CutOverOutcome, RefWrites};
 use crate::clock::monotonic_ns;
 use crate::config::NodeConfig;
 use crate::control::ControlClient;

@@ -19,7 +19,7 @@
 //!    `migration.status` every [`progress::POLL_INTERVAL`]: a progress line per phase on stderr
 //!    (BaseCopy with bytes, percent and rate; WalCatchUp with lag), for `--catch-up-ms` of
 //!    catch-up once the base is staged;
-//! 5. the cut-over ([`super::cutover::cut_over`]): prepare until the estimate fits
+//! 5. the cut-over ([`super::coordinator::cut_over`]): prepare until the estimate fits
 //!    `--budget-us`, pause the writer in-process (its last acknowledged LSN is `final_lsn`), fence,
 //!    resume the writer on the target (vShard 7's writes now go to `<target data>/node-wal/`),
 //!    release; no forked command on the critical path;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ferry_wire::api::MigrationStatus;
 
-use crate::cli::cutover::CutOverOutcome;
+use crate::cli::coordinator::CutOverOutcome;
 use crate::cli::render::{bar, format_bytes};
 
 /// How often the demo asks the source daemon for the migration's status.

@@ -24,7 +24,7 @@ use serde_json::Value;
 use super::live::{LagSample, LiveRun};
 use super::progress::per_sec;
 use super::{DemoArgs, VSHARD};
-use crate::cli::cutover::CutOverOutcome;
+use crate::cli::coordinator::CutOverOutcome;
 use crate::refnode::{ResumedOn, Verification, WritePlace, WriterLog};
 
 /// MANIFEST.json of the staging, read as plain JSON.

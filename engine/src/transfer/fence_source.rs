@@ -36,7 +36,7 @@ use quinn::SendStream;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::framing::{unexpected, write_control};
-use super::source::{Messages, WalRun};
+use super::walrun::{Messages, WalRun};
 use super::walsend::TailShared;
 use super::TransferError;
 use crate::clock::{instant_at, monotonic_ns};

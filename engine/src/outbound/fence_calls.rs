@@ -5,7 +5,7 @@
 //! lag, rate and group commit round trip, the target's MANIFEST commit time) and refuses with
 //! `PauseBudgetExceeded` over the budget. `fence` stamps its receipt, records the phase
 //! `AtomicCutOver` with `final_lsn` (written while the drain runs, awaited before the answer),
-//! hands a [`FenceCommand`] to the running copy ([`crate::transfer::cutover`]) with the deadline
+//! hands a [`FenceCommand`] to the running copy ([`crate::transfer::fence_source`]) with the deadline
 //! `writes_paused_at_ns + budget - release reserve`, and answers with the drain and target
 //! times; a cancelled or violated fence puts the migration back in `WalCatchUp`. `release`
 //! computes the pause and its parts ([`PauseStamps::report`]), records `Completed` durably (the
@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 
 use super::{Outbound, OutboundError};
 use crate::clock::{instant_at, monotonic_ns};
-use crate::transfer::cutover::{FenceCommand, FenceFailure};
+use crate::transfer::fence_source::{FenceCommand, FenceFailure};
 use crate::transfer::walsend::Holder;
 
 /// What recovery says of a Completed migration whose release the target has not confirmed.

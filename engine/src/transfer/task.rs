@@ -1,0 +1,16 @@
+//! Task ownership: a spawned task that does not outlive what spawned it.
+//!
+//! What it does: [`AbortOnDrop`] aborts its task when dropped, so a transfer's helper tasks
+//! (control readers, chunk acceptors, WAL streams) end with the transfer, on every path.
+//!
+//! What it does not: wait for the task to finish; an aborted task stops at its next await.
+
+/// Aborts a task when dropped, so no task outlives the transfer that spawned it.
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
