@@ -69,8 +69,8 @@ fn resolve_socket(args: &SocketArgs, env: Option<OsString>) -> anyhow::Result<Pa
 }
 
 pub(super) async fn connect(path: &Path) -> anyhow::Result<ControlClient> {
-    // The connect error's message already carries its cause; a chain would print it twice.
-    ControlClient::connect(path).await.map_err(|e| anyhow::anyhow!("{e}"))
+    // The connect error chains its cause: `ferry: error: {:#}` prints it once.
+    Ok(ControlClient::connect(path).await?)
 }
 
 pub(super) fn parse_migration_id(text: &str) -> Result<MigrationId, String> {
