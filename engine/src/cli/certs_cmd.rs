@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use ferry_wire::NodeId;
 
+use super::out::outln;
 use crate::certs::{self, IssueOptions};
 
 #[derive(Debug, Subcommand)]
@@ -38,13 +39,13 @@ pub fn run(command: CertsCommand) -> anyhow::Result<()> {
     match command {
         CertsCommand::Init { dir, force } => {
             let paths = certs::init_ca(&dir, force)?;
-            println!("cluster CA: {} (key {})", paths.cert.display(), paths.key.display());
+            outln!("cluster CA: {} (key {})", paths.cert.display(), paths.key.display())?;
         }
         CertsCommand::Issue { dir, name, sans, days } => {
             let name = NodeId::new(name).context("invalid --name")?;
             let options = IssueOptions { extra_sans: sans, validity_days: days, ..IssueOptions::default() };
             let paths = certs::issue(&dir, &name, &options)?;
-            println!("node {name}: {} (key {})", paths.cert.display(), paths.key.display());
+            outln!("node {name}: {} (key {})", paths.cert.display(), paths.key.display())?;
         }
     }
     Ok(())

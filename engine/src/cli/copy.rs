@@ -12,6 +12,7 @@ use ferry_wire::session::Progress;
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 use tokio::sync::watch;
 
+use super::out::outln;
 use crate::quic::QuicTuning;
 use crate::read::ReadMode;
 use crate::tls::NodeIdentity;
@@ -157,16 +158,16 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         result
     })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else if report.already_staged {
-        println!(
+        outln!(
             "{} files, {} bytes were already staged on the target: nothing sent; staging {}",
             report.files_count,
             report.bytes_total,
             if report.committed { "released" } else { "copying" },
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "copied {} files, {} bytes in {:.3} s ({:.1} MB/s), resent {} bytes, {} reconnects, read with {}, staging {}",
             report.files_count,
             report.bytes_total,
@@ -176,7 +177,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
             report.reconnects_count,
             report.read_mode,
             if report.committed { "released" } else { "copying" },
-        );
+        )?;
     }
     Ok(())
 }

@@ -33,6 +33,7 @@ use serde::Serialize;
 
 use super::cutover::{CutOverOptions, CutOverOutcome, ShellWrites};
 use super::ops::{self, SocketArgs, Tracked};
+use super::out::{errln, outln};
 use super::render::{format_bytes, parse_byte_size, render_line};
 use crate::control::typed::MigrationEvent;
 use crate::control::ErrorCode;
@@ -267,11 +268,11 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
     let (created, status, cut) = super::runtime()?.block_on(coordinate(&socket, &params, live.as_mut()))?;
     if json {
         let report = Report { migration_id: &status.migration_id, created, status: &status, cut_over: cut.as_ref() };
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!("{}", final_report(&status));
+        outln!("{}", final_report(&status))?;
         if let Some(cut) = &cut {
-            println!("{}", cut_over_report(cut));
+            outln!("{}", cut_over_report(cut))?;
         }
     }
     if status.phase == Phase::Failed {
@@ -304,7 +305,7 @@ async fn coordinate(
         }
         Err(e) => return Err(anyhow::Error::from(e).context("the source daemon refused migration.start")),
     };
-    eprintln!(
+    errln!(
         "ferry migrate: {} {} (vShard {} to {} at {})",
         if started.created { "started" } else { "already known to the daemon, following" },
         started.migration_id,
@@ -325,7 +326,7 @@ async fn coordinate(
                     "the source daemon closed the event stream; {id} may still be running: `ferry status {id}`"
                 ),
                 Err(e) => {
-                    eprintln!("ferry migrate: warning: {e}");
+                    errln!("ferry migrate: warning: {e}");
                     None
                 }
             },
@@ -344,21 +345,18 @@ async fn coordinate(
         }
         if status.phase.is_final() {
             if terminal {
-                eprintln!();
+                errln!();
             }
             return Ok((started.created, status, cut));
         }
         if status.phase == Phase::WalCatchUp && cut.is_none() {
             if let Some((writes, options)) = live.as_deref_mut() {
                 if terminal {
-                    eprintln!();
+                    errln!();
                 }
-                eprintln!(
-                    "ferry migrate: {id} is catching up; cutting over (budget {} us)",
-                    params.write_pause_budget_us
-                );
+                errln!("ferry migrate: {id} is catching up; cutting over (budget {} us)", params.write_pause_budget_us);
                 let outcome = super::cutover::cut_over(&mut calls, &id, writes, *options).await?;
-                eprintln!("ferry migrate: {}", cut_over_report(&outcome));
+                errln!("ferry migrate: {}", cut_over_report(&outcome));
                 cut = Some(outcome);
             }
         }

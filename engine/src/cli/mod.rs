@@ -11,12 +11,15 @@ pub mod cutover;
 mod demo;
 mod migrate;
 mod ops;
+mod out;
 mod render;
 mod serve;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use out::errln;
 
 /// ferry: moves a database shard between nodes, fast, verified and resumable.
 #[derive(Debug, Parser)]
@@ -135,15 +138,19 @@ pub fn main() -> std::process::ExitCode {
                 staged,
                 json,
             };
-            let stdout = std::io::stdout();
-            let mut out = stdout.lock();
-            crate::wal::dump::dump(&options, &mut out).map(|_| ()).map_err(anyhow::Error::from)
+            let mut stdout = std::io::stdout().lock();
+            match crate::wal::dump::dump(&options, &mut stdout) {
+                Ok(_) => Ok(()),
+                // `ferry wal dump | head`: the reader has what it wanted.
+                Err(crate::wal::dump::DumpError::Output(e)) if out::is_closed_reader(&e) => Ok(()),
+                Err(e) => Err(anyhow::Error::from(e)),
+            }
         }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            errln!("ferry: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::Args;
 use ferry_wire::NodeId;
 
+use super::out::out;
 use crate::config::NodeConfig;
 use crate::node::RunningNode;
 use crate::outbound::Outbound;
@@ -80,7 +81,7 @@ fn resolve(args: ServeArgs) -> anyhow::Result<NodeConfig> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.print_default_config {
-        print!("{}", NodeConfig::default_toml());
+        out!("{}", NodeConfig::default_toml())?;
         return Ok(());
     }
     let config = resolve(args)?;

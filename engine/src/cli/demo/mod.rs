@@ -66,6 +66,7 @@ use ferry_wire::limits::{CHUNK_LEN_DEFAULT_BYTES, CHUNK_LEN_MAX_BYTES, CHUNK_LEN
 use ferry_wire::{NodeId, VShardId};
 
 use crate::certs::{self, IssueOptions};
+use crate::cli::out::{errln, out, outln};
 use crate::refnode::writer::RATE_MAX_WRITES_PER_SEC;
 
 const SOURCE_NODE: &str = "demo-source";
@@ -236,7 +237,7 @@ impl Drop for WorkDir {
     fn drop(&mut self) {
         if !self.keep {
             if let Err(e) = fs::remove_dir_all(&self.path) {
-                eprintln!("ferry demo: cannot remove the work folder {}: {e}", self.path.display());
+                errln!("ferry demo: cannot remove the work folder {}: {e}", self.path.display());
             }
         }
     }
@@ -280,7 +281,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     check_args(&args)?;
     let work = WorkDir::open(args.keep.as_deref())?;
     let dirs = Dirs::new(&work.path);
-    eprintln!(
+    errln!(
         "ferry demo: work folder {} ({})",
         work.path.display(),
         if work.keep { "kept" } else { "removed at exit; --keep DIR keeps it" }
@@ -292,7 +293,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let run = super::runtime()?.block_on(live::run(&args, &dirs))?;
 
-    eprintln!(
+    errln!(
         "ferry demo: verifying: every acknowledged vShard-{} write in the staged export, staged WAL and target node WAL; SHA-256 of every staged file",
         VSHARD.0
     );
@@ -310,14 +311,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let summary = summary::Summary::new(&args, &run, verification, manifest);
     if args.json {
         let object = report::json_report(&args, &work.path, work.keep, &summary);
-        println!("{}", serde_json::to_string_pretty(&object)?);
+        outln!("{}", serde_json::to_string_pretty(&object)?)?;
     } else {
-        print!("{}", report::text_report(&args, &work.path, work.keep, &staging, &summary));
+        out!("{}", report::text_report(&args, &work.path, work.keep, &staging, &summary))?;
     }
     let failures = summary.failures();
     if !failures.is_empty() {
         for problem in summary.verification.problems.iter() {
-            eprintln!("ferry demo: verification: {problem}");
+            errln!("ferry demo: verification: {problem}");
         }
         bail!("the demo FAILED: {}", failures.join("; "));
     }
