@@ -12,7 +12,9 @@ use ferry_wire::session::Progress;
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 use tokio::sync::watch;
 
+use super::addr::parse_socket_addr;
 use super::out::outln;
+use super::render::{parse_byte_size, parse_size, parse_size_u32};
 use crate::quic::QuicTuning;
 use crate::read::ReadMode;
 use crate::tls::NodeIdentity;
@@ -28,8 +30,8 @@ pub struct CopyArgs {
     /// Certificate folder made by `ferry certs`.
     #[arg(long)]
     pub certs: PathBuf,
-    /// The target daemon's QUIC address.
-    #[arg(long)]
+    /// The target daemon's QUIC address: ip:port or host:port (a name is resolved once).
+    #[arg(long, value_parser = parse_socket_addr)]
     pub target: SocketAddr,
     /// The target's node id (the name its certificate must carry).
     #[arg(long)]
@@ -49,8 +51,8 @@ pub struct CopyArgs {
     /// Every write with an LSN at or below this one is in the files.
     #[arg(long, default_value_t = 0)]
     pub base_lsn: u64,
-    /// Chunk size in bytes.
-    #[arg(long, default_value_t = ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES)]
+    /// Chunk size: bytes, or a size such as 256KiB or 1MiB.
+    #[arg(long, default_value_t = ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES, value_parser = parse_size_u32)]
     pub chunk_len: u32,
     /// Parallel uni streams per connection.
     #[arg(long, default_value_t = 4)]
@@ -60,8 +62,8 @@ pub struct CopyArgs {
     /// and WAL streams get one more, with a small MTU, so their messages are not paced.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
-    /// Rate limit in bytes per second (0: unlimited).
-    #[arg(long, default_value_t = 0)]
+    /// Rate limit in bytes per second, e.g. 500MB, 1GiB (0: unlimited).
+    #[arg(long, default_value = "0", value_parser = parse_byte_size)]
     pub rate_limit: u64,
     /// How chunks are read: mmap, uring, uring-direct or pread.
     #[arg(long, default_value = "mmap")]
@@ -79,15 +81,16 @@ pub struct CopyArgs {
     /// WAL layout: auto, a (nodedb-wal 0.1-0.4, 54-byte header) or b (nodedb-wal 0.6).
     #[arg(long, default_value = "auto")]
     pub wal_layout: String,
-    /// The WAL writer's flush alignment in bytes.
-    #[arg(long, default_value_t = 4096)]
+    /// The WAL writer's flush alignment: bytes, or a size such as 4KiB.
+    #[arg(long, default_value_t = 4096, value_parser = parse_size_u32)]
     pub wal_alignment: u32,
     /// End the catch-up once every selected record at or below this LSN is durable on the
     /// target, and release the staging there. Without it, catch-up runs until interrupted.
     #[arg(long)]
     pub until_lsn: Option<u64>,
-    /// Most bytes of WAL segments held (hard-linked) for the target; over it the copy fails.
-    #[arg(long, default_value_t = 4 << 30)]
+    /// Most bytes of WAL segments held (hard-linked) for the target, e.g. 4GiB; over it the
+    /// copy fails.
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
     pub max_held_wal_bytes: u64,
     /// Print the final report as JSON on stdout.
     #[arg(long)]

@@ -31,10 +31,11 @@ use ferry_wire::api::{MigrationStatus, Phase, Role, StartParams, WRITE_PAUSE_BUD
 use ferry_wire::MigrationId;
 use serde::Serialize;
 
+use super::addr::parse_socket_addr;
 use super::cutover::{CutOverOptions, CutOverOutcome, ShellWrites};
 use super::ops::{self, SocketArgs, Tracked};
 use super::out::{errln, outln};
-use super::render::{format_bytes, parse_byte_size, render_line};
+use super::render::{format_bytes, parse_byte_size, parse_size_u32, render_line};
 use crate::control::typed::MigrationEvent;
 use crate::control::ErrorCode;
 
@@ -83,8 +84,9 @@ pub struct MigrateArgs {
     /// Every write with an LSN at or below this one is in the files.
     #[arg(long, default_value_t = 0)]
     pub base_lsn: u64,
-    /// The target daemon's QUIC address, ip:port.
-    #[arg(long, required = true)]
+    /// The target daemon's QUIC address: ip:port or host:port (a name is resolved here, once,
+    /// and the daemon is given the address).
+    #[arg(long, required = true, value_parser = parse_socket_addr)]
     pub target: Option<SocketAddr>,
     /// The target's node id (the name its certificate must carry).
     #[arg(long, required = true)]
@@ -99,8 +101,8 @@ pub struct MigrateArgs {
     /// Parallel streams per connection.
     #[arg(long, default_value_t = 4)]
     pub streams: u32,
-    /// Chunk size in bytes.
-    #[arg(long, default_value_t = ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES)]
+    /// Chunk size: bytes, or a size such as 256KiB or 1MiB.
+    #[arg(long, default_value_t = ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES, value_parser = parse_size_u32)]
     pub chunk_len: u32,
     /// Rate limit in bytes per second, e.g. 500MB, 1GiB (0: unlimited); `ferry set-rate`
     /// changes it while running.
@@ -119,8 +121,8 @@ pub struct MigrateArgs {
     /// WAL layout: auto, a or b.
     #[arg(long, default_value = "auto")]
     pub wal_layout: String,
-    /// The WAL writer's flush alignment in bytes.
-    #[arg(long, default_value_t = 4096)]
+    /// The WAL writer's flush alignment: bytes, or a size such as 4KiB.
+    #[arg(long, default_value_t = 4096, value_parser = parse_size_u32)]
     pub wal_alignment: u32,
     /// With --wal-dir: release once every selected record at or below this LSN is durable on
     /// the target.

@@ -5,6 +5,7 @@
 //!
 //! What it does not: hold transfer logic; it calls the library.
 
+mod addr;
 mod certs_cmd;
 mod copy;
 pub mod cutover;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::Args;
 use ferry_wire::NodeId;
 
+use super::addr::parse_socket_addr;
 use super::out::out;
 use crate::config::NodeConfig;
 use crate::node::RunningNode;
@@ -31,10 +32,11 @@ pub struct ServeArgs {
     /// Data folder: staging lands in <data-dir>/migrations/<migration_id>/.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// QUIC listen address.
-    #[arg(long)]
+    /// QUIC listen address: ip:port or host:port (a name is resolved once, at start).
+    #[arg(long, value_parser = parse_socket_addr)]
     pub listen: Option<SocketAddr>,
-    /// Certificate folder made by `ferry certs` (ca.pem, <node-id>.pem, <node-id>-key.pem).
+    /// Certificate folder made by `ferry certs` (ca.pem, <node-id>.pem, <node-id>-key.pem);
+    /// default: certs_dir of the --config file, else /etc/ferry/certs.
     #[arg(long)]
     pub certs: Option<PathBuf>,
     /// Node ids allowed to connect (repeatable); none: any node with a certificate from the CA.
