@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,6 +17,7 @@ use super::out::outln;
 use super::render::{parse_byte_size, parse_size, parse_size_u32};
 use crate::quic::QuicTuning;
 use crate::read::ReadMode;
+use crate::snapshot::Snapshot;
 use crate::tls::NodeIdentity;
 use crate::transfer::source::{self, CopyRequest, RateHandle};
 use crate::transfer::walsend::WalSourceConfig;
@@ -36,9 +37,13 @@ pub struct CopyArgs {
     /// The target's node id (the name its certificate must carry).
     #[arg(long)]
     pub target_node: String,
-    /// Folder holding the shard's immutable files.
+    /// Folder holding the shard's immutable files. One without any file is refused unless
+    /// --allow-empty says an empty shard is intended.
     #[arg(long)]
     pub segments_root: PathBuf,
+    /// Copy an empty shard: a --segments-root without any file is intended, not a wrong path.
+    #[arg(long)]
+    pub allow_empty: bool,
     /// Files to ship, relative to the root (repeatable); default: every file under it.
     #[arg(long = "file")]
     pub files: Vec<String>,
@@ -103,6 +108,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
     let migration_id =
         MigrationId::new(args.migration_id.unwrap_or_else(|| format!("copy-{}-{}", args.vshard, args.base_lsn)))
             .context("invalid --migration-id")?;
+    check_not_empty(&args.segments_root, !args.files.is_empty(), args.allow_empty)?;
     let files = if args.files.is_empty() {
         None
     } else {
@@ -185,6 +191,21 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses a segments root without any file, unless `allow_empty`: a copy of nothing that
+/// "succeeds" is almost always a wrong path. Files named with --file are checked by the copy.
+fn check_not_empty(segments_root: &Path, files_named: bool, allow_empty: bool) -> anyhow::Result<()> {
+    if files_named || allow_empty {
+        return Ok(());
+    }
+    if Snapshot::list(segments_root)?.is_empty() {
+        anyhow::bail!(
+            "--segments-root {} holds no files: check the path, or pass --allow-empty if an empty shard is intended",
+            segments_root.display()
+        );
+    }
+    Ok(())
+}
+
 async fn print_progress(mut progress: watch::Receiver<Progress>) {
     let started = std::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -214,5 +235,61 @@ async fn print_progress(mut progress: watch::Receiver<Progress>) {
             p.files_total_count,
             rate / 1e6
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn parse(extra: &[&str]) -> CopyArgs {
+        let mut argv = vec!["ferry", "copy", "--node-id", "a", "--certs", "/c", "--target-node", "b", "--vshard", "7"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Copy(args) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_segments_root_is_refused_unless_allowed() {
+        let root = tempfile::tempdir().unwrap();
+        let err = check_not_empty(root.path(), false, false).unwrap_err().to_string();
+        assert!(err.contains("holds no files") && err.contains("--allow-empty"), "{err}");
+        check_not_empty(root.path(), false, true).unwrap();
+        check_not_empty(root.path(), true, false).unwrap();
+        std::fs::write(root.path().join("seg-1"), b"x").unwrap();
+        check_not_empty(root.path(), false, false).unwrap();
+        let missing = root.path().join("missing");
+        let err = format!("{:#}", check_not_empty(&missing, false, false).unwrap_err());
+        assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    }
+
+    #[test]
+    fn sizes_and_host_names_are_accepted() {
+        let args = parse(&[
+            "--target",
+            "localhost:7070",
+            "--segments-root",
+            "/s",
+            "--rate-limit",
+            "500MB",
+            "--chunk-len",
+            "256KiB",
+            "--wal-alignment",
+            "4KiB",
+            "--max-held-wal-bytes",
+            "1GiB",
+        ]);
+        assert!(args.target.ip().is_loopback() && args.target.port() == 7070);
+        assert_eq!((args.rate_limit, args.chunk_len, args.wal_alignment), (500_000_000, 256 << 10, 4096));
+        assert_eq!(args.max_held_wal_bytes, 1 << 30);
+        let plain = parse(&["--target", "10.0.0.2:7070", "--segments-root", "/s", "--rate-limit", "1000"]);
+        assert_eq!((plain.rate_limit, plain.chunk_len), (1000, ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES));
+        assert_eq!((plain.max_held_wal_bytes, plain.wal_alignment, plain.allow_empty), (4 << 30, 4096, false));
     }
 }
