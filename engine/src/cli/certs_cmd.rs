@@ -13,6 +13,8 @@ use crate::certs::{self, IssueOptions};
 pub enum CertsCommand {
     /// Make a development cluster CA in DIR (ca.pem, ca-key.pem).
     Init {
+        /// The certificate folder (made if missing), e.g. /etc/ferry/certs; `ferry serve --certs`
+        /// and `certs_dir` in its config name it.
         #[arg(long)]
         dir: PathBuf,
         /// Replace an existing CA (every node certificate signed by it stops working).
@@ -21,6 +23,8 @@ pub enum CertsCommand {
     },
     /// Make a node certificate and key signed by the CA in DIR (<name>.pem, <name>-key.pem).
     Issue {
+        /// The certificate folder holding the CA made by `ferry certs init`; the node's
+        /// certificate and key are written there.
         #[arg(long)]
         dir: PathBuf,
         /// The node id: the certificate's name, which peers expect.

@@ -51,6 +51,7 @@ pub struct CopyArgs {
     /// the same copy again resumes it from what the target holds.
     #[arg(long, visible_alias = "resume")]
     pub migration_id: Option<String>,
+    /// The vShard the files belong to (recorded in the target's MANIFEST.json).
     #[arg(long)]
     pub vshard: u32,
     /// Every write with an LSN at or below this one is in the files.

@@ -73,6 +73,7 @@ pub struct MigrateArgs {
     /// it the migration is live and ends with the cut-over fence.
     #[arg(long)]
     pub offline: bool,
+    /// The vShard to migrate (its records are selected from --wal-dir).
     #[arg(long, required = true)]
     pub vshard: Option<u32>,
     /// Folder holding the shard's immutable files on the source node (made absolute).
