@@ -7,6 +7,7 @@
 //! What it does not: hold settings for parts not built yet (the fence); they are added with the
 //! code that reads them.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -88,8 +89,9 @@ impl Default for NodeConfig {
 /// A configuration that cannot be used: the operator's file is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The cause is in the message, not chained as a source (`{:#}` would show it twice).
+    #[error("cannot read {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("{path} is not a valid ferry configuration: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {what}")]
@@ -104,9 +106,18 @@ impl NodeConfig {
 
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Ok(Self::load_with_keys(path)?.0)
+    }
+
+    /// Reads and checks a configuration file; also returns the keys the file sets itself (the
+    /// others have their defaults), so a caller can say where a setting came from.
+    pub fn load_with_keys(path: &Path) -> Result<(Self, BTreeSet<String>), ConfigError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        Self::parse(&text, path)
+            std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.to_path_buf(), cause })?;
+        let config = Self::parse(&text, path)?;
+        let table: toml::Table = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        Ok((config, table.keys().cloned().collect()))
     }
 
     /// Parses and checks configuration text (`path` is for messages).
@@ -206,5 +217,19 @@ mod tests {
             let err = NodeConfig::parse(text, Path::new("n.toml")).unwrap_err().to_string();
             assert!(err.contains(needle) && err.contains("n.toml"), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn a_file_says_which_keys_it_sets_and_a_missing_file_names_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        std::fs::write(&path, "node_id = \"node-b\"\nlisten = \"127.0.0.1:7070\"\n").unwrap();
+        let (config, keys) = NodeConfig::load_with_keys(&path).unwrap();
+        assert_eq!(config.node_id, "node-b");
+        assert_eq!(keys.into_iter().collect::<Vec<_>>(), ["listen", "node_id"]);
+        let err = anyhow::Error::from(NodeConfig::load(&dir.path().join("missing.toml")).unwrap_err());
+        let text = format!("{err:#}");
+        assert!(text.contains("missing.toml"), "{text}");
+        assert_eq!(text.matches("os error 2").count(), 1, "{text}");
     }
 }

@@ -38,14 +38,16 @@ pub enum SnapshotError {
     CrossFilesystem { from: PathBuf, to: PathBuf },
     #[error("snapshot {0} already holds another version of this file: forget the migration or use a new migration id")]
     Conflict(PathBuf),
-    #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: io::Error },
+    /// The cause is in the message, not chained as a source: a chain printed with `{:#}`
+    /// would show it twice, and failure reasons are this message alone.
+    #[error("{what} {path}: {cause}")]
+    Io { what: &'static str, path: PathBuf, cause: io::Error },
     #[error("source file {path} changed during the copy ({what}): ferry ships immutable files only")]
     Changed { path: RelPath, what: String },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
-    move |source| SnapshotError::Io { what, path: path.to_path_buf(), source }
+    move |cause| SnapshotError::Io { what, path: path.to_path_buf(), cause }
 }
 
 /// One pinned file.
@@ -99,10 +101,7 @@ impl Snapshot {
         migration_id: &MigrationId,
         files: Option<&[RelPath]>,
     ) -> Result<Self, SnapshotError> {
-        let root_meta = std::fs::metadata(segments_root).map_err(io_err("cannot open segments root", segments_root))?;
-        if !root_meta.is_dir() {
-            return Err(SnapshotError::RootNotDir(segments_root.to_path_buf()));
-        }
+        check_root(segments_root)?;
         let paths = match files {
             Some(files) => {
                 for path in files {
@@ -113,12 +112,7 @@ impl Snapshot {
                 files.dedup();
                 files
             }
-            None => {
-                let mut found = Vec::new();
-                walk(segments_root, segments_root, &mut found)?;
-                found.sort();
-                found
-            }
+            None => Self::list(segments_root)?,
         };
         let dir = Self::dir_of(segments_root, migration_id);
         let mut pinned = Vec::with_capacity(paths.len());
@@ -140,9 +134,7 @@ impl Snapshot {
                 Err(e) if e.raw_os_error() == Some(18) => {
                     return Err(SnapshotError::CrossFilesystem { from: source, to: link });
                 }
-                Err(source_err) => {
-                    return Err(SnapshotError::Io { what: "cannot hard-link", path: link, source: source_err })
-                }
+                Err(cause) => return Err(SnapshotError::Io { what: "cannot hard-link", path: link, cause }),
             }
             pinned.push(SnapshotFile {
                 path,
@@ -154,12 +146,22 @@ impl Snapshot {
         Ok(Self { dir, files: pinned })
     }
 
+    /// Every regular file under `segments_root` (its own snapshot folder left out), sorted:
+    /// what [`Snapshot::create`] pins when the caller names no files. Nothing is pinned.
+    pub fn list(segments_root: &Path) -> Result<Vec<RelPath>, SnapshotError> {
+        check_root(segments_root)?;
+        let mut found = Vec::new();
+        walk(segments_root, segments_root, &mut found)?;
+        found.sort();
+        Ok(found)
+    }
+
     /// Removes the snapshot's links (the source files themselves are untouched).
     pub fn remove(segments_root: &Path, migration_id: &MigrationId) -> Result<(), SnapshotError> {
         let dir = Self::dir_of(segments_root, migration_id);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(SnapshotError::Io { what: "cannot remove", path: dir, source: e })
+                Err(SnapshotError::Io { what: "cannot remove", path: dir, cause: e })
             }
             _ => Ok(()),
         }
@@ -168,6 +170,14 @@ impl Snapshot {
     pub fn bytes_total(&self) -> u64 {
         self.files.iter().map(|f| f.size_bytes).sum()
     }
+}
+
+fn check_root(segments_root: &Path) -> Result<(), SnapshotError> {
+    let root_meta = std::fs::metadata(segments_root).map_err(io_err("cannot open segments root", segments_root))?;
+    if !root_meta.is_dir() {
+        return Err(SnapshotError::RootNotDir(segments_root.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// Checks a caller-named file: every folder on the way is a real folder, the file is regular.
@@ -254,5 +264,26 @@ mod tests {
         std::fs::create_dir(root.path().join("d")).unwrap();
         let named = [RelPath::new("d").unwrap()];
         assert!(matches!(Snapshot::create(root.path(), &id(), Some(&named)), Err(SnapshotError::NotRegular(_))));
+    }
+
+    #[test]
+    fn lists_regular_files_without_pinning_them() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(Snapshot::list(root.path()).unwrap().is_empty());
+        std::fs::create_dir_all(root.path().join("empty/folders")).unwrap();
+        assert!(Snapshot::list(root.path()).unwrap().is_empty(), "folders are not files");
+        std::fs::write(root.path().join("empty/x"), b"x").unwrap();
+        let listed = Snapshot::list(root.path()).unwrap();
+        assert_eq!(listed.iter().map(RelPath::as_str).collect::<Vec<_>>(), ["empty/x"]);
+        assert!(!root.path().join(SNAPSHOT_DIR_NAME).exists(), "listing pins nothing");
+    }
+
+    #[test]
+    fn an_io_error_names_its_cause_once() {
+        let missing = tempfile::tempdir().unwrap().path().join("missing");
+        let err = anyhow::Error::from(Snapshot::list(&missing).unwrap_err());
+        let text = format!("{err:#}");
+        assert!(text.starts_with("cannot open segments root"), "{text}");
+        assert_eq!(text.matches("os error 2").count(), 1, "{text}");
     }
 }

@@ -6,12 +6,15 @@ use anyhow::Context;
 use clap::Subcommand;
 use ferry_wire::NodeId;
 
+use super::out::outln;
 use crate::certs::{self, IssueOptions};
 
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {
     /// Make a development cluster CA in DIR (ca.pem, ca-key.pem).
     Init {
+        /// The certificate folder (made if missing), e.g. /etc/ferry/certs; `ferry serve --certs`
+        /// and `certs_dir` in its config name it.
         #[arg(long)]
         dir: PathBuf,
         /// Replace an existing CA (every node certificate signed by it stops working).
@@ -20,6 +23,8 @@ pub enum CertsCommand {
     },
     /// Make a node certificate and key signed by the CA in DIR (<name>.pem, <name>-key.pem).
     Issue {
+        /// The certificate folder holding the CA made by `ferry certs init`; the node's
+        /// certificate and key are written there.
         #[arg(long)]
         dir: PathBuf,
         /// The node id: the certificate's name, which peers expect.
@@ -38,13 +43,13 @@ pub fn run(command: CertsCommand) -> anyhow::Result<()> {
     match command {
         CertsCommand::Init { dir, force } => {
             let paths = certs::init_ca(&dir, force)?;
-            println!("cluster CA: {} (key {})", paths.cert.display(), paths.key.display());
+            outln!("cluster CA: {} (key {})", paths.cert.display(), paths.key.display())?;
         }
         CertsCommand::Issue { dir, name, sans, days } => {
             let name = NodeId::new(name).context("invalid --name")?;
             let options = IssueOptions { extra_sans: sans, validity_days: days, ..IssueOptions::default() };
             let paths = certs::issue(&dir, &name, &options)?;
-            println!("node {name}: {} (key {})", paths.cert.display(), paths.key.display());
+            outln!("node {name}: {} (key {})", paths.cert.display(), paths.key.display())?;
         }
     }
     Ok(())

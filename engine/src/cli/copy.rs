@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,8 +12,12 @@ use ferry_wire::session::Progress;
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 use tokio::sync::watch;
 
+use super::addr::parse_socket_addr;
+use super::out::outln;
+use super::render::{parse_byte_size, parse_size, parse_size_u32};
 use crate::quic::QuicTuning;
 use crate::read::ReadMode;
+use crate::snapshot::Snapshot;
 use crate::tls::NodeIdentity;
 use crate::transfer::source::{self, CopyRequest, RateHandle};
 use crate::transfer::walsend::WalSourceConfig;
@@ -27,15 +31,19 @@ pub struct CopyArgs {
     /// Certificate folder made by `ferry certs`.
     #[arg(long)]
     pub certs: PathBuf,
-    /// The target daemon's QUIC address.
-    #[arg(long)]
+    /// The target daemon's QUIC address: ip:port or host:port (a name is resolved once).
+    #[arg(long, value_parser = parse_socket_addr)]
     pub target: SocketAddr,
     /// The target's node id (the name its certificate must carry).
     #[arg(long)]
     pub target_node: String,
-    /// Folder holding the shard's immutable files.
+    /// Folder holding the shard's immutable files. One without any file is refused unless
+    /// --allow-empty says an empty shard is intended.
     #[arg(long)]
     pub segments_root: PathBuf,
+    /// Copy an empty shard: a --segments-root without any file is intended, not a wrong path.
+    #[arg(long)]
+    pub allow_empty: bool,
     /// Files to ship, relative to the root (repeatable); default: every file under it.
     #[arg(long = "file")]
     pub files: Vec<String>,
@@ -43,13 +51,14 @@ pub struct CopyArgs {
     /// the same copy again resumes it from what the target holds.
     #[arg(long, visible_alias = "resume")]
     pub migration_id: Option<String>,
+    /// The vShard the files belong to (recorded in the target's MANIFEST.json).
     #[arg(long)]
     pub vshard: u32,
     /// Every write with an LSN at or below this one is in the files.
     #[arg(long, default_value_t = 0)]
     pub base_lsn: u64,
-    /// Chunk size in bytes.
-    #[arg(long, default_value_t = ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES)]
+    /// Chunk size: bytes, or a size such as 256KiB or 1MiB.
+    #[arg(long, default_value_t = ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES, value_parser = parse_size_u32)]
     pub chunk_len: u32,
     /// Parallel uni streams per connection.
     #[arg(long, default_value_t = 4)]
@@ -59,8 +68,8 @@ pub struct CopyArgs {
     /// and WAL streams get one more, with a small MTU, so their messages are not paced.
     #[arg(long, default_value_t = 1)]
     pub connections: u32,
-    /// Rate limit in bytes per second (0: unlimited).
-    #[arg(long, default_value_t = 0)]
+    /// Rate limit in bytes per second, e.g. 500MB, 1GiB (0: unlimited).
+    #[arg(long, default_value = "0", value_parser = parse_byte_size)]
     pub rate_limit: u64,
     /// How chunks are read: mmap, uring, uring-direct or pread.
     #[arg(long, default_value = "mmap")]
@@ -78,15 +87,16 @@ pub struct CopyArgs {
     /// WAL layout: auto, a (nodedb-wal 0.1-0.4, 54-byte header) or b (nodedb-wal 0.6).
     #[arg(long, default_value = "auto")]
     pub wal_layout: String,
-    /// The WAL writer's flush alignment in bytes.
-    #[arg(long, default_value_t = 4096)]
+    /// The WAL writer's flush alignment: bytes, or a size such as 4KiB.
+    #[arg(long, default_value_t = 4096, value_parser = parse_size_u32)]
     pub wal_alignment: u32,
     /// End the catch-up once every selected record at or below this LSN is durable on the
     /// target, and release the staging there. Without it, catch-up runs until interrupted.
     #[arg(long)]
     pub until_lsn: Option<u64>,
-    /// Most bytes of WAL segments held (hard-linked) for the target; over it the copy fails.
-    #[arg(long, default_value_t = 4 << 30)]
+    /// Most bytes of WAL segments held (hard-linked) for the target, e.g. 4GiB; over it the
+    /// copy fails.
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
     pub max_held_wal_bytes: u64,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
@@ -99,6 +109,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
     let migration_id =
         MigrationId::new(args.migration_id.unwrap_or_else(|| format!("copy-{}-{}", args.vshard, args.base_lsn)))
             .context("invalid --migration-id")?;
+    check_not_empty(&args.segments_root, !args.files.is_empty(), args.allow_empty)?;
     let files = if args.files.is_empty() {
         None
     } else {
@@ -157,16 +168,16 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         result
     })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else if report.already_staged {
-        println!(
+        outln!(
             "{} files, {} bytes were already staged on the target: nothing sent; staging {}",
             report.files_count,
             report.bytes_total,
             if report.committed { "released" } else { "copying" },
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "copied {} files, {} bytes in {:.3} s ({:.1} MB/s), resent {} bytes, {} reconnects, read with {}, staging {}",
             report.files_count,
             report.bytes_total,
@@ -176,6 +187,21 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
             report.reconnects_count,
             report.read_mode,
             if report.committed { "released" } else { "copying" },
+        )?;
+    }
+    Ok(())
+}
+
+/// Refuses a segments root without any file, unless `allow_empty`: a copy of nothing that
+/// "succeeds" is almost always a wrong path. Files named with --file are checked by the copy.
+fn check_not_empty(segments_root: &Path, files_named: bool, allow_empty: bool) -> anyhow::Result<()> {
+    if files_named || allow_empty {
+        return Ok(());
+    }
+    if Snapshot::list(segments_root)?.is_empty() {
+        anyhow::bail!(
+            "--segments-root {} holds no files: check the path, or pass --allow-empty if an empty shard is intended",
+            segments_root.display()
         );
     }
     Ok(())
@@ -210,5 +236,61 @@ async fn print_progress(mut progress: watch::Receiver<Progress>) {
             p.files_total_count,
             rate / 1e6
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn parse(extra: &[&str]) -> CopyArgs {
+        let mut argv = vec!["ferry", "copy", "--node-id", "a", "--certs", "/c", "--target-node", "b", "--vshard", "7"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Copy(args) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_segments_root_is_refused_unless_allowed() {
+        let root = tempfile::tempdir().unwrap();
+        let err = check_not_empty(root.path(), false, false).unwrap_err().to_string();
+        assert!(err.contains("holds no files") && err.contains("--allow-empty"), "{err}");
+        check_not_empty(root.path(), false, true).unwrap();
+        check_not_empty(root.path(), true, false).unwrap();
+        std::fs::write(root.path().join("seg-1"), b"x").unwrap();
+        check_not_empty(root.path(), false, false).unwrap();
+        let missing = root.path().join("missing");
+        let err = format!("{:#}", check_not_empty(&missing, false, false).unwrap_err());
+        assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    }
+
+    #[test]
+    fn sizes_and_host_names_are_accepted() {
+        let args = parse(&[
+            "--target",
+            "localhost:7070",
+            "--segments-root",
+            "/s",
+            "--rate-limit",
+            "500MB",
+            "--chunk-len",
+            "256KiB",
+            "--wal-alignment",
+            "4KiB",
+            "--max-held-wal-bytes",
+            "1GiB",
+        ]);
+        assert!(args.target.ip().is_loopback() && args.target.port() == 7070);
+        assert_eq!((args.rate_limit, args.chunk_len, args.wal_alignment), (500_000_000, 256 << 10, 4096));
+        assert_eq!(args.max_held_wal_bytes, 1 << 30);
+        let plain = parse(&["--target", "10.0.0.2:7070", "--segments-root", "/s", "--rate-limit", "1000"]);
+        assert_eq!((plain.rate_limit, plain.chunk_len), (1000, ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES));
+        assert_eq!((plain.max_held_wal_bytes, plain.wal_alignment, plain.allow_empty), (4 << 30, 4096, false));
     }
 }

@@ -31,9 +31,11 @@ use ferry_wire::api::{MigrationStatus, Phase, Role, StartParams, WRITE_PAUSE_BUD
 use ferry_wire::MigrationId;
 use serde::Serialize;
 
+use super::addr::parse_socket_addr;
 use super::coordinator::{CutOverOptions, CutOverOutcome, ShellWrites};
 use super::ops::{self, SocketArgs, Tracked};
-use super::render::{format_bytes, parse_byte_size, render_line};
+use super::out::{errln, outln};
+use super::render::{format_bytes, parse_byte_size, parse_size_u32, render_line};
 use crate::control::typed::MigrationEvent;
 use crate::control::ErrorCode;
 
@@ -71,6 +73,7 @@ pub struct MigrateArgs {
     /// it the migration is live and ends with the cut-over fence.
     #[arg(long)]
     pub offline: bool,
+    /// The vShard to migrate (its records are selected from --wal-dir).
     #[arg(long, required = true)]
     pub vshard: Option<u32>,
     /// Folder holding the shard's immutable files on the source node (made absolute).
@@ -82,8 +85,9 @@ pub struct MigrateArgs {
     /// Every write with an LSN at or below this one is in the files.
     #[arg(long, default_value_t = 0)]
     pub base_lsn: u64,
-    /// The target daemon's QUIC address, ip:port.
-    #[arg(long, required = true)]
+    /// The target daemon's QUIC address: ip:port or host:port (a name is resolved here, once,
+    /// and the daemon is given the address).
+    #[arg(long, required = true, value_parser = parse_socket_addr)]
     pub target: Option<SocketAddr>,
     /// The target's node id (the name its certificate must carry).
     #[arg(long, required = true)]
@@ -98,8 +102,8 @@ pub struct MigrateArgs {
     /// Parallel streams per connection.
     #[arg(long, default_value_t = 4)]
     pub streams: u32,
-    /// Chunk size in bytes.
-    #[arg(long, default_value_t = ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES)]
+    /// Chunk size: bytes, or a size such as 256KiB or 1MiB.
+    #[arg(long, default_value_t = ferry_wire::limits::CHUNK_LEN_DEFAULT_BYTES, value_parser = parse_size_u32)]
     pub chunk_len: u32,
     /// Rate limit in bytes per second, e.g. 500MB, 1GiB (0: unlimited); `ferry set-rate`
     /// changes it while running.
@@ -118,8 +122,8 @@ pub struct MigrateArgs {
     /// WAL layout: auto, a or b.
     #[arg(long, default_value = "auto")]
     pub wal_layout: String,
-    /// The WAL writer's flush alignment in bytes.
-    #[arg(long, default_value_t = 4096)]
+    /// The WAL writer's flush alignment: bytes, or a size such as 4KiB.
+    #[arg(long, default_value_t = 4096, value_parser = parse_size_u32)]
     pub wal_alignment: u32,
     /// With --wal-dir: release once every selected record at or below this LSN is durable on
     /// the target.
@@ -267,11 +271,11 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
     let (created, status, cut) = super::runtime()?.block_on(coordinate(&socket, &params, live.as_mut()))?;
     if json {
         let report = Report { migration_id: &status.migration_id, created, status: &status, cut_over: cut.as_ref() };
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!("{}", final_report(&status));
+        outln!("{}", final_report(&status))?;
         if let Some(cut) = &cut {
-            println!("{}", cut_over_report(cut));
+            outln!("{}", cut_over_report(cut))?;
         }
     }
     if status.phase == Phase::Failed {
@@ -304,7 +308,7 @@ async fn coordinate(
         }
         Err(e) => return Err(anyhow::Error::from(e).context("the source daemon refused migration.start")),
     };
-    eprintln!(
+    errln!(
         "ferry migrate: {} {} (vShard {} to {} at {})",
         if started.created { "started" } else { "already known to the daemon, following" },
         started.migration_id,
@@ -325,7 +329,7 @@ async fn coordinate(
                     "the source daemon closed the event stream; {id} may still be running: `ferry status {id}`"
                 ),
                 Err(e) => {
-                    eprintln!("ferry migrate: warning: {e}");
+                    errln!("ferry migrate: warning: {e}");
                     None
                 }
             },
@@ -344,21 +348,18 @@ async fn coordinate(
         }
         if status.phase.is_final() {
             if terminal {
-                eprintln!();
+                errln!();
             }
             return Ok((started.created, status, cut));
         }
         if status.phase == Phase::WalCatchUp && cut.is_none() {
             if let Some((writes, options)) = live.as_deref_mut() {
                 if terminal {
-                    eprintln!();
+                    errln!();
                 }
-                eprintln!(
-                    "ferry migrate: {id} is catching up; cutting over (budget {} us)",
-                    params.write_pause_budget_us
-                );
+                errln!("ferry migrate: {id} is catching up; cutting over (budget {} us)", params.write_pause_budget_us);
                 let outcome = super::coordinator::cut_over(&mut calls, &id, writes, *options).await?;
-                eprintln!("ferry migrate: {}", cut_over_report(&outcome));
+                errln!("ferry migrate: {}", cut_over_report(&outcome));
                 cut = Some(outcome);
             }
         }

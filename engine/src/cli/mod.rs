@@ -5,24 +5,28 @@
 //!
 //! What it does not: hold transfer logic; it calls the library.
 
+mod addr;
 mod certs_cmd;
 pub mod coordinator;
 mod copy;
 mod demo;
 mod migrate;
 mod ops;
+mod out;
 mod render;
 mod serve;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use out::errln;
 
 /// ferry: moves a database shard between nodes, fast, verified and resumable.
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version)]
 pub struct Cli {
-    /// Log format on stderr.
     /// Log format on stderr (default text; `ferry serve` also reads `log_format` from its
     /// --config file, and this flag wins over it).
     #[arg(long, global = true, value_enum)]
@@ -95,7 +99,13 @@ pub enum WalCommand {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only for a terminal: in a file or a pipe they are noise. A log line that
+    // cannot be written (stderr closed) is dropped: reporting it would write to stderr again.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -135,15 +145,19 @@ pub fn main() -> std::process::ExitCode {
                 staged,
                 json,
             };
-            let stdout = std::io::stdout();
-            let mut out = stdout.lock();
-            crate::wal::dump::dump(&options, &mut out).map(|_| ()).map_err(anyhow::Error::from)
+            let mut stdout = std::io::stdout().lock();
+            match crate::wal::dump::dump(&options, &mut stdout) {
+                Ok(_) => Ok(()),
+                // `ferry wal dump | head`: the reader has what it wanted.
+                Err(crate::wal::dump::DumpError::Output(e)) if out::is_closed_reader(&e) => Ok(()),
+                Err(e) => Err(anyhow::Error::from(e)),
+            }
         }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            errln!("ferry: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -152,4 +166,50 @@ pub fn main() -> std::process::ExitCode {
 /// A multi-threaded tokio runtime for the async commands.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("ferry").build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every command and every flag of `ferry`, with its path (`ferry certs init`).
+    fn every_command() -> Vec<(String, clap::Command)> {
+        fn walk(path: String, command: clap::Command, out: &mut Vec<(String, clap::Command)>) {
+            for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(format!("{path} {}", sub.get_name()), sub.clone(), out);
+            }
+            out.push((path, command));
+        }
+        let mut out = Vec::new();
+        walk("ferry".to_owned(), Cli::command(), &mut out);
+        out
+    }
+
+    /// `true` if the text's first phrase (up to `.`, `(` or `:`) comes again later: a doc
+    /// comment whose first line was left above its rewrite.
+    fn doubled(text: &str) -> bool {
+        let first = text.split(['.', '(', ':', '\n']).next().unwrap_or("").trim();
+        first.len() >= 12 && text.matches(first).count() > 1
+    }
+
+    #[test]
+    fn every_flag_has_help_and_no_help_says_its_first_words_twice() {
+        for (path, command) in every_command() {
+            for text in [command.get_about(), command.get_long_about()].into_iter().flatten() {
+                assert!(!doubled(&text.to_string()), "{path}: doubled about: {text}");
+            }
+            for arg in command.get_arguments() {
+                let name = arg.get_id().as_str();
+                if name == "help" || name == "version" {
+                    continue;
+                }
+                let help = arg.get_long_help().or(arg.get_help()).map(ToString::to_string);
+                let help = help.unwrap_or_else(|| panic!("{path} --{name} has no help"));
+                assert!(!doubled(&help), "{path} --{name}: doubled help: {help}");
+            }
+        }
+    }
 }

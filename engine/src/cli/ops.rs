@@ -14,7 +14,7 @@
 //! throughput); nothing the daemon sends panics the CLI (a malformed answer is an error).
 
 use std::ffi::OsString;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use clap::Args;
 use ferry_wire::api::{MigrationStatus, Phase};
 use ferry_wire::MigrationId;
 
+use super::out::{errln, is_closed_reader, outln, stdout_closed};
 use super::render::{format_rate_limit, parse_byte_size, render_block, render_line, render_table, Screen};
 use crate::config::NodeConfig;
 use crate::control::typed::MigrationEvent;
@@ -69,8 +70,8 @@ fn resolve_socket(args: &SocketArgs, env: Option<OsString>) -> anyhow::Result<Pa
 }
 
 pub(super) async fn connect(path: &Path) -> anyhow::Result<ControlClient> {
-    // The connect error's message already carries its cause; a chain would print it twice.
-    ControlClient::connect(path).await.map_err(|e| anyhow::anyhow!("{e}"))
+    // The connect error chains its cause: `ferry: error: {:#}` prints it once.
+    Ok(ControlClient::connect(path).await?)
 }
 
 pub(super) fn parse_migration_id(text: &str) -> Result<MigrationId, String> {
@@ -201,15 +202,15 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
         };
         if json {
             match (&args.migration_id, statuses.as_slice()) {
-                (Some(_), [one]) => println!("{}", serde_json::to_string_pretty(one)?),
-                _ => println!("{}", serde_json::to_string_pretty(&statuses)?),
+                (Some(_), [one]) => outln!("{}", serde_json::to_string_pretty(one)?)?,
+                _ => outln!("{}", serde_json::to_string_pretty(&statuses)?)?,
             }
         } else if statuses.is_empty() {
-            println!("no migrations on this node");
+            outln!("no migrations on this node")?;
         } else {
             for status in &statuses {
                 for line in render_block(status) {
-                    println!("{line}");
+                    outln!("{line}")?;
                 }
             }
         }
@@ -222,12 +223,12 @@ pub fn run_list(args: ListArgs) -> anyhow::Result<()> {
     let statuses =
         super::runtime()?.block_on(async { connect(&socket).await?.list().await.map_err(anyhow::Error::from) })?;
     if args.connect.json {
-        println!("{}", serde_json::to_string_pretty(&statuses)?);
+        outln!("{}", serde_json::to_string_pretty(&statuses)?)?;
     } else if statuses.is_empty() {
-        println!("no migrations on this node");
+        outln!("no migrations on this node")?;
     } else {
         for line in render_table(&statuses) {
-            println!("{line}");
+            outln!("{line}")?;
         }
     }
     Ok(())
@@ -240,13 +241,13 @@ pub fn run_abort(args: AbortArgs) -> anyhow::Result<()> {
         connect(&socket).await?.abort(&id, args.reason.as_deref()).await.map_err(anyhow::Error::from)
     })?;
     if args.connect.json {
-        println!("{}", serde_json::to_string_pretty(&aborted)?);
+        outln!("{}", serde_json::to_string_pretty(&aborted)?)?;
     } else {
-        println!(
+        outln!(
             "{id} aborted (phase {:?}): the target staging is removed and the source stays authoritative; \
              `ferry forget {id}` removes what ferry still holds for it",
             aborted.phase
-        );
+        )?;
     }
     Ok(())
 }
@@ -257,9 +258,9 @@ pub fn run_forget(args: ForgetArgs) -> anyhow::Result<()> {
     let forgotten =
         super::runtime()?.block_on(async { connect(&socket).await?.forget(&id).await.map_err(anyhow::Error::from) })?;
     if args.connect.json {
-        println!("{}", serde_json::to_string_pretty(&forgotten)?);
+        outln!("{}", serde_json::to_string_pretty(&forgotten)?)?;
     } else {
-        println!("{id} forgotten");
+        outln!("{id} forgotten")?;
     }
     Ok(())
 }
@@ -271,9 +272,9 @@ pub fn run_set_rate(args: SetRateArgs) -> anyhow::Result<()> {
         connect(&socket).await?.set_rate_limit(&id, args.bytes_per_sec).await.map_err(anyhow::Error::from)
     })?;
     if args.connect.json {
-        println!("{}", serde_json::to_string_pretty(&set)?);
+        outln!("{}", serde_json::to_string_pretty(&set)?)?;
     } else {
-        println!("{id} rate limit: {}", format_rate_limit(set.rate_limit_bytes_per_sec));
+        outln!("{id} rate limit: {}", format_rate_limit(set.rate_limit_bytes_per_sec))?;
     }
     Ok(())
 }
@@ -330,7 +331,7 @@ async fn watch(socket: &Path, id: Option<MigrationId>, json: bool) -> anyhow::Re
                 // Lost events are caught up by the next poll.
                 Ok(Some(MigrationEvent::Dropped { .. })) => {}
                 Ok(None) => anyhow::bail!("the daemon closed the event stream; it may have stopped"),
-                Err(e) => eprintln!("ferry: warning: {e}"),
+                Err(e) => errln!("ferry: warning: {e}"),
             },
             _ = tick.tick() => match &id {
                 Some(id) => changed.push(calls.status(id).await?),
@@ -342,13 +343,12 @@ async fn watch(socket: &Path, id: Option<MigrationId>, json: bool) -> anyhow::Re
             },
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
-        let mut out = std::io::stdout().lock();
         for status in changed.drain(..) {
             if tracked.update(status.clone()) && !terminal {
                 if json {
-                    writeln!(out, "{}", serde_json::to_string(&status)?)?;
+                    outln!("{}", serde_json::to_string(&status)?)?;
                 } else {
-                    writeln!(out, "{}", render_line(&status))?;
+                    outln!("{}", render_line(&status))?;
                 }
             }
         }
@@ -358,9 +358,15 @@ async fn watch(socket: &Path, id: Option<MigrationId>, json: bool) -> anyhow::Re
             } else {
                 tracked.statuses.iter().flat_map(render_block).collect()
             };
-            screen.redraw(&mut out, &lines)?;
+            match screen.redraw(&mut std::io::stdout().lock(), &lines) {
+                Err(e) if is_closed_reader(&e) => return Ok(()),
+                other => other?,
+            }
         }
-        out.flush()?;
+        // Nobody reads what is watched any more (`ferry status --watch | head -3`).
+        if stdout_closed() {
+            return Ok(());
+        }
         if let Some(id) = &id {
             if tracked.all_final() {
                 if let Some(failed) = tracked.statuses.iter().find(|s| s.phase == Phase::Failed) {

@@ -73,12 +73,43 @@ pub fn format_duration_s(seconds: u64) -> String {
 /// Parses a byte count or rate: `1048576`, `100MB`, `1GiB`, `1.5 GB/s`, `unlimited` (0).
 /// KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024; case-insensitive.
 pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    parse_bytes(text, Amount::Rate)
+}
+
+/// Parses a size in bytes with the syntax of [`parse_byte_size`], without its rate forms
+/// (`unlimited`, a trailing `/s`): `4096`, `64KiB`, `1MiB`, `1.5GB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    parse_bytes(text, Amount::Size)
+}
+
+/// [`parse_size`] for a size that must fit in 32 bits (a chunk length, an alignment).
+pub fn parse_size_u32(text: &str) -> Result<u32, String> {
+    let bytes = parse_size(text)?;
+    u32::try_from(bytes).map_err(|_| format!("{text:?} is more than {} bytes", u32::MAX))
+}
+
+/// What a byte amount on the command line is: a rate takes `unlimited` and a trailing `/s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Amount {
+    Rate,
+    Size,
+}
+
+fn parse_bytes(text: &str, amount: Amount) -> Result<u64, String> {
+    let not_bytes = || match amount {
+        Amount::Rate => format!("{text:?} is not a byte size; use e.g. 1048576, 100MB, 1GiB or 0 (unlimited)"),
+        Amount::Size => format!(
+            "{text:?} is not a size: give bytes (1048576) or a number with KiB, MiB or GiB (powers of 1024; TiB too) \
+             or KB, MB, GB, TB (powers of 1000), e.g. 512MiB"
+        ),
+    };
     let trimmed = text.trim();
-    if trimmed.eq_ignore_ascii_case("unlimited") {
-        return Ok(0);
-    }
     let lower = trimmed.to_ascii_lowercase();
-    let lower = lower.strip_suffix("/s").unwrap_or(&lower);
+    let lower = match amount {
+        Amount::Rate if lower == "unlimited" => return Ok(0),
+        Amount::Rate => lower.strip_suffix("/s").unwrap_or(&lower),
+        Amount::Size => &lower,
+    };
     let split = lower.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(lower.len());
     let (number, unit) = lower.split_at(split);
     let multiplier: u128 = match unit.trim() {
@@ -97,13 +128,13 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
                 unit = unit.to_ascii_uppercase()
             ))
         }
-        _ => return Err(format!("{text:?} is not a byte size; use e.g. 1048576, 100MB, 1GiB or 0 (unlimited)")),
+        _ => return Err(not_bytes()),
     };
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
     // Nine fraction digits are far below a byte at any unit here; more would overflow nothing
     // but mean nothing either.
     if whole.is_empty() && fraction.is_empty() || fraction.len() > 9 || fraction.contains('.') {
-        return Err(format!("{text:?} is not a byte size; use e.g. 1048576, 100MB, 1GiB or 0 (unlimited)"));
+        return Err(not_bytes());
     }
     let digits = |s: &str| -> Result<u128, String> {
         if s.is_empty() {
@@ -326,6 +357,24 @@ pub(crate) mod tests {
         }
         let ambiguous = parse_byte_size("1G").unwrap_err();
         assert!(ambiguous.contains("GB") && ambiguous.contains("GiB"), "{ambiguous}");
+    }
+
+    #[test]
+    fn sizes_take_the_same_syntax_without_the_rate_forms() {
+        for (text, want) in [("4096", 4096), ("64KiB", 64 << 10), ("1MiB", 1 << 20), ("1.5GB", 1_500_000_000), ("0", 0)]
+        {
+            assert_eq!(parse_size(text), Ok(want), "{text}");
+        }
+        for bad in ["unlimited", "1MB/s", "", "MiB", "1G", "-1"] {
+            let err = parse_size(bad).unwrap_err();
+            assert!(!err.contains("0 (unlimited)"), "a size is never unlimited: {err}");
+        }
+        // The words `ferry demo --shard-size` always used.
+        let err = parse_size("nonsense").unwrap_err();
+        assert!(err.contains("\"nonsense\" is not a size") && err.contains("KiB, MiB or GiB"), "{err}");
+        assert_eq!(parse_size_u32("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size_u32("4294967295"), Ok(u32::MAX));
+        assert!(parse_size_u32("4GiB").unwrap_err().contains("more than 4294967295 bytes"));
     }
 
     #[test]

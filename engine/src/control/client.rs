@@ -26,14 +26,16 @@ const READ_CHUNK_BYTES: usize = 64 << 10;
 /// Why a call failed, by blame.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("could not connect to the control socket {}: {source}; is `ferry serve` running with this socket path?", path.display())]
+    /// The cause is chained as the source, not repeated in the message (`{:#}` shows it once).
+    #[error("could not connect to the control socket {} (is `ferry serve` running with this socket path?)", path.display())]
     Connect {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+    /// The cause is in the message, not chained as a source (`{:#}` would show it twice).
     #[error("control socket i/o failed: {0}; the daemon may have stopped")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("the daemon closed the connection; it may have stopped or refused this client (see its log)")]
     Closed,
     #[error(transparent)]
@@ -41,6 +43,12 @@ pub enum ClientError {
     /// The daemon answered with an error: its code and message are the daemon's.
     #[error("the daemon answered error {}: {}", .0.code, .0.message)]
     Rpc(RpcError),
+}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
 }
 
 impl ClientError {
@@ -168,5 +176,24 @@ impl EventStream {
             },
             _ => Event::Other(note),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn errors_name_their_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("ferry.sock");
+        let err = anyhow::Error::from(ControlClient::connect(&missing).await.unwrap_err());
+        let text = format!("{err:#}");
+        assert!(text.contains("could not connect to the control socket") && text.contains("ferry.sock"), "{text}");
+        assert_eq!(text.matches("os error 2").count(), 1, "{text}");
+        let io = anyhow::Error::from(ClientError::from(io::Error::from(io::ErrorKind::ConnectionReset)));
+        let text = format!("{io:#}");
+        assert_eq!(text.matches("reset").count(), 1, "{text}");
     }
 }

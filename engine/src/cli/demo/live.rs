@@ -27,6 +27,7 @@ use ferry_wire::{Lsn, MigrationId};
 use super::progress::{self, ProgressLine, POLL_INTERVAL};
 use super::{DemoArgs, Dirs, MIGRATION_ID, SOURCE_NODE, TARGET_NODE, VSHARD};
 use crate::cli::coordinator::{cut_over, CutOverOptions, CutOverOutcome, RefWrites};
+use crate::cli::out::errln;
 use crate::clock::monotonic_ns;
 use crate::config::NodeConfig;
 use crate::control::ControlClient;
@@ -172,7 +173,7 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
     let target = RunningNode::start(&node_config(dirs, TARGET_NODE, &dirs.target_data, SOURCE_NODE))
         .await
         .context("cannot start the target daemon")?;
-    eprintln!(
+    errln!(
         "ferry demo: daemons up: {SOURCE_NODE} (QUIC {}, control socket {}) and {TARGET_NODE} (QUIC {}, control socket {})",
         source.quic_addr,
         source.socket().display(),
@@ -184,7 +185,7 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
         ..RefWriterConfig::new(&dirs.source_wal, VSHARD)
     })
     .context("cannot start the reference writer")?;
-    eprintln!(
+    errln!(
         "ferry demo: reference writer: {} writes/s to {} (NodeDB layout A, one in four to vShard {}); {} ms alone for the latency baseline",
         args.write_rate,
         dirs.source_wal.display(),
@@ -199,7 +200,7 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
     let export = crate::refnode::export_base(&dirs.export_root, VSHARD, base_lsn, &entries)
         .context("the reference node's base export failed")?;
     let bulk_bytes = args.shard_size.saturating_sub(export.bytes);
-    eprintln!(
+    errln!(
         "ferry demo: base_lsn {}: exported {} vShard-{} writes ({}); generating {} of bulk files (not timed as copy)",
         base_lsn.0,
         export.entries_count,
@@ -221,7 +222,7 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
     let mut client = ControlClient::connect(source.socket()).await.context("cannot connect to the source daemon")?;
     stamps.migration_started_ns = monotonic_ns();
     client.start(&params).await.context("the source daemon refused migration.start")?;
-    eprintln!("ferry demo: migration.start {MIGRATION_ID} (live, base_lsn {}) on {SOURCE_NODE}'s socket", base_lsn.0);
+    errln!("ferry demo: migration.start {MIGRATION_ID} (live, base_lsn {}) on {SOURCE_NODE}'s socket", base_lsn.0);
 
     let mut line = ProgressLine::new();
     let mut samples = Vec::new();
@@ -271,7 +272,7 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
     let (status, _) = poll(&mut client, &id, &mut samples).await?;
     line.finish(&progress::catch_up_line(&status, catch_up_us, catch_up_us));
 
-    eprintln!(
+    errln!(
         "cut-over      prepare until the estimate fits {} us, pause the writer, fence, resume it on {TARGET_NODE}, release",
         args.budget_us
     );
@@ -287,7 +288,7 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
     stamps.released_ns = monotonic_ns();
     line.finish(&progress::cut_over_line(&cut));
 
-    eprintln!(
+    errln!(
         "ferry demo: after release: vShard {}'s writes go to {} for {} ms",
         VSHARD.0,
         node_wal.display(),

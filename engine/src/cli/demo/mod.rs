@@ -66,6 +66,8 @@ use ferry_wire::limits::{CHUNK_LEN_DEFAULT_BYTES, CHUNK_LEN_MAX_BYTES, CHUNK_LEN
 use ferry_wire::{NodeId, VShardId};
 
 use crate::certs::{self, IssueOptions};
+use crate::cli::out::{errln, out, outln};
+use crate::cli::render::{parse_size, parse_size_u32};
 use crate::refnode::writer::RATE_MAX_WRITES_PER_SEC;
 
 const SOURCE_NODE: &str = "demo-source";
@@ -105,15 +107,15 @@ would); migration.applied is not exercised, so the pause's apply wait holds no d
 #[derive(Debug, Args)]
 #[command(after_help = HELP)]
 pub struct DemoArgs {
-    /// Shard size: bytes, or a number with KiB, MiB or GiB (512MiB). The export of vShard 7's
+    /// Shard size: bytes, or a size such as 512MiB or 2GB. The export of vShard 7's
     /// writes up to base_lsn plus bulk files make up this many bytes.
     #[arg(long, value_name = "SIZE", default_value = "512MiB", value_parser = parse_size)]
     pub shard_size: u64,
     /// Bulk files the shard is filled with, in nested folders (bulk/L0/, L1/, L2/).
     #[arg(long, default_value_t = 8)]
     pub files: u32,
-    /// Chunk size of the base copy, in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = CHUNK_LEN_DEFAULT_BYTES)]
+    /// Chunk size of the base copy: bytes, or a size such as 256KiB or 1MiB.
+    #[arg(long, value_name = "SIZE", default_value_t = CHUNK_LEN_DEFAULT_BYTES, value_parser = parse_size_u32)]
     pub chunk_len: u32,
     /// Parallel uni streams per connection.
     #[arg(long, default_value_t = 4)]
@@ -142,26 +144,6 @@ pub struct DemoArgs {
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Parses `512MiB`, `8 KiB`, `1GiB`, `4096` or `4096B` into bytes.
-fn parse_size(text: &str) -> Result<u64, String> {
-    let bad = || format!("{text:?} is not a size: give bytes (536870912) or a number with KiB, MiB or GiB (512MiB)");
-    let trimmed = text.trim();
-    let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
-    let (digits, suffix) = trimmed.split_at(digits_end);
-    if digits.is_empty() {
-        return Err(bad());
-    }
-    let number: u64 = digits.parse().map_err(|_| format!("{text:?} is too large"))?;
-    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "kib" => 10,
-        "mib" => 20,
-        "gib" => 30,
-        _ => return Err(bad()),
-    };
-    number.checked_mul(1u64 << shift).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 fn check_args(args: &DemoArgs) -> anyhow::Result<()> {
@@ -236,7 +218,7 @@ impl Drop for WorkDir {
     fn drop(&mut self) {
         if !self.keep {
             if let Err(e) = fs::remove_dir_all(&self.path) {
-                eprintln!("ferry demo: cannot remove the work folder {}: {e}", self.path.display());
+                errln!("ferry demo: cannot remove the work folder {}: {e}", self.path.display());
             }
         }
     }
@@ -280,7 +262,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     check_args(&args)?;
     let work = WorkDir::open(args.keep.as_deref())?;
     let dirs = Dirs::new(&work.path);
-    eprintln!(
+    errln!(
         "ferry demo: work folder {} ({})",
         work.path.display(),
         if work.keep { "kept" } else { "removed at exit; --keep DIR keeps it" }
@@ -292,7 +274,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let run = super::runtime()?.block_on(live::run(&args, &dirs))?;
 
-    eprintln!(
+    errln!(
         "ferry demo: verifying: every acknowledged vShard-{} write in the staged export, staged WAL and target node WAL; SHA-256 of every staged file",
         VSHARD.0
     );
@@ -310,14 +292,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let summary = summary::Summary::new(&args, &run, verification, manifest);
     if args.json {
         let object = report::json_report(&args, &work.path, work.keep, &summary);
-        println!("{}", serde_json::to_string_pretty(&object)?);
+        outln!("{}", serde_json::to_string_pretty(&object)?)?;
     } else {
-        print!("{}", report::text_report(&args, &work.path, work.keep, &staging, &summary));
+        out!("{}", report::text_report(&args, &work.path, work.keep, &staging, &summary))?;
     }
     let failures = summary.failures();
     if !failures.is_empty() {
         for problem in summary.verification.problems.iter() {
-            eprintln!("ferry demo: verification: {problem}");
+            errln!("ferry demo: verification: {problem}");
         }
         bail!("the demo FAILED: {}", failures.join("; "));
     }
@@ -341,23 +323,27 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse_with_and_without_suffixes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("4096B"), Ok(4096));
-        assert_eq!(parse_size("8KiB"), Ok(8 << 10));
-        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-        assert_eq!(parse_size("2 GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("3mib"), Ok(3 << 20));
+    fn sizes_take_the_syntax_of_every_other_size_flag() {
+        for (flags, shard_size, chunk_len) in [
+            (&["--shard-size", "4096", "--chunk-len", "65536"][..], 4096, 65536),
+            (&["--shard-size", "4096B", "--chunk-len", "64KiB"], 4096, 64 << 10),
+            (&["--shard-size", "2 GiB", "--chunk-len", "1MiB"], 2 << 30, 1 << 20),
+            (&["--shard-size", "12MB", "--chunk-len", "1mib"], 12_000_000, 1 << 20),
+            (&["--shard-size", "1.5GiB"], 3 << 29, CHUNK_LEN_DEFAULT_BYTES),
+        ] {
+            let args = parse(flags).unwrap();
+            assert_eq!((args.shard_size, args.chunk_len), (shard_size, chunk_len), "{flags:?}");
+        }
     }
 
     #[test]
     fn garbage_sizes_are_refused_clearly() {
-        for bad in ["nonsense", "", "MiB", "12MB", "1.5GiB", "-3", "7 TiB", "12MiBs"] {
-            let err = parse_size(bad).unwrap_err();
+        for bad in ["nonsense", "", "MiB", "-3", "12MiBs", "unlimited", "1MB/s"] {
+            let err = parse(&[&format!("--shard-size={bad}")]).unwrap_err().to_string();
             assert!(err.contains("not a size"), "{bad:?}: {err}");
         }
-        assert!(parse_size("99999999999GiB").unwrap_err().contains("too large"));
-        assert!(parse_size("99999999999999999999999").unwrap_err().contains("too large"));
+        assert!(parse(&["--shard-size", "99999999999TiB"]).unwrap_err().to_string().contains("more than"));
+        assert!(parse(&["--chunk-len", "8GiB"]).unwrap_err().to_string().contains("more than"));
     }
 
     #[test]

@@ -1,0 +1,238 @@
+//! The `ferry` binary as a user meets it at the command line, off the happy path: output
+//! piped into a reader that leaves early, an empty segments root, sizes with units, host
+//! names, a daemon started without a node id or certificates, log lines in a file.
+//!
+//! What it checks: exit statuses and what stdout and stderr say, as a user would read them
+//! (no panic message, an error that names the flag to give, no colour codes off a terminal).
+//!
+//! What it does not: time anything, or check the copies beyond their reports (base_copy.rs
+//! and kill.rs do).
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_engine::certs::{self, IssueOptions};
+use ferry_engine::refnode::{RefWriter, RefWriterConfig};
+use ferry_engine::storage::DiskStorage;
+use ferry_tests::{ferry_bin, node, node_config, write_file, Certs, Target};
+use ferry_wire::VShardId;
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A stdout whose reader is already gone: every write to it fails with EPIPE, as a pipe into
+/// `head -1` does once `head` has exited (a socket, so that no write can race the close).
+fn gone_reader() -> Stdio {
+    let (reader, writer) = UnixStream::pair().unwrap();
+    drop(reader);
+    Stdio::from(OwnedFd::from(writer))
+}
+
+/// Runs `ferry ARGS` with stdout gone; returns its exit and stderr.
+fn run_with_stdout_gone(args: &[&str]) -> Output {
+    Command::new(ferry_bin()).args(args).stdout(gone_reader()).stderr(Stdio::piped()).output().unwrap()
+}
+
+fn assert_quiet_success(what: &str, out: &Output) {
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{what} panicked:\n{stderr}");
+    assert!(out.status.success(), "{what}: exit {:?}\n{stderr}", out.status);
+    assert!(!stderr.contains("error"), "{what} reported an error for a reader that left:\n{stderr}");
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_reader_that_leaves_early_is_no_panic_for_any_printing_command() {
+    // Printing without a daemon.
+    assert_quiet_success("serve --print-default-config", &run_with_stdout_gone(&["serve", "--print-default-config"]));
+    let certs_dir = tempfile::tempdir().unwrap();
+    let dir = certs_dir.path().to_str().unwrap();
+    assert_quiet_success("certs init", &run_with_stdout_gone(&["certs", "init", "--dir", dir]));
+    assert_quiet_success("certs issue", &run_with_stdout_gone(&["certs", "issue", "--dir", dir, "--name", "n"]));
+    assert!(certs_dir.path().join("n.pem").exists(), "the command did its work before printing");
+
+    // `ferry status` and `ferry list` against a daemon, into a reader that is gone.
+    let certs = Certs::new().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let config = node_config(&certs, "target", data.path(), "source");
+    let daemon = runtime.block_on(ferry_engine::node::RunningNode::start(&config)).unwrap();
+    let socket = daemon.socket().to_str().unwrap().to_owned();
+    for command in ["status", "list"] {
+        for json in [false, true] {
+            let mut args = vec![command, "--socket", &socket];
+            if json {
+                args.push("--json");
+            }
+            assert_quiet_success(&args.join(" "), &run_with_stdout_gone(&args));
+        }
+    }
+    runtime.block_on(daemon.shutdown());
+
+    // `ferry wal dump | head -1`: the reader takes one line of far more than a pipe holds.
+    let wal = tempfile::tempdir().unwrap();
+    let config =
+        RefWriterConfig { writes_max_count: 4_000, ..RefWriterConfig::new(wal.path().join("wal"), VShardId(7)) };
+    let writer = RefWriter::start(config).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writer.acked_count() < 4_000 {
+        assert!(Instant::now() < deadline, "the reference writer did not write 4,000 records");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    writer.stop().unwrap();
+    let mut dump = Command::new(ferry_bin())
+        .args(["wal", "dump", "--json", "--dir"])
+        .arg(wal.path().join("wal"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(dump.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with('{'), "{first:?}");
+    // The reader is gone now (dropped with its BufReader), like `head -1` after one line.
+    let mut stderr = String::new();
+    dump.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let status = dump.wait().unwrap();
+    assert_quiet_success("wal dump", &Output { status, stdout: Vec::new(), stderr: stderr.into_bytes() });
+}
+
+fn copy_args(certs: &Certs, root: &Path, target: &str, id: &str) -> Command {
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["copy", "--node-id", "source", "--target-node", "target", "--vshard", "7", "--migration-id", id])
+        .args(["--target", target])
+        .arg("--certs")
+        .arg(certs.dir.path())
+        .arg("--segments-root")
+        .arg(root)
+        .env("FERRY_LOG", "warn");
+    cmd
+}
+
+#[test]
+fn copy_refuses_an_empty_root_and_takes_sizes_with_units_and_host_names() {
+    let certs = Certs::new().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = runtime.block_on(async { Target::start(&certs, target_dir.path(), Arc::new(DiskStorage)).unwrap() });
+    let addr = target.addr.to_string();
+
+    // An empty root is refused, naming the way to say it is intended.
+    let empty = tempfile::tempdir().unwrap();
+    let out = copy_args(&certs, empty.path(), &addr, "empty").output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "an empty segments root was copied:\n{}", text(&out.stdout));
+    assert!(stderr.contains("holds no files") && stderr.contains("--allow-empty"), "{stderr}");
+    assert!(!target_dir.path().join("migrations/empty").exists(), "nothing reached the target");
+    let out = copy_args(&certs, empty.path(), &addr, "empty").arg("--allow-empty").output().unwrap();
+    assert!(out.status.success(), "--allow-empty: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("copied 0 files"), "{}", text(&out.stdout));
+
+    // A missing root: its cause is said once.
+    let out = copy_args(&certs, &empty.path().join("missing"), &addr, "missing").output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
+
+    // Sizes with units and a host name, as `migrate` and `set-rate` take them.
+    let root = tempfile::tempdir().unwrap();
+    write_file(root.path(), "L0/a.seg", 600 << 10, 1);
+    let by_name = format!("localhost:{}", target.addr.port());
+    let out = copy_args(&certs, root.path(), &by_name, "units")
+        .args(["--rate-limit", "500MB", "--chunk-len", "256KiB", "--max-held-wal-bytes", "1GiB", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["files_count"], 1, "{report}");
+
+    // A name that does not resolve is named; a size that is not one says what to give.
+    let out = copy_args(&certs, root.path(), "node-b.invalid:7070", "units").output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("\"node-b.invalid\""), "{stderr}");
+    let out = copy_args(&certs, root.path(), &addr, "units").args(["--chunk-len", "1G"]).output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("GiB"), "{stderr}");
+
+    runtime.block_on(async { target.stop() });
+}
+
+#[test]
+fn serve_needs_a_node_id_says_where_certificates_are_looked_for_and_logs_without_colour() {
+    let certs = Certs::new().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let serve = |args: &[&str]| {
+        Command::new(ferry_bin())
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path().join("d"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    // No --node-id and no config file: an error, not node-a.
+    let out = serve(&["--certs", certs.dir.path().to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no node id") && stderr.contains("--node-id"), "{stderr}");
+
+    // No --certs: the error names the flag and the config key besides `ferry certs init`.
+    if !Path::new("/etc/ferry/certs").exists() {
+        let out = serve(&["--node-id", "target"]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        for needle in ["--certs DIR", "certs_dir", "ferry certs init --dir /etc/ferry/certs"] {
+            assert!(stderr.contains(needle), "{needle:?} missing from {stderr}");
+        }
+    }
+
+    // A config file without node_id: the default's id, with a warning saying so; the log
+    // lines in a pipe carry no colour codes.
+    certs::issue(certs.dir.path(), &node("node-a"), &IssueOptions::default()).unwrap();
+    let config = data.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:0\"\ncerts_dir = {:?}\n",
+            data.path().join("d"),
+            certs.dir.path()
+        ),
+    )
+    .unwrap();
+    let mut child = Proc(
+        Command::new(ferry_bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("FERRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    while !log.contains("listening") {
+        let Some(line) = lines.next() else { panic!("ferry serve stopped:\n{log}") };
+        log.push_str(&line.unwrap());
+        log.push('\n');
+    }
+    assert!(log.contains("WARN") && log.contains("node-a") && log.contains("default"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in a log that is not a terminal:\n{log:?}");
+}
