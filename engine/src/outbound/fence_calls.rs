@@ -20,12 +20,13 @@
 
 use std::sync::Arc;
 
-use ferry_wire::api::{FenceParams, FenceResult, Phase, PrepareResult, ReleaseResult};
+use ferry_wire::api::{FenceParams, FenceResult, PrepareResult, ReleaseResult};
 use ferry_wire::fence::{estimate_pause_us, fence_deadline_ns, EstimateInputs, PauseStamps};
+use ferry_wire::proto::outbound::{FenceStep, Lifecycle, ReleaseStep, Released};
 use ferry_wire::{Lsn, MigrationId};
 use tokio::sync::oneshot;
 
-use super::{Outbound, OutboundError};
+use super::{refusal, Outbound, OutboundError};
 use crate::clock::{instant_at, monotonic_ns};
 use crate::transfer::fence_source::{FenceCommand, FenceFailure};
 use crate::transfer::walsend::Holder;
@@ -44,16 +45,6 @@ pub const RELEASE_RESERVE_MAX_US: u64 = 2_000;
 /// How long past the fence's deadline the daemon waits for the copy's answer before it gives
 /// the fence up (the copy itself cancels at the deadline when it is serving fences).
 const ANSWER_GRACE_NS: u64 = 50_000_000;
-
-/// A fence in progress or completed.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct FenceState {
-    pub(super) final_lsn: Lsn,
-    pub(super) stamps: PauseStamps,
-    pub(super) estimate_us: u64,
-    /// `Some` once the target answered `Fenced`.
-    pub(super) result: Option<FenceResult>,
-}
 
 /// The estimate's inputs: the running stream's live figures (the progress channel's, when no
 /// stream runs yet) and the slowest MANIFEST commit the target reported.
@@ -77,7 +68,7 @@ impl Outbound {
     pub fn prepare_cutover(&self, id: &MigrationId) -> Result<PrepareResult, OutboundError> {
         let mut entries = self.entries();
         let entry = entries.get_mut(id).ok_or_else(|| OutboundError::NotFound(id.clone()))?;
-        cutover_possible(id, entry.phase, entry.cutover.is_some())?;
+        cutover_possible(id, &entry.life, entry.cutover.is_some())?;
         let p = *entry.progress.borrow();
         let inputs = estimate_inputs(entry);
         let estimated_pause_us = estimate_pause_us(&inputs);
@@ -103,25 +94,16 @@ impl Outbound {
         let (sender, budget_us, estimate_us) = {
             let mut entries = self.entries();
             let entry = entries.get_mut(id).ok_or_else(|| OutboundError::NotFound(id.clone()))?;
-            if let Some(fence) = &entry.fence {
-                return match fence.result {
-                    Some(result) if fence.final_lsn == final_lsn => Ok(result),
-                    Some(_) => Err(OutboundError::Refused(format!(
-                        "migration {id} is fenced at final_lsn {}: release it or abort it",
-                        fence.final_lsn
-                    ))),
-                    None => Err(OutboundError::Refused(format!(
-                        "a fence of migration {id} at final_lsn {} is in progress",
-                        fence.final_lsn
-                    ))),
-                };
-            }
-            cutover_possible(id, entry.phase, entry.cutover.is_some())?;
-            if final_lsn.0 < entry.params.base_lsn {
-                return Err(OutboundError::InvalidParams(format!(
-                    "final_lsn {final_lsn} is below the migration's base_lsn {}",
-                    entry.params.base_lsn
-                )));
+            // A fence the lifecycle keeps answers first (the same one again, or a refusal);
+            // only a new fence needs the running copy.
+            if entry.life.fence().is_none() {
+                cutover_possible(id, &entry.life, entry.cutover.is_some())?;
+                if final_lsn.0 < entry.params.base_lsn {
+                    return Err(OutboundError::InvalidParams(format!(
+                        "final_lsn {final_lsn} is below the migration's base_lsn {}",
+                        entry.params.base_lsn
+                    )));
+                }
             }
             let budget_us = entry.params.write_pause_budget_us;
             let estimate_us = entry.estimate_us.unwrap_or_else(|| estimate_pause_us(&estimate_inputs(entry)));
@@ -130,10 +112,10 @@ impl Outbound {
                 fence_received_at_ns: received_ns,
                 ..PauseStamps::default()
             };
-            entry.fence = Some(FenceState { final_lsn, stamps, estimate_us, result: None });
-            entry.phase = Phase::AtomicCutOver;
-            entry.recovered_fence = None;
-            entry.recovered_final_lsn = None;
+            match entry.life.fence_requested(final_lsn, stamps, estimate_us).map_err(|e| refusal(id, e))? {
+                FenceStep::Already(result) => return Ok(result),
+                FenceStep::Started => {}
+            }
             (entry.cutover.clone(), budget_us, estimate_us)
         };
         // The record (AtomicCutOver at final_lsn) is written while the copy drains.
@@ -188,12 +170,7 @@ impl Outbound {
                 if let Some(entry) = entries.get_mut(id) {
                     entry.manifest_commit_us = entry.manifest_commit_us.max(done.commit_us);
                     entry.staging_state = Some("fenced".into());
-                    if let Some(fence) = entry.fence.as_mut() {
-                        fence.stamps.drained_at_ns = done.drained_at_ns;
-                        fence.stamps.target_durable_at_ns = done.target_durable_at_ns;
-                        fence.stamps.apply_wait_ns = done.apply_wait_us.saturating_mul(1_000);
-                        fence.result = Some(result);
-                    }
+                    entry.life.fence_answered(done.drained_at_ns, done.target_durable_at_ns, result);
                 }
                 Ok(result)
             }
@@ -201,10 +178,7 @@ impl Outbound {
                 {
                     let mut entries = self.entries();
                     if let Some(entry) = entries.get_mut(id) {
-                        entry.fence = None;
-                        if entry.phase == Phase::AtomicCutOver {
-                            entry.phase = Phase::WalCatchUp;
-                        }
+                        entry.life.fence_failed();
                     }
                 }
                 if let Err(e) = self.persist(id).await {
@@ -225,90 +199,26 @@ impl Outbound {
         writes_resumed_at_ns: Option<u64>,
     ) -> Result<ReleaseResult, OutboundError> {
         let resumed_ns = writes_resumed_at_ns.unwrap_or_else(monotonic_ns);
-        let mut recovered = false;
-        // This call completes the migration (a repeated call must not count the pause again).
-        let mut completes = false;
-        let (final_lsn, pause) = {
+        let step = {
             let mut entries = self.entries();
             let entry = entries.get_mut(id).ok_or_else(|| OutboundError::NotFound(id.clone()))?;
-            match (entry.phase, entry.pause, entry.final_lsn) {
-                (Phase::Completed, Some(pause), Some(final_lsn)) => (final_lsn, pause),
-                (Phase::Completed | Phase::Failed, _, _) => {
-                    return Err(OutboundError::Refused(format!(
-                        "migration {id} is {:?} without a cut-over: nothing to release",
-                        entry.phase
-                    )))
-                }
-                _ => {
-                    let (final_lsn, stamps, estimate_us) = match (&entry.fence, entry.recovered_fence) {
-                        (Some(fence), _) if fence.result.is_some() => {
-                            (fence.final_lsn, fence.stamps, fence.estimate_us)
-                        }
-                        (Some(_), _) => {
-                            return Err(OutboundError::Refused(format!(
-                                "the fence of migration {id} has not completed: wait for its answer"
-                            )))
-                        }
-                        (None, Some(stamps)) => {
-                            // Fenced before a restart: the target decides whether it was.
-                            recovered = true;
-                            let final_lsn = entry.recovered_final_lsn.unwrap_or(Lsn(entry.params.base_lsn));
-                            let stamps = PauseStamps {
-                                drained_at_ns: stamps.fence_received_at_ns,
-                                target_durable_at_ns: stamps.fence_received_at_ns,
-                                ..stamps
-                            };
-                            (final_lsn, stamps, entry.estimate_us.unwrap_or(0))
-                        }
-                        (None, None) => {
-                            return Err(OutboundError::Refused(format!(
-                                "migration {id} is {:?} and not fenced: fence it before releasing",
-                                entry.phase
-                            )))
-                        }
-                    };
-                    let pause = stamps
-                        .report(resumed_ns, estimate_us, entry.params.write_pause_budget_us)
-                        .map_err(|e| OutboundError::InvalidParams(e.to_string()))?;
-                    if !recovered {
-                        completes = true;
-                        entry.phase = Phase::Completed;
-                        entry.pause = Some(pause);
-                        entry.final_lsn = Some(final_lsn);
-                        entry.reason = None;
-                    }
-                    (final_lsn, pause)
-                }
-            }
+            let (budget_us, base_lsn) = (entry.params.write_pause_budget_us, Lsn(entry.params.base_lsn));
+            let estimate_us = entry.estimate_us.unwrap_or(0);
+            entry.life.release_requested(resumed_ns, budget_us, base_lsn, estimate_us).map_err(|e| refusal(id, e))?
         };
-        if recovered {
-            // Only the target knows whether the interrupted fence completed: it releases only
-            // a staging fenced at exactly this final_lsn. Then the source records it.
-            self.tell_release(id, final_lsn).await.map_err(|e| {
-                OutboundError::Refused(format!(
-                    "migration {id} was in a cut-over at final_lsn {final_lsn} when this daemon restarted, and the target does not confirm that fence ({e}): fence it again"
-                ))
-            })?;
-            if let Some(entry) = self.entries().get_mut(id) {
-                entry.phase = Phase::Completed;
-                entry.pause = Some(pause);
-                entry.final_lsn = Some(final_lsn);
-                entry.reason = None;
-                entry.recovered_fence = None;
-            }
-            if let Err(e) = self.persist(id).await {
-                tracing::error!(migration = %id, "the release (confirmed by the target) could not be recorded: {e}");
-            }
-            crate::metrics::observe_pause_us(pause.pause_duration_us);
-            return Ok(ReleaseResult { final_lsn: final_lsn.0, pause_duration_us: pause.pause_duration_us, pause });
-        }
-        let already_told = self.entries().get(id).is_some_and(|e| e.target_released);
+        // Whether this call completes the migration (a repeated call must not count the pause
+        // again).
+        let (Released { final_lsn, pause }, completes) = match step {
+            ReleaseStep::ConfirmRecovered(released) => return self.release_recovered(id, released).await,
+            ReleaseStep::Record(released) => (released, true),
+            ReleaseStep::Already(released) => (released, false),
+        };
+        let already_told = self.entries().get(id).is_some_and(|e| e.life.target_told());
         if !already_told {
             // The point of no return: durable on the source before the target hears of it.
             if let Err(e) = self.persist(id).await {
                 if let Some(entry) = self.entries().get_mut(id) {
-                    entry.phase = Phase::AtomicCutOver;
-                    entry.pause = None;
+                    entry.life.release_unrecorded();
                 }
                 return Err(OutboundError::Local(format!("the release could not be recorded: {e}")));
             }
@@ -324,6 +234,26 @@ impl Outbound {
         Ok(ReleaseResult { final_lsn: final_lsn.0, pause_duration_us: pause.pause_duration_us, pause })
     }
 
+    /// A fence from before a restart: only the target knows whether it completed (it releases
+    /// only a staging fenced at exactly this `final_lsn`); once it confirms, the source records
+    /// the release.
+    async fn release_recovered(&self, id: &MigrationId, released: Released) -> Result<ReleaseResult, OutboundError> {
+        let Released { final_lsn, pause } = released;
+        self.tell_release(id, final_lsn).await.map_err(|e| {
+            OutboundError::Refused(format!(
+                "migration {id} was in a cut-over at final_lsn {final_lsn} when this daemon restarted, and the target does not confirm that fence ({e}): fence it again"
+            ))
+        })?;
+        if let Some(entry) = self.entries().get_mut(id) {
+            entry.life.recovered_release_confirmed(released);
+        }
+        if let Err(e) = self.persist(id).await {
+            tracing::error!(migration = %id, "the release (confirmed by the target) could not be recorded: {e}");
+        }
+        crate::metrics::observe_pause_us(pause.pause_duration_us);
+        Ok(ReleaseResult { final_lsn: final_lsn.0, pause_duration_us: pause.pause_duration_us, pause })
+    }
+
     /// Tells the target of every release it has not confirmed (found at daemon start), again
     /// and again with a growing wait while it cannot be reached; returns once all are told (a
     /// `migration.release` call or `migration.forget` meanwhile also settles one).
@@ -333,8 +263,7 @@ impl Outbound {
             let pending: Vec<(MigrationId, Lsn)> = self
                 .entries()
                 .iter()
-                .filter(|(_, e)| e.phase == Phase::Completed && !e.target_released)
-                .filter_map(|(id, e)| e.final_lsn.map(|lsn| (id.clone(), lsn)))
+                .filter_map(|(id, e)| e.life.release_pending().map(|lsn| (id.clone(), lsn)))
                 .collect();
             if pending.is_empty() {
                 return;
@@ -376,10 +305,9 @@ impl Outbound {
                 if let Some(task) = entry.task.take() {
                     task.abort();
                 }
-                entry.target_released = true;
+                entry.life.target_confirmed_release();
                 entry.staging_state = Some("released".into());
                 entry.cutover = None;
-                entry.fence = None;
             }
         }
         if let Err(e) = self.persist(id).await {
@@ -395,21 +323,13 @@ impl Outbound {
     }
 }
 
-/// Whether a migration in `phase` can be prepared or fenced now.
-fn cutover_possible(id: &MigrationId, phase: Phase, live: bool) -> Result<(), OutboundError> {
+/// Whether a migration can be prepared or fenced now: its copy runs a live WAL stream, and
+/// its lifecycle is in `WalCatchUp`.
+fn cutover_possible(id: &MigrationId, life: &Lifecycle, live: bool) -> Result<(), OutboundError> {
     if !live {
         return Err(OutboundError::Refused(format!(
             "migration {id} has no live WAL stream to fence (started without wal_dir, offline, or its copy is not running)"
         )));
     }
-    match phase {
-        Phase::WalCatchUp => Ok(()),
-        Phase::BaseCopy => Err(OutboundError::Refused(format!(
-            "migration {id} is still in BaseCopy: wait for WalCatchUp before the cut-over"
-        ))),
-        Phase::AtomicCutOver => Err(OutboundError::Refused(format!("migration {id} is already in a cut-over"))),
-        Phase::Completed | Phase::Failed => {
-            Err(OutboundError::Refused(format!("migration {id} is {phase:?}: there is nothing to cut over")))
-        }
-    }
+    life.check_cutover().map_err(|e| refusal(id, e))
 }

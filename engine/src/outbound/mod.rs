@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_wire::api::{MigrationStatus, Phase, PhaseRecord, Role, StartParams, WalProgress};
+use ferry_wire::proto::outbound::{Lifecycle, OutboundRefusal};
 use ferry_wire::session::Progress;
 use ferry_wire::wal::{Layout, LayoutChoice};
 use ferry_wire::{Lsn, MigrationId, VShardId};
@@ -85,8 +86,8 @@ pub enum OutboundError {
 /// One outbound migration as the registry holds it.
 struct Entry {
     params: StartParams,
-    phase: Phase,
-    reason: Option<String>,
+    /// Where the migration is: the only phase state the daemon keeps.
+    life: Lifecycle,
     progress: watch::Receiver<Progress>,
     rate: RateHandle,
     task: Option<tokio::task::AbortHandle>,
@@ -107,15 +108,6 @@ struct Entry {
     estimate_us: Option<u64>,
     /// The slowest MANIFEST commit the target reported in this migration's fences.
     manifest_commit_us: u64,
-    /// The fence in progress or completed (cleared when one is cancelled).
-    fence: Option<fence_calls::FenceState>,
-    /// A fence this migration started before a daemon restart, from its record: a release may
-    /// still complete it when the target confirms it is fenced there.
-    recovered_fence: Option<ferry_wire::fence::PauseStamps>,
-    recovered_final_lsn: Option<Lsn>,
-    pause: Option<ferry_wire::fence::PauseReport>,
-    final_lsn: Option<Lsn>,
-    target_released: bool,
 }
 
 /// The daemon's outbound migrations.
@@ -190,11 +182,11 @@ impl Outbound {
                 )));
             }
             if let Some((holder, _)) =
-                entries.iter().find(|(_, e)| e.params.vshard_id == params.vshard_id && !e.phase.is_final())
+                entries.iter().find(|(_, e)| e.params.vshard_id == params.vshard_id && !e.life.is_final())
             {
                 return Err(OutboundError::InProgress { vshard_id: params.vshard_id, holder: holder.clone() });
             }
-            let running = entries.values().filter(|e| !e.phase.is_final()).count();
+            let running = entries.values().filter(|e| !e.life.is_final()).count();
             if self.config.max_outbound_count > 0 && running >= self.config.max_outbound_count {
                 return Err(OutboundError::Refused(format!(
                     "this node runs {running} outbound migrations, the limit max_outbound_migrations is {}; retry later",
@@ -265,8 +257,7 @@ impl Outbound {
             id,
             Entry {
                 params,
-                phase: Phase::BaseCopy,
-                reason: None,
+                life: Lifecycle::BaseCopy,
                 progress: progress_rx,
                 rate,
                 task: Some(task.abort_handle()),
@@ -281,12 +272,6 @@ impl Outbound {
                 stream,
                 estimate_us: None,
                 manifest_commit_us: 0,
-                fence: None,
-                recovered_fence: None,
-                recovered_final_lsn: None,
-                pause: None,
-                final_lsn: None,
-                target_released: false,
             },
         );
     }
@@ -338,7 +323,7 @@ impl Outbound {
     ) {
         let request = match self.copy_request(&id, &params, cutover) {
             Ok(request) => request,
-            Err(e) => return self.finish(&id, Phase::Failed, Some(e.to_string()), None).await,
+            Err(e) => return self.fail(&id, e.to_string()).await,
         };
         let watcher = tokio::spawn({
             let (me, id, mut rx) = (self.clone(), id.clone(), progress.subscribe());
@@ -355,7 +340,7 @@ impl Outbound {
                             let staged = rx.borrow_and_update().base_staged;
                             if staged && !base_staged {
                                 base_staged = true;
-                                me.enter(&id, Phase::WalCatchUp).await;
+                                me.catch_up(&id).await;
                             }
                         }
                         _ = refresh.tick() => me.refresh(&id).await,
@@ -368,7 +353,7 @@ impl Outbound {
         watcher.abort();
         match result {
             Ok(report) if report.committed => {
-                self.finish(&id, Phase::Completed, None, Some(("released", report.bytes_resent))).await;
+                self.complete_offline(&id, report.bytes_resent).await;
             }
             Ok(report) if report.fenced => {
                 // The staging is fenced: the migration waits in AtomicCutOver for release or
@@ -377,7 +362,7 @@ impl Outbound {
                 if let Some(entry) = self.entries().get_mut(&id) {
                     entry.task = None;
                     // A release may already have come in while the copy closed its connection.
-                    if entry.phase == Phase::AtomicCutOver {
+                    if entry.life.phase() == Phase::AtomicCutOver {
                         entry.staging_state = Some("fenced".into());
                     }
                 }
@@ -386,11 +371,11 @@ impl Outbound {
                 // A live migration whose base (and, with a WAL, catch-up) ended without an
                 // offline commit: it waits in WalCatchUp for the cut-over.
                 self.set_resent(&id, report.bytes_resent);
-                self.enter(&id, Phase::WalCatchUp).await;
+                self.catch_up(&id).await;
             }
             Err(e) => {
                 tracing::warn!(migration = %id, "outbound migration failed: {e}");
-                self.finish(&id, Phase::Failed, Some(e.to_string()), None).await;
+                self.fail(&id, e.to_string()).await;
             }
         }
     }
@@ -401,16 +386,14 @@ impl Outbound {
         }
     }
 
-    /// Moves a running migration to a non-final phase and records it.
-    async fn enter(&self, id: &MigrationId, phase: Phase) {
+    /// The base is staged: `WalCatchUp`, recorded (a fence or a final state keeps its phase).
+    async fn catch_up(&self, id: &MigrationId) {
         {
             let mut entries = self.entries();
             let Some(entry) = entries.get_mut(id) else { return };
-            // A fence in progress or done owns the phase until it is cancelled or released.
-            if entry.phase.is_final() || entry.phase == phase || entry.phase == Phase::AtomicCutOver {
+            if !entry.life.base_staged() {
                 return;
             }
-            entry.phase = phase;
             entry.updated_at_unix_ms = now_unix_ms();
         }
         if let Err(e) = self.persist(id).await {
@@ -431,26 +414,38 @@ impl Outbound {
         }
     }
 
-    /// Moves a migration to a final phase and records it. A final phase is never left.
-    async fn finish(&self, id: &MigrationId, phase: Phase, reason: Option<String>, done: Option<(&str, u64)>) {
+    /// An offline end: the target committed the staging. A final phase is never left.
+    async fn complete_offline(&self, id: &MigrationId, bytes_resent: u64) {
         {
             let mut entries = self.entries();
             let Some(entry) = entries.get_mut(id) else { return };
-            if entry.phase.is_final() {
+            if !entry.life.committed_offline() {
                 return;
             }
-            if phase == Phase::Failed {
-                crate::metrics::count_error(crate::metrics::error_kind_of(reason.as_deref().unwrap_or("")));
-            }
-            entry.phase = phase;
-            entry.reason = reason;
             entry.task = None;
             entry.updated_at_unix_ms = now_unix_ms();
             entry.cutover = None;
-            if let Some((state, bytes_resent)) = done {
-                entry.staging_state = Some(state.to_owned());
-                entry.bytes_resent = bytes_resent;
+            entry.staging_state = Some("released".to_owned());
+            entry.bytes_resent = bytes_resent;
+        }
+        if let Err(e) = self.persist(id).await {
+            tracing::error!(migration = %id, "{e}");
+        }
+    }
+
+    /// The migration failed (or was aborted), and that is recorded. A final phase is never left.
+    async fn fail(&self, id: &MigrationId, reason: String) {
+        {
+            let mut entries = self.entries();
+            let Some(entry) = entries.get_mut(id) else { return };
+            let kind = crate::metrics::error_kind_of(&reason);
+            if !entry.life.fail(Some(reason)) {
+                return;
             }
+            crate::metrics::count_error(kind);
+            entry.task = None;
+            entry.updated_at_unix_ms = now_unix_ms();
+            entry.cutover = None;
         }
         if let Err(e) = self.persist(id).await {
             tracing::error!(migration = %id, "{e}");
@@ -491,11 +486,8 @@ impl Outbound {
                     self.config.abort_timeout.as_secs(),
                     age_ms / 1000
                 );
+                // Held as running (its record's phase is not final) so abort can stop it cleanly.
                 self.insert_final(&id, &record);
-                // The registry holds it as running for a moment so abort can stop it cleanly.
-                if let Some(entry) = self.entries().get_mut(&id) {
-                    entry.phase = record.phase;
-                }
                 let outcome = match self.abort(&id, &reason).await {
                     Ok(note) => format!("{reason}; {note}"),
                     Err(e) => format!("{reason}; abort failed: {e}"),
@@ -509,10 +501,7 @@ impl Outbound {
                         // A fence interrupted by the restart is cancelled: the migration streams
                         // again in WalCatchUp; a release may still complete it if the target
                         // confirms it is fenced at that LSN.
-                        entry.phase =
-                            if record.phase == Phase::AtomicCutOver { Phase::WalCatchUp } else { record.phase };
-                        entry.recovered_fence = record.fence_stamps;
-                        entry.recovered_final_lsn = record.final_lsn.map(Lsn);
+                        entry.life = Lifecycle::resumed(record.phase, record.final_lsn.map(Lsn), record.fence_stamps);
                     }
                 }
                 outcomes.push((id, format!("resumed in {:?}", record.phase)));
@@ -531,8 +520,13 @@ impl Outbound {
             id.clone(),
             Entry {
                 params: record.params.clone(),
-                phase: record.phase,
-                reason: record.reason.clone(),
+                life: Lifecycle::of_record(
+                    record.phase,
+                    record.reason.clone(),
+                    record.final_lsn.map(Lsn),
+                    record.pause,
+                    record.target_released,
+                ),
                 progress,
                 rate: RateHandle::new(record.params.rate_limit_bytes_per_sec, 1 << 20),
                 task: None,
@@ -552,12 +546,6 @@ impl Outbound {
                 stream: crate::transfer::fence_source::StreamFigures::default(),
                 estimate_us: None,
                 manifest_commit_us: 0,
-                fence: None,
-                recovered_fence: None,
-                recovered_final_lsn: record.final_lsn.map(Lsn),
-                pause: record.pause,
-                final_lsn: record.final_lsn.map(Lsn),
-                target_released: record.target_released,
             },
         );
     }
@@ -569,18 +557,14 @@ impl Outbound {
         let params = {
             let mut entries = self.entries();
             let entry = entries.get_mut(id).ok_or_else(|| OutboundError::NotFound(id.clone()))?;
-            if entry.phase == Phase::Completed {
-                return Err(OutboundError::Refused(format!(
-                    "migration {id} is completed (released): the target is authoritative; it cannot be aborted"
-                )));
-            }
+            entry.life.check_abort().map_err(|e| refusal(id, e))?;
             if let Some(task) = entry.task.take() {
                 task.abort();
             }
             entry.params.clone()
         };
         let reason = if reason.starts_with("aborted") { reason.to_owned() } else { format!("aborted: {reason}") };
-        self.finish(id, Phase::Failed, Some(reason.clone()), None).await;
+        self.fail(id, reason.clone()).await;
         let note = match self.tell_target(id, &params, &reason).await {
             Ok(()) => {
                 if let Some(entry) = self.entries().get_mut(id) {
@@ -625,10 +609,10 @@ impl Outbound {
         let params = {
             let entries = self.entries();
             let entry = entries.get(id).ok_or_else(|| OutboundError::NotFound(id.clone()))?;
-            if !entry.phase.is_final() {
+            if !entry.life.is_final() {
                 return Err(OutboundError::Refused(format!(
                     "migration {id} is in {:?}: abort it first (forget removes only finished migrations)",
-                    entry.phase
+                    entry.life.phase()
                 )));
             }
             entry.params.clone()
@@ -648,8 +632,11 @@ impl Outbound {
     pub fn set_rate_limit(&self, id: &MigrationId, bytes_per_sec: u64) -> Result<u64, OutboundError> {
         let mut entries = self.entries();
         let entry = entries.get_mut(id).ok_or_else(|| OutboundError::NotFound(id.clone()))?;
-        if entry.phase.is_final() {
-            return Err(OutboundError::Refused(format!("migration {id} is {:?}: nothing to rate-limit", entry.phase)));
+        if entry.life.is_final() {
+            return Err(OutboundError::Refused(format!(
+                "migration {id} is {:?}: nothing to rate-limit",
+                entry.life.phase()
+            )));
         }
         entry.rate.set(bytes_per_sec);
         entry.params.rate_limit_bytes_per_sec = bytes_per_sec;
@@ -660,7 +647,7 @@ impl Outbound {
     /// them fresh and resumes them).
     pub async fn checkpoint_all(&self) {
         let running: Vec<MigrationId> =
-            self.entries().iter().filter(|(_, e)| !e.phase.is_final()).map(|(id, _)| id.clone()).collect();
+            self.entries().iter().filter(|(_, e)| !e.life.is_final()).map(|(id, _)| id.clone()).collect();
         for id in running {
             self.refresh(&id).await;
         }
@@ -680,20 +667,25 @@ fn record_of(entry: &Entry) -> PhaseRecord {
     let p = *entry.progress.borrow();
     PhaseRecord {
         params: entry.params.clone(),
-        phase: entry.phase,
-        reason: entry.reason.clone(),
+        phase: entry.life.phase(),
+        reason: entry.life.reason().map(str::to_owned),
         started_at_unix_ms: entry.started_at_unix_ms,
         updated_at_unix_ms: entry.updated_at_unix_ms,
         bytes_total: p.bytes_total,
         bytes_resent: entry.bytes_resent,
-        final_lsn: entry
-            .final_lsn
-            .or(entry.fence.as_ref().map(|f| f.final_lsn))
-            .or(entry.recovered_final_lsn)
-            .map(|l| l.0),
-        pause: entry.pause,
-        target_released: entry.target_released,
-        fence_stamps: entry.fence.as_ref().map(|f| f.stamps).or(entry.recovered_fence),
+        final_lsn: entry.life.record_final_lsn().map(|l| l.0),
+        pause: entry.life.pause(),
+        target_released: entry.life.target_told(),
+        fence_stamps: entry.life.record_fence_stamps(),
+    }
+}
+
+/// A refusal of the lifecycle as the daemon reports it: the stamps' error blames the caller's
+/// parameters; every other refusal is the migration's state.
+fn refusal(id: &MigrationId, e: OutboundRefusal) -> OutboundError {
+    match e {
+        OutboundRefusal::Stamps(e) => OutboundError::InvalidParams(e.to_string()),
+        other => OutboundError::Refused(format!("migration {id} {other}")),
     }
 }
 
@@ -716,7 +708,7 @@ fn status_of(id: &MigrationId, e: &mut Entry) -> MigrationStatus {
     MigrationStatus {
         migration_id: id.as_str().to_owned(),
         role: Role::Source,
-        phase: e.phase,
+        phase: e.life.phase(),
         vshard_id: Some(e.params.vshard_id),
         peer_node: Some(e.params.target_node_id.clone()),
         bytes_transferred: p.bytes_transferred,
@@ -732,12 +724,12 @@ fn status_of(id: &MigrationId, e: &mut Entry) -> MigrationStatus {
         },
         rate_limit_bytes_per_sec: e.rate.rate_bytes_per_sec(),
         // Over the last second or so (not the average since the start), so a rate change shows.
-        throughput_bytes_per_sec: if e.phase == Phase::BaseCopy { rate } else { 0 },
-        pause_duration_us: e.pause.map(|p| p.pause_duration_us),
-        pause: e.pause,
-        fence_started_at_ns: e.fence.as_ref().map(|f| f.stamps.fence_received_at_ns),
-        final_lsn: e.final_lsn.or(e.fence.as_ref().map(|f| f.final_lsn)).map(|l| l.0),
-        reason: e.reason.clone(),
+        throughput_bytes_per_sec: if e.life.phase() == Phase::BaseCopy { rate } else { 0 },
+        pause_duration_us: e.life.pause().map(|p| p.pause_duration_us),
+        pause: e.life.pause(),
+        fence_started_at_ns: e.life.fence().map(|f| f.stamps.fence_received_at_ns),
+        final_lsn: e.life.status_final_lsn().map(|l| l.0),
+        reason: e.life.reason().map(str::to_owned),
         staging_state: e.staging_state.clone(),
         started_at_unix_ms: e.started_at_unix_ms,
         updated_at_unix_ms: e.updated_at_unix_ms,

@@ -14,6 +14,7 @@
 //! was (a refusal never half-applies).
 
 pub mod inbound;
+pub mod outbound;
 
 /// Who is to blame for a refused transition: decides how an error is reported and whether
 /// retrying can help.
