@@ -289,6 +289,7 @@ mod tests {
             db_meta: serde_json::Value::Null,
             segments: Vec::new(),
             wal_segments: Vec::new(),
+            source_node: None,
         }
     }
 

@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Lsn, MigrationId, VShardId};
+use crate::ids::{Lsn, MigrationId, NodeId, VShardId};
 use crate::path::RelPath;
 
 /// The manifest format this build writes and reads.
@@ -72,6 +72,12 @@ pub struct StagingManifest {
     pub segments: Vec<StagedSegment>,
     #[serde(default)]
     pub wal_segments: Vec<StagedWalSegment>,
+    /// The node that sent the base (its certificate's name): only it may release, abort or
+    /// join the migration, also after the target restarts. Absent in manifests of earlier
+    /// ferry versions (then any allowed node may, as before) and in tombstones of migrations
+    /// that never started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<NodeId>,
 }
 
 /// A manifest file that cannot be used.
@@ -121,6 +127,7 @@ mod tests {
             db_meta: serde_json::json!({"table": "t"}),
             segments: vec![StagedSegment { path: RelPath::new("L1/a.seg").unwrap(), size_bytes: 4096, crc32c: 1 }],
             wal_segments: vec![],
+            source_node: None,
         }
     }
 
@@ -128,6 +135,17 @@ mod tests {
     fn round_trips() {
         let m = manifest();
         assert_eq!(StagingManifest::decode(&m.encode()).unwrap(), m);
+        let named = StagingManifest { source_node: Some(NodeId::new("node-a").unwrap()), ..manifest() };
+        assert_eq!(StagingManifest::decode(&named.encode()).unwrap(), named);
+    }
+
+    #[test]
+    fn a_manifest_of_an_earlier_ferry_names_no_source_node() {
+        let text = br#"{ "format_version": 1, "migration_id": "m1", "vshard_id": 7, "base_lsn": 100,
+            "final_lsn": null, "state": "copying", "base_complete": true, "db_meta": {},
+            "segments": [], "wal_segments": [] }"#;
+        assert_eq!(StagingManifest::decode(text).unwrap().source_node, None);
+        assert!(!String::from_utf8(manifest().encode()).unwrap().contains("source_node"), "absent, not null");
     }
 
     #[test]

@@ -137,7 +137,8 @@ pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &
     let existing = existing.ok().flatten();
     if let Some(m) = &existing {
         // A staging this node had not listed (unreadable at start-up) is known from now on.
-        ctx.machine().adopt(id, InboundState::of_staging(m.state, m.base_complete, m.final_lsn));
+        let source_node = m.source_node.as_ref().map(ToString::to_string);
+        ctx.machine().adopt(id, InboundState::of_staging(m.state, m.base_complete, m.final_lsn), source_node);
     }
     if ctx.machine().check_abort(id)? == AbortStep::Already {
         return Ok(Aborted::Already);
@@ -163,6 +164,7 @@ pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &
         db_meta: serde_json::Value::Null,
         segments: Vec::new(),
         wal_segments: Vec::new(),
+        source_node: existing.as_ref().and_then(|m| m.source_node.clone()),
     };
     let storage = ctx.storage.clone();
     tokio::task::spawn_blocking(move || -> Result<(), TransferError> {

@@ -47,13 +47,14 @@ fn scene() -> Scene {
         db_meta: serde_json::Value::Null,
         segments: Vec::new(),
         wal_segments: Vec::new(),
+        source_node: None,
     };
     staging::prepare_fresh(&*storage, &layout).unwrap();
     staging::write_manifest(&*storage, &layout, &manifest).unwrap();
     staging::prepare_manifest_commit(&*storage, &layout, &manifest).unwrap();
     ctx.wal_stages.get_or_open(&storage, &layout, &id, BASE_LSN).unwrap();
     // The staging as the machine knows it once the base is staged.
-    ctx.machine().adopt(&id, InboundState::BaseStaged);
+    ctx.machine().adopt(&id, InboundState::BaseStaged, None);
     ctx.set_wal_durable(&id, BASE_LSN);
     let offer = Offer {
         migration_id: id,

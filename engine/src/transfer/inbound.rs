@@ -139,18 +139,21 @@ impl TargetContext {
         for name in names {
             let Ok(id) = MigrationId::new(name.clone()) else { continue };
             match self.state_on_disk(&id) {
-                Ok(state) => self.machine().adopt(&id, state),
+                Ok((state, source_node)) => self.machine().adopt(&id, state, source_node),
                 Err(e) => tracing::warn!(migration = %id, "cannot read the staging's manifest: {e}"),
             }
         }
     }
 
-    /// The state a staging's manifest stands for (interrupted without one).
-    pub(crate) fn state_on_disk(&self, id: &MigrationId) -> Result<InboundState, TransferError> {
+    /// The state a staging's manifest stands for (interrupted without one), and the source
+    /// node it records.
+    fn state_on_disk(&self, id: &MigrationId) -> Result<(InboundState, Option<String>), TransferError> {
         let layout = StagingLayout::new(&self.data_dir, id);
         Ok(match staging::read_manifest(&*self.storage, &layout)? {
-            Some(m) => InboundState::of_staging(m.state, m.base_complete, m.final_lsn),
-            None => InboundState::Interrupted,
+            Some(m) => {
+                (InboundState::of_staging(m.state, m.base_complete, m.final_lsn), m.source_node.map(|n| n.to_string()))
+            }
+            None => (InboundState::Interrupted, None),
         })
     }
 

@@ -555,6 +555,12 @@ impl Receiver<'_> {
             db_meta: offer.db_meta.clone(),
             segments: Vec::new(),
             wal_segments: Vec::new(),
+            // Only this node may release, abort or join it, also after a restart.
+            source_node: ctx
+                .machine()
+                .get(&offer.migration_id)
+                .and_then(|m| m.source_node.as_deref())
+                .and_then(|n| ferry_wire::NodeId::new(n).ok()),
         };
         let bytes_resent = inbound.session().bytes_resent();
         let (storage, layout_owned, offer_owned) = (ctx.storage.clone(), layout.clone(), offer.clone());

@@ -231,7 +231,7 @@ pub enum InboundError {
     AtCapacity { active_count: usize, limit: usize },
     #[error("target lacks disk space: the base needs {needed_bytes} bytes, the data folder has {free_bytes} free")]
     LacksSpace { needed_bytes: u64, free_bytes: u64 },
-    #[error("migration {id} is being received from another node")]
+    #[error("migration {id} is received from another node")]
     HeldByOtherNode { id: MigrationId },
     #[error("migration {id} was aborted on this target: forget it or use a new id")]
     WasAborted { id: MigrationId },
@@ -303,9 +303,10 @@ impl Inbounds {
     }
 
     /// A staging found on disk (at start-up, or before an abort decides about an id this node
-    /// had not seen). An id already known keeps its state.
-    pub fn adopt(&mut self, id: &MigrationId, state: InboundState) {
-        self.migrations.entry(id.clone()).or_insert_with(|| Inbound::new(state));
+    /// had not seen), with the source node its manifest records. An id already known keeps
+    /// its state.
+    pub fn adopt(&mut self, id: &MigrationId, state: InboundState, source_node: Option<String>) {
+        self.migrations.entry(id.clone()).or_insert_with(|| Inbound { source_node, ..Inbound::new(state) });
     }
 
     pub fn get(&self, id: &MigrationId) -> Option<&Inbound> {
@@ -326,9 +327,11 @@ impl Inbounds {
         self.claims.get(id).map(|c| c.conn)
     }
 
-    /// Whether `peer` may act on `id` (release, abort, join): no other node holds it.
+    /// Whether `peer` may act on `id` (offer, release, abort, join): no other node holds it,
+    /// and it is the node that sent the base, where that is known.
     pub fn may_act(&self, id: &MigrationId, peer: Option<&str>) -> bool {
-        self.claims.get(id).is_none_or(|c| c.peer.as_deref() == peer)
+        let recorded = self.migrations.get(id).and_then(|m| m.source_node.as_deref());
+        self.claims.get(id).is_none_or(|c| c.peer.as_deref() == peer) && recorded.is_none_or(|s| Some(s) == peer)
     }
 
     /// Slots held, leaving out `id`.
@@ -353,6 +356,10 @@ impl Inbounds {
         let id = &offer.migration_id;
         if self.migrations.get(id).is_some_and(|m| matches!(m.state, InboundState::Aborted { .. })) {
             return Err(InboundError::WasAborted { id: id.clone() });
+        }
+        if !self.may_act(id, peer) && !self.claims.contains_key(id) {
+            // Another node's migration under the same id.
+            return Err(InboundError::HeldByOtherNode { id: id.clone() });
         }
         match self.claims.get(id) {
             Some(c) if c.conn == conn => return Ok(Claimed::Taken),

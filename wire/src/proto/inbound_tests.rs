@@ -36,7 +36,7 @@ fn a_refused_offer_for_a_released_id_leaves_it_released_and_frees_its_slot() {
     // The phantom-migration sequence: a re-copy under a released id with other files is
     // refused after its claim (the staging holds another migration).
     let mut machine = one_slot();
-    machine.adopt(&id("m1"), InboundState::Released { final_lsn: Some(Lsn(9)) });
+    machine.adopt(&id("m1"), InboundState::Released { final_lsn: Some(Lsn(9)) }, Some("node-a".into()));
     assert_eq!(machine.claim(&offer("m1"), A, Some("node-a"), EXISTING), Ok(Claimed::Taken));
     // The engine found the staging refuses the offer and releases the claim.
     assert!(machine.release_claim(&id("m1"), A));
@@ -100,6 +100,24 @@ fn a_reconnecting_source_supersedes_its_old_connection_and_another_node_is_refus
     assert!(!machine.release_claim(&id("m1"), A), "released once");
     assert_eq!(machine.claim(&offer("m1"), B, Some("node-a"), EXISTING), Ok(Claimed::Taken));
     assert_eq!(machine.claimant(&id("m1")), Some(B));
+}
+
+#[test]
+fn only_the_recorded_source_may_act_on_a_staging_after_a_restart() {
+    // A target restarted: no claims, the staging's manifest names node-a.
+    let mut machine = Inbounds::default();
+    machine.adopt(&id("m1"), InboundState::Fenced { final_lsn: Lsn(8) }, Some("node-a".into()));
+    assert!(machine.may_act(&id("m1"), Some("node-a")));
+    assert!(!machine.may_act(&id("m1"), Some("node-c")), "a third node may not release or abort it");
+    assert_eq!(
+        machine.claim(&offer("m1"), A, Some("node-c"), EXISTING),
+        Err(InboundError::HeldByOtherNode { id: id("m1") }),
+        "nor offer under its id"
+    );
+    assert_eq!(machine.claim(&offer("m1"), A, Some("node-a"), EXISTING), Ok(Claimed::Taken));
+    // A staging of an earlier ferry names no source: any allowed node may, as before.
+    machine.adopt(&id("m2"), InboundState::BaseStaged, None);
+    assert!(machine.may_act(&id("m2"), Some("node-c")));
 }
 
 #[test]
@@ -172,7 +190,7 @@ fn an_unknown_id_can_be_aborted_into_a_tombstone() {
 #[test]
 fn an_already_staged_offer_takes_the_staging_state_from_disk() {
     let mut machine = Inbounds::default();
-    machine.adopt(&id("m1"), InboundState::Fenced { final_lsn: Lsn(40) });
+    machine.adopt(&id("m1"), InboundState::Fenced { final_lsn: Lsn(40) }, None);
     assert_eq!(machine.claim(&offer("m1"), A, Some("node-a"), EXISTING), Ok(Claimed::Taken));
     let begin = Begin::AlreadyStaged { state: StagingState::Fenced, final_lsn: Some(Lsn(40)) };
     machine.begin(&offer("m1"), A, begin, 1).expect("begin");
