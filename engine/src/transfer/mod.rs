@@ -32,6 +32,7 @@ pub mod waltail_hub;
 
 use ferry_wire::frame::FrameError;
 use ferry_wire::message::{ErrorKind, MessageError};
+use ferry_wire::proto::conversation::ConversationError;
 use ferry_wire::proto::inbound::InboundError;
 use ferry_wire::session::SessionError;
 
@@ -89,6 +90,20 @@ impl From<MessageError> for TransferError {
 impl From<SessionError> for TransferError {
     fn from(e: SessionError) -> Self {
         Self::Protocol(e.to_string())
+    }
+}
+
+impl From<ConversationError> for TransferError {
+    fn from(e: ConversationError) -> Self {
+        match e {
+            ConversationError::IncompatibleVersion { ours, theirs } => Self::IncompatibleVersion { ours, theirs },
+            ConversationError::PeerFailed { kind, message } => Self::Peer { kind, message },
+            ConversationError::Misuse { .. } => Self::Local(e.to_string()),
+            ConversationError::Unexpected { .. }
+            | ConversationError::Session(_)
+            | ConversationError::Offer(_)
+            | ConversationError::Rule(_) => Self::Protocol(e.to_string()),
+        }
     }
 }
 

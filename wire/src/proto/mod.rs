@@ -13,6 +13,7 @@
 //! Invariants: no input makes a machine panic; a refused transition leaves the machine as it
 //! was (a refusal never half-applies).
 
+pub mod conversation;
 pub mod inbound;
 pub mod outbound;
 
