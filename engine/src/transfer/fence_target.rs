@@ -29,8 +29,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_wire::manifest::StagingState;
-use ferry_wire::message::{Message, Offer};
+use ferry_wire::message::Offer;
 use ferry_wire::proto::inbound::ReleaseStep;
+use ferry_wire::proto::target::FenceAnswer;
 use ferry_wire::{Lsn, MigrationId};
 
 use super::inbound::TargetContext;
@@ -71,27 +72,17 @@ pub async fn fence_staging(
     layout: &StagingLayout,
     final_lsn: Lsn,
     waits: FenceWaits,
-) -> Result<Message, TransferError> {
+) -> Result<FenceAnswer, TransferError> {
     let id = &offer.migration_id;
     let arrived = tokio::time::Instant::now();
     let deadline = arrived + Duration::from_micros(waits.apply_wait_max_us);
-    if final_lsn < offer.base_lsn {
-        return Ok(Message::FenceCancelled {
-            reason: format!("final_lsn {final_lsn} is below the migration's base_lsn {}", offer.base_lsn),
-        });
-    }
-    if let Some(through_lsn) = waits.through_lsn.filter(|t| *t > final_lsn) {
-        return Ok(Message::FenceCancelled {
-            reason: format!("the source names record {through_lsn}, above final_lsn {final_lsn}, as the last to stage"),
-        });
-    }
     let Some(wal) = ctx.wal_stages.get(id) else {
-        return Ok(Message::FenceCancelled { reason: "the WAL stream of this migration was never opened".into() });
+        return Ok(FenceAnswer::Cancelled { reason: "the WAL stream of this migration was never opened".into() });
     };
     if let Some(through_lsn) = waits.through_lsn {
         let wal_deadline = arrived + Duration::from_micros(waits.wal_wait_max_us);
         if let Some(reason) = wait_wal_durable(ctx, id, through_lsn, wal_deadline).await {
-            return Ok(Message::FenceCancelled { reason });
+            return Ok(FenceAnswer::Cancelled { reason });
         }
     }
     let started = Instant::now();
@@ -120,7 +111,7 @@ pub async fn fence_staging(
     let durable = match committed {
         Ok(durable) => durable,
         Err(above) => {
-            return Ok(Message::FenceCancelled {
+            return Ok(FenceAnswer::Cancelled {
                 reason: format!(
                     "the staged WAL holds record {above}, above final_lsn {final_lsn}: the writer did not pause"
                 ),
@@ -132,12 +123,12 @@ pub async fn fence_staging(
     if ctx.applied_lsn(id).is_some() {
         let apply_started = Instant::now();
         if let Some(reason) = wait_applied(ctx, id, final_lsn, deadline).await {
-            return Ok(Message::FenceCancelled { reason });
+            return Ok(FenceAnswer::Cancelled { reason });
         }
         apply_wait_us = micros(apply_started.elapsed());
     }
     tracing::info!(migration = %id, %final_lsn, commit_us, apply_wait_us, "staging fenced");
-    Ok(Message::Fenced { durable_lsn: durable, commit_us, apply_wait_us })
+    Ok(FenceAnswer::Fenced { durable_lsn: durable, commit_us, apply_wait_us })
 }
 
 /// The staged WAL's hook before each group: records above the `final_lsn` a staging is fenced

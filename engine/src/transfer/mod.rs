@@ -18,6 +18,7 @@
 
 pub mod abort;
 pub mod chunklog;
+mod chunks_in;
 pub mod fence_source;
 pub mod fence_target;
 pub mod framing;

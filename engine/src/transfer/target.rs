@@ -1,41 +1,42 @@
-//! The target's receiver: takes inbound base copies and lands them in staging.
+//! The target's receiver: drives each inbound connection's conversation and lands base copies
+//! in staging.
 //!
-//! What it does: accepts QUIC connections, runs the target side of the conversation in
-//! [`ferry_wire::message`], receives chunk frames on uni streams (checking each against the
-//! offer and its CRC32C before writing it at its offset through the storage seam), finalises
-//! each file when the source's `FileDone` agrees with the verified chunks, and writes
-//! `MANIFEST.json` last.
+//! What it does: accepts QUIC connections and drives, on each control stream, a
+//! [`TargetConversation`] (the protocol, in `ferry_wire::proto::target`): it reads the
+//! source's messages into it and executes the actions it answers with: admitting an offer
+//! (through the [`TargetContext`]'s inbound machine) and preparing its staging, syncing and
+//! finalising files, writing `MANIFEST.json`, committing, fencing, joining, releasing,
+//! aborting, and writing the messages it says. Chunk streams are [`super::chunks_in`]'s.
 //!
-//! What it does not: resume a partial staging (an unfinished one is started again; chunk-level
-//! resume is a later step), or trust anything the peer says before checking it.
+//! What it does not: decide what may come next or what to answer (the conversation does), or
+//! trust anything the peer says before the conversation checked it.
 //!
 //! Bounds: one chunk buffer per uni stream (at most `CHUNK_LEN_MAX_BYTES`), at most
 //! `uni_streams_max_count` streams per connection, a bounded event queue per transfer.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferry_wire::checkpoint::LogRecord;
-use ferry_wire::frame::{FrameKind, PROTOCOL_VERSION};
 use ferry_wire::limits::CONTROL_BODY_LEN_MAX_BYTES;
 use ferry_wire::manifest::{StagedSegment, StagingManifest, StagingState, MANIFEST_FORMAT_VERSION};
-use ferry_wire::message::{ChunkRef, Message, Offer};
+use ferry_wire::message::{Message, Offer};
 use ferry_wire::proto::inbound::{Begin, ConnId};
-use ferry_wire::session::{ChunkVerdict, FileDone, TargetSession};
-use ferry_wire::MigrationId;
+use ferry_wire::proto::target::{Admitted, ChunkEvent, TargetAction, TargetConversation};
+use ferry_wire::session::{FileDone, TargetSession};
+use ferry_wire::{Lsn, MigrationId};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 
 use super::chunklog::{self, ChunkLog};
-use super::framing::{read_control, write_control, BodyPieces, FrameReader, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::chunks_in::{accept_chunk_streams, Event, Inbound};
+use super::framing::{read_control, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::inbound::{now_unix_ms, summary, ClaimGuard};
 pub use super::inbound::{InboundStatus, TargetContext, TargetLimits};
-use super::task::AbortOnDrop;
+use super::task::{blocking, AbortOnDrop};
 use super::TransferError;
 use crate::staging::{self, StagingLayout};
-use crate::storage::{Storage, StorageFile};
+use crate::storage::Storage;
 
 /// How long a connected peer has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +45,8 @@ const EVENT_QUEUE_MAX_COUNT: usize = 1024;
 /// Written bytes after which part files and the chunk log are synced (data first). Bounds what
 /// a power loss makes the source send again; a killed process loses nothing of it.
 const SYNC_BATCH_BYTES: u64 = 64 << 20;
+/// Chunk events a control loop takes in one go before it acks them.
+const EVENT_BATCH_MAX_COUNT: usize = 256;
 
 /// A transfer being received, as extra data connections find it.
 struct Joinable {
@@ -156,28 +159,6 @@ fn spawn_reader(mut recv: RecvStream) -> (Messages, AbortOnDrop) {
     (rx, AbortOnDrop(task))
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, TransferError> + Send + 'static,
-) -> Result<T, TransferError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))?
-}
-
-/// Answers a one-shot request (release, abort) and finishes the stream.
-async fn answer_and_finish(send: &mut SendStream, answer: &Message) -> Result<(), TransferError> {
-    write_control(send, answer).await?;
-    let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-    Ok(())
-}
-
-/// Refuses a request about `id` from a node other than the one receiving it.
-fn check_peer(ctx: &TargetContext, id: &MigrationId, peer: Option<&str>) -> Result<(), TransferError> {
-    if ctx.machine().may_act(id, peer) {
-        return Ok(());
-    }
-    Err(TransferError::Refused(format!("migration {id} is received from another node")))
-}
-
 async fn converse(
     conn: &Connection,
     ctx: &Arc<TargetContext>,
@@ -186,80 +167,362 @@ async fn converse(
     send: &mut SendStream,
     mut recv: RecvStream,
 ) -> Result<(), TransferError> {
+    let conversation = Arc::new(Mutex::new(TargetConversation::new(ctx.node_id.clone(), SYNC_BATCH_BYTES)));
     let hello = tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES))
         .await
         .map_err(|_| TransferError::Timeout("the source's hello"))??;
-    match hello {
-        Some(Message::Hello { protocol_version, .. }) if protocol_version == PROTOCOL_VERSION => {}
-        Some(Message::Hello { protocol_version, .. }) => {
-            return Err(TransferError::IncompatibleVersion { ours: PROTOCOL_VERSION, theirs: protocol_version })
+    locked(&conversation).handle_message(hello)?;
+    let (mut messages, _reader) = spawn_reader(recv);
+    let mut driver =
+        Driver { conn, ctx, joins, peer, send, conversation, offer: None, claim: None, receive: None, _wal: None };
+    let result = driver.run(&mut messages).await;
+    if let (Err(_), Some(receive)) = (&result, &driver.receive) {
+        if let Err(e) = ctx.machine().interrupted(&receive.id) {
+            tracing::debug!(migration = %receive.id, "not marked interrupted: {e}");
         }
-        other => return Err(TransferError::Protocol(format!("expected hello, got {}", describe(other.as_ref())))),
     }
-    write_control(send, &Message::Hello { protocol_version: PROTOCOL_VERSION, node_id: ctx.node_id.clone() }).await?;
-    let offer = match read_control(&mut recv, CONTROL_BODY_LEN_MAX_BYTES).await? {
-        Some(Message::Offer(offer)) => offer,
-        Some(Message::Join { migration_id }) => return join(conn, ctx, joins, peer, send, &migration_id).await,
-        Some(Message::Release { migration_id, final_lsn }) => {
-            check_peer(ctx, &migration_id, peer.as_deref())?;
-            super::fence_target::release_staging(ctx, &migration_id, final_lsn).await?;
-            return answer_and_finish(send, &Message::Released).await;
-        }
-        Some(Message::Abort { migration_id, reason }) => {
-            check_peer(ctx, &migration_id, peer.as_deref())?;
-            let reason = format!("{reason} (asked by source {})", peer.as_deref().unwrap_or("?"));
-            super::abort::abort_staging(ctx, &migration_id, &reason).await?;
-            return answer_and_finish(send, &Message::Aborted).await;
-        }
-        other => return Err(TransferError::Protocol(format!("expected an offer, got {}", describe(other.as_ref())))),
-    };
-    offer.validate().map_err(|e| TransferError::Protocol(e.to_string()))?;
-    // Admitted and claimed, but not visible until the staging is ready: an offer the staging
-    // refuses leaves the migration as it was, and its slot free (the claim's drop).
-    let claim = ctx.claim(&offer, conn, peer.as_deref()).await?;
-    let id = offer.migration_id.clone();
-    let layout = StagingLayout::new(&ctx.data_dir, &id);
-    let start = {
-        let (storage, layout, offer) = (ctx.storage.clone(), layout.clone(), offer.clone());
-        blocking(move || start_staging(&*storage, &layout, &offer)).await?
-    };
-    let begin = match &start {
-        Start::AlreadyStaged { state, final_lsn } => Begin::AlreadyStaged { state: *state, final_lsn: *final_lsn },
-        Start::Receive { .. } => Begin::Receive,
-    };
-    ctx.machine().begin(&summary(&offer), claim.conn(), begin, now_unix_ms())?;
-    let _wal = offer.wal.then(|| spawn_wal_stream(conn.clone(), ctx.clone(), &offer, &layout));
-    let (mut messages, _reader) = match start {
-        Start::AlreadyStaged { .. } => {
-            write_control(send, &Message::Accept { resume: Vec::new(), bytes_resent: 0, already_staged: true }).await?;
-            spawn_reader(recv)
-        }
-        Start::Receive { session, log, restored } => {
-            tracing::info!(
-                migration = %id,
-                chunks_kept = restored.chunks_kept_count,
-                chunks_dropped = restored.chunks_dropped_count,
-                files_staged = restored.files_staged_count,
-                "staging ready"
-            );
-            let resume = session.resume_list();
-            let bytes_resent = session.bytes_resent();
-            write_control(send, &Message::Accept { resume, bytes_resent, already_staged: false }).await?;
-            let (mut messages, reader) = spawn_reader(recv);
-            let receiver = Receiver { conn, ctx, joins, claim: &claim, offer: &offer, layout: &layout };
-            let result = receiver.receive_base(session, log, send, &mut messages).await;
-            if result.is_err() {
-                if let Err(e) = ctx.machine().interrupted(&id) {
-                    tracing::debug!(migration = %id, "not marked interrupted: {e}");
+    result
+}
+
+/// The base copy being received on this connection.
+struct Receive {
+    id: MigrationId,
+    layout: StagingLayout,
+    inbound: Arc<Inbound>,
+    events: mpsc::Receiver<Event>,
+    /// Keeps `events` open while no chunk stream runs.
+    _events_tx: mpsc::Sender<Event>,
+    _acceptor: AbortOnDrop,
+    /// Closes the transfer to joins however it ends.
+    _joins_closed: JoinsClosed,
+}
+
+/// Executes one connection's [`TargetConversation`].
+struct Driver<'a> {
+    conn: &'a Connection,
+    ctx: &'a Arc<TargetContext>,
+    joins: &'a Arc<Joins>,
+    peer: Option<String>,
+    send: &'a mut SendStream,
+    conversation: Arc<Mutex<TargetConversation>>,
+    /// The admitted offer and its staging.
+    offer: Option<(Offer, StagingLayout)>,
+    claim: Option<ClaimGuard>,
+    receive: Option<Receive>,
+    _wal: Option<AbortOnDrop>,
+}
+
+/// Whether the conversation goes on after an action.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Done,
+}
+
+impl Driver<'_> {
+    fn conversation(&self) -> MutexGuard<'_, TargetConversation> {
+        locked(&self.conversation)
+    }
+
+    async fn run(&mut self, messages: &mut Messages) -> Result<(), TransferError> {
+        loop {
+            loop {
+                let Some(action) = self.conversation().poll_action() else { break };
+                if self.execute(action).await? == Flow::Done {
+                    return Ok(());
                 }
             }
-            ctx.machine().base_staged(&id, result?)?;
-            (messages, reader)
+            tokio::select! {
+                message = messages.recv() => {
+                    let message = message.transpose()?;
+                    self.conversation().handle_message(message)?;
+                }
+                event = next_event(self.receive.as_mut()) => {
+                    let mut batch = vec![event?];
+                    while let Some(event) = self.receive.as_mut().and_then(|r| r.events.try_recv().ok()) {
+                        batch.push(event?);
+                        if batch.len() >= EVENT_BATCH_MAX_COUNT {
+                            break;
+                        }
+                    }
+                    let progress = {
+                        let mut conversation = self.conversation();
+                        conversation.handle_chunks(&batch)?;
+                        conversation.progress()
+                    };
+                    if let (Some((verified, resent, _)), Some(receive)) = (progress, &self.receive) {
+                        self.ctx.machine().progress(&receive.id, verified, resent)?;
+                    }
+                }
+            }
         }
-    };
-    let bytes_resent = ctx.machine().get(&id).map_or(0, |m| m.bytes_resent);
-    write_control(send, &Message::BaseStaged { bytes_resent }).await?;
-    commit_phase(ctx, &offer, &layout, send, &mut messages).await
+    }
+
+    async fn execute(&mut self, action: TargetAction) -> Result<Flow, TransferError> {
+        match action {
+            TargetAction::Send(message) => write_control(self.send, &message).await?,
+            TargetAction::Admit(offer) => self.admit(*offer).await?,
+            TargetAction::Sync => {
+                let inbound = self.receiving()?.inbound.clone();
+                blocking(move || inbound.sync()).await?;
+            }
+            TargetAction::FinalizeFile { path, done } => self.finalize(path, done).await?,
+            TargetAction::StageBase { segment_crcs, bytes_resent } => {
+                self.stage_base(segment_crcs, bytes_resent).await?
+            }
+            TargetAction::Commit { final_lsn } => {
+                self.commit(final_lsn).await?;
+                self.conversation().handle_committed()?;
+            }
+            TargetAction::Fence(request) => {
+                let (offer, layout) = self.admitted()?;
+                let waits = super::fence_target::FenceWaits {
+                    through_lsn: request.through_lsn,
+                    wal_wait_max_us: request.wal_wait_max_us,
+                    apply_wait_max_us: request.apply_wait_max_us,
+                };
+                let answer =
+                    super::fence_target::fence_staging(self.ctx, offer, layout, request.final_lsn, waits).await?;
+                self.conversation().handle_fence_answer(answer)?;
+            }
+            TargetAction::Join { migration_id } => {
+                let (inbound, events) =
+                    find_joinable(self.ctx, self.joins, self.peer.as_deref(), &migration_id).await?;
+                self.conversation().handle_answered()?;
+                loop {
+                    let Some(action) = self.conversation().poll_action() else { break };
+                    match action {
+                        TargetAction::Send(message) => write_control(self.send, &message).await?,
+                        TargetAction::CarryChunks => {
+                            accept_chunk_streams(self.conn.clone(), inbound, events).await;
+                            return Ok(Flow::Done);
+                        }
+                        other => return Err(TransferError::Local(format!("{other:?} after a join"))),
+                    }
+                }
+            }
+            TargetAction::CarryChunks => {
+                return Err(TransferError::Local("carrying chunks of no joined transfer".into()));
+            }
+            TargetAction::Release { migration_id, final_lsn } => {
+                self.check_peer(&migration_id)?;
+                super::fence_target::release_staging(self.ctx, &migration_id, final_lsn).await?;
+                self.conversation().handle_answered()?;
+            }
+            TargetAction::Abort { migration_id, reason } => {
+                self.check_peer(&migration_id)?;
+                let reason = format!("{reason} (asked by source {})", self.peer.as_deref().unwrap_or("?"));
+                super::abort::abort_staging(self.ctx, &migration_id, &reason).await?;
+                self.conversation().handle_answered()?;
+            }
+            TargetAction::Finish => {
+                let _ = self.send.finish();
+                let _ = tokio::time::timeout(Duration::from_millis(500), self.send.stopped()).await;
+                return Ok(Flow::Done);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn admitted(&self) -> Result<(&Offer, &StagingLayout), TransferError> {
+        let (offer, layout) = self.offer.as_ref().ok_or_else(|| TransferError::Local("no offer admitted".into()))?;
+        Ok((offer, layout))
+    }
+
+    fn receiving(&self) -> Result<&Receive, TransferError> {
+        self.receive.as_ref().ok_or_else(|| TransferError::Local("no base copy is being received".into()))
+    }
+
+    /// Refuses a request about `id` from a node other than the one receiving it.
+    fn check_peer(&self, id: &MigrationId) -> Result<(), TransferError> {
+        if self.ctx.machine().may_act(id, self.peer.as_deref()) {
+            return Ok(());
+        }
+        Err(TransferError::Refused(format!("migration {id} is received from another node")))
+    }
+
+    /// Admits and claims the offer and prepares its staging. Admitted and claimed, but not
+    /// visible until the staging is ready: an offer the staging refuses leaves the migration
+    /// as it was, and its slot free (the claim's drop).
+    async fn admit(&mut self, offer: Offer) -> Result<(), TransferError> {
+        let ctx = self.ctx;
+        let claim = ctx.claim(&offer, self.conn, self.peer.as_deref()).await?;
+        let id = offer.migration_id.clone();
+        let layout = StagingLayout::new(&ctx.data_dir, &id);
+        let start = {
+            let (storage, layout, offer) = (ctx.storage.clone(), layout.clone(), offer.clone());
+            blocking(move || start_staging(&*storage, &layout, &offer)).await?
+        };
+        let begin = match &start {
+            Start::AlreadyStaged { state, final_lsn } => Begin::AlreadyStaged { state: *state, final_lsn: *final_lsn },
+            Start::Receive { .. } => Begin::Receive,
+        };
+        ctx.machine().begin(&summary(&offer), claim.conn(), begin, now_unix_ms())?;
+        self._wal = offer.wal.then(|| spawn_wal_stream(self.conn.clone(), ctx.clone(), &offer, &layout));
+        match start {
+            Start::AlreadyStaged { .. } => {
+                let bytes_resent = ctx.machine().get(&id).map_or(0, |m| m.bytes_resent);
+                self.conversation().handle_admitted(Admitted::AlreadyStaged { bytes_resent })?;
+            }
+            Start::Receive { session, log, restored } => {
+                tracing::info!(
+                    migration = %id,
+                    chunks_kept = restored.chunks_kept_count,
+                    chunks_dropped = restored.chunks_dropped_count,
+                    files_staged = restored.files_staged_count,
+                    "staging ready"
+                );
+                self.conversation().handle_admitted(Admitted::Receive { session })?;
+                let inbound = Arc::new(Inbound {
+                    conversation: self.conversation.clone(),
+                    parts: Mutex::new(HashMap::new()),
+                    layout: layout.clone(),
+                    storage: ctx.storage.clone(),
+                    log,
+                    received: ctx.received_counter(&id),
+                });
+                let (events_tx, events) = mpsc::channel(EVENT_QUEUE_MAX_COUNT);
+                let conn_id = claim.conn();
+                let joinable = Joinable { conn: conn_id, inbound: inbound.clone(), events: events_tx.clone() };
+                self.joins.open(&id, joinable);
+                let acceptor = accept_chunk_streams(self.conn.clone(), inbound.clone(), events_tx.clone());
+                self.receive = Some(Receive {
+                    id: id.clone(),
+                    layout: layout.clone(),
+                    inbound,
+                    events,
+                    _events_tx: events_tx,
+                    _acceptor: AbortOnDrop(tokio::spawn(acceptor)),
+                    _joins_closed: JoinsClosed { joins: self.joins.clone(), id: id.clone(), conn: conn_id },
+                });
+            }
+        }
+        self.claim = Some(claim);
+        self.offer = Some((offer, layout));
+        Ok(())
+    }
+
+    /// Renames a verified file into `segments/`, durably, and logs it staged.
+    async fn finalize(&mut self, path: ferry_wire::path::RelPath, done: FileDone) -> Result<(), TransferError> {
+        let receive = self.receiving()?;
+        let (storage, layout, log) = (self.ctx.storage.clone(), receive.layout.clone(), receive.inbound.log.clone());
+        locked(&receive.inbound.parts).remove(&done.file_index);
+        blocking(move || {
+            staging::finalize_file(&*storage, &layout, done.file_index, &path, done.size_bytes, done.crc32c)?;
+            log.append(ferry_wire::checkpoint::LogRecord::Staged { file_index: done.file_index, crc32c: done.crc32c })?;
+            Ok(())
+        })
+        .await?;
+        let id = receive.id.clone();
+        let staged = {
+            let mut conversation = self.conversation();
+            conversation.handle_file_finalized(done.file_index)?;
+            conversation.files_staged_count()
+        };
+        self.ctx.machine().files_staged(&id, staged)?;
+        Ok(())
+    }
+
+    /// Every file is staged: syncs what is left and writes `MANIFEST.json` (and, for a live
+    /// copy, prepares the fence's MANIFEST commit off the pause).
+    async fn stage_base(&mut self, segment_crcs: Vec<u32>, bytes_resent: u64) -> Result<(), TransferError> {
+        let receive = self.receiving()?;
+        let inbound = receive.inbound.clone();
+        let (offer, layout) = self.admitted()?;
+        let id = offer.migration_id.clone();
+        self.joins.close(&id, self.claim.as_ref().map_or(ConnId(0), ClaimGuard::conn));
+        let manifest = StagingManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            migration_id: id.clone(),
+            vshard_id: offer.vshard_id,
+            base_lsn: offer.base_lsn,
+            final_lsn: None,
+            state: StagingState::Copying,
+            base_complete: true,
+            db_meta: offer.db_meta.clone(),
+            segments: offer
+                .files
+                .iter()
+                .zip(segment_crcs)
+                .map(|(f, crc32c)| StagedSegment { path: f.path.clone(), size_bytes: f.size_bytes, crc32c })
+                .collect(),
+            wal_segments: Vec::new(),
+            // Only this node may release, abort or join it, also after a restart.
+            source_node: self
+                .ctx
+                .machine()
+                .get(&id)
+                .and_then(|m| m.source_node.as_deref())
+                .and_then(|n| ferry_wire::NodeId::new(n).ok()),
+        };
+        let (storage, layout, offer) = (self.ctx.storage.clone(), layout.clone(), offer.clone());
+        blocking(move || {
+            inbound.sync()?;
+            let paths: Vec<_> = offer.files.iter().map(|f| f.path.clone()).collect();
+            staging::sync_segment_tree(&*storage, &layout, &paths)?;
+            staging::write_manifest(&*storage, &layout, &manifest)?;
+            if offer.wal {
+                // A live copy is fenced next: its MANIFEST commit is prepared now, off the pause.
+                staging::prepare_manifest_commit(&*storage, &layout, &manifest)?;
+            }
+            Ok(())
+        })
+        .await?;
+        // The base is staged: chunk streams and joins end here.
+        self.receive = None;
+        self.ctx.machine().base_staged(&id, bytes_resent)?;
+        let bytes_resent = self.ctx.machine().get(&id).map_or(0, |m| m.bytes_resent);
+        self.conversation().handle_base_written(bytes_resent)?;
+        Ok(())
+    }
+
+    /// Marks the staging of an offline copy released at `final_lsn` (with its staged WAL, if
+    /// it had one).
+    async fn commit(&mut self, final_lsn: Lsn) -> Result<(), TransferError> {
+        let (offer, layout) = self.admitted()?;
+        let (storage, layout) = (self.ctx.storage.clone(), layout.clone());
+        let staged = if offer.wal { self.ctx.wal_stages.get(&offer.migration_id) } else { None };
+        if offer.wal && staged.is_none() {
+            return Err(TransferError::Protocol("commit before the WAL stream was opened".into()));
+        }
+        let id = offer.migration_id.clone();
+        blocking(move || {
+            // Records back to back before the staging is released (no preallocated zeros).
+            let wal = match staged {
+                Some(staged) => {
+                    let mut wal = staged.lock().unwrap_or_else(|e| e.into_inner());
+                    wal.trim().map_err(|e| TransferError::Local(format!("trimming the staged WAL: {e}")))?;
+                    Some(wal.segments())
+                }
+                None => None,
+            };
+            let mut manifest = staging::read_manifest(&*storage, &layout)?
+                .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before commit".into()))?;
+            if manifest.state != StagingState::Released {
+                manifest.state = StagingState::Released;
+                manifest.final_lsn = Some(final_lsn);
+                if let Some(segments) = wal {
+                    manifest.wal_segments = segments;
+                }
+                staging::write_manifest(&*storage, &layout, &manifest)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.ctx.machine().committed(&id, final_lsn)?;
+        Ok(())
+    }
+}
+
+/// The next chunk event of the base copy being received (never, when none is).
+async fn next_event(receive: Option<&mut Receive>) -> Result<ChunkEvent, TransferError> {
+    match receive {
+        Some(receive) => match receive.events.recv().await {
+            Some(event) => event,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Serves the WAL stream the source opens next on this connection.
@@ -293,45 +556,47 @@ fn spawn_wal_stream(conn: Connection, ctx: Arc<TargetContext>, offer: &Offer, la
 /// How long a join waits for the transfer it names to start taking chunks.
 const JOIN_WAIT: Duration = Duration::from_secs(5);
 
-/// An extra data connection: its uni streams feed the transfer offered on another connection.
-async fn join(
-    conn: &Connection,
-    ctx: &Arc<TargetContext>,
+/// The transfer an extra data connection joins: its uni streams feed the transfer offered on
+/// another connection of the same node.
+async fn find_joinable(
+    ctx: &TargetContext,
     joins: &Joins,
-    peer: Option<String>,
-    send: &mut SendStream,
+    peer: Option<&str>,
     id: &MigrationId,
-) -> Result<(), TransferError> {
+) -> Result<(Arc<Inbound>, mpsc::Sender<Event>), TransferError> {
     // The transfer's connection answers `Accept` before it starts taking chunks, so a join
     // may come a moment before the transfer can be joined: it waits for that, a bounded time.
     let deadline = tokio::time::Instant::now() + JOIN_WAIT;
-    let (inbound, events) = loop {
+    loop {
         let opened = joins.changed.notified();
         tokio::pin!(opened);
         opened.as_mut().enable();
         let claimant = {
             let machine = ctx.machine();
-            machine.claimant(id).filter(|_| machine.may_act(id, peer.as_deref()))
+            machine.claimant(id).filter(|_| machine.may_act(id, peer))
         };
         let Some(claimant) = claimant else {
             return Err(TransferError::Refused(format!("no transfer {id} from this node is being received to join")));
         };
         if let Some(j) = locked(&joins.joinable).get(id).filter(|j| j.conn == claimant) {
-            break (j.inbound.clone(), j.events.clone());
+            return Ok((j.inbound.clone(), j.events.clone()));
         }
         if tokio::time::timeout_at(deadline, opened).await.is_err() {
             return Err(TransferError::Refused(format!("transfer {id} is not receiving chunks")));
         }
-    };
-    write_control(send, &Message::Joined).await?;
-    accept_chunk_streams(conn.clone(), inbound, events).await;
-    Ok(())
+    }
 }
 
-fn describe(message: Option<&Message>) -> String {
-    match message {
-        None => "the end of the stream".into(),
-        Some(m) => format!("a {} message", m.name()),
+/// Closes a transfer to joins when dropped.
+struct JoinsClosed {
+    joins: Arc<Joins>,
+    id: MigrationId,
+    conn: ConnId,
+}
+
+impl Drop for JoinsClosed {
+    fn drop(&mut self) {
+        self.joins.close(&self.id, self.conn);
     }
 }
 
@@ -379,391 +644,4 @@ fn start_staging(storage: &dyn Storage, layout: &StagingLayout, offer: &Offer) -
     staging::prepare_fresh(storage, layout)?;
     let log = ChunkLog::create(storage, layout, offer)?;
     Ok(Start::Receive { session, log: Arc::new(log), restored: chunklog::Restored::default() })
-}
-
-/// State shared by the chunk streams of one inbound transfer.
-struct Inbound {
-    session: Mutex<TargetSession>,
-    parts: Mutex<HashMap<u32, Arc<dyn StorageFile>>>,
-    layout: StagingLayout,
-    storage: Arc<dyn Storage>,
-    log: Arc<ChunkLog>,
-    received: Arc<AtomicU64>,
-}
-
-impl Inbound {
-    fn session(&self) -> MutexGuard<'_, TargetSession> {
-        locked(&self.session)
-    }
-
-    fn part(&self, file_index: u32) -> Result<Arc<dyn StorageFile>, TransferError> {
-        let mut parts = locked(&self.parts);
-        if let Some(part) = parts.get(&file_index) {
-            return Ok(part.clone());
-        }
-        let part = staging::open_part(&*self.storage, &self.layout, file_index)?;
-        parts.insert(file_index, part.clone());
-        Ok(part)
-    }
-
-    /// Makes written chunks durable: the part files first, then the log that names them.
-    fn sync(&self) -> Result<(), TransferError> {
-        let parts: Vec<_> = locked(&self.parts).iter().map(|(i, p)| (*i, p.clone())).collect();
-        for (index, part) in parts {
-            part.sync_data().map_err(|source| {
-                TransferError::Staging(staging::StagingError::Io {
-                    what: "fsync",
-                    path: self.layout.part_path(index),
-                    source,
-                })
-            })?;
-        }
-        Ok(self.log.sync()?)
-    }
-}
-
-/// What chunk streams tell the control loop. Only the control loop marks chunks verified, so
-/// an acknowledgement is always sent before the file it completes is reported staged.
-enum Event {
-    Written { chunk: ChunkRef, crc32c: u32, len_bytes: u32 },
-    Duplicate(ChunkRef),
-    Failed(TransferError),
-}
-
-/// The base copy of one claimed offer: what [`Receiver::receive_base`] needs besides the
-/// session, its log and the control stream.
-struct Receiver<'a> {
-    conn: &'a Connection,
-    ctx: &'a Arc<TargetContext>,
-    joins: &'a Joins,
-    claim: &'a ClaimGuard,
-    offer: &'a Offer,
-    layout: &'a StagingLayout,
-}
-
-impl Receiver<'_> {
-    async fn receive_base(
-        &self,
-        session: TargetSession,
-        log: Arc<ChunkLog>,
-        send: &mut SendStream,
-        messages: &mut Messages,
-    ) -> Result<u64, TransferError> {
-        let Self { conn, ctx, joins, claim, offer, layout } = *self;
-        // Closed to joins however this ends (a newer connection's transfer is left alone).
-        let _joins_closed = JoinsClosed { joins, id: &offer.migration_id, conn: claim.conn() };
-        let inbound = Arc::new(Inbound {
-            session: Mutex::new(session),
-            parts: Mutex::new(HashMap::new()),
-            layout: layout.clone(),
-            storage: ctx.storage.clone(),
-            log,
-            received: ctx.received_counter(&offer.migration_id),
-        });
-        let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE_MAX_COUNT);
-        joins.open(
-            &offer.migration_id,
-            Joinable { conn: claim.conn(), inbound: inbound.clone(), events: events_tx.clone() },
-        );
-        let _acceptor = AbortOnDrop(tokio::spawn(accept_chunk_streams(conn.clone(), inbound.clone(), events_tx)));
-        let files_count = offer.files.len();
-        let mut staged = vec![false; files_count];
-        let mut staged_count = 0usize;
-        let mut unsynced_bytes = 0u64;
-        while staged_count < files_count {
-            let mut ready = Vec::new();
-            tokio::select! {
-                message = messages.recv() => match message {
-                    Some(Ok(Message::FileDone { file_index, size_bytes, crc32c })) => {
-                        let done = FileDone { file_index, size_bytes, crc32c };
-                        ready.extend(inbound.session().on_file_done(done)?);
-                    }
-                    Some(Ok(Message::Error { kind, message })) => return Err(TransferError::Peer { kind, message }),
-                    Some(Ok(other)) => return Err(TransferError::Protocol(format!("unexpected {} while receiving the base", describe(Some(&other))))),
-                    Some(Err(e)) => return Err(e),
-                    None => return Err(TransferError::Protocol("the source closed its control stream before the base was staged".into())),
-                },
-                event = events.recv() => {
-                    let mut acks = Vec::new();
-                    let mut next = event;
-                    while let Some(event) = next {
-                        match event {
-                            Event::Written { chunk, crc32c, len_bytes } => {
-                                ready.extend(inbound.session().on_chunk_written(chunk.file_index, chunk.chunk_index, crc32c)?);
-                                unsynced_bytes += u64::from(len_bytes);
-                                acks.push(chunk);
-                            }
-                            Event::Duplicate(chunk) => acks.push(chunk),
-                            Event::Failed(e) => return Err(e),
-                        }
-                        next = events.try_recv().ok();
-                    }
-                    if unsynced_bytes >= SYNC_BATCH_BYTES {
-                        let inbound = inbound.clone();
-                        blocking(move || inbound.sync()).await?;
-                        unsynced_bytes = 0;
-                    }
-                    if !acks.is_empty() {
-                        write_control(send, &Message::Acks { chunks: acks }).await?;
-                    }
-                    let (verified, resent) = { let s = inbound.session(); (s.bytes_verified(), s.bytes_resent()) };
-                    ctx.machine().progress(&offer.migration_id, verified, resent)?;
-                }
-            }
-            for done in ready {
-                let index = done.file_index as usize;
-                let path = offer
-                    .files
-                    .get(index)
-                    .map(|f| f.path.clone())
-                    .ok_or_else(|| TransferError::Protocol(format!("no file {}", done.file_index)))?;
-                if staged.get(index).copied().unwrap_or(true) {
-                    continue;
-                }
-                if !inbound.session().is_staged(done.file_index) {
-                    let (storage, layout_owned, log) = (ctx.storage.clone(), layout.clone(), inbound.log.clone());
-                    locked(&inbound.parts).remove(&done.file_index);
-                    blocking(move || {
-                        staging::finalize_file(
-                            &*storage,
-                            &layout_owned,
-                            done.file_index,
-                            &path,
-                            done.size_bytes,
-                            done.crc32c,
-                        )?;
-                        log.append(LogRecord::Staged { file_index: done.file_index, crc32c: done.crc32c })?;
-                        Ok(())
-                    })
-                    .await?;
-                }
-                staged[index] = true;
-                staged_count += 1;
-                ctx.machine().files_staged(&offer.migration_id, staged_count as u64)?;
-                write_control(send, &Message::FileStaged { file_index: done.file_index }).await?;
-            }
-        }
-        joins.close(&offer.migration_id, claim.conn());
-        let manifest = StagingManifest {
-            format_version: MANIFEST_FORMAT_VERSION,
-            migration_id: offer.migration_id.clone(),
-            vshard_id: offer.vshard_id,
-            base_lsn: offer.base_lsn,
-            final_lsn: None,
-            state: StagingState::Copying,
-            base_complete: true,
-            db_meta: offer.db_meta.clone(),
-            segments: Vec::new(),
-            wal_segments: Vec::new(),
-            // Only this node may release, abort or join it, also after a restart.
-            source_node: ctx
-                .machine()
-                .get(&offer.migration_id)
-                .and_then(|m| m.source_node.as_deref())
-                .and_then(|n| ferry_wire::NodeId::new(n).ok()),
-        };
-        let bytes_resent = inbound.session().bytes_resent();
-        let (storage, layout_owned, offer_owned) = (ctx.storage.clone(), layout.clone(), offer.clone());
-        let crcs = inbound_crcs(&inbound, offer)?;
-        let sync_inbound = inbound.clone();
-        blocking(move || {
-            sync_inbound.sync()?;
-            let paths: Vec<_> = offer_owned.files.iter().map(|f| f.path.clone()).collect();
-            staging::sync_segment_tree(&*storage, &layout_owned, &paths)?;
-            let segments = offer_owned
-                .files
-                .iter()
-                .zip(crcs)
-                .map(|(f, crc32c)| StagedSegment { path: f.path.clone(), size_bytes: f.size_bytes, crc32c })
-                .collect();
-            let manifest = StagingManifest { segments, ..manifest };
-            staging::write_manifest(&*storage, &layout_owned, &manifest)?;
-            if offer_owned.wal {
-                // A live copy is fenced next: its MANIFEST commit is prepared now, off the pause.
-                staging::prepare_manifest_commit(&*storage, &layout_owned, &manifest)?;
-            }
-            Ok(())
-        })
-        .await?;
-        Ok(bytes_resent)
-    }
-}
-
-/// Closes a transfer to joins when dropped.
-struct JoinsClosed<'a> {
-    joins: &'a Joins,
-    id: &'a MigrationId,
-    conn: ConnId,
-}
-
-impl Drop for JoinsClosed<'_> {
-    fn drop(&mut self) {
-        self.joins.close(self.id, self.conn);
-    }
-}
-
-/// Each file's CRC32C as the source announced it and the target verified it.
-fn inbound_crcs(inbound: &Inbound, offer: &Offer) -> Result<Vec<u32>, TransferError> {
-    let session = inbound.session();
-    (0..offer.files.len())
-        .map(|i| {
-            u32::try_from(i)
-                .ok()
-                .and_then(|i| session.file_crc(i))
-                .ok_or_else(|| TransferError::Local(format!("file {i} finished without a checksum")))
-        })
-        .collect()
-}
-
-async fn accept_chunk_streams(conn: Connection, inbound: Arc<Inbound>, events: mpsc::Sender<Event>) {
-    // A JoinSet aborts its tasks when dropped; finished ones are reaped at each accept, so
-    // the set holds at most the streams open at once (bounded by the transport's limit).
-    let mut streams = tokio::task::JoinSet::new();
-    loop {
-        match conn.accept_uni().await {
-            Ok(recv) => {
-                while streams.try_join_next().is_some() {}
-                let (inbound, events) = (inbound.clone(), events.clone());
-                streams.spawn(async move {
-                    if let Err(e) = receive_chunks(recv, &inbound, &events).await {
-                        let _ = events.send(Event::Failed(e)).await;
-                    }
-                });
-            }
-            Err(e) => {
-                let _ = events.send(Event::Failed(e.into())).await;
-                return;
-            }
-        }
-    }
-}
-
-async fn receive_chunks(
-    recv: RecvStream,
-    inbound: &Arc<Inbound>,
-    events: &mpsc::Sender<Event>,
-) -> Result<(), TransferError> {
-    let mut reader = FrameReader::new(recv);
-    // One body per stream, handed to the write and back, so its piece list is allocated once.
-    let mut body = BodyPieces::default();
-    while let Some(header) = reader.read_header().await? {
-        if header.kind != FrameKind::Chunk {
-            return Err(TransferError::Protocol(format!("a {:?} frame on a chunk stream", header.kind)));
-        }
-        let (file_index, offset_bytes, len_bytes) =
-            (header.chunk_file_index, header.chunk_offset_bytes, header.body_len_bytes);
-        let verdict = inbound.session().check_chunk(file_index, offset_bytes, len_bytes)?;
-        let chunk_index = match verdict {
-            ChunkVerdict::Duplicate { chunk_index } | ChunkVerdict::Write { chunk_index } => chunk_index,
-        };
-        // Counted before the body is read: bytes in flight when a run dies count as received,
-        // so a resend after it shows in bytes_resent.
-        inbound.log.append(LogRecord::Receiving { file_index, chunk_index, len_bytes })?;
-        inbound.received.fetch_add(u64::from(len_bytes), Ordering::Relaxed);
-        reader.read_body(&header, &mut body).await?;
-        let found = body.crc32c();
-        if found != header.body_crc32c {
-            return Err(TransferError::ChunkChecksum { file_index, offset_bytes, expected: header.body_crc32c, found });
-        }
-        let chunk = ChunkRef { file_index, chunk_index };
-        let event = match verdict {
-            ChunkVerdict::Duplicate { .. } => Event::Duplicate(chunk),
-            ChunkVerdict::Write { .. } => {
-                body = write_verified(inbound, body, chunk, offset_bytes).await?;
-                Event::Written { chunk, crc32c: found, len_bytes }
-            }
-        };
-        events.send(event).await.map_err(|_| TransferError::Local("transfer ended".into()))?;
-    }
-    Ok(())
-}
-
-/// Writes a verified chunk body at its offset in its part file with one gathered write (the
-/// pieces as quinn received them, not copied together first), then logs the chunk verified.
-/// Hands the emptied body back for the stream's next chunk.
-async fn write_verified(
-    inbound: &Arc<Inbound>,
-    mut body: BodyPieces,
-    chunk: ChunkRef,
-    offset_bytes: u64,
-) -> Result<BodyPieces, TransferError> {
-    let part = inbound.part(chunk.file_index)?;
-    let inbound = inbound.clone();
-    blocking(move || {
-        let slices: Vec<std::io::IoSlice<'_>> = body.pieces().iter().map(|p| std::io::IoSlice::new(p)).collect();
-        part.write_all_vectored_at(&slices, offset_bytes).map_err(|source| {
-            let path = inbound.layout.part_path(chunk.file_index);
-            TransferError::Staging(staging::StagingError::Io { what: "write", path, source })
-        })?;
-        drop(slices);
-        let (file_index, chunk_index, crc32c) = (chunk.file_index, chunk.chunk_index, body.crc32c());
-        inbound.log.append(LogRecord::Verified { file_index, chunk_index, crc32c })?;
-        body.clear();
-        Ok(body)
-    })
-    .await
-}
-
-async fn commit_phase(
-    ctx: &Arc<TargetContext>,
-    offer: &Offer,
-    layout: &StagingLayout,
-    send: &mut SendStream,
-    messages: &mut Messages,
-) -> Result<(), TransferError> {
-    loop {
-        match messages.recv().await {
-            Some(Ok(Message::Commit { final_lsn })) => {
-                let (storage, layout_owned) = (ctx.storage.clone(), layout.clone());
-                let staged = if offer.wal { ctx.wal_stages.get(&offer.migration_id) } else { None };
-                if offer.wal && staged.is_none() {
-                    return Err(TransferError::Protocol("commit before the WAL stream was opened".into()));
-                }
-                blocking(move || {
-                    // Records back to back before the staging is released (no preallocated zeros).
-                    let wal = match staged {
-                        Some(staged) => {
-                            let mut wal = staged.lock().unwrap_or_else(|e| e.into_inner());
-                            wal.trim().map_err(|e| TransferError::Local(format!("trimming the staged WAL: {e}")))?;
-                            Some((wal.segments(), wal.durable_lsn()))
-                        }
-                        None => None,
-                    };
-                    let mut manifest = staging::read_manifest(&*storage, &layout_owned)?
-                        .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before commit".into()))?;
-                    if manifest.state != StagingState::Released {
-                        manifest.state = StagingState::Released;
-                        manifest.final_lsn = Some(final_lsn);
-                        if let Some((segments, _durable)) = wal {
-                            manifest.wal_segments = segments;
-                        }
-                        staging::write_manifest(&*storage, &layout_owned, &manifest)?;
-                    }
-                    Ok(())
-                })
-                .await?;
-                ctx.machine().committed(&offer.migration_id, final_lsn)?;
-                write_control(send, &Message::Committed).await?;
-            }
-            Some(Ok(Message::Fence { final_lsn, apply_wait_max_us, through_lsn, wal_wait_max_us })) => {
-                let waits = super::fence_target::FenceWaits { through_lsn, wal_wait_max_us, apply_wait_max_us };
-                let answer = super::fence_target::fence_staging(ctx, offer, layout, final_lsn, waits).await?;
-                write_control(send, &answer).await?;
-            }
-            Some(Ok(Message::Error { kind, message })) => return Err(TransferError::Peer { kind, message }),
-            Some(Ok(other)) => {
-                return Err(TransferError::Protocol(format!(
-                    "unexpected {} after the base was staged",
-                    describe(Some(&other))
-                )))
-            }
-            Some(Err(e)) => return Err(e),
-            None => {
-                // The source finished its side; finish ours (it waits for this before it
-                // closes the connection).
-                let _ = send.finish();
-                return Ok(());
-            }
-        }
-    }
 }

@@ -23,13 +23,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ferry_wire::frame::FrameKind;
-use ferry_wire::message::Message;
+use ferry_wire::proto::target::{check_wal_start, wal_durable};
 use ferry_wire::walstream;
 use ferry_wire::{Lsn, MigrationId};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::framing::{read_body, read_control, read_header, unexpected, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::framing::{read_body, read_control, read_header, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::task::AbortOnDrop;
 use super::TransferError;
 use crate::staging::StagingLayout;
@@ -103,13 +103,10 @@ pub async fn serve_stream(
     before_group: BeforeGroup,
     on_durable: impl Fn(Lsn) + Send,
 ) -> Result<(), TransferError> {
-    match read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
-        Some(Message::WalStart) => {}
-        other => return Err(unexpected("wal_start", other.as_ref())),
-    }
+    check_wal_start(read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await?)?;
     let durable = wal.lock().unwrap_or_else(|e| e.into_inner()).durable_lsn();
     on_durable(durable);
-    write_control(&mut send, &Message::WalDurable { durable_lsn: durable }).await?;
+    write_control(&mut send, &wal_durable(durable)).await?;
     let (frames_tx, mut frames) = mpsc::channel(FRAMES_QUEUED_MAX_COUNT);
     let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));
     let _reader = AbortOnDrop(tokio::spawn(read_frames(recv, frames_tx, budget)));
@@ -138,7 +135,7 @@ pub async fn serve_stream(
         };
         let durable = staged.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
         on_durable(durable);
-        write_control(&mut send, &Message::WalDurable { durable_lsn: durable }).await?;
+        write_control(&mut send, &wal_durable(durable)).await?;
         if let Some(e) = failed {
             return Err(e);
         }

@@ -16,6 +16,7 @@
 pub mod conversation;
 pub mod inbound;
 pub mod outbound;
+pub mod target;
 
 /// Who is to blame for a refused transition: decides how an error is reported and whether
 /// retrying can help.
