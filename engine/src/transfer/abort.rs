@@ -128,8 +128,8 @@ pub enum Aborted {
 pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &str) -> Result<Aborted, TransferError> {
     let layout = StagingLayout::new(&ctx.data_dir, id);
     let existing = {
-        let (storage, layout) = (ctx.storage.clone(), layout.clone());
-        tokio::task::spawn_blocking(move || staging::read_manifest(&*storage, &layout))
+        let (ctx, layout, id) = (ctx.clone(), layout.clone(), id.clone());
+        tokio::task::spawn_blocking(move || ctx.manifest(&layout, &id))
             .await
             .map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))?
     };
@@ -166,14 +166,15 @@ pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &
         wal_segments: Vec::new(),
         source_node: existing.as_ref().and_then(|m| m.source_node.clone()),
     };
-    let storage = ctx.storage.clone();
+    let (storage, ctx_owned) = (ctx.storage.clone(), ctx.clone());
+    ctx.forget_manifest(id);
     tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
         if storage.exists(&layout.root) {
             storage.remove_dir_all(&layout.root).map_err(staging::io_err("remove", &layout.root))?;
         }
         storage.create_dir_all(&layout.ferry_dir()).map_err(staging::io_err("create", &layout.root))?;
         storage.sync_dir(&layout.migrations_dir()).map_err(staging::io_err("sync", &layout.migrations_dir()))?;
-        staging::write_manifest(&*storage, &layout, &tombstone)?;
+        ctx_owned.write_manifest(&layout, &tombstone)?;
         Ok(())
     })
     .await

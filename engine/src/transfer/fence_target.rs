@@ -95,14 +95,14 @@ pub async fn fence_staging(
         if let Some(above) = segments.iter().map(|s| s.last_lsn).filter(|l| *l > final_lsn).max() {
             return Ok(Err(above));
         }
-        let storage = &*ctx_owned.storage;
         ctx_owned.machine().check_fence(&id_owned)?;
-        let mut manifest = staging::read_manifest(storage, &layout_owned)?
+        let mut manifest = ctx_owned
+            .manifest(&layout_owned, &id_owned)?
             .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before the fence".into()))?;
         manifest.state = StagingState::Fenced;
         manifest.final_lsn = Some(final_lsn);
         manifest.wal_segments = segments;
-        staging::write_manifest_prepared(storage, &layout_owned, &manifest)?;
+        ctx_owned.write_manifest_prepared(&layout_owned, &manifest)?;
         // Still under the lock, so a group staged next sees the staging fenced.
         ctx_owned.machine().fenced(&id_owned, final_lsn)?;
         Ok(Ok(durable))
@@ -138,11 +138,11 @@ pub async fn fence_staging(
 pub fn unfence_hook(ctx: Arc<TargetContext>, id: MigrationId, layout: StagingLayout) -> super::walrecv::BeforeGroup {
     Arc::new(move |last_lsn: Lsn| {
         let Some(fenced_at) = ctx.fenced_at(&id).filter(|f| last_lsn.0 > *f) else { return Ok(()) };
-        if let Some(mut manifest) = staging::read_manifest(&*ctx.storage, &layout)? {
+        if let Some(mut manifest) = ctx.manifest(&layout, &id)? {
             if manifest.state == StagingState::Fenced {
                 manifest.state = StagingState::Copying;
                 manifest.final_lsn = None;
-                staging::write_manifest(&*ctx.storage, &layout, &manifest)?;
+                ctx.write_manifest(&layout, &manifest)?;
                 // The next fence's commit, ready.
                 staging::prepare_manifest_commit(&*ctx.storage, &layout, &manifest)?;
             }
@@ -228,8 +228,8 @@ pub async fn release_staging(ctx: &Arc<TargetContext>, id: &MigrationId, final_l
     }
     let layout = StagingLayout::new(&ctx.data_dir, id);
     let manifest = {
-        let (storage, layout) = (ctx.storage.clone(), layout.clone());
-        blocking(move || Ok(staging::read_manifest(&*storage, &layout)?)).await?
+        let (ctx, layout, id) = (ctx.clone(), layout.clone(), id.clone());
+        blocking(move || Ok(ctx.manifest(&layout, &id)?)).await?
     };
     let Some(mut manifest) = manifest else {
         return Err(TransferError::Local(format!("the staging of {id} lost its MANIFEST.json while fenced")));
@@ -244,14 +244,14 @@ pub async fn release_staging(ctx: &Arc<TargetContext>, id: &MigrationId, final_l
         )));
     }
     manifest.state = StagingState::Released;
-    let storage = ctx.storage.clone();
+    let (storage, ctx_owned) = (ctx.storage.clone(), ctx.clone());
     blocking(move || {
         // Records back to back before the staging is released (no preallocated zeros).
         wal.lock()
             .unwrap_or_else(|e| e.into_inner())
             .trim()
             .map_err(|e| TransferError::Local(format!("trimming the staged WAL: {e}")))?;
-        staging::write_manifest(&*storage, &layout, &manifest)?;
+        ctx_owned.write_manifest(&layout, &manifest)?;
         Ok(staging::release_held_manifest(&*storage, &layout)?)
     })
     .await?;

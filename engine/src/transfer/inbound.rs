@@ -27,10 +27,12 @@ use ferry_wire::proto::inbound::{Claimed, ConnId, Disk, Inbound, InboundState, I
 use ferry_wire::{Lsn, MigrationId, NodeId};
 use quinn::{Connection, VarInt};
 
+use super::manifests::{self, Manifests};
 use super::walrecv::WalStages;
 use super::TransferError;
-use crate::staging::{self, StagingLayout};
+use crate::staging::{self, StagingError, StagingLayout};
 use crate::storage::Storage;
+use ferry_wire::manifest::StagingManifest;
 
 /// The close code a cut inbound connection gets: the source must not retry it.
 pub(crate) const CUT_CLOSE_CODE: u32 = crate::quic::close_code::REFUSED;
@@ -63,6 +65,8 @@ pub struct TargetContext {
     received: Mutex<HashMap<MigrationId, Arc<AtomicU64>>>,
     /// The staged WALs open on this node.
     pub wal_stages: WalStages,
+    /// The stagings' manifests, kept as last written (never read back on a hot path).
+    manifests: Manifests,
     /// Woken when a claim is released.
     claims_changed: tokio::sync::Notify,
     /// Woken when a database reports progress with `migration.applied`.
@@ -113,6 +117,7 @@ impl TargetContext {
             connections: Mutex::new(Vec::new()),
             received: Mutex::new(HashMap::new()),
             wal_stages: WalStages::default(),
+            manifests: Manifests::default(),
             claims_changed: tokio::sync::Notify::new(),
             applied: tokio::sync::Notify::new(),
             wal_durable: tokio::sync::Notify::new(),
@@ -149,12 +154,45 @@ impl TargetContext {
     /// node it records.
     fn state_on_disk(&self, id: &MigrationId) -> Result<(InboundState, Option<String>), TransferError> {
         let layout = StagingLayout::new(&self.data_dir, id);
-        Ok(match staging::read_manifest(&*self.storage, &layout)? {
+        Ok(match self.manifest(&layout, id)? {
             Some(m) => {
                 (InboundState::of_staging(m.state, m.base_complete, m.final_lsn), m.source_node.map(|n| n.to_string()))
             }
             None => (InboundState::Interrupted, None),
         })
+    }
+
+    /// The staging's `MANIFEST.json` (`None`: it has none yet), as this process last wrote or
+    /// read it. Blocking (a first read goes to the disk).
+    pub(crate) fn manifest(
+        &self,
+        layout: &StagingLayout,
+        id: &MigrationId,
+    ) -> Result<Option<StagingManifest>, StagingError> {
+        self.manifests.get(&*self.storage, layout, id)
+    }
+
+    /// Writes the staging's manifest durably and keeps it. Blocking.
+    pub(crate) fn write_manifest(
+        &self,
+        layout: &StagingLayout,
+        manifest: &StagingManifest,
+    ) -> Result<(), StagingError> {
+        self.manifests.write(&*self.storage, layout, manifest, manifests::Write::Atomic)
+    }
+
+    /// Writes the staging's manifest through its prepared commit (the fence's) and keeps it.
+    pub(crate) fn write_manifest_prepared(
+        &self,
+        layout: &StagingLayout,
+        manifest: &StagingManifest,
+    ) -> Result<(), StagingError> {
+        self.manifests.write(&*self.storage, layout, manifest, manifests::Write::Prepared)
+    }
+
+    /// Drops the kept manifest of a staging about to be removed.
+    pub(crate) fn forget_manifest(&self, id: &MigrationId) {
+        self.manifests.forget(id);
     }
 
     /// Registers a live connection (from its handshake until its conversation ends).
@@ -239,6 +277,7 @@ impl TargetContext {
     /// its staging folder and its status. A migration still in progress is refused.
     pub async fn forget(&self, id: &MigrationId) -> Result<(), TransferError> {
         self.machine().check_forget(id)?;
+        self.forget_manifest(id);
         let layout = StagingLayout::new(&self.data_dir, id);
         let storage = self.storage.clone();
         tokio::task::spawn_blocking(move || -> Result<(), TransferError> {

@@ -23,6 +23,7 @@ pub mod fence_source;
 pub mod fence_target;
 pub mod framing;
 pub mod inbound;
+mod manifests;
 pub mod source;
 pub mod target;
 mod task;

@@ -36,7 +36,6 @@ pub use super::inbound::{InboundStatus, TargetContext, TargetLimits};
 use super::task::{blocking, AbortOnDrop};
 use super::TransferError;
 use crate::staging::{self, StagingLayout};
-use crate::storage::Storage;
 
 /// How long a connected peer has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -350,8 +349,8 @@ impl Driver<'_> {
         let id = offer.migration_id.clone();
         let layout = StagingLayout::new(&ctx.data_dir, &id);
         let start = {
-            let (storage, layout, offer) = (ctx.storage.clone(), layout.clone(), offer.clone());
-            blocking(move || start_staging(&*storage, &layout, &offer)).await?
+            let (ctx, layout, offer) = (ctx.clone(), layout.clone(), offer.clone());
+            blocking(move || start_staging(&ctx, &layout, &offer)).await?
         };
         let begin = match &start {
             Start::AlreadyStaged { state, final_lsn } => Begin::AlreadyStaged { state: *state, final_lsn: *final_lsn },
@@ -455,15 +454,16 @@ impl Driver<'_> {
                 .and_then(|m| m.source_node.as_deref())
                 .and_then(|n| ferry_wire::NodeId::new(n).ok()),
         };
-        let (storage, layout, offer) = (self.ctx.storage.clone(), layout.clone(), offer.clone());
+        let (ctx, layout, offer) = (self.ctx.clone(), layout.clone(), offer.clone());
         blocking(move || {
             inbound.sync()?;
             let paths: Vec<_> = offer.files.iter().map(|f| f.path.clone()).collect();
-            staging::sync_segment_tree(&*storage, &layout, &paths)?;
-            staging::write_manifest(&*storage, &layout, &manifest)?;
+            let storage = &*ctx.storage;
+            staging::sync_segment_tree(storage, &layout, &paths)?;
+            ctx.write_manifest(&layout, &manifest)?;
             if offer.wal {
                 // A live copy is fenced next: its MANIFEST commit is prepared now, off the pause.
-                staging::prepare_manifest_commit(&*storage, &layout, &manifest)?;
+                staging::prepare_manifest_commit(storage, &layout, &manifest)?;
             }
             Ok(())
         })
@@ -480,12 +480,13 @@ impl Driver<'_> {
     /// it had one).
     async fn commit(&mut self, final_lsn: Lsn) -> Result<(), TransferError> {
         let (offer, layout) = self.admitted()?;
-        let (storage, layout) = (self.ctx.storage.clone(), layout.clone());
+        let (ctx, layout) = (self.ctx.clone(), layout.clone());
         let staged = if offer.wal { self.ctx.wal_stages.get(&offer.migration_id) } else { None };
         if offer.wal && staged.is_none() {
             return Err(TransferError::Protocol("commit before the WAL stream was opened".into()));
         }
         let id = offer.migration_id.clone();
+        let id_owned = id.clone();
         blocking(move || {
             // Records back to back before the staging is released (no preallocated zeros).
             let wal = match staged {
@@ -496,7 +497,8 @@ impl Driver<'_> {
                 }
                 None => None,
             };
-            let mut manifest = staging::read_manifest(&*storage, &layout)?
+            let mut manifest = ctx
+                .manifest(&layout, &id_owned)?
                 .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before commit".into()))?;
             if manifest.state != StagingState::Released {
                 manifest.state = StagingState::Released;
@@ -504,7 +506,7 @@ impl Driver<'_> {
                 if let Some(segments) = wal {
                     manifest.wal_segments = segments;
                 }
-                staging::write_manifest(&*storage, &layout, &manifest)?;
+                ctx.write_manifest(&layout, &manifest)?;
             }
             Ok(())
         })
@@ -615,8 +617,9 @@ enum Start {
 
 /// Decides how to start: the base is staged already; an earlier run left chunks to resume
 /// from; or a fresh staging.
-fn start_staging(storage: &dyn Storage, layout: &StagingLayout, offer: &Offer) -> Result<Start, TransferError> {
-    if let Some(manifest) = staging::read_manifest(storage, layout)? {
+fn start_staging(ctx: &TargetContext, layout: &StagingLayout, offer: &Offer) -> Result<Start, TransferError> {
+    let storage = &*ctx.storage;
+    if let Some(manifest) = ctx.manifest(layout, &offer.migration_id)? {
         let same = manifest.base_complete
             && manifest.vshard_id == offer.vshard_id
             && manifest.base_lsn == offer.base_lsn
