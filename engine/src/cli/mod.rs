@@ -72,6 +72,14 @@ pub enum Command {
     /// Inspect WAL folders.
     #[command(subcommand)]
     Wal(WalCommand),
+    /// Print a shell completion script, e.g. `ferry completions bash > /etc/bash_completion.d/ferry`.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `ferry man > ferry.1 && man ./ferry.1`.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,6 +118,19 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Writes generated text (completions, the man page) to stdout; a reader that went away
+/// (`ferry man | head`) is not an error.
+/// Generated into memory first: clap_complete panics on a failed write.
+fn write_generated(generate: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> anyhow::Result<()> {
+    let mut text = Vec::new();
+    generate(&mut text)?;
+    let mut stdout = std::io::stdout().lock();
+    match std::io::Write::write_all(&mut stdout, &text).and_then(|()| std::io::Write::flush(&mut stdout)) {
+        Err(e) if !out::is_closed_reader(&e) => Err(anyhow::anyhow!("cannot write to stdout: {e}")),
+        _ => Ok(()),
+    }
 }
 
 /// Runs the command line; returns the process exit code.
@@ -152,6 +173,13 @@ pub fn main() -> std::process::ExitCode {
                 Err(crate::wal::dump::DumpError::Output(e)) if out::is_closed_reader(&e) => Ok(()),
                 Err(e) => Err(anyhow::Error::from(e)),
             }
+        }
+        Command::Completions { shell } => write_generated(|out| {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "ferry", out);
+            Ok(())
+        }),
+        Command::Man => {
+            write_generated(|out| clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(out))
         }
     };
     match result {

@@ -187,6 +187,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(bound) = node.metrics_addr {
             let _ = writeln!(std::io::stdout(), "metrics at http://{bound}/metrics");
         }
+        // Under systemd (`Type=notify`): ready only now, with the QUIC endpoint bound and the
+        // control socket listening. Without NOTIFY_SOCKET this does nothing.
+        let status = format!("listening on {}, control socket at {}", node.quic_addr, node.socket().display());
+        notify_service_manager(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
         let _reload = tokio::spawn(reload_on_sighup(
             node.endpoint.clone(),
             node.outbound.clone(),
@@ -196,9 +200,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         ));
         shutdown.await;
         tracing::info!("shutting down");
+        notify_service_manager(&[sd_notify::NotifyState::Stopping]);
         node.shutdown().await;
         Ok(())
     })
+}
+
+/// Tells systemd (when it started the daemon with `NOTIFY_SOCKET`) about the daemon's state. A
+/// service manager that cannot be told is logged, not fatal: the daemon serves either way.
+fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!("cannot notify the service manager (NOTIFY_SOCKET): {e}");
+    }
 }
 
 /// On SIGHUP, reads the certificates again: new peer connections and new outbound connections
