@@ -156,20 +156,72 @@ impl Snapshot {
         Ok(found)
     }
 
-    /// Removes the snapshot's links (the source files themselves are untouched).
+    /// Removes the snapshot's links (the source files themselves are untouched), and the
+    /// `.ferry-snapshot` folder once no snapshot is left in it.
     pub fn remove(segments_root: &Path, migration_id: &MigrationId) -> Result<(), SnapshotError> {
         let dir = Self::dir_of(segments_root, migration_id);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(SnapshotError::Io { what: "cannot remove", path: dir, cause: e })
+                return Err(SnapshotError::Io { what: "cannot remove", path: dir, cause: e });
             }
-            _ => Ok(()),
+            _ => {}
         }
+        // Another migration's snapshot keeps it (ENOTEMPTY), and a missing one is fine.
+        let _ = std::fs::remove_dir(segments_root.join(SNAPSHOT_DIR_NAME));
+        Ok(())
+    }
+
+    /// The snapshots left under `segments_root`: each migration id with its pinned files'
+    /// count and bytes (hard links: the bytes are shared with the source files while those
+    /// exist, and held by the links alone once compaction deleted them).
+    pub fn list_pinned(segments_root: &Path) -> Result<Vec<Pinned>, SnapshotError> {
+        check_root(segments_root)?;
+        let base = segments_root.join(SNAPSHOT_DIR_NAME);
+        let entries = match std::fs::read_dir(&base) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(cause) => return Err(SnapshotError::Io { what: "cannot list", path: base, cause }),
+        };
+        let mut pinned = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err("cannot list", &base))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| MigrationId::new(n).ok()) else { continue };
+            let dir = entry.path();
+            let (mut files_count, mut bytes) = (0u64, 0u64);
+            count_files(&dir, &mut files_count, &mut bytes)?;
+            pinned.push(Pinned { migration_id: id, dir, files_count, bytes });
+        }
+        pinned.sort_by(|a, b| a.migration_id.as_str().cmp(b.migration_id.as_str()));
+        Ok(pinned)
     }
 
     pub fn bytes_total(&self) -> u64 {
         self.files.iter().map(|f| f.size_bytes).sum()
     }
+}
+
+/// A snapshot left under a segments root ([`Snapshot::list_pinned`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Pinned {
+    pub migration_id: MigrationId,
+    pub dir: PathBuf,
+    pub files_count: u64,
+    pub bytes: u64,
+}
+
+fn count_files(dir: &Path, files_count: &mut u64, bytes: &mut u64) -> Result<(), SnapshotError> {
+    for entry in std::fs::read_dir(dir).map_err(io_err("cannot list", dir))? {
+        let entry = entry.map_err(io_err("cannot list", dir))?;
+        let meta = std::fs::symlink_metadata(entry.path()).map_err(io_err("cannot stat", &entry.path()))?;
+        if meta.is_dir() {
+            count_files(&entry.path(), files_count, bytes)?;
+        } else {
+            *files_count += 1;
+            *bytes += meta.len();
+        }
+    }
+    Ok(())
 }
 
 fn check_root(segments_root: &Path) -> Result<(), SnapshotError> {
@@ -250,6 +302,27 @@ mod tests {
         snap.files[1].check_unchanged().unwrap();
         std::fs::write(root.path().join("y"), b"changed").unwrap();
         assert!(matches!(snap.files[1].check_unchanged(), Err(SnapshotError::Changed { .. })));
+    }
+
+    #[test]
+    fn leftovers_are_listed_and_the_last_removal_takes_the_snapshot_folder() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("y"), b"yyy").unwrap();
+        assert_eq!(Snapshot::list_pinned(root.path()).unwrap(), Vec::new());
+        let other = MigrationId::new("m2").unwrap();
+        Snapshot::create(root.path(), &id(), None).unwrap();
+        Snapshot::create(root.path(), &other, None).unwrap();
+        let pinned = Snapshot::list_pinned(root.path()).unwrap();
+        assert_eq!(
+            pinned.iter().map(|p| (p.migration_id.as_str(), p.files_count, p.bytes)).collect::<Vec<_>>(),
+            [("m1", 1, 3), ("m2", 1, 3)]
+        );
+        Snapshot::remove(root.path(), &id()).unwrap();
+        assert!(root.path().join(SNAPSHOT_DIR_NAME).exists(), "m2's snapshot is still there");
+        Snapshot::remove(root.path(), &other).unwrap();
+        assert!(!root.path().join(SNAPSHOT_DIR_NAME).exists(), "an empty .ferry-snapshot is left");
+        assert_eq!(std::fs::read(root.path().join("y")).unwrap(), b"yyy", "a source file was touched");
+        Snapshot::remove(root.path(), &other).unwrap();
     }
 
     #[test]

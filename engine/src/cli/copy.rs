@@ -158,15 +158,37 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         cutover: None,
     };
     let json = args.json;
+    let (segments_root, snapshot_id) = (request.segments_root.clone(), request.migration_id.clone());
     let runtime = super::runtime()?;
-    let report = runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let (progress_tx, progress_rx) = watch::channel(Progress::default());
         let printer = tokio::spawn(print_progress(progress_rx));
         let rate = RateHandle::new(request.rate_limit_bytes_per_sec, u64::from(request.chunk_len_bytes));
         let result = source::copy(&identity, &QuicTuning::default(), request, progress_tx, rate).await;
         printer.abort();
         result
-    })?;
+    });
+    let report = match result {
+        Ok(report) => {
+            // Nothing needs the links any more: the base is staged (a repeat finds it so).
+            if let Err(e) = Snapshot::remove(&segments_root, &snapshot_id) {
+                tracing::warn!("cannot remove the snapshot links: {e}");
+            }
+            report
+        }
+        Err(e) => {
+            let dir = Snapshot::dir_of(&segments_root, &snapshot_id);
+            if dir.exists() {
+                super::out::errln!(
+                    "ferry: the snapshot links in {} are kept so that the same command resumes; \
+                     `ferry snapshots clean --segments-root {} --migration-id {snapshot_id}` removes them",
+                    dir.display(),
+                    segments_root.display()
+                );
+            }
+            return Err(e.into());
+        }
+    };
     if json {
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else if report.already_staged {

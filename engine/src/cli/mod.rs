@@ -15,6 +15,7 @@ mod ops;
 mod out;
 mod render;
 mod serve;
+mod snapshots_cmd;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -72,6 +73,9 @@ pub enum Command {
     /// Inspect WAL folders.
     #[command(subcommand)]
     Wal(WalCommand),
+    /// List or remove the snapshot links (.ferry-snapshot/) a source left under a segments root.
+    #[command(subcommand)]
+    Snapshots(snapshots_cmd::SnapshotsCommand),
     /// Print a shell completion script, e.g. `ferry completions bash > /etc/bash_completion.d/ferry`.
     Completions {
         /// The shell to complete in.
@@ -158,6 +162,7 @@ pub fn main() -> std::process::ExitCode {
         Command::SetRate(args) => ops::run_set_rate(args),
         Command::Demo(args) => demo::run(args),
         Command::Certs(command) => certs_cmd::run(command),
+        Command::Snapshots(command) => snapshots_cmd::run(command),
         Command::Wal(WalCommand::Dump { dir, vshard, from_lsn, staged, json }) => {
             let options = crate::wal::dump::DumpOptions {
                 dir,
