@@ -99,6 +99,7 @@ impl From<ConversationError> for TransferError {
             ConversationError::IncompatibleVersion { ours, theirs } => Self::IncompatibleVersion { ours, theirs },
             ConversationError::PeerFailed { kind, message } => Self::Peer { kind, message },
             ConversationError::Misuse { .. } => Self::Local(e.to_string()),
+            ConversationError::Ended { .. } => Self::Connection(e.to_string()),
             ConversationError::Unexpected { .. }
             | ConversationError::Session(_)
             | ConversationError::Offer(_)
