@@ -10,7 +10,8 @@
 //! The modules, by role (imports point one way: no module imports one that imports it back):
 //! - source side: `source` (the copy: snapshot, reads, chunk streams), `walrun` and `walsend`
 //!   (the WAL stream of one attempt), `waltail_hub` (one shared tail per WAL folder),
-//!   `fence_source` (the fence inside a running copy);
+//!   `fence_source` (the fence inside a running copy), `request` (release, abort, join); each
+//!   drives a machine of `ferry_wire::proto::source` or `source_wal` and matches no message;
 //! - target side: `inbound` (the [`inbound::TargetContext`]: the one owner of every inbound
 //!   migration's state, around `ferry_wire::proto::inbound`), `target` (the conversation and
 //!   the chunk streams), `chunklog`, `walrecv`, `fence_target`, `abort`;
@@ -22,6 +23,7 @@ pub mod fence_source;
 pub mod fence_target;
 pub mod framing;
 pub mod inbound;
+pub mod request;
 pub mod source;
 pub mod target;
 mod task;

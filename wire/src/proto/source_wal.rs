@@ -83,6 +83,12 @@ impl SourceWal {
         self.durable_lsn
     }
 
+    /// Whether the stream takes more records (it is streaming and the tail has not reached
+    /// its end).
+    pub fn wants_records(&self) -> bool {
+        self.state == WalState::Streaming && !self.reached
+    }
+
     pub fn poll_action(&mut self) -> Option<WalAction> {
         self.actions.pop_front()
     }
