@@ -8,7 +8,8 @@
 //! daemon does).
 //!
 //! The modules, by role (imports point one way: no module imports one that imports it back):
-//! - source side: `source` (the copy: snapshot, reads, chunk streams), `walrun` and `walsend`
+//! - source side: `source` (the copy: snapshot, connections, the conversation's driver),
+//!   `ship` (its chunk streams and rechecks), `walrun` and `walsend`
 //!   (the WAL stream of one attempt), `waltail_hub` (one shared tail per WAL folder),
 //!   `fence_source` (the fence inside a running copy), `request` (release, abort, join); each
 //!   drives a machine of `ferry_wire::proto::source` or `source_wal` and matches no message;
@@ -24,6 +25,7 @@ pub mod fence_target;
 pub mod framing;
 pub mod inbound;
 pub mod request;
+mod ship;
 pub mod source;
 pub mod target;
 mod task;

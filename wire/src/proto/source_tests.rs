@@ -445,3 +445,42 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #[test]
+    fn random_requests_never_panic(
+        kind in 0u8..3,
+        steps in proptest::collection::vec(any_message(), 0..16),
+    ) {
+        let mut machine = match kind {
+            0 => SourceConversation::join(&node("s"), id()),
+            1 => SourceConversation::release(&node("s"), id(), Lsn(1)),
+            _ => SourceConversation::abort(&node("s"), id(), "r".into()),
+        };
+        for message in steps {
+            let before = machine.state();
+            if machine.handle_message(message, 0).is_err() {
+                prop_assert_eq!(machine.state(), before);
+            }
+            while machine.poll_action().is_some() {}
+        }
+    }
+
+    #[test]
+    fn random_wal_streams_never_panic(
+        steps in proptest::collection::vec((any_message(), 0u8..3, any::<u64>()), 0..64),
+    ) {
+        use crate::proto::source_wal::{SourceWal, WalState};
+        let mut wal = SourceWal::new(Lsn(10));
+        for (message, event, lsn) in steps {
+            let message = if event == 0 { Some(Message::WalDurable { durable_lsn: Lsn(lsn) }) } else { message };
+            let _ = wal.handle_message(message);
+            let _ = match event {
+                1 => wal.handle_batch_sent(Lsn(lsn)),
+                _ => wal.handle_tail_reached(),
+            };
+            while wal.poll_action().is_some() {}
+            prop_assert!(wal.state() != WalState::Done || !wal.wants_records());
+        }
+    }
+}
