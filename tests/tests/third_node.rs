@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ferry_engine::certs::{self, IssueOptions};
 use ferry_engine::quic::QuicTuning;
 use ferry_engine::storage::DiskStorage;
-use ferry_engine::transfer::abort::{request_abort, request_release};
+use ferry_engine::transfer::request::{request_abort, request_release};
 use ferry_engine::transfer::target::{self, TargetContext};
 use ferry_engine::transfer::TransferError;
 use ferry_tests::{copy, node, request, tree_sha256, write_file, Certs};

@@ -295,7 +295,7 @@ impl Outbound {
         };
         let addr: std::net::SocketAddr = params.target_address.parse().map_err(|e| format!("target_address: {e}"))?;
         let node = params.target_node().map_err(|e| e.to_string())?;
-        crate::transfer::abort::request_release(&self.identity(), &self.config.tuning, addr, &node, id, final_lsn)
+        crate::transfer::request::request_release(&self.identity(), &self.config.tuning, addr, &node, id, final_lsn)
             .await
             .map_err(|e| e.to_string())?;
         {

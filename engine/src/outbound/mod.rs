@@ -584,7 +584,7 @@ impl Outbound {
     async fn tell_target(&self, id: &MigrationId, params: &StartParams, reason: &str) -> Result<(), String> {
         let addr: SocketAddr = params.target_address.parse().map_err(|e| format!("target_address: {e}"))?;
         let node = params.target_node().map_err(|e| e.to_string())?;
-        crate::transfer::abort::request_abort(&self.identity(), &self.config.tuning, addr, &node, id, reason)
+        crate::transfer::request::request_abort(&self.identity(), &self.config.tuning, addr, &node, id, reason)
             .await
             .map_err(|e| e.to_string())
     }

@@ -1,10 +1,7 @@
-//! Aborting a migration on the target: the source's request over QUIC and the target's removal
-//! of its staging.
+//! Aborting a migration on the target: the removal of its staging.
 //!
-//! What it does: [`request_abort`] opens a connection of its own to the target (`Hello`,
-//! `Abort{id, reason}`, answer `Aborted`), and so does [`request_release`] (`Release{id,
-//! final_lsn}`, answer `Released`: see [`super::fence_target`]); [`abort_staging`] runs on the target, for that request
-//! or for the target's own coordinator: it cuts the connection receiving the migration with a
+//! What it does: [`abort_staging`] runs on the target, for a source's `Abort` request (sent by
+//! [`super::request`]) or for the target's own coordinator: it cuts the connection receiving the migration with a
 //! code the source does not retry, forgets its staged WAL, removes the staging and leaves a
 //! `MANIFEST.json` in state `aborted`, so a late retry of the same id is refused until the
 //! migration is forgotten.
@@ -15,99 +12,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_wire::frame::PROTOCOL_VERSION;
 use ferry_wire::manifest::{StagingManifest, StagingState, MANIFEST_FORMAT_VERSION};
-use ferry_wire::message::Message;
 use ferry_wire::proto::inbound::{AbortStep, InboundState};
-use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
-use quinn::VarInt;
+use ferry_wire::{Lsn, MigrationId, VShardId};
 
-use super::framing::{read_control, unexpected, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::inbound::TargetContext;
 use super::TransferError;
-use crate::quic::{close_code, QuicTuning};
 use crate::staging::{self, StagingLayout};
-use crate::tls::NodeIdentity;
-
-/// How long the source waits for the target to connect and answer an abort.
-const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Asks the target daemon at `target_addr` to abort `id` and remove its staging.
-pub async fn request_abort(
-    identity: &NodeIdentity,
-    tuning: &QuicTuning,
-    target_addr: std::net::SocketAddr,
-    target_node: &NodeId,
-    id: &MigrationId,
-    reason: &str,
-) -> Result<(), TransferError> {
-    let request = Message::Abort { migration_id: id.clone(), reason: reason.to_owned() };
-    match one_request(identity, tuning, target_addr, target_node, request).await? {
-        Message::Aborted => Ok(()),
-        other => Err(unexpected("aborted", Some(&other))),
-    }
-}
-
-/// Asks the target daemon at `target_addr` to mark the staging of `id`, fenced at
-/// `final_lsn`, `released` (the source recorded the release first).
-pub async fn request_release(
-    identity: &NodeIdentity,
-    tuning: &QuicTuning,
-    target_addr: std::net::SocketAddr,
-    target_node: &NodeId,
-    id: &MigrationId,
-    final_lsn: Lsn,
-) -> Result<(), TransferError> {
-    let request = Message::Release { migration_id: id.clone(), final_lsn };
-    match one_request(identity, tuning, target_addr, target_node, request).await? {
-        Message::Released => Ok(()),
-        other => Err(unexpected("released", Some(&other))),
-    }
-}
-
-/// One request on a connection of its own: `Hello`, the request, its answer (an `Error`
-/// answer is the peer's error).
-async fn one_request(
-    identity: &NodeIdentity,
-    tuning: &QuicTuning,
-    target_addr: std::net::SocketAddr,
-    target_node: &NodeId,
-    request: Message,
-) -> Result<Message, TransferError> {
-    let endpoint = crate::quic::client_endpoint(target_addr, tuning)
-        .map_err(|e| TransferError::Connection(format!("cannot open a UDP socket: {e}")))?;
-    let crypto = crate::tls::client_crypto(identity).map_err(|e| TransferError::Local(e.to_string()))?;
-    let result = tokio::time::timeout(ABORT_TIMEOUT, async {
-        let conn = endpoint
-            .connect_with(crate::quic::client_config(crypto, tuning), target_addr, target_node.as_str())
-            .map_err(|e| TransferError::Connection(e.to_string()))?
-            .await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_control(
-            &mut send,
-            &Message::Hello { protocol_version: PROTOCOL_VERSION, node_id: identity.node_id().clone() },
-        )
-        .await?;
-        match read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
-            Some(Message::Hello { .. }) => {}
-            Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
-            other => return Err(unexpected("hello", other.as_ref())),
-        }
-        write_control(&mut send, &request).await?;
-        let answer = read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await?;
-        let _ = send.finish();
-        conn.close(VarInt::from_u32(close_code::DONE), b"done");
-        match answer {
-            Some(Message::Error { kind, message }) => Err(TransferError::Peer { kind, message }),
-            Some(answer) => Ok(answer),
-            None => Err(TransferError::Connection("the target closed the stream without an answer".into())),
-        }
-    })
-    .await
-    .unwrap_or(Err(TransferError::Timeout("the target's answer")));
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    result
-}
 
 /// How long an abort waits for the receiving task of a cut connection to stop.
 const RECEIVER_STOP_WAIT: Duration = Duration::from_secs(10);

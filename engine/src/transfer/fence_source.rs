@@ -2,18 +2,20 @@
 //!
 //! What it does: once the base is staged, a live copy (a WAL stream, no offline commit) waits
 //! for [`FenceCommand`]s from its daemon ([`CutOver`]). For each: it drains (waits until its
-//! tail has read every record up to `final_lsn`, [`ferry_wire::fence::drain_check`]), then asks
-//! the target to mark the staging `fenced` once its staged WAL is durable up to the last
-//! selected record (`Fence` with `through_lsn` on the control stream: the target's WAL
-//! fdatasync and MANIFEST commit, without a round trip back to the source between them) and
-//! answers with the stamps of each step. A drain or a target answer that is not done by the deadline is cancelled
+//! tail has read every record up to `final_lsn`, [`ferry_wire::fence::drain_check`]), then has
+//! the copy's machine ([`ferry_wire::proto::source`]) ask the target to mark the staging
+//! `fenced` once its staged WAL is durable up to the last selected record (`Fence` with
+//! `through_lsn` on the control stream: the target's WAL fdatasync and MANIFEST commit, without
+//! a round trip back to the source between them), feeds the machine the target's answer and
+//! the fence's deadline timer, and answers the daemon with the stamps of each step. A drain or a target answer that is not done by the deadline is cancelled
 //! ([`FenceFailure::Cancelled`]) and a vShard record above `final_lsn` is a violation
 //! ([`FenceFailure::Violated`]): either way the copy goes on streaming (the migration is back in
 //! `WalCatchUp`) and waits for the next command. A fence that succeeds ends the copy: nothing
 //! more is streamed.
 //!
 //! What it does not: pause writers (the coordinator does), measure the whole pause (the daemon
-//! does, from these stamps and the coordinator's), or release (a connection of its own).
+//! does, from these stamps and the coordinator's), release (a connection of its own), or
+//! decide what the target's answer means and which late answers to skip (the machine does).
 //!
 //! Invariants: from the fence's start no record above `final_lsn` is sent (a ceiling on the
 //! WAL stream, lifted when the fence fails), so a writer resumed on the target right after the
@@ -29,13 +31,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_wire::fence::{drain_check, target_wait_us, Drain, DrainState};
-use ferry_wire::message::Message;
+use ferry_wire::fence::{drain_check, Drain, DrainState};
+use ferry_wire::proto::source::{SourceAction, SourceConversation};
 use ferry_wire::Lsn;
 use quinn::SendStream;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::framing::{unexpected, write_control};
+use super::framing::{received, write_control};
 use super::walrun::{Messages, WalRun};
 use super::walsend::TailShared;
 use super::TransferError;
@@ -121,141 +123,154 @@ impl CutOver {
     }
 }
 
-/// Streams and serves fence commands until one fence succeeds (returns its `final_lsn`) or the
-/// copy fails.
+/// A fence the target was asked for: the daemon's reply and when the drain ended.
+type Asked = (oneshot::Sender<Result<FenceDone, FenceFailure>>, u64);
+
+/// Streams and serves fence commands until one fence holds or the copy fails; returns the
+/// machine's next action (the copy's end) for the copy's driver.
 pub(super) async fn serve(
     cutover: &CutOver,
     wal: &mut WalRun,
     send: &mut SendStream,
     messages: &mut Messages,
-) -> Result<Lsn, TransferError> {
+    machine: &std::sync::Mutex<SourceConversation>,
+) -> Result<SourceAction, TransferError> {
     cutover.stream.set(wal.shared.clone());
-    // Fences whose answer came too late: the target answers in order, so the next this many
-    // answers belong to them and are skipped.
-    let mut late_answers_count = 0u32;
+    let mut asked: Option<Asked> = None;
     loop {
-        let command = tokio::select! {
-            ended = wal.ended(), if wal.running() => {
+        let next = lock(machine).poll_action();
+        if let Some(action) = next {
+            match action {
+                SourceAction::Send(message) => write_control(send, &message).await.inspect_err(|e| {
+                    tracing::warn!("fence cancelled: {e}");
+                })?,
+                SourceAction::Fenced { final_lsn, durable_lsn, commit_us, apply_wait_us } => {
+                    let target_durable_at_ns = monotonic_ns();
+                    let (reply, drained_at_ns) = asked.take().ok_or_else(|| no_fence("fenced"))?;
+                    // Read while the target fenced: the writer did not pause.
+                    if let Some(lsn) = violation(&wal.shared, final_lsn) {
+                        // The target's staging goes back to copying when that record reaches it
+                        // (the ceiling is lifted).
+                        tracing::warn!(%final_lsn, %lsn, "fence violated after the drain");
+                        wal.shared.lift_ceiling();
+                        let _ = reply.send(Err(FenceFailure::Violated(lsn)));
+                        lock(machine).handle_fence_dropped()?;
+                        continue;
+                    }
+                    let done = FenceDone {
+                        final_lsn,
+                        durable_lsn,
+                        drained_at_ns,
+                        target_durable_at_ns,
+                        commit_us,
+                        apply_wait_us,
+                    };
+                    // The daemon's receipt is the commit point: one that gave up meanwhile has put
+                    // the migration back in WalCatchUp, so streaming goes on.
+                    if reply.send(Ok(done)).is_ok() {
+                        lock(machine).handle_fence_kept()?;
+                    } else {
+                        tracing::warn!(%final_lsn, "the target fenced after the daemon gave up on the fence; streaming goes on");
+                        wal.shared.lift_ceiling();
+                        lock(machine).handle_fence_dropped()?;
+                    }
+                }
+                SourceAction::FenceCancelled { reason, .. } => {
+                    let (reply, _) = asked.take().ok_or_else(|| no_fence("fence_cancelled"))?;
+                    wal.shared.lift_ceiling();
+                    let _ =
+                        reply.send(Err(FenceFailure::Cancelled(format!("the target cancelled the fence: {reason}"))));
+                }
+                SourceAction::FenceTimedOut { final_lsn } => {
+                    // No answer within the budget. Cancelling is safe even if the target fences
+                    // later: only a release makes it authoritative, and the target releases only
+                    // at the final_lsn of a fence the source recorded as completed.
+                    let (reply, _) = asked.take().ok_or_else(|| no_fence("fence timeout"))?;
+                    wal.shared.lift_ceiling();
+                    let why =
+                        format!("the target did not answer the fence at final_lsn {final_lsn} within the pause budget");
+                    tracing::warn!("{why}");
+                    let _ = reply.send(Err(FenceFailure::Cancelled(why)));
+                }
+                other => return Ok(other),
+            }
+            continue;
+        }
+        let timeout_ns = lock(machine).poll_timeout();
+        tokio::select! {
+            ended = wal.ended(), if wal.running() && asked.is_none() => {
                 ended?;
                 return Err(TransferError::Local("the WAL stream ended before the cut-over".into()));
             }
             message = messages.recv() => {
-                if is_fence_answer(&message) && late_answers_count > 0 {
-                    late_answers_count -= 1;
-                    continue;
-                }
-                return Err(unexpected_message("waiting for the cut-over", message));
-            }
-            command = cutover.next() => match command {
-                Some(command) => command,
-                None => return Err(TransferError::Local("the daemon stopped asking for the cut-over".into())),
-            },
-        };
-        let FenceCommand { final_lsn, deadline_ns, apply_wait_max_us, reply } = command;
-        if reply.is_closed() || monotonic_ns() >= deadline_ns {
-            // The daemon gave up on it already (this copy was reconnecting): never start it.
-            let _ = reply.send(Err(FenceFailure::Cancelled("the fence's deadline passed before it started".into())));
-            continue;
-        }
-        // Nothing above final_lsn is sent from now on (lifted again if this fence fails).
-        wal.shared.set_ceiling(final_lsn);
-        let drained = match drain(wal, final_lsn, deadline_ns).await {
-            Ok(drained) => drained,
-            Err(e) => {
-                // The stream failed (a lost connection is retried by the copy, which then
-                // waits for the next fence here again).
-                let why = format!("the WAL stream failed during the drain: {e}");
-                let _ = reply.send(Err(FenceFailure::Cancelled(why)));
-                return Err(e);
-            }
-        };
-        let drained_at_ns = monotonic_ns();
-        let through_lsn = match drained {
-            Ok(through_lsn) => through_lsn,
-            Err(failure) => {
-                tracing::warn!(%final_lsn, "fence not completed: {failure:?}");
-                wal.shared.lift_ceiling();
-                let _ = reply.send(Err(failure));
-                continue;
-            }
-        };
-        let wait_max_us = target_wait_us(drained_at_ns, deadline_ns);
-        let fence = Message::Fence {
-            final_lsn,
-            apply_wait_max_us: apply_wait_max_us.min(wait_max_us),
-            through_lsn,
-            wal_wait_max_us: wait_max_us,
-        };
-        write_control(send, &fence).await.inspect_err(|e| {
-            tracing::warn!("fence cancelled: {e}");
-        })?;
-        let answer = tokio::time::timeout_at(instant_at(deadline_ns), async {
-            loop {
-                match messages.recv().await {
-                    // Acks of the base may still trail; nothing else is expected.
-                    Some(Ok(Some(Message::Acks { .. } | Message::FileStaged { .. }))) => {}
-                    message if is_fence_answer(&message) && late_answers_count > 0 => late_answers_count -= 1,
-                    other => return other,
+                let result = received(message)
+                    .and_then(|message| Ok(lock(machine).handle_message(message, monotonic_ns())?));
+                if let Err(e) = result {
+                    if let Some((reply, _)) = asked.take() {
+                        let why = format!("lost the target during the fence: {e}");
+                        let _ = reply.send(Err(FenceFailure::Cancelled(why)));
+                    }
+                    return Err(e);
                 }
             }
-        })
-        .await;
-        let target_durable_at_ns = monotonic_ns();
-        // Read while the target fenced: the writer did not pause.
-        match (answer, violation(&wal.shared, final_lsn)) {
-            (Ok(Some(Ok(Some(Message::Fenced { .. })))), Some(lsn)) => {
-                // The target's staging goes back to copying when that record reaches it (the
-                // ceiling is lifted).
-                tracing::warn!(%final_lsn, %lsn, "fence violated after the drain");
-                wal.shared.lift_ceiling();
-                let _ = reply.send(Err(FenceFailure::Violated(lsn)));
+            () = tokio::time::sleep_until(instant_at(timeout_ns.unwrap_or(0))), if timeout_ns.is_some() => {
+                lock(machine).handle_timeout(monotonic_ns())?;
             }
-            (Ok(Some(Ok(Some(Message::Fenced { durable_lsn, commit_us, apply_wait_us })))), None) => {
-                let done =
-                    FenceDone { final_lsn, durable_lsn, drained_at_ns, target_durable_at_ns, commit_us, apply_wait_us };
-                // The daemon's receipt is the commit point: one that gave up meanwhile has put
-                // the migration back in WalCatchUp, so streaming goes on.
-                if reply.send(Ok(done)).is_ok() {
-                    return Ok(final_lsn);
-                }
-                tracing::warn!(%final_lsn, "the target fenced after the daemon gave up on the fence; streaming goes on");
-                wal.shared.lift_ceiling();
-            }
-            (Ok(Some(Ok(Some(Message::FenceCancelled { reason })))), _) => {
-                wal.shared.lift_ceiling();
-                let _ = reply.send(Err(FenceFailure::Cancelled(format!("the target cancelled the fence: {reason}"))));
-            }
-            (Ok(other), _) => {
-                let e = unexpected_message("waiting for the target's fenced answer", other);
-                let _ = reply.send(Err(FenceFailure::Cancelled(format!("lost the target during the fence: {e}"))));
-                return Err(e);
-            }
-            (Err(_), _) => {
-                // No answer within the budget. Cancelling is safe even if the target fences
-                // later: only a release makes it authoritative, and the target releases only
-                // at the final_lsn of a fence the source recorded as completed.
-                late_answers_count += 1;
-                wal.shared.lift_ceiling();
-                let why =
-                    format!("the target did not answer the fence at final_lsn {final_lsn} within the pause budget");
-                tracing::warn!("{why}");
-                let _ = reply.send(Err(FenceFailure::Cancelled(why)));
+            command = cutover.next(), if asked.is_none() => {
+                let Some(command) = command else {
+                    return Err(TransferError::Local("the daemon stopped asking for the cut-over".into()));
+                };
+                asked = start(command, wal, machine).await?;
             }
         }
     }
 }
 
-fn is_fence_answer(message: &Option<Result<Option<Message>, TransferError>>) -> bool {
-    matches!(message, Some(Ok(Some(Message::Fenced { .. } | Message::FenceCancelled { .. }))))
+/// Drains for the daemon's fence and, once drained, asks the target to fence (through the
+/// machine). `None`: the fence ended without asking (its deadline passed, the drain failed).
+async fn start(
+    command: FenceCommand,
+    wal: &mut WalRun,
+    machine: &std::sync::Mutex<SourceConversation>,
+) -> Result<Option<Asked>, TransferError> {
+    let FenceCommand { final_lsn, deadline_ns, apply_wait_max_us, reply } = command;
+    if reply.is_closed() || monotonic_ns() >= deadline_ns {
+        // The daemon gave up on it already (this copy was reconnecting): never start it.
+        let _ = reply.send(Err(FenceFailure::Cancelled("the fence's deadline passed before it started".into())));
+        return Ok(None);
+    }
+    // Nothing above final_lsn is sent from now on (lifted again if this fence fails).
+    wal.shared.set_ceiling(final_lsn);
+    let drained = match drain(wal, final_lsn, deadline_ns).await {
+        Ok(drained) => drained,
+        Err(e) => {
+            // The stream failed (a lost connection is retried by the copy, which then
+            // waits for the next fence here again).
+            let why = format!("the WAL stream failed during the drain: {e}");
+            let _ = reply.send(Err(FenceFailure::Cancelled(why)));
+            return Err(e);
+        }
+    };
+    let drained_at_ns = monotonic_ns();
+    let through_lsn = match drained {
+        Ok(through_lsn) => through_lsn,
+        Err(failure) => {
+            tracing::warn!(%final_lsn, "fence not completed: {failure:?}");
+            wal.shared.lift_ceiling();
+            let _ = reply.send(Err(failure));
+            return Ok(None);
+        }
+    };
+    lock(machine).handle_fence(final_lsn, through_lsn, apply_wait_max_us, deadline_ns, drained_at_ns)?;
+    Ok(Some((reply, drained_at_ns)))
 }
 
-fn unexpected_message(when: &str, message: Option<Result<Option<Message>, TransferError>>) -> TransferError {
-    match message {
-        Some(Ok(Some(Message::Error { kind, message }))) => TransferError::Peer { kind, message },
-        Some(Ok(Some(other))) => unexpected(when, Some(&other)),
-        Some(Ok(None)) | None => TransferError::Connection("the target closed the control stream".into()),
-        Some(Err(e)) => e,
-    }
+fn lock(machine: &std::sync::Mutex<SourceConversation>) -> std::sync::MutexGuard<'_, SourceConversation> {
+    machine.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn no_fence(action: &str) -> TransferError {
+    TransferError::Local(format!("the machine reported {action} while no fence was asked for"))
 }
 
 /// The vShard record above `final_lsn` the tail has read, if any.

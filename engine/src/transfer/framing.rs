@@ -254,10 +254,10 @@ pub async fn write_chunk(send: &mut SendStream, header: &FrameHeader, data: Byte
     Ok(send.write_all_chunks(&mut pieces).await?)
 }
 
-/// The error for a message other than the one the protocol expects here (`None`: the stream
-/// ended).
-pub fn unexpected(expected: &str, got: Option<&Message>) -> TransferError {
-    TransferError::Protocol(format!("expected {expected}, got {}", got.map_or("the end of the stream", |m| m.name())))
+/// A message as a stream's reader task hands it over (`None`: the task ended, after the
+/// stream's end or an error it already handed over).
+pub fn received(next: Option<Result<Option<Message>, TransferError>>) -> Result<Option<Message>, TransferError> {
+    next.unwrap_or_else(|| Err(TransferError::Connection("the target closed the control stream".into())))
 }
 
 #[cfg(test)]

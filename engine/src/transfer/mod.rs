@@ -8,9 +8,11 @@
 //! daemon does).
 //!
 //! The modules, by role (imports point one way: no module imports one that imports it back):
-//! - source side: `source` (the copy: snapshot, reads, chunk streams), `walrun` and `walsend`
+//! - source side: `source` (the copy: snapshot, connections, the conversation's driver),
+//!   `ship` (its chunk streams and rechecks), `walrun` and `walsend`
 //!   (the WAL stream of one attempt), `waltail_hub` (one shared tail per WAL folder),
-//!   `fence_source` (the fence inside a running copy);
+//!   `fence_source` (the fence inside a running copy), `request` (release, abort, join); each
+//!   drives a machine of `ferry_wire::proto::source` or `source_wal` and matches no message;
 //! - target side: `inbound` (the [`inbound::TargetContext`]: the one owner of every inbound
 //!   migration's state, around `ferry_wire::proto::inbound`), `target` (the conversation and
 //!   the chunk streams), `chunklog`, `walrecv`, `fence_target`, `abort`;
@@ -24,6 +26,8 @@ pub mod fence_target;
 pub mod framing;
 pub mod inbound;
 mod manifests;
+pub mod request;
+mod ship;
 pub mod source;
 pub mod target;
 mod task;
@@ -101,6 +105,7 @@ impl From<ConversationError> for TransferError {
             ConversationError::IncompatibleVersion { ours, theirs } => Self::IncompatibleVersion { ours, theirs },
             ConversationError::PeerFailed { kind, message } => Self::Peer { kind, message },
             ConversationError::Misuse { .. } => Self::Local(e.to_string()),
+            ConversationError::Ended { .. } => Self::Connection(e.to_string()),
             ConversationError::Unexpected { .. }
             | ConversationError::Session(_)
             | ConversationError::Offer(_)

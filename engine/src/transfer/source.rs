@@ -1,43 +1,48 @@
 //! The source's sender: pins the files, offers them, ships chunks, waits for staging.
 //!
 //! What it does: snapshots the files ([`crate::snapshot`]), connects to the target with mutual
-//! TLS, runs the source side of the conversation in [`ferry_wire::message`], and ships chunks
-//! on `streams_count` uni streams, each reading with the [`ChunkReader`] (zero-copy `Bytes`)
-//! and honouring a [`TokenBucket`] rate limit that can change while the copy runs. It
-//! announces each file with the CRC32C built from its chunks as read, after checking the file
-//! did not change.
+//! TLS, and drives the source's conversation ([`ferry_wire::proto::source`]): it executes the
+//! machine's actions (write a message, open the WAL stream, recheck resumed chunks, open the
+//! chunk connections, announce a file, finish the WAL, serve the cut-over) and feeds it the
+//! target's messages and each chunk's CRC32C. Chunks go on `streams_count` uni streams per
+//! connection, each taking its next chunk from the machine, reading it with the
+//! [`ChunkReader`] (zero-copy `Bytes`) and honouring a [`TokenBucket`] rate limit that can
+//! change while the copy runs. A file is announced only after checking it did not change. A
+//! lost connection is reconnected and the copy resumes from what the target holds.
 //!
-//! What it does not: resume a partial staging (a later step), or retry a failed connection.
+//! What it does not: decide what a message means or what comes next (the machine does; no
+//! `Message` is matched here), or serve the fence itself (`fence_source`).
 //!
 //! Bounds: the reader's buffer pool bounds chunks in memory (a chunk's buffer returns when
-//! quinn has it acknowledged and drops it); the control queue is bounded.
+//! quinn has it acknowledged and drops it); the control queue and the machine's action queue
+//! are bounded.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_wire::frame::{FrameHeader, PROTOCOL_VERSION};
-use ferry_wire::message::{Message, Offer, OfferFile};
+use ferry_wire::message::{Offer, OfferFile};
 use ferry_wire::path::RelPath;
+use ferry_wire::proto::source::{CopyPlan, SourceAction, SourceConversation, SourceState};
 use ferry_wire::rate::TokenBucket;
-use ferry_wire::session::{Progress, SourceSession};
+use ferry_wire::session::Progress;
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
-use quinn::{Connection, SendStream, VarInt};
-use tokio::sync::{mpsc, watch, Notify};
-use tokio::task::JoinSet;
+use quinn::{Connection, VarInt};
+use tokio::sync::{mpsc, watch};
 
 use super::fence_source::CutOver;
-use super::framing::{read_control, unexpected, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::framing::{read_control, received, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::ship;
 use super::walrun::{publish_wal, start_wal, Messages, WalRun};
 use super::walsend::{self, WalSourceConfig};
 use super::TransferError;
+use crate::clock::monotonic_ns;
 use crate::quic::{close_code, QuicTuning};
-use crate::read::{ChunkReader, ReadMode, ReaderConfig, SourceFile};
-use crate::snapshot::{Snapshot, SnapshotFile};
+use crate::read::{ChunkReader, ReadMode, ReaderConfig};
+use crate::snapshot::Snapshot;
 use crate::tls::NodeIdentity;
 use ferry_wire::limits::CONTROL_BODY_LEN_MAX_BYTES;
-use std::sync::atomic::Ordering;
 
 /// How long a refused join waits to learn whether the transfer's first connection was lost.
 const JOIN_LOST_GRACE: Duration = Duration::from_secs(1);
@@ -133,14 +138,14 @@ impl RateHandle {
     }
 
     /// Sets the burst for a copy; a rate given in the request wins over the handle's.
-    fn start(&self, request_rate_bytes_per_sec: u64, burst_bytes: u64) {
+    pub(super) fn start(&self, request_rate_bytes_per_sec: u64, burst_bytes: u64) {
         let mut bucket = self.lock();
         let rate =
             if request_rate_bytes_per_sec > 0 { request_rate_bytes_per_sec } else { bucket.rate_bytes_per_sec() };
         *bucket = TokenBucket::new(rate, burst_bytes, since(self.1));
     }
 
-    fn take(&self, bytes: u64) -> u64 {
+    pub(super) fn take(&self, bytes: u64) -> u64 {
         let now_ns = since(self.1);
         let own_ns = self.lock().take(bytes, now_ns);
         let parent_ns = self.2.as_ref().map_or(0, |parent| parent.take(bytes));
@@ -149,7 +154,7 @@ impl RateHandle {
 }
 
 /// Monotonic nanoseconds since `origin`.
-fn since(origin: Instant) -> u64 {
+pub(super) fn since(origin: Instant) -> u64 {
     u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -304,27 +309,8 @@ async fn attempt(
     result
 }
 
-/// Says hello on a fresh control stream and checks the answer.
-async fn hello(conn: &Connection, identity: &NodeIdentity) -> Result<(SendStream, quinn::RecvStream), TransferError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_control(
-        &mut send,
-        &Message::Hello { protocol_version: PROTOCOL_VERSION, node_id: identity.node_id().clone() },
-    )
-    .await?;
-    let answer = tokio::time::timeout(CONNECT_TIMEOUT, read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES))
-        .await
-        .map_err(|_| TransferError::Timeout("the target's hello"))??;
-    match answer {
-        Some(Message::Hello { protocol_version, .. }) if protocol_version == PROTOCOL_VERSION => Ok((send, recv)),
-        Some(Message::Hello { protocol_version, .. }) => {
-            Err(TransferError::IncompatibleVersion { ours: PROTOCOL_VERSION, theirs: protocol_version })
-        }
-        Some(Message::Error { kind, message }) => Err(TransferError::Peer { kind, message }),
-        other => Err(unexpected("hello", other.as_ref())),
-    }
-}
-
+/// Runs the copy's conversation on a fresh control stream: executes the machine's actions
+/// and feeds it the target's messages until it says the copy is over.
 #[allow(clippy::too_many_arguments)]
 async fn run(
     conn: &Connection,
@@ -338,111 +324,98 @@ async fn run(
     progress: &watch::Sender<Progress>,
     rate: &RateHandle,
 ) -> Result<Outcome, TransferError> {
-    let (mut send, mut recv) = hello(conn, identity).await?;
-    write_control(&mut send, &Message::Offer(offer.clone())).await?;
-    let (resume, already_staged) = match read_control(&mut recv, CONTROL_BODY_LEN_MAX_BYTES).await? {
-        Some(Message::Accept { resume, already_staged, .. }) => (resume, already_staged),
-        Some(Message::Error { kind, message }) => return Err(TransferError::Peer { kind, message }),
-        other => return Err(unexpected("accept", other.as_ref())),
-    };
-    let session = Arc::new(Mutex::new(SourceSession::new(offer)));
-    let rechecks = lock(&session).on_resume(&resume)?;
-    let bytes_resumed = lock(&session).progress().bytes_transferred;
-    publish(progress, lock(&session).progress());
-
-    // The control stream's reader runs on its own task: reads are not cancel-safe.
-    let (messages_tx, mut messages) = mpsc::channel(64);
-    let reader_task = tokio::spawn(async move {
-        loop {
-            let next = read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await;
-            let end = !matches!(next, Ok(Some(_)));
-            if messages_tx.send(next).await.is_err() || end {
-                return;
-            }
-        }
-    });
-    let _reader_guard = super::task::AbortOnDrop(reader_task);
-
-    let mut wal = match &request.wal {
-        Some(config) => Some(start_wal(conn, config, &request.migration_id, request.vshard_id, offer, progress).await?),
-        None => None,
-    };
-    let bytes_resent = if already_staged {
-        wait_base_staged(&mut messages).await?
-    } else {
-        // Chunks the target holds are not sent again, but their CRCs still come from the
-        // source's own bytes, so the file CRC checks the source against the target.
-        let mut open: Option<(u32, Arc<SourceFile>)> = None;
-        for span in rechecks {
-            let file = snapshot_file(snapshot, span.chunk.file_index)?;
-            // Rechecks come file by file: open each file once.
-            let opened = match &open {
-                Some((index, opened)) if *index == span.chunk.file_index => opened.clone(),
-                _ => {
-                    let opened = SourceFile::open_shared(&file.snapshot_path).map_err(|e| read_error(&file.path, e))?;
-                    open = Some((span.chunk.file_index, opened.clone()));
-                    opened
-                }
+    let (mut send, recv) = conn.open_bi().await?;
+    let plan = CopyPlan { wal: request.wal.is_some(), cutover: request.cutover.is_some(), commit: request.commit };
+    let machine = Arc::new(Mutex::new(SourceConversation::copy(identity.node_id(), offer.clone(), plan)));
+    let (mut messages, _reader_guard) = read_messages(recv);
+    let mut wal: Option<WalRun> = None;
+    // An action a nested driver (the chunk shipping, the cut-over) handed back undone.
+    let mut pending: Option<SourceAction> = None;
+    let (mut already_staged, mut bytes_resumed, mut bytes_resent) = (false, 0u64, 0u64);
+    let (final_lsn, committed, fenced) = loop {
+        let next = match pending.take() {
+            Some(action) => Some(action),
+            None => lock(&machine).poll_action(),
+        };
+        let Some(action) = next else {
+            let awaiting_hello = lock(&machine).state() == SourceState::AwaitHello;
+            let message = if awaiting_hello {
+                tokio::time::timeout(CONNECT_TIMEOUT, messages.recv())
+                    .await
+                    .map_err(|_| TransferError::Timeout("the target's hello"))?
+            } else {
+                messages.recv().await
             };
-            let data =
-                reader.read(&opened, span.offset_bytes, span.len_bytes).await.map_err(|e| read_error(&file.path, e))?;
-            lock(&session).on_chunk_read(span.chunk, ferry_wire::crc32c(&data))?;
-        }
-        let (mut conns, first_extra) = if request.wal.is_none() { (vec![conn.clone()], 1) } else { (Vec::new(), 0) };
-        for _ in first_extra..request.connections_count.max(1) {
-            let link = Link::open(identity, tuning, request, true).await?;
-            let (mut data_send, mut data_recv) = hello(&link.conn, identity).await?;
-            write_control(&mut data_send, &Message::Join { migration_id: offer.migration_id.clone() }).await?;
-            match read_control(&mut data_recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
-                Some(Message::Joined) => {}
-                Some(Message::Error { kind, message }) => {
-                    // The first connection may have been lost meanwhile, and the target let go
-                    // of the transfer with it (its close may trail the refusal): a new attempt
-                    // gets past that.
-                    let lost = tokio::time::timeout(JOIN_LOST_GRACE, conn.closed()).await.is_ok();
-                    return Err(if lost {
-                        TransferError::Connection(format!(
-                            "the connection carrying the transfer was lost while another joined it: {message}"
-                        ))
-                    } else {
-                        TransferError::Peer { kind, message }
-                    });
-                }
-                other => return Err(unexpected("joined", other.as_ref())),
+            let message = received(message)?;
+            lock(&machine).handle_message(message, monotonic_ns())?;
+            continue;
+        };
+        match action {
+            SourceAction::Send(message) => write_control(&mut send, &message).await?,
+            SourceAction::SendFileDone { file_index, message } => {
+                ship::announce_file(snapshot, file_index, &message, &mut send).await?
             }
-            conns.push(link.conn.clone());
-            extra.push(link);
+            SourceAction::Accepted { already_staged: staged, bytes_resumed: resumed } => {
+                (already_staged, bytes_resumed) = (staged, resumed);
+                publish(progress, lock(&machine).progress());
+            }
+            SourceAction::StartWal => {
+                let config = request.wal.as_ref().ok_or_else(|| TransferError::Local("no WAL to stream".into()))?;
+                wal = Some(start_wal(conn, config, &request.migration_id, request.vshard_id, offer, progress).await?);
+            }
+            SourceAction::Recheck(spans) => ship::recheck(snapshot, reader, &machine, spans).await?,
+            SourceAction::SendChunks => {
+                let (mut conns, first_extra) =
+                    if request.wal.is_none() { (vec![conn.clone()], 1) } else { (Vec::new(), 0) };
+                for _ in first_extra..request.connections_count.max(1) {
+                    let link = join(conn, identity, tuning, request).await?;
+                    conns.push(link.conn.clone());
+                    extra.push(link);
+                }
+                let shipped = ship::ship(
+                    &conns,
+                    request,
+                    snapshot,
+                    reader,
+                    &machine,
+                    &mut send,
+                    &mut messages,
+                    progress,
+                    rate,
+                    wal.as_mut(),
+                );
+                pending = Some(shipped.await?);
+            }
+            SourceAction::BaseStaged { bytes_resent: resent } => {
+                bytes_resent = resent;
+                progress.send_modify(|p| p.base_staged = true);
+                publish(progress, lock(&machine).progress());
+                // A file that changed after it was announced still fails the copy.
+                for file in &snapshot.files {
+                    file.check_unchanged()?;
+                }
+            }
+            SourceAction::FinishWal => {
+                let run = wal.as_mut().ok_or_else(|| TransferError::Local("no WAL stream to finish".into()))?;
+                let final_lsn = run.finish(progress).await?;
+                lock(&machine).handle_wal_finished(final_lsn)?;
+            }
+            SourceAction::ServeCutOver => {
+                let (Some(run), Some(cutover)) = (wal.as_mut(), &request.cutover) else {
+                    return Err(TransferError::Local("a cut-over without a WAL stream or a daemon".into()));
+                };
+                pending = Some(super::fence_source::serve(cutover, run, &mut send, &mut messages, &machine).await?);
+                publish_wal(&run.shared, progress);
+            }
+            SourceAction::Finish { final_lsn, committed, fenced } => break (final_lsn, committed, fenced),
+            other @ (SourceAction::Fenced { .. }
+            | SourceAction::FenceCancelled { .. }
+            | SourceAction::FenceTimedOut { .. }
+            | SourceAction::Answered) => {
+                return Err(TransferError::Local(format!("the copy cannot execute {other:?} here")))
+            }
         }
-        ship(&conns, request, snapshot, reader, &session, &mut send, &mut messages, progress, rate, wal.as_mut())
-            .await?
     };
-    progress.send_modify(|p| p.base_staged = true);
-    // A file that changed after it was announced still fails the copy.
-    for file in &snapshot.files {
-        file.check_unchanged()?;
-    }
-    let mut fenced = false;
-    let final_lsn = match (wal, &request.cutover) {
-        (Some(mut wal), Some(cutover)) if !request.commit => {
-            let final_lsn = super::fence_source::serve(cutover, &mut wal, &mut send, &mut messages).await?;
-            publish_wal(&wal.shared, progress);
-            fenced = true;
-            final_lsn
-        }
-        (Some(mut wal), _) => wal.finish(progress).await?,
-        (None, _) => request.base_lsn,
-    };
-    let mut committed = false;
-    if request.commit {
-        write_control(&mut send, &Message::Commit { final_lsn }).await?;
-        match messages.recv().await {
-            Some(Ok(Some(Message::Committed))) => committed = true,
-            Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
-            Some(Ok(other)) => return Err(unexpected("committed", other.as_ref())),
-            Some(Err(e)) => return Err(e),
-            None => return Err(TransferError::Connection("the control stream ended before commit".into())),
-        }
-    }
     // Finish our side, then wait for the target to finish its side, so neither end sees the
     // connection close while it still expects a message.
     let _ = send.finish();
@@ -457,16 +430,53 @@ async fn run(
     Ok(Outcome { already_staged, bytes_resent, committed, fenced, bytes_resumed, final_lsn })
 }
 
-fn snapshot_file(snapshot: &Snapshot, file_index: u32) -> Result<&SnapshotFile, TransferError> {
-    snapshot.files.get(file_index as usize).ok_or_else(|| TransferError::Protocol(format!("no file {file_index}")))
+/// The control stream's reader, on its own task (reads are not cancel-safe). The target's
+/// second message (its accept, with the resume list) may be large; the others are small.
+fn read_messages(mut recv: quinn::RecvStream) -> (Messages, super::task::AbortOnDrop) {
+    let (messages_tx, messages) = mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        for index in 0u64.. {
+            let body_max_bytes = if index == 1 { CONTROL_BODY_LEN_MAX_BYTES } else { SMALL_CONTROL_BODY_MAX_BYTES };
+            let next = read_control(&mut recv, body_max_bytes).await;
+            let end = !matches!(next, Ok(Some(_)));
+            if messages_tx.send(next).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    (messages, super::task::AbortOnDrop(task))
 }
 
-fn read_error(path: &RelPath, e: crate::read::ReadError) -> TransferError {
-    TransferError::Read { path: path.to_string(), source: std::io::Error::other(e.to_string()) }
+/// Opens an extra connection for chunk streams and joins it to the transfer.
+async fn join(
+    conn: &Connection,
+    identity: &NodeIdentity,
+    tuning: &QuicTuning,
+    request: &CopyRequest,
+) -> Result<Link, TransferError> {
+    let link = Link::open(identity, tuning, request, true).await?;
+    let (mut send, mut recv) = link.conn.open_bi().await?;
+    let mut machine = SourceConversation::join(identity.node_id(), request.migration_id.clone());
+    match super::request::converse(&mut machine, &mut send, &mut recv, Some(CONNECT_TIMEOUT)).await {
+        Ok(()) => Ok(link),
+        Err(TransferError::Peer { kind, message }) => {
+            // The first connection may have been lost meanwhile, and the target let go of the
+            // transfer with it (its close may trail the refusal): a new attempt gets past that.
+            let lost = tokio::time::timeout(JOIN_LOST_GRACE, conn.closed()).await.is_ok();
+            Err(if lost {
+                TransferError::Connection(format!(
+                    "the connection carrying the transfer was lost while another joined it: {message}"
+                ))
+            } else {
+                TransferError::Peer { kind, message }
+            })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Publishes the base copy's progress, keeping the WAL fields.
-fn publish(progress: &watch::Sender<Progress>, base: Progress) {
+pub(super) fn publish(progress: &watch::Sender<Progress>, base: Progress) {
     progress.send_modify(|p| {
         *p = Progress {
             base_staged: p.base_staged,
@@ -481,159 +491,6 @@ fn publish(progress: &watch::Sender<Progress>, base: Progress) {
     });
 }
 
-fn lock(session: &Mutex<SourceSession>) -> MutexGuard<'_, SourceSession> {
-    session.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-async fn wait_base_staged(messages: &mut Messages) -> Result<u64, TransferError> {
-    loop {
-        match messages.recv().await {
-            Some(Ok(Some(Message::BaseStaged { bytes_resent }))) => return Ok(bytes_resent),
-            Some(Ok(Some(Message::Acks { .. } | Message::FileStaged { .. }))) => {}
-            Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
-            Some(Ok(Some(other))) => {
-                return Err(TransferError::Protocol(format!("unexpected {} from the target", other.name())))
-            }
-            Some(Ok(None)) | None => {
-                return Err(TransferError::Connection("the target closed the control stream".into()))
-            }
-            Some(Err(e)) => return Err(e),
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn ship(
-    conns: &[Connection],
-    request: &CopyRequest,
-    snapshot: &Snapshot,
-    reader: &Arc<ChunkReader>,
-    session: &Arc<Mutex<SourceSession>>,
-    send: &mut SendStream,
-    messages: &mut Messages,
-    progress: &watch::Sender<Progress>,
-    rate: &RateHandle,
-    mut wal: Option<&mut WalRun>,
-) -> Result<u64, TransferError> {
-    let origin = Instant::now();
-    rate.start(request.rate_limit_bytes_per_sec, u64::from(request.chunk_len_bytes));
-    let mut files = Vec::with_capacity(snapshot.files.len());
-    for file in &snapshot.files {
-        files.push(SourceFile::open_shared(&file.snapshot_path).map_err(|e| read_error(&file.path, e))?);
-    }
-    let files = Arc::new(files);
-    let chunk_read = Arc::new(Notify::new());
-    let mut streams = JoinSet::new();
-    for conn in conns {
-        for _ in 0..request.streams_count.max(1) {
-            let (conn, files, reader, session, chunk_read, rate) =
-                (conn.clone(), files.clone(), reader.clone(), session.clone(), chunk_read.clone(), rate.clone());
-            streams.spawn(async move { send_stream(conn, files, reader, session, chunk_read, rate, origin).await });
-        }
-    }
-    announce_done_files(session, &snapshot.files, send).await?;
-    let mut streams_left = streams.len();
-    loop {
-        tokio::select! {
-            message = messages.recv() => match message {
-                Some(Ok(Some(Message::Acks { chunks }))) => {
-                    let mut s = lock(session);
-                    s.on_acks(&chunks)?;
-                    publish(progress, s.progress());
-                }
-                Some(Ok(Some(Message::FileStaged { .. }))) => {
-                    let mut s = lock(session);
-                    s.on_file_staged();
-                    publish(progress, s.progress());
-                }
-                Some(Ok(Some(Message::BaseStaged { bytes_resent }))) => {
-                    if !lock(session).all_acked() {
-                        return Err(TransferError::Protocol("the target reported the base staged before every chunk was acknowledged".into()));
-                    }
-                    let mut p = lock(session).progress();
-                    p.files_staged_count = p.files_total_count;
-                    publish(progress, p);
-                    for conn in conns {
-                        let path = conn.stats().path;
-                        tracing::debug!(mtu_bytes = path.current_mtu, lost_packets = path.lost_packets, sent_packets = path.sent_packets, "base copy sent");
-                    }
-                    return Ok(bytes_resent);
-                }
-                Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
-                Some(Ok(Some(other))) => return Err(TransferError::Protocol(format!("unexpected {} from the target", other.name()))),
-                Some(Ok(None)) | None => return Err(TransferError::Connection("the target closed the control stream".into())),
-                Some(Err(e)) => return Err(e),
-            },
-            () = chunk_read.notified() => announce_done_files(session, &snapshot.files, send).await?,
-            // A WAL stream that fails (a corrupt source WAL, too many held bytes) fails the copy
-            // now, with its own error, not after the base copy.
-            ended = async { match wal.as_mut() { Some(w) => w.ended().await, None => std::future::pending().await } },
-                if wal.as_ref().is_some_and(|w| w.running()) => ended?,
-            joined = streams.join_next(), if streams_left > 0 => {
-                streams_left -= 1;
-                match joined {
-                    Some(Ok(Ok(()))) => announce_done_files(session, &snapshot.files, send).await?,
-                    Some(Ok(Err(e))) => return Err(e),
-                    Some(Err(e)) => return Err(TransferError::Local(format!("a stream task failed: {e}"))),
-                    None => {}
-                }
-            }
-        }
-    }
-}
-
-/// Sends `FileDone` for every file whose chunks have all been read, after checking that the
-/// file did not change since it was pinned.
-async fn announce_done_files(
-    session: &Mutex<SourceSession>,
-    pinned: &[SnapshotFile],
-    send: &mut SendStream,
-) -> Result<(), TransferError> {
-    let done = lock(session).take_files_done();
-    for file in done {
-        if let Some(pinned) = pinned.get(file.file_index as usize) {
-            pinned.check_unchanged()?;
-        }
-        write_control(
-            send,
-            &Message::FileDone { file_index: file.file_index, size_bytes: file.size_bytes, crc32c: file.crc32c },
-        )
-        .await?;
-    }
-    Ok(())
-}
-
-async fn send_stream(
-    conn: Connection,
-    files: Arc<Vec<Arc<SourceFile>>>,
-    reader: Arc<ChunkReader>,
-    session: Arc<Mutex<SourceSession>>,
-    chunk_read: Arc<Notify>,
-    rate: RateHandle,
-    origin: Instant,
-) -> Result<(), TransferError> {
-    let mut stream = conn.open_uni().await?;
-    loop {
-        let Some(span) = lock(&session).next_chunk(since(origin)) else { break };
-        let file = files
-            .get(span.chunk.file_index as usize)
-            .ok_or_else(|| TransferError::Local(format!("no open file {}", span.chunk.file_index)))?;
-        let data = reader.read(file, span.offset_bytes, span.len_bytes).await.map_err(|e| TransferError::Read {
-            path: file.path().display().to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let crc = ferry_wire::crc32c(&data);
-        lock(&session).on_chunk_read(span.chunk, crc)?;
-        chunk_read.notify_one();
-        let wait_ns = rate.take(u64::from(span.len_bytes));
-        if wait_ns > 0 {
-            tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
-        }
-        let header = FrameHeader::chunk(span.chunk.file_index, span.offset_bytes, data.len(), crc)?;
-        let len_bytes = data.len() as u64;
-        write_chunk(&mut stream, &header, data).await?;
-        crate::metrics::BYTES_SENT_TOTAL.fetch_add(len_bytes, Ordering::Relaxed);
-    }
-    stream.finish().map_err(|e| TransferError::Connection(e.to_string()))?;
-    Ok(())
+pub(super) fn lock(machine: &Mutex<SourceConversation>) -> MutexGuard<'_, SourceConversation> {
+    machine.lock().unwrap_or_else(|e| e.into_inner())
 }

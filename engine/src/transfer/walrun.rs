@@ -121,8 +121,7 @@ pub(super) async fn start_wal(
     offer: &Offer,
     progress: &watch::Sender<Progress>,
 ) -> Result<WalRun, TransferError> {
-    let (wal_send, wal_recv, durable) = walsend::open(conn).await?;
-    let durable = durable.max(offer.base_lsn);
+    let (wal_send, wal_recv, machine, durable) = walsend::open(conn, offer.base_lsn).await?;
     let start = durable.next().ok_or_else(|| TransferError::Local("the LSN space is exhausted".into()))?;
     let shared = Arc::new(TailShared::default());
     shared.durable_lsn.store(durable.0, Ordering::Relaxed);
@@ -143,7 +142,7 @@ pub(super) async fn start_wal(
             .await
             .map_err(|e| TransferError::Local(format!("the WAL subscription task failed: {e}")))??
     };
-    let task = tokio::spawn(walsend::stream(wal_send, wal_recv, events, shared.clone(), durable));
+    let task = tokio::spawn(walsend::stream(wal_send, wal_recv, events, shared.clone(), machine));
     publish_wal(&shared, progress);
     let publisher = {
         let (shared, progress) = (shared.clone(), progress.clone());

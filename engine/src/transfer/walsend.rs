@@ -12,10 +12,12 @@
 //! selected record once, from the tail's segment buffer into a WAL batch body (up to
 //! [`WAL_BATCH_TARGET_BYTES`]), and hands over a batch when it is full or when the tail has
 //! caught up. [`stream`] sends the batches as WAL frames (batches already waiting share a
-//! frame) and tracks the target's durable LSN.
+//! frame) and drives the stream's machine ([`ferry_wire::proto::source_wal`]), which follows
+//! the target's durable LSN and says when a stream with an end is over.
 //!
 //! What it does not: decide what a record means (the format seam and selection do), read
-//! the WAL (the hub does), or pause writers (the fence).
+//! the WAL (the hub does), pause writers (the fence), or match on the target's messages (the
+//! machine does).
 //!
 //! Bounds: the queue between the hub and the sender holds at most [`QUEUE_MAX_BYTES`] of
 //! records (and a bounded count of batches); the hub never waits on it (see the hub's docs
@@ -31,13 +33,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_wire::frame::FrameHeader;
 use ferry_wire::limits::WAL_BATCH_TARGET_BYTES;
-use ferry_wire::message::Message;
+use ferry_wire::proto::source_wal::{SourceWal, WalAction};
 use ferry_wire::wal::{parse_segment_name, LayoutChoice};
 use ferry_wire::{Lsn, MigrationId};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 
-use super::framing::{read_control, unexpected, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::framing::{read_control, received, write_chunk, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::TransferError;
 
 /// Most record bytes queued between the hub and one migration's sender.
@@ -354,13 +356,14 @@ impl StreamTimer {
 }
 
 /// Streams the WAL until the tail reaches `until_lsn` and everything sent is durable (or
-/// forever without one). `wal_send`/`wal_recv` are the WAL stream, after the start exchange.
+/// forever without one), as the stream's machine decides. `wal_send`/`wal_recv` are the WAL
+/// stream, after the start exchange ([`open`]).
 pub async fn stream(
     mut wal_send: SendStream,
     mut wal_recv: RecvStream,
     mut events: mpsc::Receiver<TailEvent>,
     shared: Arc<TailShared>,
-    mut durable: Lsn,
+    mut machine: SourceWal,
 ) -> Result<Lsn, TransferError> {
     let (acks_tx, mut acks) = mpsc::channel(64);
     let _reader = super::task::AbortOnDrop(tokio::spawn(async move {
@@ -372,19 +375,27 @@ pub async fn stream(
             }
         }
     }));
-    let mut last_sent: Option<Lsn> = None;
     let mut timer = StreamTimer::new();
-    let mut reached = false;
     // A batch above the ceiling, waiting for it to be lifted.
     let mut blocked: Option<OutgoingBatch> = None;
     // An event taken while filling a frame that did not fit in it; it goes first next time.
     let mut held: Option<TailEvent> = None;
     loop {
-        if reached && last_sent.is_none_or(|l| durable >= l) {
-            return Ok(durable);
+        while let Some(action) = machine.poll_action() {
+            match action {
+                WalAction::Send(message) => write_control(&mut wal_send, &message).await?,
+                WalAction::Durable { durable_lsn } => {
+                    shared.durable_lsn.store(durable_lsn.0, Ordering::Relaxed);
+                    timer.durable(&shared, durable_lsn);
+                }
+                WalAction::Finish { durable_lsn } => return Ok(durable_lsn),
+                WalAction::Start { .. } => {
+                    return Err(TransferError::Local("the WAL stream was started twice".into()));
+                }
+            }
         }
         tokio::select! {
-            event = next_event(&mut held, &mut events), if !reached && blocked.is_none() => match event {
+            event = next_event(&mut held, &mut events), if machine.wants_records() && blocked.is_none() => match event {
                 Some(TailEvent::Batch(first)) => {
                     // Batches already waiting go in the same frame, up to the target size
                     // (and never across the ceiling).
@@ -406,29 +417,21 @@ pub async fn stream(
                         blocked = Some(batch);
                         continue;
                     }
-                    last_sent = Some(send_batch(&mut wal_send, &shared, &mut timer, batch).await?);
+                    let last_lsn = send_batch(&mut wal_send, &shared, &mut timer, batch).await?;
+                    machine.handle_batch_sent(last_lsn)?;
                 }
-                Some(TailEvent::Reached) => reached = true,
+                Some(TailEvent::Reached) => machine.handle_tail_reached()?,
                 Some(TailEvent::Failed(e)) => return Err(e),
                 None => return Err(TransferError::Local("the WAL tail stopped".into())),
             },
             () = shared.ceiling_moved.notified(), if blocked.is_some() => {
                 let ceiling = shared.ceiling();
                 if let Some(batch) = blocked.take_if(|b| ceiling.is_none_or(|c| b.last_lsn <= c)) {
-                    last_sent = Some(send_batch(&mut wal_send, &shared, &mut timer, batch).await?);
+                    let last_lsn = send_batch(&mut wal_send, &shared, &mut timer, batch).await?;
+                    machine.handle_batch_sent(last_lsn)?;
                 }
             }
-            ack = acks.recv() => match ack {
-                Some(Ok(Some(Message::WalDurable { durable_lsn }))) => {
-                    shared.durable_lsn.store(durable_lsn.0, Ordering::Relaxed);
-                    timer.durable(&shared, durable_lsn);
-                    durable = durable_lsn;
-                }
-                Some(Ok(Some(Message::Error { kind, message }))) => return Err(TransferError::Peer { kind, message }),
-                Some(Ok(Some(other))) => return Err(TransferError::Protocol(format!("unexpected {} on the WAL stream", other.name()))),
-                Some(Ok(None)) | None => return Err(TransferError::Connection("the target closed the WAL stream".into())),
-                Some(Err(e)) => return Err(e),
-            }
+            ack = acks.recv() => machine.handle_message(received(ack)?)?,
         }
     }
 }
@@ -456,14 +459,23 @@ async fn next_event(held: &mut Option<TailEvent>, events: &mut mpsc::Receiver<Ta
     }
 }
 
-/// Opens the WAL stream and learns where to start: the target's durable LSN.
-pub async fn open(conn: &quinn::Connection) -> Result<(SendStream, RecvStream, Lsn), TransferError> {
+/// Opens the WAL stream of a transfer whose base holds every record up to `base_lsn`, and
+/// learns where to start: the target's durable LSN (returned with the stream's machine).
+pub async fn open(
+    conn: &quinn::Connection,
+    base_lsn: Lsn,
+) -> Result<(SendStream, RecvStream, SourceWal, Lsn), TransferError> {
     let (mut send, mut recv) = conn.open_bi().await?;
-    write_control(&mut send, &Message::WalStart).await?;
-    match read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await? {
-        Some(Message::WalDurable { durable_lsn }) => Ok((send, recv, durable_lsn)),
-        Some(Message::Error { kind, message }) => Err(TransferError::Peer { kind, message }),
-        other => Err(unexpected("wal_durable", other.as_ref())),
+    let mut machine = SourceWal::new(base_lsn);
+    loop {
+        while let Some(action) = machine.poll_action() {
+            match action {
+                WalAction::Send(message) => write_control(&mut send, &message).await?,
+                WalAction::Start { durable_lsn } => return Ok((send, recv, machine, durable_lsn)),
+                other => return Err(TransferError::Local(format!("the WAL stream cannot execute {other:?} yet"))),
+            }
+        }
+        machine.handle_message(read_control(&mut recv, SMALL_CONTROL_BODY_MAX_BYTES).await?)?;
     }
 }
 

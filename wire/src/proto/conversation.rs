@@ -23,6 +23,10 @@ pub enum ConversationError {
     /// The peer sent a message (or ended its stream) where the protocol allows none of its kind.
     #[error("expected {expected}, got {got}")]
     Unexpected { expected: &'static str, got: &'static str },
+    /// The peer ended its stream in the middle of the conversation: the connection was lost
+    /// or cut, and a new one may get further.
+    #[error("the peer closed the stream while this node expected {expected}")]
+    Ended { expected: &'static str },
     #[error("incompatible protocol version: this node speaks {ours}, the peer {theirs}; upgrade the older node")]
     IncompatibleVersion { ours: u16, theirs: u16 },
     /// A chunk, ack or file report that does not fit the offer.
@@ -49,10 +53,10 @@ impl ConversationError {
         }
     }
 
-    /// Whether a new connection may get past it: only a peer that gave up because it was
-    /// cancelled (shutting down, say) may take the transfer again.
+    /// Whether a new connection may get past it: a stream the peer ended mid-conversation, or
+    /// a peer that gave up because it was cancelled (shutting down, say).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::PeerFailed { kind: ErrorKind::Cancelled, .. })
+        matches!(self, Self::PeerFailed { kind: ErrorKind::Cancelled, .. } | Self::Ended { .. })
     }
 }
 

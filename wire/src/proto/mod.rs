@@ -16,6 +16,8 @@
 pub mod conversation;
 pub mod inbound;
 pub mod outbound;
+pub mod source;
+pub mod source_wal;
 pub mod target;
 
 /// Who is to blame for a refused transition: decides how an error is reported and whether
