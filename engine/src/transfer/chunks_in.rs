@@ -21,12 +21,12 @@ use ferry_wire::frame::FrameKind;
 use ferry_wire::message::ChunkRef;
 use ferry_wire::proto::target::{ChunkEvent, TargetConversation};
 use ferry_wire::session::ChunkVerdict;
-use quinn::{Connection, RecvStream};
 use tokio::sync::mpsc;
 
 use super::chunklog::ChunkLog;
-use super::framing::{BodyPieces, FrameReader};
+use super::framing::BodyPieces;
 use super::task::blocking;
+use super::transport::{ChunkArrivals, IncomingLane};
 use super::TransferError;
 use crate::staging::{self, StagingLayout};
 use crate::storage::{Storage, StorageFile};
@@ -77,38 +77,42 @@ impl Inbound {
     }
 }
 
-pub(super) async fn accept_chunk_streams(conn: Connection, inbound: Arc<Inbound>, events: mpsc::Sender<Event>) {
+/// Takes the lanes the source opens on `arrivals`, each on its own task, until the path ends.
+pub(super) async fn accept_chunk_streams<A: ChunkArrivals>(
+    arrivals: A,
+    inbound: Arc<Inbound>,
+    events: mpsc::Sender<Event>,
+) {
     // A JoinSet aborts its tasks when dropped; finished ones are reaped at each accept, so
     // the set holds at most the streams open at once (bounded by the transport's limit).
     let mut streams = tokio::task::JoinSet::new();
     loop {
-        match conn.accept_uni().await {
-            Ok(recv) => {
+        match arrivals.accept().await {
+            Ok(lane) => {
                 while streams.try_join_next().is_some() {}
                 let (inbound, events) = (inbound.clone(), events.clone());
                 streams.spawn(async move {
-                    if let Err(e) = receive_chunks(recv, &inbound, &events).await {
+                    if let Err(e) = receive_chunks(lane, &inbound, &events).await {
                         let _ = events.send(Err(e)).await;
                     }
                 });
             }
             Err(e) => {
-                let _ = events.send(Err(e.into())).await;
+                let _ = events.send(Err(e)).await;
                 return;
             }
         }
     }
 }
 
-async fn receive_chunks(
-    recv: RecvStream,
+async fn receive_chunks<I: IncomingLane>(
+    mut reader: I,
     inbound: &Arc<Inbound>,
     events: &mpsc::Sender<Event>,
 ) -> Result<(), TransferError> {
-    let mut reader = FrameReader::new(recv);
     // One body per stream, handed to the write and back, so its piece list is allocated once.
     let mut body = BodyPieces::default();
-    while let Some(header) = reader.read_header().await? {
+    while let Some(header) = reader.next_header().await? {
         if header.kind != FrameKind::Chunk {
             return Err(TransferError::Protocol(format!("a {:?} frame on a chunk stream", header.kind)));
         }

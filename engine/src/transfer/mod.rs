@@ -31,6 +31,9 @@ mod ship;
 pub mod source;
 pub mod target;
 mod task;
+pub mod transport;
+#[cfg(test)]
+mod transport_tests;
 pub mod walrecv;
 mod walrun;
 pub mod walsend;

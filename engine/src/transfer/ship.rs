@@ -26,8 +26,9 @@ use quinn::{Connection, SendStream};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
-use super::framing::{received, write_chunk, write_control};
+use super::framing::{received, write_control};
 use super::source::{lock, publish, since, CopyRequest, RateHandle};
+use super::transport::{ChunkLane, ChunkLanes};
 use super::walrun::{Messages, WalRun};
 use super::TransferError;
 use crate::clock::monotonic_ns;
@@ -161,8 +162,9 @@ pub(super) async fn announce_file(
     write_control(send, message).await
 }
 
-async fn send_stream(
-    conn: Connection,
+/// One lane's chunks: reads each chunk the machine hands out and sends it on the transport.
+pub(super) async fn send_stream<L: ChunkLanes>(
+    lanes: L,
     files: Arc<Vec<Arc<SourceFile>>>,
     reader: Arc<ChunkReader>,
     machine: Arc<Mutex<SourceConversation>>,
@@ -170,7 +172,7 @@ async fn send_stream(
     rate: RateHandle,
     origin: Instant,
 ) -> Result<(), TransferError> {
-    let mut stream = conn.open_uni().await?;
+    let mut lane = lanes.open().await?;
     loop {
         let Some(span) = lock(&machine).poll_chunk(since(origin)) else { break };
         let file = files
@@ -189,9 +191,8 @@ async fn send_stream(
         }
         let header = FrameHeader::chunk(span.chunk.file_index, span.offset_bytes, data.len(), crc)?;
         let len_bytes = data.len() as u64;
-        write_chunk(&mut stream, &header, data).await?;
+        lane.send(&header, data).await?;
         crate::metrics::BYTES_SENT_TOTAL.fetch_add(len_bytes, Ordering::Relaxed);
     }
-    stream.finish().map_err(|e| TransferError::Connection(e.to_string()))?;
-    Ok(())
+    lane.finish()
 }

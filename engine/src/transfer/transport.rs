@@ -1,0 +1,189 @@
+//! The chunk transport seam: what carries chunk frames from the source's streams to the
+//! target's, below the machines.
+//!
+//! What it does: names the four things a chunk path must do. A source opens lanes to its
+//! target ([`ChunkLanes::open`]) and sends chunk frames on each, in order ([`ChunkLane`]); a
+//! target accepts lanes ([`ChunkArrivals::accept`]) and reads frames off each
+//! ([`IncomingLane`]). QUIC implements them here (a lane is a uni stream, a connection opens
+//! and accepts them); an RDMA path implements the same four later (a lane a queue pair's
+//! share of registered buffers). [`memory`] implements them in memory, for tests that run
+//! both ends' chunk streams with no network.
+//!
+//! What it does not: decide which chunk goes next, check a header against the offer, verify
+//! a CRC32C or write a file. The machines (`ferry_wire::proto::source` and `::target`)
+//! decide what moves, and the chunk streams (`ship`, `chunks_in`) check and write it; a
+//! transport only moves frames, and never looks inside a body.
+//!
+//! Invariants: a lane delivers the frames sent on it in order, each whole or not at all (a
+//! lane that fails mid-frame is an error, never a short frame); lanes are independent.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use ferry_wire::frame::FrameHeader;
+
+use super::framing::{write_chunk, BodyPieces, FrameReader};
+use super::TransferError;
+
+/// The source's end of one lane: chunk frames, sent in order.
+pub trait ChunkLane: Send {
+    /// Sends one chunk frame (header, then body).
+    fn send(&mut self, header: &FrameHeader, body: Bytes) -> impl Future<Output = Result<(), TransferError>> + Send;
+    /// No more frames on this lane.
+    fn finish(self) -> Result<(), TransferError>;
+}
+
+/// What a source opens lanes on (a connection to its target).
+pub trait ChunkLanes: Clone + Send + Sync + 'static {
+    type Lane: ChunkLane + 'static;
+    fn open(&self) -> impl Future<Output = Result<Self::Lane, TransferError>> + Send;
+}
+
+/// The target's end of one lane.
+pub trait IncomingLane: Send {
+    /// The next frame's header (`None`: the lane finished cleanly).
+    fn next_header(&mut self) -> impl Future<Output = Result<Option<FrameHeader>, TransferError>> + Send;
+    /// The body of the frame whose header came last, into `body` (its pieces as they arrived).
+    fn read_body(
+        &mut self,
+        header: &FrameHeader,
+        body: &mut BodyPieces,
+    ) -> impl Future<Output = Result<(), TransferError>> + Send;
+}
+
+/// What a target accepts lanes from (a connection from its source).
+pub trait ChunkArrivals: Clone + Send + Sync + 'static {
+    type Incoming: IncomingLane + 'static;
+    /// The next lane the source opened; an error once the path is gone.
+    fn accept(&self) -> impl Future<Output = Result<Self::Incoming, TransferError>> + Send;
+}
+
+impl ChunkLane for quinn::SendStream {
+    async fn send(&mut self, header: &FrameHeader, body: Bytes) -> Result<(), TransferError> {
+        write_chunk(self, header, body).await
+    }
+
+    fn finish(mut self) -> Result<(), TransferError> {
+        quinn::SendStream::finish(&mut self).map_err(|e| TransferError::Connection(e.to_string()))
+    }
+}
+
+impl ChunkLanes for quinn::Connection {
+    type Lane = quinn::SendStream;
+
+    async fn open(&self) -> Result<quinn::SendStream, TransferError> {
+        Ok(self.open_uni().await?)
+    }
+}
+
+impl IncomingLane for FrameReader {
+    async fn next_header(&mut self) -> Result<Option<FrameHeader>, TransferError> {
+        self.read_header().await
+    }
+
+    async fn read_body(&mut self, header: &FrameHeader, body: &mut BodyPieces) -> Result<(), TransferError> {
+        FrameReader::read_body(self, header, body).await
+    }
+}
+
+impl ChunkArrivals for quinn::Connection {
+    type Incoming = FrameReader;
+
+    async fn accept(&self) -> Result<FrameReader, TransferError> {
+        Ok(FrameReader::new(self.accept_uni().await?))
+    }
+}
+
+pub mod memory {
+    //! Lanes in memory: bounded channels of whole frames, for tests of both ends' chunk
+    //! streams without a network. A lane holds at most [`LANE_FRAMES_MAX`] frames; opening
+    //! more than [`LANES_MAX`] lanes without accepting them fails.
+
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use ferry_wire::frame::FrameHeader;
+    use tokio::sync::mpsc;
+
+    use super::{ChunkArrivals, ChunkLane, ChunkLanes, IncomingLane};
+    use crate::transfer::framing::BodyPieces;
+    use crate::transfer::TransferError;
+
+    /// Frames in flight on one lane.
+    pub const LANE_FRAMES_MAX: usize = 16;
+    /// Lanes opened and not accepted yet.
+    pub const LANES_MAX: usize = 64;
+
+    type Frame = (FrameHeader, Bytes);
+
+    /// The source's end: opens lanes.
+    #[derive(Debug, Clone)]
+    pub struct Opener(mpsc::Sender<mpsc::Receiver<Frame>>);
+
+    /// The target's end: accepts lanes.
+    #[derive(Debug, Clone)]
+    pub struct Acceptor(Arc<tokio::sync::Mutex<mpsc::Receiver<mpsc::Receiver<Frame>>>>);
+
+    /// A path between one source and one target.
+    pub fn path() -> (Opener, Acceptor) {
+        let (tx, rx) = mpsc::channel(LANES_MAX);
+        (Opener(tx), Acceptor(Arc::new(tokio::sync::Mutex::new(rx))))
+    }
+
+    #[derive(Debug)]
+    pub struct Lane(mpsc::Sender<Frame>);
+
+    impl ChunkLane for Lane {
+        async fn send(&mut self, header: &FrameHeader, body: Bytes) -> Result<(), TransferError> {
+            self.0.send((*header, body)).await.map_err(|_| TransferError::Connection("the lane was closed".into()))
+        }
+
+        fn finish(self) -> Result<(), TransferError> {
+            Ok(())
+        }
+    }
+
+    impl ChunkLanes for Opener {
+        type Lane = Lane;
+
+        async fn open(&self) -> Result<Lane, TransferError> {
+            let (tx, rx) = mpsc::channel(LANE_FRAMES_MAX);
+            self.0.try_send(rx).map_err(|_| TransferError::Connection("no lane can be opened".into()))?;
+            Ok(Lane(tx))
+        }
+    }
+
+    /// The target's end of a lane; the body of the last header waits here.
+    #[derive(Debug)]
+    pub struct Incoming {
+        frames: mpsc::Receiver<Frame>,
+        body: Mutex<Option<Bytes>>,
+    }
+
+    impl IncomingLane for Incoming {
+        async fn next_header(&mut self) -> Result<Option<FrameHeader>, TransferError> {
+            let Some((header, body)) = self.frames.recv().await else { return Ok(None) };
+            *self.body.lock().unwrap_or_else(|e| e.into_inner()) = Some(body);
+            Ok(Some(header))
+        }
+
+        async fn read_body(&mut self, _header: &FrameHeader, body: &mut BodyPieces) -> Result<(), TransferError> {
+            let piece = self.body.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let piece = piece.ok_or_else(|| TransferError::Local("a body read before its header".into()))?;
+            body.clear();
+            body.push(piece);
+            Ok(())
+        }
+    }
+
+    impl ChunkArrivals for Acceptor {
+        type Incoming = Incoming;
+
+        async fn accept(&self) -> Result<Incoming, TransferError> {
+            match self.0.lock().await.recv().await {
+                Some(frames) => Ok(Incoming { frames, body: Mutex::new(None) }),
+                None => Err(TransferError::Connection("the source's end of the path is gone".into())),
+            }
+        }
+    }
+}
