@@ -162,7 +162,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     let result = runtime.block_on(async move {
         let (progress_tx, progress_rx) = watch::channel(Progress::default());
-        let printer = tokio::spawn(print_progress(progress_rx));
+        let printer = tokio::spawn(print_progress(progress_rx, request.wal.is_some()));
         let rate = RateHandle::new(request.rate_limit_bytes_per_sec, u64::from(request.chunk_len_bytes));
         let result = source::copy(&identity, &QuicTuning::default(), request, progress_tx, rate).await;
         printer.abort();
@@ -199,8 +199,13 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
             if report.committed { "released" } else { "copying" },
         )?;
     } else {
+        // A resumed copy says how much the target held already (not sent again).
+        let resumed = match report.bytes_resumed {
+            0 => String::new(),
+            bytes => format!(", resumed: {bytes} bytes were on the target already"),
+        };
         outln!(
-            "copied {} files, {} bytes in {:.3} s ({:.1} MB/s), resent {} bytes, {} reconnects, read with {}, staging {}",
+            "copied {} files, {} bytes in {:.3} s ({:.1} MB/s), resent {} bytes, {} reconnects, read with {}, staging {}{resumed}",
             report.files_count,
             report.bytes_total,
             report.elapsed_us as f64 / 1e6,
@@ -229,7 +234,9 @@ fn check_not_empty(segments_root: &Path, files_named: bool, allow_empty: bool) -
     Ok(())
 }
 
-async fn print_progress(mut progress: watch::Receiver<Progress>) {
+/// Progress on stderr every 500 ms. Without a WAL (`streams_wal` false) there is no catch-up:
+/// the phase stays `BaseCopy` until the commit.
+async fn print_progress(mut progress: watch::Receiver<Progress>, streams_wal: bool) {
     let started = std::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -248,7 +255,7 @@ async fn print_progress(mut progress: watch::Receiver<Progress>) {
             }
             _ => String::new(),
         };
-        let phase = if p.base_staged { "WalCatchUp" } else { "BaseCopy" };
+        let phase = if p.base_staged && streams_wal { "WalCatchUp" } else { "BaseCopy" };
         let _ = writeln!(
             err,
             "{phase}: {}/{} bytes ({percent:.1}%), {}/{} files staged, {:.1} MB/s{wal}",

@@ -325,6 +325,7 @@ impl Outbound {
             Ok(request) => request,
             Err(e) => return self.fail(&id, e.to_string()).await,
         };
+        let streams_wal = request.wal.is_some();
         let watcher = tokio::spawn({
             let (me, id, mut rx) = (self.clone(), id.clone(), progress.subscribe());
             async move {
@@ -340,7 +341,7 @@ impl Outbound {
                             let staged = rx.borrow_and_update().base_staged;
                             if staged && !base_staged {
                                 base_staged = true;
-                                me.catch_up(&id).await;
+                                me.catch_up(&id, streams_wal).await;
                             }
                         }
                         _ = refresh.tick() => me.refresh(&id).await,
@@ -371,7 +372,7 @@ impl Outbound {
                 // A live migration whose base (and, with a WAL, catch-up) ended without an
                 // offline commit: it waits in WalCatchUp for the cut-over.
                 self.set_resent(&id, report.bytes_resent);
-                self.catch_up(&id).await;
+                self.catch_up(&id, true).await;
             }
             Err(e) => {
                 tracing::warn!(migration = %id, "outbound migration failed: {e}");
@@ -386,12 +387,13 @@ impl Outbound {
         }
     }
 
-    /// The base is staged: `WalCatchUp`, recorded (a fence or a final state keeps its phase).
-    async fn catch_up(&self, id: &MigrationId) {
+    /// The base is staged: `WalCatchUp` when a WAL stream follows (`streams_wal`), recorded
+    /// (a fence or a final state keeps its phase).
+    async fn catch_up(&self, id: &MigrationId, streams_wal: bool) {
         {
             let mut entries = self.entries();
             let Some(entry) = entries.get_mut(id) else { return };
-            if !entry.life.base_staged() {
+            if !entry.life.base_staged(streams_wal) {
                 return;
             }
             entry.updated_at_unix_ms = now_unix_ms();

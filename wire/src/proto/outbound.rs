@@ -248,11 +248,13 @@ impl Lifecycle {
         }
     }
 
-    /// The base is staged (or the offline catch-up ended without a commit): `WalCatchUp`.
-    /// Returns whether the phase changed. A final state or a fence keeps the phase.
-    pub fn base_staged(&mut self) -> bool {
+    /// The base is staged (or the offline catch-up ended without a commit): `WalCatchUp`
+    /// when a WAL stream follows the base (`streams_wal`); a copy without one has no catch-up
+    /// and stays in `BaseCopy` until its commit. Returns whether the phase changed. A final
+    /// state or a fence keeps the phase.
+    pub fn base_staged(&mut self, streams_wal: bool) -> bool {
         match self {
-            Self::BaseCopy => {
+            Self::BaseCopy if streams_wal => {
                 *self = Self::WalCatchUp { recovered: None };
                 true
             }

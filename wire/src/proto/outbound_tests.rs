@@ -26,7 +26,7 @@ fn answer(final_lsn: u64) -> FenceResult {
 /// A migration in `WalCatchUp` with a fence at `final_lsn` answered.
 fn fenced(final_lsn: u64) -> Lifecycle {
     let mut life = Lifecycle::BaseCopy;
-    assert!(life.base_staged());
+    assert!(life.base_staged(true));
     assert_eq!(life.fence_requested(Lsn(final_lsn), stamps(1_000_000), 9), Ok(FenceStep::Started));
     life.fence_answered(1_010_000, 1_020_000, answer(final_lsn));
     life
@@ -167,7 +167,7 @@ proptest! {
         for event in events {
             let before = life.clone();
             let refused = match event {
-                Event::BaseStaged => { life.base_staged(); false }
+                Event::BaseStaged => { life.base_staged(true); false }
                 Event::Fence(lsn) => life.fence_requested(Lsn(lsn.into()), stamps(1_000), 0).is_err(),
                 Event::Answered => { life.fence_answered(2_000, 3_000, answer(1)); false }
                 Event::Failed => { life.fence_failed(); false }
@@ -188,4 +188,17 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_copy_without_a_wal_stream_has_no_catch_up_and_goes_from_base_copy_to_completed() {
+    let mut life = Lifecycle::BaseCopy;
+    assert!(!life.base_staged(false), "an offline copy without a WAL entered WalCatchUp");
+    assert_eq!(life.phase(), Phase::BaseCopy);
+    assert!(life.committed_offline());
+    assert_eq!(life.phase(), Phase::Completed);
+    // With a WAL stream, the base staged is the start of the catch-up.
+    let mut live = Lifecycle::BaseCopy;
+    assert!(live.base_staged(true));
+    assert_eq!(live.phase(), Phase::WalCatchUp);
 }
