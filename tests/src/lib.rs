@@ -345,15 +345,16 @@ pub async fn wait_for_status(
 ) -> anyhow::Result<MigrationStatus> {
     let mut polls = Polls::new(&format!("{what} of {id}"), within);
     loop {
-        match client.status(id).await {
+        let pause = match client.status(id).await {
             Ok(status) if accept(&status) => return Ok(status),
             Ok(status) if status.phase == Phase::Failed => {
                 anyhow::bail!("{id} failed while waiting for {what}: {:?}", status.reason);
             }
-            Ok(status) => tokio::time::sleep(polls.next(Some(&status))?).await,
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => tokio::time::sleep(polls.next(Some(&e))?).await,
+            Ok(status) => polls.next(Some(&status))?,
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => polls.next(Some(&e))?,
             Err(e) => return Err(e.into()),
-        }
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -407,4 +408,41 @@ pub fn manifest_json(target_data_dir: &Path, id: &str) -> anyhow::Result<serde_j
     let path = target_data_dir.join("migrations").join(id).join("MANIFEST.json");
     let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_that_times_out_names_its_event() {
+        let e = wait_until_blocking("the moon to rise", Duration::from_millis(20), || false).unwrap_err();
+        assert!(e.to_string().contains("the moon to rise"), "{e}");
+    }
+
+    #[test]
+    fn a_wait_ends_once_its_condition_holds() {
+        let mut looks_count = 0;
+        let third = || {
+            looks_count += 1;
+            looks_count == 3
+        };
+        wait_until_blocking("the third look", Duration::from_secs(10), third).unwrap();
+        assert_eq!(looks_count, 3);
+    }
+
+    #[tokio::test]
+    async fn the_async_waits_time_out_and_end_alike() {
+        let e = wait_until("the tide", Duration::from_millis(20), || false).await.unwrap_err();
+        assert!(e.to_string().contains("the tide"), "{e}");
+        let e = wait_for_some("an answer", Duration::from_millis(20), || async { None::<u8> }).await.unwrap_err();
+        assert!(e.to_string().contains("an answer"), "{e}");
+        let mut tries_count = 0u8;
+        let second = || {
+            tries_count += 1;
+            let answer = (tries_count == 2).then_some(tries_count);
+            async move { answer }
+        };
+        assert_eq!(wait_for_some("the second try", Duration::from_secs(10), second).await.unwrap(), 2);
+    }
 }
