@@ -3,12 +3,18 @@
 //! What it does: makes development certificates in a temp folder, starts an in-process target
 //! (any storage, the fake included) on a loopback port, runs the source side of a copy, builds
 //! trees of files, and checksums trees with SHA-256 (a reader independent of the transfer
-//! code, which uses CRC32C); waits for a migration's phase over a control socket
-//! ([`wait_for_phase`]) and reads a staging's `MANIFEST.json` as plain JSON
-//! ([`manifest_json`]); [`relay`] puts a UDP relay that can drop every datagram between two
-//! QUIC endpoints.
+//! code, which uses CRC32C); waits for events with a deadline ([`wait_until`] and
+//! [`wait_until_blocking`] for a condition, [`wait_for_some`] for an async call's answer,
+//! [`wait_for_writes`] for the reference writer's acks, [`wait_for_status`],
+//! [`wait_for_phase`] and [`wait_for_tail_across_rolls`] for a migration over a control
+//! socket); reads a staging's `MANIFEST.json` as plain JSON ([`manifest_json`]); [`relay`] puts
+//! a UDP relay that can drop every datagram between two QUIC endpoints.
 //!
-//! What it does not: assert. Scenarios in `tests/` do; helpers return errors.
+//! What it does not: assert. Scenarios in `tests/` do; helpers return errors. Nor sleep for a
+//! fixed time to let something happen: a wait names its event and fails at its deadline. The
+//! wait helpers poll (the control socket's `migration.event`s come on a 250 ms tick, slower
+//! than a poll), from 100 us apart doubling to [`POLL_INTERVAL_MAX`] (5 ms), so a quick event
+//! is seen within a millisecond and a long one within 5 ms.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 pub mod relay;
@@ -21,9 +27,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ferry_engine::certs::{self, IssueOptions};
-use ferry_engine::control::ControlClient;
+use ferry_engine::control::{ControlClient, ErrorCode};
 use ferry_engine::quic::QuicTuning;
 use ferry_engine::read::ReadMode;
+use ferry_engine::refnode::{RefWriter, RefWriterConfig};
 use ferry_engine::storage::Storage;
 use ferry_engine::tls::NodeIdentity;
 use ferry_engine::transfer::source::{self, CopyReport, CopyRequest, RateHandle};
@@ -58,16 +65,105 @@ impl Certs {
 
 /// The reference writer of the cut-over scenarios: 4,000 writes/s into `wal_dir` with 64 KiB
 /// segments (the WAL rolls every few hundred ms while a migration runs, so held links are
-/// taken meanwhile), `vshard` migrating; returns once it has written for 100 ms.
-pub async fn rolling_writer(wal_dir: &Path, vshard: VShardId) -> anyhow::Result<ferry_engine::refnode::RefWriter> {
-    let config = ferry_engine::refnode::RefWriterConfig {
+/// taken meanwhile), `vshard` migrating; returns once it has acknowledged 400 writes (100 ms of
+/// them).
+pub async fn rolling_writer(wal_dir: &Path, vshard: VShardId) -> anyhow::Result<RefWriter> {
+    let config = RefWriterConfig {
         rate_writes_per_sec: 4_000,
         roll_size_bytes: 64 << 10,
-        ..ferry_engine::refnode::RefWriterConfig::new(wal_dir, vshard)
+        ..RefWriterConfig::new(wal_dir, vshard)
     };
-    let writer = ferry_engine::refnode::RefWriter::start(config)?;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let writer = RefWriter::start(config)?;
+    wait_for_writes(&writer, 400, WRITES_WAIT).await?;
     Ok(writer)
+}
+
+/// How long [`rolling_writer`] waits for its first writes: far more than they take.
+const WRITES_WAIT: Duration = Duration::from_secs(30);
+
+/// The longest pause between two looks of the wait helpers.
+pub const POLL_INTERVAL_MAX: Duration = Duration::from_millis(5);
+/// The first pause between two looks; it doubles up to [`POLL_INTERVAL_MAX`].
+const POLL_INTERVAL_MIN: Duration = Duration::from_micros(100);
+
+/// The pauses between two looks of one wait, and its deadline.
+struct Polls {
+    what: String,
+    within: Duration,
+    deadline: Instant,
+    interval: Duration,
+}
+
+impl Polls {
+    fn new(what: &str, within: Duration) -> Self {
+        Self { what: what.to_owned(), within, deadline: Instant::now() + within, interval: POLL_INTERVAL_MIN }
+    }
+
+    /// An error naming the event (and what was `seen` instead, if told) once the deadline
+    /// passed; otherwise the next pause.
+    fn next(&mut self, seen: Option<&dyn std::fmt::Debug>) -> anyhow::Result<Duration> {
+        if Instant::now() > self.deadline {
+            match seen {
+                Some(seen) => anyhow::bail!("timed out after {:?} waiting for {}: {seen:?}", self.within, self.what),
+                None => anyhow::bail!("timed out after {:?} waiting for {}", self.within, self.what),
+            }
+        }
+        let pause = self.interval;
+        self.interval = (self.interval * 2).min(POLL_INTERVAL_MAX);
+        Ok(pause)
+    }
+}
+
+/// Waits until `condition` holds, looking again after a short pause (see the crate docs); an
+/// error naming `what` (the event waited for) once `within` passes first.
+pub async fn wait_until(what: &str, within: Duration, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let mut polls = Polls::new(what, within);
+    while !condition() {
+        tokio::time::sleep(polls.next(None)?).await;
+    }
+    Ok(())
+}
+
+/// [`wait_until`] for a test on plain threads: the pauses block the calling thread.
+pub fn wait_until_blocking(what: &str, within: Duration, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let mut polls = Polls::new(what, within);
+    while !condition() {
+        std::thread::sleep(polls.next(None)?);
+    }
+    Ok(())
+}
+
+/// Tries `attempt` until it gives a value, pausing between tries as [`wait_until`] does; an
+/// error naming `what` once `within` passes first. For events only an async call can see.
+pub async fn wait_for_some<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    within: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> anyhow::Result<T> {
+    let mut polls = Polls::new(what, within);
+    loop {
+        if let Some(value) = attempt().await {
+            return Ok(value);
+        }
+        tokio::time::sleep(polls.next(None)?).await;
+    }
+}
+
+/// Waits until the reference writer has acknowledged `count` more writes than when called.
+pub async fn wait_for_writes(writer: &RefWriter, count: u64, within: Duration) -> anyhow::Result<()> {
+    let from = writer.acked_count();
+    wait_until(&format!("{count} more acknowledged writes after {from}"), within, || {
+        writer.acked_count() >= from + count
+    })
+    .await
+}
+
+/// [`wait_for_writes`] for a test on plain threads.
+pub fn wait_for_writes_blocking(writer: &RefWriter, count: u64, within: Duration) -> anyhow::Result<()> {
+    let from = writer.acked_count();
+    wait_until_blocking(&format!("{count} more acknowledged writes after {from}"), within, || {
+        writer.acked_count() >= from + count
+    })
 }
 
 /// A node daemon's configuration for an in-process `RunningNode` named `name` (a certificate of
@@ -237,28 +333,73 @@ pub fn ferry_bin() -> PathBuf {
     bin
 }
 
-/// Polls `migration.status` of `id` every 10 ms until its phase is `phase`; an error when it
-/// becomes `Failed` first (unless `Failed` is asked for) or `within` passes.
+/// Polls `migration.status` of `id` until `accept` takes it (`what` names that event); an
+/// error when the migration becomes `Failed` first (unless `accept` takes that) or `within`
+/// passes. Not found yet is waited for: an inbound migration appears when its source connects.
+pub async fn wait_for_status(
+    client: &mut ControlClient,
+    id: &MigrationId,
+    what: &str,
+    within: Duration,
+    mut accept: impl FnMut(&MigrationStatus) -> bool,
+) -> anyhow::Result<MigrationStatus> {
+    let mut polls = Polls::new(&format!("{what} of {id}"), within);
+    loop {
+        let pause = match client.status(id).await {
+            Ok(status) if accept(&status) => return Ok(status),
+            Ok(status) if status.phase == Phase::Failed => {
+                anyhow::bail!("{id} failed while waiting for {what}: {:?}", status.reason);
+            }
+            Ok(status) => polls.next(Some(&status))?,
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => polls.next(Some(&e))?,
+            Err(e) => return Err(e.into()),
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// [`wait_for_status`] until its phase is `phase`.
 pub async fn wait_for_phase(
     client: &mut ControlClient,
     id: &MigrationId,
     phase: Phase,
     within: Duration,
 ) -> anyhow::Result<MigrationStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        let status = client.status(id).await?;
-        if status.phase == phase {
-            return Ok(status);
+    wait_for_status(client, id, &format!("phase {phase:?}"), within, |status| status.phase == phase).await
+}
+
+/// Waits until the source WAL in `wal_dir` rolled `rolls` more times (that many segment files
+/// newer than its newest now) and the target's durable LSN of `id` reached what `writer` had
+/// acknowledged by then: the tail streamed across those rolls.
+pub async fn wait_for_tail_across_rolls(
+    client: &mut ControlClient,
+    id: &MigrationId,
+    writer: &RefWriter,
+    wal_dir: &Path,
+    rolls: usize,
+    within: Duration,
+) -> anyhow::Result<MigrationStatus> {
+    let newest = wal_segments(wal_dir)?.pop();
+    let rolled = || {
+        wal_segments(wal_dir).is_ok_and(|names| names.iter().filter(|n| Some(*n) > newest.as_ref()).count() >= rolls)
+    };
+    wait_until(&format!("{rolls} rolls of the source WAL after {newest:?}"), within, rolled).await?;
+    let acked = writer.acked_lsn().0;
+    let what = format!("durable LSN {acked}");
+    wait_for_status(client, id, &what, within, |status| status.wal.current_lsn >= Some(acked)).await
+}
+
+/// The names of the WAL segment files in `wal_dir`, oldest first (a name holds its first LSN).
+fn wal_segments(wal_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(wal_dir).with_context(|| format!("list {}", wal_dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("wal-") && name.ends_with(".seg") {
+            names.push(name);
         }
-        if status.phase == Phase::Failed {
-            anyhow::bail!("{id} failed while waiting for {phase:?}: {:?}", status.reason);
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("{id} did not reach {phase:?} within {within:?}: {status:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    names.sort();
+    Ok(names)
 }
 
 /// The `MANIFEST.json` of the staging of `id` under a target's data folder, as plain JSON (read
@@ -267,4 +408,41 @@ pub fn manifest_json(target_data_dir: &Path, id: &str) -> anyhow::Result<serde_j
     let path = target_data_dir.join("migrations").join(id).join("MANIFEST.json");
     let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_that_times_out_names_its_event() {
+        let e = wait_until_blocking("the moon to rise", Duration::from_millis(20), || false).unwrap_err();
+        assert!(e.to_string().contains("the moon to rise"), "{e}");
+    }
+
+    #[test]
+    fn a_wait_ends_once_its_condition_holds() {
+        let mut looks_count = 0;
+        let third = || {
+            looks_count += 1;
+            looks_count == 3
+        };
+        wait_until_blocking("the third look", Duration::from_secs(10), third).unwrap();
+        assert_eq!(looks_count, 3);
+    }
+
+    #[tokio::test]
+    async fn the_async_waits_time_out_and_end_alike() {
+        let e = wait_until("the tide", Duration::from_millis(20), || false).await.unwrap_err();
+        assert!(e.to_string().contains("the tide"), "{e}");
+        let e = wait_for_some("an answer", Duration::from_millis(20), || async { None::<u8> }).await.unwrap_err();
+        assert!(e.to_string().contains("an answer"), "{e}");
+        let mut tries_count = 0u8;
+        let second = || {
+            tries_count += 1;
+            let answer = (tries_count == 2).then_some(tries_count);
+            async move { answer }
+        };
+        assert_eq!(wait_for_some("the second try", Duration::from_secs(10), second).await.unwrap(), 2);
+    }
 }

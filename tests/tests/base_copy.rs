@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ferry_engine::snapshot::SnapshotError;
 use ferry_engine::storage::DiskStorage;
 use ferry_engine::transfer::TransferError;
-use ferry_tests::{copy, request, tree_sha256, write_file, Certs, Target};
+use ferry_tests::{copy, request, tree_sha256, wait_until, write_file, Certs, Target};
 use ferry_wire::manifest::{StagingManifest, StagingState};
 use ferry_wire::path::RelPath;
 
@@ -166,13 +166,8 @@ async fn the_rate_limit_changes_while_a_copy_runs() {
         tokio::spawn(async move { ferry_tests::copy_with_rate(&certs, req, rate).await })
     };
     // Limited: it makes progress, slowly.
-    loop {
-        let verified = target.ctx.inbound().values().map(|s| s.migration.bytes_verified).max().unwrap_or(0);
-        if verified >= 1 << 20 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let verified = || target.ctx.inbound().values().map(|s| s.migration.bytes_verified).max().unwrap_or(0) >= 1 << 20;
+    wait_until("1 MiB verified", std::time::Duration::from_secs(60), verified).await.unwrap();
     assert!(!task.is_finished());
     assert_eq!(rate.rate_bytes_per_sec(), 1_000_000);
     // Lifted at run time: the copy finishes long before the old rate would allow.

@@ -15,12 +15,12 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_engine::certs::{self, IssueOptions};
 use ferry_engine::refnode::{RefWriter, RefWriterConfig};
 use ferry_engine::storage::DiskStorage;
-use ferry_tests::{ferry_bin, node, node_config, write_file, Certs, Target};
+use ferry_tests::{ferry_bin, node, node_config, wait_until_blocking, write_file, Certs, Target};
 use ferry_wire::VShardId;
 
 fn text(bytes: &[u8]) -> String {
@@ -90,11 +90,8 @@ fn a_reader_that_leaves_early_is_no_panic_for_any_printing_command() {
     let config =
         RefWriterConfig { writes_max_count: 4_000, ..RefWriterConfig::new(wal.path().join("wal"), VShardId(7)) };
     let writer = RefWriter::start(config).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while writer.acked_count() < 4_000 {
-        assert!(Instant::now() < deadline, "the reference writer did not write 4,000 records");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let written = || writer.acked_count() >= 4_000;
+    wait_until_blocking("the reference writer to write 4,000 records", Duration::from_secs(30), written).unwrap();
     writer.stop().unwrap();
     let mut dump = Command::new(ferry_bin())
         .args(["wal", "dump", "--json", "--dir"])

@@ -24,6 +24,7 @@ use ferry_engine::control::{
     CallFuture, ClientError, ControlClient, ControlConfig, ControlError, ControlServer, Event, Handler, Reply,
     RpcError, Subscription,
 };
+use ferry_tests::wait_for_some;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -297,16 +298,16 @@ async fn a_thousand_clients_at_once() {
         let socket = daemon.socket.clone();
         let barrier = Arc::clone(&barrier);
         tasks.spawn(async move {
-            let mut client = loop {
-                match ControlClient::connect(&socket).await {
-                    Ok(client) => break client,
+            let socket = &socket;
+            let connect = move || async move {
+                match ControlClient::connect(socket).await {
+                    Ok(client) => Some(client),
                     // A full listen backlog makes a non-blocking connect say "try again".
-                    Err(ClientError::Connect { source, .. }) if source.kind() == std::io::ErrorKind::WouldBlock => {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+                    Err(ClientError::Connect { source, .. }) if source.kind() == std::io::ErrorKind::WouldBlock => None,
                     Err(e) => panic!("client {i} could not connect: {e}"),
                 }
             };
+            let mut client = wait_for_some("room in the listen backlog", WAIT, connect).await.unwrap();
             // Every client is connected before any of them calls.
             barrier.wait().await;
             let answer = client.call("echo", json!({ "client": i })).await.unwrap();
@@ -341,17 +342,9 @@ async fn connections_over_the_limit_are_refused_clearly() {
     // The held connections are unaffected; once one closes, a new client gets in.
     assert_eq!(held[0].call("add", json!({ "a": 2, "b": 3 })).await.unwrap(), json!(5));
     held.pop();
-    let mut admitted = false;
-    for _ in 0..600 {
-        let mut client = daemon.client().await;
-        if client.call("node.info", Value::Null).await.is_ok() {
-            admitted = true;
-            break;
-        }
-        // The daemon reaps the closed connection's task asynchronously.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(admitted, "a freed connection slot was never reused");
+    // The daemon reaps the closed connection's task asynchronously.
+    let admitted = || async { daemon.client().await.call("node.info", Value::Null).await.ok() };
+    wait_for_some("a freed connection slot to be reused", Duration::from_secs(30), admitted).await.unwrap();
     daemon.stop().await;
 }
 

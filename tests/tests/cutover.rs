@@ -20,15 +20,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_engine::clock::monotonic_ns;
 use ferry_engine::control::{ControlClient, ErrorCode};
 use ferry_engine::node::RunningNode;
 use ferry_engine::wal::tail::FolderTail;
 use ferry_engine::wal::writer::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterOptions};
-use ferry_tests::{node_pair, write_file, Certs};
-use ferry_wire::api::StartParams;
+use ferry_tests::{node_pair, wait_for_phase, wait_until, wait_until_blocking, write_file, Certs};
+use ferry_wire::api::{MigrationStatus, Phase, StartParams};
 use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
 use ferry_wire::{Lsn, MigrationId, VShardId};
 use serde_json::{json, Value};
@@ -74,6 +74,7 @@ impl Writer {
                 while !stop.load(Ordering::Acquire) {
                     if pause.load(Ordering::Acquire) && !rogue.load(Ordering::Acquire) {
                         parked.store(true, Ordering::Release);
+                        // The simulated writer's own park: it looks for the resume this often.
                         std::thread::sleep(Duration::from_micros(100));
                         continue;
                     }
@@ -94,6 +95,7 @@ impl Writer {
                         acked.store(lsn, Ordering::Release);
                     }
                     drop(log);
+                    // The simulated write rate (a group of four per interval), not a wait.
                     std::thread::sleep(interval * 4);
                 }
             })
@@ -104,11 +106,7 @@ impl Writer {
     /// Parks the writer: (last acknowledged LSN, paused_at_ns).
     fn pause(&self) -> (u64, u64) {
         self.pause.store(true, Ordering::Release);
-        let deadline = Instant::now() + WAIT;
-        while !self.parked.load(Ordering::Acquire) {
-            assert!(Instant::now() < deadline, "the writer did not park");
-            std::thread::sleep(Duration::from_micros(50));
-        }
+        wait_until_blocking("the writer to park", WAIT, || self.parked.load(Ordering::Acquire)).unwrap();
         (self.acked.load(Ordering::Acquire), monotonic_ns())
     }
 
@@ -116,6 +114,13 @@ impl Writer {
         let at = monotonic_ns();
         self.pause.store(false, Ordering::Release);
         at
+    }
+
+    /// Waits until `count` more writes are acknowledged (a write is one LSN).
+    async fn wait_for_writes(&self, count: u64) {
+        let from = self.acked.load(Ordering::Acquire);
+        let what = format!("{count} more acknowledged writes after LSN {from}");
+        wait_until(&what, WAIT, || self.acked.load(Ordering::Acquire) >= from + count).await.unwrap();
     }
 
     fn acks_between(&self, from_ns: u64, to_ns: u64) -> usize {
@@ -183,16 +188,9 @@ impl Pair {
         client.call("migration.status", json!({ "migration_id": id })).await.unwrap_or(Value::Null)
     }
 
-    async fn wait_phase(&self, node: &RunningNode, id: &str, phase: &str) -> Value {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let status = self.status(node, id).await;
-            if status["phase"] == phase {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{id} never reached {phase}: {status}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    async fn wait_phase(&self, node: &RunningNode, id: &str, phase: Phase) -> MigrationStatus {
+        let mut client = self.client(node).await;
+        wait_for_phase(&mut client, &MigrationId::new(id).unwrap(), phase, WAIT).await.unwrap()
     }
 
     fn manifest(&self, id: &str) -> Value {
@@ -226,7 +224,7 @@ fn code(e: &ferry_engine::control::ClientError) -> Option<ErrorCode> {
 async fn live(pair: &Pair, id: &str, budget_us: u64) -> MigrationId {
     let mut client = pair.client(&pair.source).await;
     client.start(&pair.params(id, budget_us)).await.unwrap();
-    pair.wait_phase(&pair.source, id, "WalCatchUp").await;
+    pair.wait_phase(&pair.source, id, Phase::WalCatchUp).await;
     MigrationId::new(id).unwrap()
 }
 
@@ -236,7 +234,8 @@ fn prepare_fence_release_complete_a_live_migration_with_its_pause_measured() {
         let pair = pair().await;
         let writer = Writer::start(&pair.wal_dir, 4_000);
         let id = live(&pair, "live-1", 500_000).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The tail sees writes to measure (300 ms of them).
+        writer.wait_for_writes(1_200).await;
         let mut client = pair.client(&pair.source).await;
         let prepared = client.prepare_cutover(&id).await.unwrap();
         assert!(prepared.estimated_pause_us <= 500_000, "{prepared:?}");
@@ -259,16 +258,19 @@ fn prepare_fence_release_complete_a_live_migration_with_its_pause_measured() {
 
         // Nothing was acknowledged while writes were paused, and the writer saw the pause.
         assert_eq!(writer.acks_between(paused_at, resumed_at), 0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The gap over the pause ends at the writer's first ack after the resume.
+        let acked_again = || writer.acks_between(resumed_at, u64::MAX) > 0;
+        wait_until("an ack after the resume", WAIT, acked_again).await.unwrap();
         assert!(writer.longest_gap_us() >= pause.pause_duration_us);
 
-        let status = pair.wait_phase(&pair.source, "live-1", "Completed").await;
-        assert_eq!(status["pause_duration_us"], pause.pause_duration_us);
+        let status = pair.wait_phase(&pair.source, "live-1", Phase::Completed).await;
+        assert_eq!(status.pause_duration_us, Some(pause.pause_duration_us));
         let manifest = pair.manifest("live-1");
         assert_eq!(manifest["state"], "released");
         assert_eq!(manifest["final_lsn"], final_lsn);
         assert_eq!(pair.staged_lsns("live-1"), writer.vshard_lsns(0, final_lsn), "every vShard write once, in order");
-        assert_eq!(pair.wait_phase(&pair.target, "live-1", "Completed").await["staging_state"], "released");
+        let target_status = pair.wait_phase(&pair.target, "live-1", Phase::Completed).await;
+        assert_eq!(target_status.staging_state.as_deref(), Some("released"));
     });
 }
 
@@ -278,7 +280,8 @@ fn a_budget_too_small_is_refused_before_any_pause() {
         let pair = pair().await;
         let writer = Writer::start(&pair.wal_dir, 4_000);
         let id = live(&pair, "tight", 1).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The tail sees writes to estimate the pause from (200 ms of them).
+        writer.wait_for_writes(800).await;
         let mut client = pair.client(&pair.source).await;
         let e = client.prepare_cutover(&id).await.unwrap_err();
         assert_eq!(code(&e), Some(ErrorCode::PauseBudgetExceeded), "{e}");
@@ -301,9 +304,8 @@ fn a_writer_that_does_not_pause_violates_the_fence_and_a_later_fence_completes()
         writer.rogue.store(true, Ordering::Release);
         let (final_lsn, paused_at) = (writer.acked.load(Ordering::Acquire), monotonic_ns());
         // The rogue writer keeps writing; wait until a vShard record above final_lsn exists.
-        while writer.vshard_lsns(final_lsn, u64::MAX).is_empty() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let written_above = || !writer.vshard_lsns(final_lsn, u64::MAX).is_empty();
+        wait_until("a vShard write above final_lsn", WAIT, written_above).await.unwrap();
         let e = client.fence(&id, final_lsn, Some(paused_at)).await.unwrap_err();
         assert_eq!(code(&e), Some(ErrorCode::FenceViolated), "{e}");
         let lsn = e.rpc().unwrap().data.clone().unwrap()["lsn"].as_u64().unwrap();
@@ -333,7 +335,8 @@ fn a_drain_that_cannot_finish_is_cancelled_and_the_retry_completes_then_abort_of
         assert!(e.to_string().contains("did not finish within the pause budget"), "{e}");
         assert_eq!(pair.status(&pair.source, "cancel").await["phase"], "WalCatchUp");
         writer.resume();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The writer runs again (100 ms of writes) before the retry.
+        writer.wait_for_writes(400).await;
 
         // The retry completes; the staging is fenced, then the coordinator aborts (its routing
         // flip failed): the target staging goes, the source stays authoritative.
@@ -356,7 +359,7 @@ fn the_fence_waits_for_the_target_databases_ingest_when_it_acknowledges_it() {
         let pair = pair().await;
         let writer = Writer::start(&pair.wal_dir, 2_000);
         let id = live(&pair, "ingest", 300_000).await;
-        pair.wait_phase(&pair.target, "ingest", "WalCatchUp").await;
+        pair.wait_phase(&pair.target, "ingest", Phase::WalCatchUp).await;
         let mut target = pair.client(&pair.target).await;
         assert_eq!(target.applied(&id, 1).await.unwrap(), 1);
         let mut client = pair.client(&pair.source).await;
@@ -366,7 +369,8 @@ fn the_fence_waits_for_the_target_databases_ingest_when_it_acknowledges_it() {
         assert_eq!(code(&e), Some(ErrorCode::CutOverCancelled), "{e}");
         assert!(e.to_string().contains("has applied up to 1"), "{e}");
         writer.resume();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The writer runs again (50 ms of writes) before the next pause.
+        writer.wait_for_writes(100).await;
 
         // Now it applies as it goes: the fence waits for it and reports the wait.
         let (final_lsn, paused_at) = writer.pause();
@@ -374,6 +378,7 @@ fn the_fence_waits_for_the_target_databases_ingest_when_it_acknowledges_it() {
             let socket = pair.target.socket().to_path_buf();
             let id = id.clone();
             tokio::spawn(async move {
+                // The database applies late on purpose, so that the fence waits for it.
                 tokio::time::sleep(Duration::from_millis(30)).await;
                 let mut target = ControlClient::connect(&socket).await.unwrap();
                 target.applied(&id, final_lsn).await.unwrap();

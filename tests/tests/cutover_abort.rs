@@ -47,8 +47,11 @@ use ferry_engine::refnode::{
     WritePlace, WriterLog,
 };
 use ferry_tests::relay::Relay;
-use ferry_tests::{manifest_json, node_pair, tree_sha256, wait_for_phase, Certs};
-use ferry_wire::api::{Phase, StartParams};
+use ferry_tests::{
+    manifest_json, node_pair, tree_sha256, wait_for_phase, wait_for_status, wait_for_tail_across_rolls,
+    wait_for_writes, wait_until, Certs,
+};
+use ferry_wire::api::{MigrationStatus, Phase, StartParams};
 use ferry_wire::{Lsn, MigrationId, VShardId};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -199,6 +202,7 @@ async fn check_aborted(
             assert_eq!(manifest["segments"], json!([]), "{manifest}");
             assert_eq!(manifest["wal_segments"], json!([]), "{manifest}");
         }
+        // Not a wait for an event: the staging must stay discarded through 400 ms of writes.
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     let mut target = ControlClient::connect(scene.target.socket()).await.unwrap();
@@ -266,16 +270,12 @@ fn abort_during_the_base_copy_discards_the_target_staging_and_leaves_the_source_
         let segments_before = tree_sha256(&root).unwrap();
         let wal_at_start = wal_prefixes(&scene.wal_dir);
         let (mut client, id) = scene.start("abort-base", &root, base_lsn, 4 << 20).await;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let status = client.status(&id).await.unwrap();
+        wait_for_status(&mut client, &id, "bytes moved", WAIT, |status| {
             assert_eq!(status.phase, Phase::BaseCopy, "{status:?}");
-            if status.bytes_transferred > 0 && scene.staging(&id).join("segments").exists() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no bytes moved: {status:?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            status.bytes_transferred > 0 && scene.staging(&id).join("segments").exists()
+        })
+        .await
+        .unwrap();
         assert!(root.join(".ferry-snapshot/abort-base").exists(), "the snapshot links are there before");
         let wal_before = wal_prefixes(&scene.wal_dir);
         abort(&mut client, &id, "test: abort in BaseCopy", &scene.wal_dir).await;
@@ -297,7 +297,7 @@ fn abort_during_the_wal_catch_up_discards_the_target_staging_and_the_vshard_can_
         let (mut client, id) = scene.start("abort-tail", &root, base_lsn, 0).await;
         wait_for_phase(&mut client, &id, Phase::WalCatchUp, WAIT).await.unwrap();
         // Let the tail stream across a few WAL rolls.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        wait_for_tail_across_rolls(&mut client, &id, &scene.writer, &scene.wal_dir, 2, WAIT).await.unwrap();
         let status = client.status(&id).await.unwrap();
         assert_eq!(status.phase, Phase::WalCatchUp, "{status:?}");
         assert!(status.wal.current_lsn > Some(base_lsn.0), "nothing staged from the WAL: {status:?}");
@@ -319,7 +319,8 @@ fn abort_during_the_wal_catch_up_discards_the_target_staging_and_the_vshard_can_
         )
         .await
         .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Writes on the target node (100 ms of them).
+        wait_for_writes(&scene.writer, 400, WAIT).await.unwrap();
         let staging = scene.staging(&id);
         let log = scene.writer.stop().unwrap();
         check_source_wal(&scene.wal_dir, &[&wal_at_start, &wal_before], &log);
@@ -387,33 +388,25 @@ async fn fence_through_a_partition(partition: Partition, target_after_heal: Targ
     let (root, base_lsn) = scene.export("export", 1 << 20);
     let (mut client, id) = scene.start_via("partition", &root, base_lsn, 0, relay.addr, SMALL_BUDGET_US).await;
     wait_for_phase(&mut client, &id, Phase::WalCatchUp, WAIT).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The tail streams a while (300 ms of writes) before the fence.
+    wait_for_writes(&scene.writer, 1_200, WAIT).await.unwrap();
 
     let ticket = match partition {
         Partition::DuringTheDrain => {
             relay.set_dropping(true);
             // A vShard write acknowledged after this was read and sent into the partition.
             let dropped_from = scene.writer.acked_lsn();
-            let deadline = Instant::now() + WAIT;
-            while scene.writer.migrating_source_writes(Lsn(u64::MAX)).last().map(|e| e.source_lsn) <= Some(dropped_from)
-            {
-                assert!(Instant::now() < deadline, "no write of the vShard after LSN {dropped_from}");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            let written_after = || {
+                scene.writer.migrating_source_writes(Lsn(u64::MAX)).last().map(|e| e.source_lsn) > Some(dropped_from)
+            };
+            wait_until(&format!("a write of the vShard after LSN {dropped_from}"), WAIT, written_after).await.unwrap();
             scene.writer.pause().unwrap()
         }
         Partition::AfterTheDrain => {
             let ticket = scene.writer.pause().unwrap();
             let last = scene.writer.migrating_source_writes(ticket.last_acked_lsn).last().unwrap().source_lsn;
-            let deadline = Instant::now() + WAIT;
-            loop {
-                let status = client.status(&id).await.unwrap();
-                if status.wal.current_lsn >= Some(last.0) {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "LSN {last} never became durable: {status:?}");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            let durable = |status: &MigrationStatus| status.wal.current_lsn >= Some(last.0);
+            wait_for_status(&mut client, &id, &format!("durable LSN {last}"), WAIT, durable).await.unwrap();
             relay.set_dropping(true);
             ticket
         }
@@ -442,17 +435,13 @@ async fn fence_through_a_partition(partition: Partition, target_after_heal: Targ
     relay.set_dropping(false);
 
     // Healed: the tail catches up past the pause, then the coordinator fences again.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = client.status(&id).await.unwrap();
+    wait_for_status(&mut client, &id, "the tail to catch up after the partition", WAIT, |status| {
         assert_eq!(status.phase, Phase::WalCatchUp, "{status:?}");
         let caught_up = status.wal.current_lsn.is_some_and(|lsn| lsn > ticket.last_acked_lsn.0);
-        if caught_up && status.wal.lag_lsn().is_some_and(|lag| lag < 2_000) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the tail did not catch up after the partition: {status:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        caught_up && status.wal.lag_lsn().is_some_and(|lag| lag < 2_000)
+    })
+    .await
+    .unwrap();
     let manifest = manifest_json(&scene.dir.path().join("target"), id.as_str()).unwrap();
     let mut target = ControlClient::connect(scene.target.socket()).await.unwrap();
     let inbound = target.call("migration.status", json!({ "migration_id": id.as_str() })).await.unwrap();
@@ -480,7 +469,8 @@ async fn fence_through_a_partition(partition: Partition, target_after_heal: Targ
         outcome.release.pause.pause_duration_us
     );
     assert!(outcome.release.final_lsn > ticket.last_acked_lsn.0);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Writes on the target node (100 ms of them).
+    wait_for_writes(&scene.writer, 400, WAIT).await.unwrap();
     let staging = scene.staging(&id);
     let manifest = manifest_json(&scene.dir.path().join("target"), id.as_str()).unwrap();
     assert_eq!(manifest["state"], "released", "{manifest}");

@@ -19,11 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_engine::refnode::{export_base, verify, RefWriter, RefWriterConfig, VerifyInput};
-use ferry_tests::{ferry_bin, node_pair, Certs};
+use ferry_tests::{ferry_bin, node_pair, wait_for_writes_blocking, Certs};
 use ferry_wire::{Lsn, VShardId};
 use serde_json::Value;
 
 const VSHARD: VShardId = VShardId(7);
+/// A generous deadline for each wait; none is expected to come near it.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// Serves the marker files the shell commands leave: `pause` -> park the writer and write its
 /// last acknowledged LSN to `paused`; `resume-target` / `resume-source` -> resume it there and
@@ -47,6 +49,8 @@ fn serve_markers(dir: PathBuf, writer: Arc<RefWriter>, node_wal: PathBuf, stop: 
                 let _ = std::fs::remove_file(dir.join(name));
             }
         }
+        // The marker server's own poll, serving until stopped: the shell commands' side of
+        // the protocol, not a wait in the test.
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -65,7 +69,8 @@ fn ferry_migrate_runs_a_live_migration_with_the_cut_over_and_nothing_is_lost() {
     let mut writer_config = RefWriterConfig::new(&wal_dir, VSHARD);
     writer_config.rate_writes_per_sec = 5_000;
     let writer = Arc::new(RefWriter::start(writer_config).unwrap());
-    std::thread::sleep(Duration::from_millis(300));
+    // Writes before the base export (300 ms of them).
+    wait_for_writes_blocking(&writer, 1_500, WAIT).unwrap();
     let base_lsn = writer.acked_lsn();
     let root = dir.path().join("export-root");
     export_base(&root, VSHARD, base_lsn, &writer.migrating_source_writes(base_lsn)).unwrap();
@@ -109,8 +114,9 @@ fn ferry_migrate_runs_a_live_migration_with_the_cut_over_and_nothing_is_lost() {
     assert_eq!(parts, pause["pause_duration_us"].as_u64().unwrap(), "{report}");
     let final_lsn = Lsn(report["cut_over"]["release"]["final_lsn"].as_u64().unwrap());
 
-    // The writer keeps writing the vShard on the target a moment, then everything is counted.
-    std::thread::sleep(Duration::from_millis(200));
+    // The writer keeps writing the vShard on the target a moment (200 ms of writes), then
+    // everything is counted.
+    wait_for_writes_blocking(&writer, 1_000, WAIT).unwrap();
     stop.store(true, Ordering::Release);
     watcher.join().unwrap();
     let writer = Arc::try_unwrap(writer).unwrap_or_else(|_| panic!("the writer is still shared"));

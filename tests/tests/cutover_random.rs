@@ -15,7 +15,7 @@
 #![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_engine::cli::coordinator::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::control::ControlClient;
@@ -23,13 +23,15 @@ use ferry_engine::refnode::{
     export_base, generate_bulk, read_wal_folder, verify, FolderKind, RecordLayout, RefWriter, RefWriterConfig,
     VerifyInput,
 };
-use ferry_tests::{manifest_json, node_pair, Certs};
+use ferry_tests::{manifest_json, node_pair, wait_for_phase, wait_for_writes, Certs};
 use ferry_wire::api::{Phase, StartParams};
 use ferry_wire::wal::Layout;
 use ferry_wire::{MigrationId, VShardId};
 use serde_json::json;
 
 const MIGRATIONS_COUNT: u64 = 20;
+/// A generous deadline for each wait; none is expected to come near it.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// xorshift64*: the test's only source of randomness, from the printed seed.
 struct Rng(u64);
@@ -70,8 +72,10 @@ async fn one(certs: &Certs, dir: &Path, rng: &mut Rng, index: u64) -> String {
         writer_config.roll_size_bytes
     );
     let layout = writer_config.layout;
+    let rate_writes_per_sec = writer_config.rate_writes_per_sec;
     let writer = RefWriter::start(writer_config).unwrap();
-    tokio::time::sleep(Duration::from_millis(head_start_ms)).await;
+    // The head start: that many ms of writes before the base export.
+    wait_for_writes(&writer, rate_writes_per_sec * head_start_ms / 1_000, WAIT).await.unwrap();
     let base_lsn = writer.acked_lsn();
     let root = dir.join("export-root");
     export_base(&root, vshard, base_lsn, &writer.migrating_source_writes(base_lsn)).unwrap();
@@ -88,16 +92,8 @@ async fn one(certs: &Certs, dir: &Path, rng: &mut Rng, index: u64) -> String {
     .unwrap();
     let mut client = ControlClient::connect(source.socket()).await.unwrap();
     client.start(&params).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = client.status(&id).await.unwrap();
-        assert_ne!(status.phase, Phase::Failed, "{shape}: {status:?}");
-        if status.phase == Phase::WalCatchUp {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{shape}: no WalCatchUp");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_phase(&mut client, &id, Phase::WalCatchUp, WAIT).await.unwrap_or_else(|e| panic!("{shape}: {e:#}"));
+    // Drawn, not a wait for an event: the cut-over starts right at the catch-up or a while later.
     tokio::time::sleep(Duration::from_millis(rng.pick(&[0, 50, 200]))).await;
     let node_wal = dir.join("target/node-wal");
     let outcome = cut_over(
@@ -110,7 +106,8 @@ async fn one(certs: &Certs, dir: &Path, rng: &mut Rng, index: u64) -> String {
     .unwrap_or_else(|e| panic!("{shape}: {e:#}"));
     let pause = outcome.release.pause;
     assert_eq!(pause.breakdown.total_us(), pause.pause_duration_us, "{shape}");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Writes on the target node (50 ms of them).
+    wait_for_writes(&writer, rate_writes_per_sec / 20, WAIT).await.unwrap();
     let log = writer.stop().unwrap();
     let staging_dir = dir.join("target/migrations").join(id.as_str());
     let verification = verify(&VerifyInput {

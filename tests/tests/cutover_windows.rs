@@ -23,7 +23,7 @@
 #![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_engine::cli::coordinator::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::clock::monotonic_ns;
@@ -31,7 +31,7 @@ use ferry_engine::control::ControlClient;
 use ferry_engine::refnode::{
     export_base, generate_bulk, verify_counting, RefWriter, RefWriterConfig, ResumedOn, VerifyInput, WritePlace,
 };
-use ferry_tests::{manifest_json, node_pair, wait_for_phase, Certs};
+use ferry_tests::{manifest_json, node_pair, wait_for_phase, wait_for_status, wait_for_writes, Certs};
 use ferry_wire::api::{Phase, StartParams};
 use ferry_wire::{Lsn, MigrationId, VShardId};
 use serde_json::json;
@@ -74,8 +74,8 @@ fn every_write_of_each_window_reaches_the_target_exactly_once() {
         };
         let writer = RefWriter::start(writer_config).unwrap();
 
-        // (a): writes before the export.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // (a): writes before the export (300 ms of them).
+        wait_for_writes(&writer, 2_400, WAIT).await.unwrap();
         let base_lsn = writer.acked_lsn();
         let root = dir.path().join("export-root");
         export_base(&root, VSHARD, base_lsn, &writer.migrating_source_writes(base_lsn)).unwrap();
@@ -92,22 +92,22 @@ fn every_write_of_each_window_reaches_the_target_exactly_once() {
         .unwrap();
         let mut client = ControlClient::connect(source.socket()).await.unwrap();
         client.start(&params).await.unwrap();
-        let deadline = Instant::now() + WAIT;
         let mut base_copy_seen = false;
-        let catch_up_at_ns = loop {
-            let status = client.status(&id).await.unwrap();
-            match status.phase {
-                Phase::BaseCopy => base_copy_seen = true,
-                Phase::WalCatchUp => break monotonic_ns(),
-                other => panic!("the migration is {other:?} before WalCatchUp: {status:?}"),
+        wait_for_status(&mut client, &id, "WalCatchUp", WAIT, |status| match status.phase {
+            Phase::BaseCopy => {
+                base_copy_seen = true;
+                false
             }
-            assert!(Instant::now() < deadline, "no WalCatchUp within {WAIT:?}: {status:?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+            Phase::WalCatchUp => true,
+            other => panic!("the migration is {other:?} before WalCatchUp: {status:?}"),
+        })
+        .await
+        .unwrap();
+        let catch_up_at_ns = monotonic_ns();
         assert!(base_copy_seen, "the status never showed BaseCopy");
 
-        // (c) and (d): the WAL tail, then the reference coordinator's cut-over.
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // (c) and (d): the WAL tail (800 ms of writes), then the reference coordinator's cut-over.
+        wait_for_writes(&writer, 6_400, WAIT).await.unwrap();
         let node_wal = dir.path().join("target/node-wal");
         let outcome = cut_over(
             &mut client,
@@ -117,8 +117,8 @@ fn every_write_of_each_window_reaches_the_target_exactly_once() {
         )
         .await
         .unwrap();
-        // (e): writes on the target node.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // (e): writes on the target node (200 ms of them).
+        wait_for_writes(&writer, 1_600, WAIT).await.unwrap();
         let log = writer.stop().unwrap();
         let final_lsn = Lsn(outcome.release.final_lsn);
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use ferry_engine::control::ControlClient;
 use ferry_engine::refnode::{export_base, verify, RefWriter, RefWriterConfig, VerifyInput};
-use ferry_tests::{ferry_bin, tree_sha256, write_file, Certs};
+use ferry_tests::{ferry_bin, tree_sha256, wait_for_writes_blocking, wait_until_blocking, write_file, Certs};
 use ferry_wire::{Lsn, VShardId};
 use serde_json::{json, Value};
 
@@ -114,20 +114,18 @@ impl Node {
 
     /// Waits until the migration's status satisfies `done`; fails the test at the deadline.
     fn wait_for(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + WAIT;
-        loop {
+        let mut status = Value::Null;
+        let reached = || {
             // Not there yet (an inbound migration appears when its source connects) is waited for.
-            let status = match self.call("migration.status", json!({ "migration_id": id })) {
+            status = match self.call("migration.status", json!({ "migration_id": id })) {
                 Ok(status) => status,
                 Err((-32002, message, _)) => json!({ "not_found": message }),
                 Err(e) => panic!("{e:?}"),
             };
-            if done(&status) {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}: {status}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            done(&status)
+        };
+        wait_until_blocking(what, WAIT, reached).unwrap_or_else(|e| panic!("{e}: {status}"));
+        status
     }
 
     fn signal(&mut self, signal: libc::c_int) -> std::process::ExitStatus {
@@ -376,6 +374,8 @@ fn a_stale_migration_is_aborted_at_restart() {
     c.source.call("migration.start", c.params("m-stale", 4, 1 << 20)).unwrap();
     c.target.wait_for("m-stale", "inbound bytes", |s| s["bytes_transferred"].as_u64() > Some(0));
     c.source.signal(libc::SIGKILL);
+    // Not a wait for an event: the durable record ages past abort_timeout (0 s), by over a
+    // second so that the abort's "last ran it N s ago" is not 0 either.
     std::thread::sleep(Duration::from_millis(1100));
     let config = c.source.config.clone();
     c.source = Node::start(&config);
@@ -661,7 +661,8 @@ fn live_migration(c: &Cluster, id: &str) -> (std::sync::Arc<RefWriter>, PathBuf,
     let mut config = RefWriterConfig::new(&wal_dir, VShardId(7));
     config.rate_writes_per_sec = 3_000;
     let writer = std::sync::Arc::new(RefWriter::start(config).unwrap());
-    std::thread::sleep(Duration::from_millis(200));
+    // Writes before the base export (200 ms of them).
+    wait_for_writes_blocking(&writer, 600, WAIT).unwrap();
     let base_lsn = writer.acked_lsn();
     let root = c._dir.path().join("export-root");
     export_base(&root, VShardId(7), base_lsn, &writer.migrating_source_writes(base_lsn)).unwrap();
@@ -707,7 +708,8 @@ fn finish_and_verify(c: &Cluster, id: &str, writer: std::sync::Arc<RefWriter>, r
                 tries += 1;
                 eprintln!("fence cancelled ({message}); retrying");
                 writer.resume_on_source();
-                std::thread::sleep(Duration::from_millis(500));
+                // The writer runs again (500 ms of writes) before the next fence.
+                wait_for_writes_blocking(&writer, 1_500, WAIT).unwrap();
             }
             Err(e) => panic!("{e:?}"),
         }
@@ -719,7 +721,8 @@ fn finish_and_verify(c: &Cluster, id: &str, writer: std::sync::Arc<RefWriter>, r
     let released =
         c.source.call("migration.release", json!({ "migration_id": id, "writes_resumed_at_ns": resumed })).unwrap();
     assert_eq!(c.manifest_state(id), "released");
-    std::thread::sleep(Duration::from_millis(100));
+    // Writes on the target node (100 ms of them).
+    wait_for_writes_blocking(&writer, 300, WAIT).unwrap();
     let writer = std::sync::Arc::try_unwrap(writer).unwrap_or_else(|_| panic!("the writer is shared"));
     let log = writer.stop().unwrap();
     let verification = verify(&VerifyInput {
@@ -808,7 +811,8 @@ fn a_release_after_the_source_daemon_restarted_completes_a_fence_that_completed(
     assert_eq!(released["final_lsn"], ticket.last_acked_lsn.0, "{released}");
     assert_eq!(c.manifest_state("m-kill-rel"), "released");
     assert_eq!(c.source.status("m-kill-rel")["phase"], "Completed");
-    std::thread::sleep(Duration::from_millis(100));
+    // Writes on the target node (100 ms of them).
+    wait_for_writes_blocking(&writer, 300, WAIT).unwrap();
     let writer = std::sync::Arc::try_unwrap(writer).unwrap_or_else(|_| panic!("the writer is shared"));
     let log = writer.stop().unwrap();
     let verification = verify(&VerifyInput {

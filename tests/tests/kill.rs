@@ -4,10 +4,10 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
 
-use ferry_tests::{ferry_bin, tree_sha256, write_file, Certs};
+use ferry_tests::{ferry_bin, tree_sha256, wait_until_blocking, write_file, Certs};
 
 const CHUNK_LEN: u64 = 256 << 10;
 const STREAMS: u64 = 4;
@@ -66,25 +66,28 @@ fn wait_for_log(data_dir: &Path, fraction: f64) {
     let log = data_dir.join("migrations/killed/.ferry/chunks.log");
     let chunks = TOTAL.div_ceil(CHUNK_LEN) as f64;
     let want = 32 + (chunks * fraction * 2.0) as u64 * 24;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::metadata(&log).map_or(0, |m| m.len()) < want {
-        assert!(Instant::now() < deadline, "the copy never reached {fraction} of the chunks");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let reached = || std::fs::metadata(&log).map_or(0, |m| m.len()) >= want;
+    wait_until_blocking(&format!("the copy to reach {fraction} of the chunks"), Duration::from_secs(60), reached)
+        .unwrap();
 }
 
 fn finish(mut copy: Proc) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(status) = copy.0.try_wait().unwrap() {
-            let mut out = String::new();
-            std::io::Read::read_to_string(copy.0.stdout.as_mut().unwrap(), &mut out).unwrap();
-            assert!(status.success(), "ferry copy failed: {status}; stdout {out}");
-            return serde_json::from_str(&out).unwrap();
-        }
-        assert!(Instant::now() < deadline, "ferry copy did not finish");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let status = exited(&mut copy.0, "ferry copy to finish", Duration::from_secs(120));
+    let mut out = String::new();
+    std::io::Read::read_to_string(copy.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "ferry copy failed: {status}; stdout {out}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Waits for `child` to exit; fails the test naming `what` at the deadline.
+fn exited(child: &mut Child, what: &str, within: Duration) -> ExitStatus {
+    let mut exit = None;
+    wait_until_blocking(what, within, || {
+        exit = child.try_wait().unwrap();
+        exit.is_some()
+    })
+    .unwrap();
+    exit.unwrap()
 }
 
 fn setup() -> (Certs, tempfile::TempDir, tempfile::TempDir) {
@@ -165,6 +168,7 @@ fn sigkill_of_the_target_during_wal_catch_up_loses_and_duplicates_nothing() {
             writer.append(&spec(i), &[7u8; 120]).unwrap();
             if i % 64 == 0 {
                 writer.flush().unwrap();
+                // The simulated write rate (a group of 64 per 1.5 ms), not a wait.
                 std::thread::sleep(Duration::from_micros(1500));
             }
         }
@@ -172,11 +176,8 @@ fn sigkill_of_the_target_during_wal_catch_up_loses_and_duplicates_nothing() {
     });
     // Kill the target once the staged WAL has started and the base is part way.
     let staged_wal = data.path().join("migrations/killed/wal");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&staged_wal).map_or(0, |d| d.count()) == 0 {
-        assert!(Instant::now() < deadline, "the WAL stream never started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let streaming = || std::fs::read_dir(&staged_wal).map_or(0, |d| d.count()) > 0;
+    wait_until_blocking("the WAL stream to start", Duration::from_secs(60), streaming).unwrap();
     wait_for_log(data.path(), 0.3);
     drop(target); // SIGKILL
     let (_target, _) = serve(&certs, data.path(), &addr);
@@ -227,14 +228,7 @@ fn serve_reads_its_config_file_and_exits_0_on_sigterm() {
     assert!(data.path().join("data").is_dir());
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(Instant::now() < deadline, "ferry serve ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exit = exited(&mut child, "ferry serve to exit on SIGTERM", Duration::from_secs(20));
     assert!(exit.success(), "{exit}");
 
     // A configuration with a typo is refused with a message naming the file.

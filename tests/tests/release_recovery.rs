@@ -37,7 +37,10 @@ use ferry_engine::outbound::record::{self, Found};
 use ferry_engine::refnode::{export_base, generate_bulk, verify, RefWriter, VerifyInput, WriterLog};
 use ferry_engine::storage::DiskStorage;
 use ferry_tests::relay::Relay;
-use ferry_tests::{manifest_json, node_config, node_pair, wait_for_phase, Certs};
+use ferry_tests::{
+    manifest_json, node_config, node_pair, wait_for_phase, wait_for_tail_across_rolls, wait_for_writes, wait_until,
+    Certs,
+};
 use ferry_wire::api::{MigrationStatus, Phase, PhaseRecord, StartParams};
 use ferry_wire::{Lsn, MigrationId, VShardId};
 use serde_json::{json, Value};
@@ -188,8 +191,8 @@ async fn fenced_and_release_lost() -> Scene {
     let mut client = ControlClient::connect(source.socket()).await.unwrap();
     client.start(&params).await.unwrap();
     wait_for_phase(&mut client, &id, Phase::WalCatchUp, WAIT).await.unwrap();
-    // Let the tail stream across a few WAL rolls.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let the tail stream across a WAL roll.
+    wait_for_tail_across_rolls(&mut client, &id, &writer, &wal_dir, 1, WAIT).await.unwrap();
 
     // The coordinator's cut-over up to the release: prepare, pause, fence (a cancelled fence
     // resumes on the source and is tried again, as `ferry cutover` does), resume on the target.
@@ -199,6 +202,8 @@ async fn fenced_and_release_lost() -> Scene {
         match client.prepare_cutover(&id).await {
             Ok(_) => {}
             Err(e) if e.code() == Some(ErrorCode::PauseBudgetExceeded) && attempts_count < 100 => {
+                // The coordinator's retry interval (bounded by the attempt count), not a wait
+                // for an event: no status field says when prepare will accept the estimate.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -213,7 +218,8 @@ async fn fenced_and_release_lost() -> Scene {
             {
                 eprintln!("fence {attempts_count} did not complete, trying again: {e}");
                 writer.resume_on_source();
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // The writer runs again (200 ms of writes) before the next attempt.
+                wait_for_writes(&writer, 800, WAIT).await.unwrap();
             }
             Err(e) => panic!("fence: {e}"),
         }
@@ -319,17 +325,14 @@ async fn a_release_the_target_missed_is_told_again_when_the_source_daemon_starts
     assert_eq!(status.staging_state.as_deref(), Some("fenced"), "the target has not confirmed: {status:?}");
     scene.relay.set_dropping(false);
     let forwarded_before = scene.relay.counts().forwarded_count;
-    let deadline = Instant::now() + RECOVERY_DEADLINE;
-    loop {
+    // Told in the background: the target releases, then the source records it knows.
+    wait_until("the target to be told and the source to record it", RECOVERY_DEADLINE, || {
         let manifest = scene.manifest();
-        // Told in the background: the target releases, then the source records it knows.
-        if manifest["state"] == "released" && scene.source_record().target_released {
-            break;
-        }
         assert!(manifest["state"] == "fenced" || manifest["state"] == "released", "{manifest}");
-        assert!(Instant::now() < deadline, "the target was not told within {RECOVERY_DEADLINE:?}: {manifest}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        manifest["state"] == "released" && scene.source_record().target_released
+    })
+    .await
+    .unwrap();
     assert!(scene.relay.counts().forwarded_count > forwarded_before, "the release did not go through the relay");
     scene.assert_released().await;
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_engine::storage::{DiskStorage, FakeStorage, Storage};
-use ferry_tests::{copy, request, tree_sha256, write_file, Certs, Target};
+use ferry_tests::{copy, request, tree_sha256, wait_until, write_file, Certs, Target};
 use ferry_wire::checkpoint;
 
 /// A small deterministic generator, seeded and printed so a failure can be replayed.
@@ -28,14 +28,10 @@ fn seed() -> u64 {
 
 /// Waits until the target has verified at least `bytes` of migration `id`.
 async fn wait_verified(target: &Target, id: &str, bytes: u64) {
-    for _ in 0..6000 {
-        let done = target.ctx.inbound().iter().any(|(m, s)| m.as_str() == id && s.migration.bytes_verified >= bytes);
-        if done {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    panic!("migration {id} never reached {bytes} verified bytes");
+    let done = || target.ctx.inbound().iter().any(|(m, s)| m.as_str() == id && s.migration.bytes_verified >= bytes);
+    wait_until(&format!("migration {id} to reach {bytes} verified bytes"), Duration::from_secs(60), done)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_engine::control::ControlClient;
-use ferry_tests::{ferry_bin, manifest_json, tree_sha256, Certs};
+use ferry_tests::{ferry_bin, manifest_json, tree_sha256, wait_until_blocking, Certs};
 use serde_json::{json, Value};
 
 /// Where the fixture was made, and so where it must be extracted.
@@ -167,16 +167,18 @@ impl Node {
 
     /// Waits until the migration's status satisfies `done`; fails the test at the deadline.
     fn wait_for(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let status = self.status(id);
-            if done(&status) {
-                return status;
-            }
-            assert!(status["phase"] != "Failed", "{}: {id} failed waiting for {what}: {status}", self.name);
-            assert!(Instant::now() < deadline, "{}: timed out waiting for {what}: {status}", self.name);
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut status = Value::Null;
+        let reached = || {
+            status = self.status(id);
+            assert!(
+                status["phase"] != "Failed" || done(&status),
+                "{}: {id} failed waiting for {what}: {status}",
+                self.name
+            );
+            done(&status)
+        };
+        wait_until_blocking(what, WAIT, reached).unwrap_or_else(|e| panic!("{}: {e}: {status}", self.name));
+        status
     }
 }
 

@@ -13,7 +13,7 @@ use ferry_engine::storage::DiskStorage;
 use ferry_engine::transfer::walsend::{WalSourceConfig, POLL_INTERVAL};
 use ferry_engine::wal::tail::FolderTail;
 use ferry_engine::wal::writer::{FlushStyle, Leftovers, PreambleOptions, RecordSpec, WalWriter, WriterOptions};
-use ferry_tests::{copy, request, tree_sha256, write_file, Certs, Target};
+use ferry_tests::{copy, request, tree_sha256, wait_until, write_file, Certs, Target};
 use ferry_wire::manifest::{StagingManifest, StagingState};
 use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
 use ferry_wire::{Lsn, VShardId};
@@ -106,6 +106,7 @@ async fn live_copy(layout: Layout, preamble: bool, truncate: bool, drops: usize)
         for i in 300..300 + more {
             append(&mut writer, i, &mut written);
             if i % 100 == 0 {
+                // The simulated write rate, not a wait.
                 std::thread::sleep(Duration::from_millis(20));
                 if truncate {
                     // The database drops segments it considers old, as it may during a long
@@ -130,6 +131,7 @@ async fn live_copy(layout: Layout, preamble: bool, truncate: bool, drops: usize)
     // staged WAL's durable LSN.
     let mut dropped = 0;
     while dropped < drops && !copy_task.is_finished() {
+        // The fault schedule (a cut every 120 ms, wherever the copy is), not a wait.
         tokio::time::sleep(Duration::from_millis(120)).await;
         if target.ctx.drop_connections() > 0 {
             dropped += 1;
@@ -231,12 +233,8 @@ async fn segments_deleted_before_the_tail_reads_them_are_still_streamed() {
         tokio::spawn(async move { copy(&certs, req).await })
     };
     let held = wal_dir.path().join(".ferry-held/truncated");
-    for _ in 0..5000 {
-        if std::fs::read_dir(&held).map(|d| d.count()).unwrap_or(0) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let holding = || std::fs::read_dir(&held).map(|d| d.count()).unwrap_or(0) > 0;
+    wait_until("the copy to hold WAL segments", Duration::from_secs(60), holding).await.unwrap();
     let mut names: Vec<_> = std::fs::read_dir(wal_dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -17,14 +17,14 @@ use ferry_engine::transfer::waltail_hub::{folder_stats, FolderStats};
 use ferry_engine::transfer::TransferError;
 use ferry_engine::wal::tail::FolderTail;
 use ferry_engine::wal::writer::{RecordSpec, WalWriter, WriterOptions};
-use ferry_tests::{copy, request, write_file, Certs, Target};
+use ferry_tests::{copy, request, wait_until, write_file, Certs, Target};
 use ferry_wire::session::Progress;
 use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
 use ferry_wire::{Lsn, VShardId};
 use tokio::sync::watch;
 
-/// Polls of 5 ms before a wait gives up: a guard against a hang, not a timing assertion.
-const WAIT_POLLS_MAX: u32 = 12_000;
+/// How long a wait goes before it gives up: a guard against a hang, not a timing assertion.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// Record `lsn` belongs to vShard `7 + lsn % 3`; its payload repeats the LSN.
 fn vshard_of(lsn: u64) -> u32 {
@@ -103,13 +103,27 @@ fn record_bytes(dir: &Path, from: u64, to: u64) -> u64 {
 }
 
 async fn wait_stats(dir: &Path, what: &str, done: impl Fn(&FolderStats) -> bool) -> FolderStats {
-    for _ in 0..WAIT_POLLS_MAX {
-        if let Some(stats) = folder_stats(dir).filter(|s| done(s)) {
-            return stats;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("{what}: not after {WAIT_POLLS_MAX} polls: {:?}", folder_stats(dir));
+    let mut stats = None;
+    let reached = || {
+        stats = folder_stats(dir).filter(|s| done(s));
+        stats.is_some()
+    };
+    wait_until(what, WAIT, reached).await.unwrap_or_else(|e| panic!("{e}: {:?}", folder_stats(dir)));
+    stats.unwrap()
+}
+
+/// Waits for the copy's progress to satisfy `done` (the progress is a watch channel: no poll).
+async fn wait_progress(
+    rx: &mut watch::Receiver<Progress>,
+    what: &str,
+    done: impl FnMut(&Progress) -> bool,
+) -> Progress {
+    let outcome = match tokio::time::timeout(WAIT, rx.wait_for(done)).await {
+        Ok(Ok(progress)) => return *progress,
+        Ok(Err(_)) => "the copy ended first",
+        Err(_) => "not within the deadline",
+    };
+    panic!("{what}: {outcome}: {:?}", *rx.borrow());
 }
 
 fn spawn_copy(
@@ -142,7 +156,7 @@ async fn two_migrations_from_one_wal_folder_share_one_tail() {
     // Slow base copies (raised once the WAL progress was seen during them).
     let chunk = 256 << 10;
     let (rate_a, rate_b) = (RateHandle::new(512 << 10, chunk), RateHandle::new(512 << 10, chunk));
-    let (progress_a, progress_rx) = watch::channel(Progress::default());
+    let (progress_a, mut progress_rx) = watch::channel(Progress::default());
     let req_a = wal_request("shared-a", root_a.path(), &target, wal_dir.path(), 7, base, tip);
     let req_b = wal_request("shared-b", root_b.path(), &target, wal_dir.path(), 8, base, tip);
     let task_a = spawn_copy(&certs, req_a, progress_a, rate_a.clone());
@@ -153,25 +167,19 @@ async fn two_migrations_from_one_wal_folder_share_one_tail() {
     let writer_task = tokio::task::spawn_blocking(move || {
         for _ in 0..30 {
             append(&mut writer, 100);
+            // The simulated write rate, not a wait.
             std::thread::sleep(Duration::from_millis(10));
         }
     });
     // During the base copy, the WAL fields move: records read, made durable, segments held.
-    let mut seen = None;
-    for _ in 0..WAIT_POLLS_MAX {
-        let p = *progress_rx.borrow();
-        let moving = p.wal_source_lsn.is_some_and(|l| l > base + 100)
+    let moving = |p: &Progress| {
+        p.wal_source_lsn.is_some_and(|l| l > base + 100)
             && p.wal_durable_lsn.is_some_and(|l| l > base)
-            && p.wal_held_bytes > 0;
-        if p.base_staged {
-            break;
-        }
-        if moving {
-            seen = Some(p);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+            && p.wal_held_bytes > 0
+    };
+    let what = "the WAL progress to move or the base to be staged";
+    let p = wait_progress(&mut progress_rx, what, |p| p.base_staged || moving(p)).await;
+    let seen = Some(p).filter(|p| !p.base_staged && moving(p));
     let seen = seen.expect("the WAL progress did not move during the base copy");
     assert!(!seen.base_staged && seen.bytes_transferred < seen.bytes_total, "{seen:?}");
     rate_a.set(0);
@@ -212,16 +220,13 @@ async fn a_migration_joining_later_from_an_older_base_gets_every_record() {
     let tip = 3000;
     let target = Target::start(&certs, target_dir.path(), Arc::new(DiskStorage)).unwrap();
 
-    let (progress_a, progress_rx) = watch::channel(Progress::default());
+    let (progress_a, mut progress_rx) = watch::channel(Progress::default());
     let req_a = wal_request("early", root_a.path(), &target, wal_dir.path(), 7, 900, tip);
     let task_a = spawn_copy(&certs, req_a, progress_a, RateHandle::new(0, 1 << 20));
     // The shared tail is past LSN 1000 before the second migration starts.
-    for _ in 0..WAIT_POLLS_MAX {
-        if progress_rx.borrow().wal_source_lsn.is_some_and(|l| l >= expected(7, 1, 1000).last().unwrap().0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let past = expected(7, 1, 1000).last().unwrap().0;
+    let what = format!("the shared tail past LSN {past}");
+    wait_progress(&mut progress_rx, &what, |p| p.wal_source_lsn.is_some_and(|l| l >= past)).await;
     assert!(progress_rx.borrow().wal_source_lsn.is_some_and(|l| l > 900), "{:?}", *progress_rx.borrow());
     let req_c = wal_request("late", root_c.path(), &target, wal_dir.path(), 8, 100, tip);
     let task_c = {
@@ -234,6 +239,7 @@ async fn a_migration_joining_later_from_an_older_base_gets_every_record() {
     let writer_task = tokio::task::spawn_blocking(move || {
         for _ in 0..20 {
             append(&mut writer, 100);
+            // The simulated write rate, not a wait.
             std::thread::sleep(Duration::from_millis(10));
         }
     });

@@ -54,6 +54,7 @@ fn run(opts: WriterOptions, seed: u64) {
                     }
                 }
                 None if finished => panic!("the tail stopped before the last record"),
+                // The follower's idle poll, as the engine's tail loop does: part of the scenario.
                 None => std::thread::sleep(Duration::from_micros(200)),
             }
         }
@@ -72,7 +73,8 @@ fn run(opts: WriterOptions, seed: u64) {
         if g.next() % 4 == 0 {
             writer.flush().unwrap();
         }
-        // Give the tail a chance to catch up mid-write, so it really follows a growing WAL.
+        // Give the tail a chance to catch up mid-write, so it really follows a growing WAL (a
+        // deliberate interleaving, not a wait).
         if i % 64 == 0 {
             std::thread::sleep(Duration::from_micros(300));
         }
