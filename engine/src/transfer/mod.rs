@@ -26,6 +26,7 @@ pub mod fence_target;
 pub mod framing;
 pub mod inbound;
 mod manifests;
+mod rate;
 pub mod request;
 mod ship;
 pub mod source;

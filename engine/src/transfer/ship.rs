@@ -14,7 +14,7 @@
 //! across an await.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_wire::frame::FrameHeader;
@@ -27,7 +27,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 use super::framing::{received, write_control};
-use super::source::{lock, publish, since, CopyRequest, RateHandle};
+use super::rate::{since, RateHandle};
 use super::transport::{ChunkLane, ChunkLanes};
 use super::walrun::{Messages, WalRun};
 use super::TransferError;
@@ -70,12 +70,20 @@ fn read_error(path: &RelPath, e: crate::read::ReadError) -> TransferError {
     TransferError::Read { path: path.to_string(), source: std::io::Error::other(e.to_string()) }
 }
 
+/// How the base goes out: streams per connection, and the copy's rate.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ShipPlan {
+    pub(super) streams_count: u32,
+    pub(super) rate_limit_bytes_per_sec: u64,
+    pub(super) chunk_len_bytes: u32,
+}
+
 /// Ships the chunks on `conns` and announces each file read in full, until the machine hands
 /// back an action that is not an announcement (the base is staged); returns it.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn ship(
     conns: &[Connection],
-    request: &CopyRequest,
+    request: &ShipPlan,
     snapshot: &Snapshot,
     reader: &Arc<ChunkReader>,
     machine: &Arc<Mutex<SourceConversation>>,
@@ -195,4 +203,24 @@ pub(super) async fn send_stream<L: ChunkLanes>(
         crate::metrics::BYTES_SENT_TOTAL.fetch_add(len_bytes, Ordering::Relaxed);
     }
     lane.finish()
+}
+
+/// Publishes the base copy's progress, keeping the WAL fields.
+pub(super) fn publish(progress: &watch::Sender<Progress>, base: Progress) {
+    progress.send_modify(|p| {
+        *p = Progress {
+            base_staged: p.base_staged,
+            wal_durable_lsn: p.wal_durable_lsn,
+            wal_source_lsn: p.wal_source_lsn,
+            wal_held_bytes: p.wal_held_bytes,
+            wal_lag_bytes: p.wal_lag_bytes,
+            wal_rate_bytes_per_sec: p.wal_rate_bytes_per_sec,
+            wal_group_commit_us: p.wal_group_commit_us,
+            ..base
+        }
+    });
+}
+
+pub(super) fn lock(machine: &Mutex<SourceConversation>) -> MutexGuard<'_, SourceConversation> {
+    machine.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -19,13 +19,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_wire::message::{Offer, OfferFile};
 use ferry_wire::path::RelPath;
 use ferry_wire::proto::source::{CopyPlan, SourceAction, SourceConversation, SourceState};
-use ferry_wire::rate::TokenBucket;
 use ferry_wire::session::Progress;
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 use quinn::{Connection, VarInt};
@@ -33,7 +32,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::fence_source::CutOver;
 use super::framing::{read_control, received, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
-use super::ship;
+pub use super::rate::RateHandle;
+use super::ship::{self, lock, publish, ShipPlan};
 use super::walrun::{publish_wal, start_wal, Messages, WalRun};
 use super::walsend::{self, WalSourceConfig};
 use super::TransferError;
@@ -104,58 +104,6 @@ pub struct CopyReport {
     /// Bytes the target already held when the last (successful) attempt began: what
     /// resumption did not send again.
     pub bytes_resumed: u64,
-}
-
-/// A handle to change the rate limit of a running copy. It may draw on a shared parent bucket
-/// too (the daemon's global limit): a chunk then waits for both.
-#[derive(Debug, Clone)]
-pub struct RateHandle(Arc<Mutex<TokenBucket>>, Instant, Option<Arc<RateHandle>>);
-
-impl RateHandle {
-    pub fn new(rate_bytes_per_sec: u64, burst_bytes: u64) -> Self {
-        Self(Arc::new(Mutex::new(TokenBucket::new(rate_bytes_per_sec, burst_bytes, 0))), Instant::now(), None)
-    }
-
-    /// A handle whose chunks also take from `parent` (shared by every copy of a daemon).
-    pub fn with_parent(rate_bytes_per_sec: u64, burst_bytes: u64, parent: Arc<RateHandle>) -> Self {
-        Self(Arc::new(Mutex::new(TokenBucket::new(rate_bytes_per_sec, burst_bytes, 0))), Instant::now(), Some(parent))
-    }
-
-    fn lock(&self) -> MutexGuard<'_, TokenBucket> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Applies a new rate at once (0: unlimited), to a running copy or the next one.
-    pub fn set(&self, rate_bytes_per_sec: u64) {
-        let mut bucket = self.lock();
-        let now_ns = since(self.1);
-        bucket.set_rate(rate_bytes_per_sec, now_ns);
-    }
-
-    /// The rate in force.
-    pub fn rate_bytes_per_sec(&self) -> u64 {
-        self.lock().rate_bytes_per_sec()
-    }
-
-    /// Sets the burst for a copy; a rate given in the request wins over the handle's.
-    pub(super) fn start(&self, request_rate_bytes_per_sec: u64, burst_bytes: u64) {
-        let mut bucket = self.lock();
-        let rate =
-            if request_rate_bytes_per_sec > 0 { request_rate_bytes_per_sec } else { bucket.rate_bytes_per_sec() };
-        *bucket = TokenBucket::new(rate, burst_bytes, since(self.1));
-    }
-
-    pub(super) fn take(&self, bytes: u64) -> u64 {
-        let now_ns = since(self.1);
-        let own_ns = self.lock().take(bytes, now_ns);
-        let parent_ns = self.2.as_ref().map_or(0, |parent| parent.take(bytes));
-        own_ns.max(parent_ns)
-    }
-}
-
-/// Monotonic nanoseconds since `origin`.
-pub(super) fn since(origin: Instant) -> u64 {
-    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Consecutive attempts without progress before a copy gives up reconnecting.
@@ -372,9 +320,14 @@ async fn run(
                     conns.push(link.conn.clone());
                     extra.push(link);
                 }
+                let plan = ShipPlan {
+                    streams_count: request.streams_count,
+                    rate_limit_bytes_per_sec: request.rate_limit_bytes_per_sec,
+                    chunk_len_bytes: request.chunk_len_bytes,
+                };
                 let shipped = ship::ship(
                     &conns,
-                    request,
+                    &plan,
                     snapshot,
                     reader,
                     &machine,
@@ -473,24 +426,4 @@ async fn join(
         }
         Err(e) => Err(e),
     }
-}
-
-/// Publishes the base copy's progress, keeping the WAL fields.
-pub(super) fn publish(progress: &watch::Sender<Progress>, base: Progress) {
-    progress.send_modify(|p| {
-        *p = Progress {
-            base_staged: p.base_staged,
-            wal_durable_lsn: p.wal_durable_lsn,
-            wal_source_lsn: p.wal_source_lsn,
-            wal_held_bytes: p.wal_held_bytes,
-            wal_lag_bytes: p.wal_lag_bytes,
-            wal_rate_bytes_per_sec: p.wal_rate_bytes_per_sec,
-            wal_group_commit_us: p.wal_group_commit_us,
-            ..base
-        }
-    });
-}
-
-pub(super) fn lock(machine: &Mutex<SourceConversation>) -> MutexGuard<'_, SourceConversation> {
-    machine.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -21,8 +21,8 @@ use tokio::sync::{mpsc, Notify};
 
 use super::chunklog::ChunkLog;
 use super::chunks_in::{accept_chunk_streams, Inbound};
+use super::rate::RateHandle;
 use super::ship::send_stream;
-use super::source::RateHandle;
 use super::transport::memory;
 use crate::read::{ChunkReader, ReadMode, ReaderConfig, SourceFile};
 use crate::staging::{self, StagingLayout};
