@@ -111,11 +111,11 @@ pub enum CertError {
     #[error("bad validity: {reason}")]
     BadValidity { reason: String },
     /// rcgen refused to build or sign a certificate (a bug or an exhausted random source).
-    #[error("could not generate the {what}: {source}")]
-    Generate { what: &'static str, source: rcgen::Error },
+    #[error("could not generate the {what}: {cause}")]
+    Generate { what: &'static str, cause: rcgen::Error },
     /// I/O on the certificate folder.
-    #[error("could not {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    #[error("could not {action} {path}: {cause}")]
+    Io { action: &'static str, path: PathBuf, cause: io::Error },
 }
 
 /// Makes a development cluster CA in `dir` (created if missing, mode 0700): `ca.pem` and
@@ -130,12 +130,13 @@ pub fn init_ca(dir: &Path, force: bool) -> Result<CaPaths, CertError> {
         }
     }
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|source| CertError::Generate { what: "CA key", source })?;
+        .map_err(|source| CertError::Generate { what: "CA key", cause: source })?;
     let mut params = ca_params(&key);
     let now = SystemTime::now();
     params.not_before = to_datetime(now.checked_sub(CLOCK_SKEW_ALLOWANCE).unwrap_or(now))?;
     params.not_after = to_datetime(days_after(now, CA_VALIDITY_DAYS)?)?;
-    let cert = params.self_signed(&key).map_err(|source| CertError::Generate { what: "CA certificate", source })?;
+    let cert =
+        params.self_signed(&key).map_err(|source| CertError::Generate { what: "CA certificate", cause: source })?;
 
     create_dir(dir)?;
     // Key first: a crash in between leaves a key without a certificate, which `issue`
@@ -165,7 +166,7 @@ pub fn issue(dir: &Path, name: &NodeId, opts: &IssueOptions) -> Result<NodePaths
     let (issuer, issuer_key) = load_issuer(dir)?;
 
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|source| CertError::Generate { what: "node key", source })?;
+        .map_err(|source| CertError::Generate { what: "node key", cause: source })?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "ferry");
@@ -180,7 +181,7 @@ pub fn issue(dir: &Path, name: &NodeId, opts: &IssueOptions) -> Result<NodePaths
     params.not_after = to_datetime(not_after)?;
     let cert = params
         .signed_by(&key, &issuer, &issuer_key)
-        .map_err(|source| CertError::Generate { what: "node certificate", source })?;
+        .map_err(|source| CertError::Generate { what: "node certificate", cause: source })?;
 
     let paths = NodePaths { cert: dir.join(node_cert_file(name)), key: dir.join(node_key_file(name)) };
     write_atomic(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
@@ -219,7 +220,7 @@ fn load_issuer(dir: &Path) -> Result<(Certificate, KeyPair), CertError> {
         .map_err(|e| bad_pem(dir, &cert_path, "certificate", &e.to_string()))?;
 
     let issuer =
-        ca_params(&key).self_signed(&key).map_err(|source| CertError::Generate { what: "CA issuer", source })?;
+        ca_params(&key).self_signed(&key).map_err(|source| CertError::Generate { what: "CA issuer", cause: source })?;
     let rebuilt = webpki::EndEntityCert::try_from(issuer.der())
         .map_err(|e| bad_pem(dir, &cert_path, "certificate", &e.to_string()))?;
     let same = on_disk.subject() == rebuilt.subject()
@@ -233,7 +234,7 @@ fn load_issuer(dir: &Path) -> Result<(Certificate, KeyPair), CertError> {
 fn read_ca_file(dir: &Path, path: &Path) -> Result<Vec<u8>, CertError> {
     fs::read(path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => CertError::NoCa { path: path.to_owned(), dir: dir.to_owned() },
-        _ => CertError::Io { action: "read", path: path.to_owned(), source },
+        _ => CertError::Io { action: "read", path: path.to_owned(), cause: source },
     })
 }
 
@@ -295,7 +296,7 @@ fn create_dir(dir: &Path) -> Result<(), CertError> {
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| CertError::Io {
         action: "create folder",
         path: dir.to_owned(),
-        source,
+        cause: source,
     })
 }
 
@@ -306,7 +307,7 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertError> {
     let tmp = PathBuf::from(tmp_name);
     let io_err = |action: &'static str, path: &Path| {
         let path = path.to_owned();
-        move |source| CertError::Io { action, path, source }
+        move |source| CertError::Io { action, path, cause: source }
     };
     match fs::remove_file(&tmp) {
         Ok(()) => {}
@@ -325,7 +326,7 @@ fn sync_dir(dir: &Path) -> Result<(), CertError> {
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|source| CertError::Io {
         action: "fsync folder",
         path: dir.to_owned(),
-        source,
+        cause: source,
     })
 }
 

@@ -33,19 +33,19 @@ const VERIFY_BUFFER_BYTES: usize = 1 << 20;
 /// A staging write or check failed. Both fail the transfer.
 #[derive(Debug, thiserror::Error)]
 pub enum StagingError {
-    #[error("staging: cannot {what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: io::Error },
+    #[error("staging: cannot {what} {path}: {cause}")]
+    Io { what: &'static str, path: PathBuf, cause: io::Error },
     #[error("staged file {path} reads back with CRC32C {found:#010x}, the source sent {expected:#010x}: the target's disk or memory corrupted it")]
     Checksum { path: PathBuf, expected: u32, found: u32 },
     #[error("staged file {path} has {found} bytes, expected {expected}")]
     Size { path: PathBuf, expected: u64, found: u64 },
-    #[error("{path}: {source}")]
-    Manifest { path: PathBuf, source: ManifestError },
+    #[error("{path}: {cause}")]
+    Manifest { path: PathBuf, cause: ManifestError },
 }
 
 /// Wraps an I/O error with what was being done and to which path.
 pub(crate) fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StagingError + 'a {
-    move |source| StagingError::Io { what, path: path.to_path_buf(), source }
+    move |source| StagingError::Io { what, path: path.to_path_buf(), cause: source }
 }
 
 /// Paths of one migration's staging.
@@ -97,7 +97,7 @@ pub fn read_manifest(storage: &dyn Storage, layout: &StagingLayout) -> Result<Op
         return Ok(None);
     }
     let bytes = storage.read_all(&path).map_err(io_err("read", &path))?;
-    StagingManifest::decode(&bytes).map(Some).map_err(|source| StagingError::Manifest { path, source })
+    StagingManifest::decode(&bytes).map(Some).map_err(|source| StagingError::Manifest { path, cause: source })
 }
 
 /// Writes `MANIFEST.json` durably (temp file, fsync, rename, folder fsync).
@@ -276,6 +276,20 @@ mod tests {
 
     use super::*;
     use crate::storage::FakeStorage;
+
+    /// An I/O error's cause is printed once, also in an error chain printed whole (`{:#}`,
+    /// as the CLI does): it is in the message, not chained again as a source.
+    #[test]
+    fn an_io_cause_is_printed_once_in_a_whole_chain() {
+        let e = StagingError::Io {
+            what: "fsync",
+            path: PathBuf::from("/x/part-0"),
+            cause: io::Error::from_raw_os_error(28),
+        };
+        let whole = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(whole.matches("No space left on device").count(), 1, "{whole}");
+        assert!(whole.contains("cannot fsync /x/part-0"), "{whole}");
+    }
 
     fn copying() -> StagingManifest {
         StagingManifest {

@@ -81,8 +81,8 @@ pub enum TlsError {
     #[error("the node certificate is not usable with this cluster CA ({reason}): reissue it with `ferry certs issue`")]
     Unusable { reason: String },
     /// I/O reading a certificate or key.
-    #[error("could not read {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("could not read {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
 }
 
 impl NodeIdentity {
@@ -345,7 +345,7 @@ impl ClientCertVerifier for NodeClientVerifier {
 fn read(what: &'static str, path: &Path, hint: &str) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => TlsError::Missing { what, path: path.to_owned(), hint: hint.to_owned() },
-        _ => TlsError::Io { path: path.to_owned(), source },
+        _ => TlsError::Io { path: path.to_owned(), cause: source },
     })
 }
 

@@ -140,17 +140,17 @@ pub enum ControlError {
          choose a shorter path", path.display()
     )]
     PathTooLong { path: PathBuf, len_bytes: usize },
-    #[error("could not {action} {}: {source}", path.display())]
+    #[error("could not {action} {}: {cause}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
         #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
 fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ControlError + 'a {
-    move |source| ControlError::Io { action, path: path.to_owned(), source }
+    move |source| ControlError::Io { action, path: path.to_owned(), cause: source }
 }
 
 /// What every connection task shares.
@@ -279,7 +279,7 @@ fn prepare_folder(folder: &Path) -> Result<(), ControlError> {
                 .map_err(io_error("set mode 0700 on", folder))
         }
         Err(e) => {
-            Err(ControlError::Io { action: "inspect the control socket folder", path: folder.to_owned(), source: e })
+            Err(ControlError::Io { action: "inspect the control socket folder", path: folder.to_owned(), cause: e })
         }
     }
 }
@@ -288,7 +288,7 @@ fn prepare_folder(folder: &Path) -> Result<(), ControlError> {
 fn remove_stale_socket(path: &Path) -> Result<(), ControlError> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ControlError::Io { action: "inspect", path: path.to_owned(), source: e }),
+        Err(e) => Err(ControlError::Io { action: "inspect", path: path.to_owned(), cause: e }),
         Ok(meta) if !meta.file_type().is_socket() => Err(ControlError::NotASocket { path: path.to_owned() }),
         Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => Err(ControlError::AlreadyServing { path: path.to_owned() }),

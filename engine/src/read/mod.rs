@@ -127,11 +127,11 @@ pub const BUFFERS_COUNT_MAX: usize = 1 << 16;
 pub enum ReadError {
     // --- I/O: the file system or the kernel said no.
     /// The source file could not be opened.
-    #[error("cannot open source file {path}: {source}; check that it exists and is readable")]
-    Open { path: PathBuf, source: io::Error },
+    #[error("cannot open source file {path}: {cause}; check that it exists and is readable")]
+    Open { path: PathBuf, cause: io::Error },
     /// A read system call failed.
-    #[error("reading source file {path} at offset {offset_bytes} failed: {source}")]
-    Io { path: PathBuf, offset_bytes: u64, source: io::Error },
+    #[error("reading source file {path} at offset {offset_bytes} failed: {cause}")]
+    Io { path: PathBuf, offset_bytes: u64, cause: io::Error },
     /// The file ended before the chunk did: it shrank after it was opened.
     #[error(
         "source file {path} ended early: got {got_bytes} of {len_bytes} bytes at offset \
@@ -140,11 +140,11 @@ pub enum ReadError {
     )]
     ShortRead { path: PathBuf, offset_bytes: u64, len_bytes: u32, got_bytes: u64 },
     /// The kernel refused io_uring (seccomp, `kernel.io_uring_disabled`, old kernel).
-    #[error("io_uring is unavailable: {source}; use read mode pread (ferry falls back to it)")]
-    UringUnavailable { source: io::Error },
+    #[error("io_uring is unavailable: {cause}; use read mode pread (ferry falls back to it)")]
+    UringUnavailable { cause: io::Error },
     /// The file system refused O_DIRECT for this file.
-    #[error("O_DIRECT is not supported for {path}: {source}; use read mode uring")]
-    DirectUnsupported { path: PathBuf, source: io::Error },
+    #[error("O_DIRECT is not supported for {path}: {cause}; use read mode uring")]
+    DirectUnsupported { path: PathBuf, cause: io::Error },
     /// A reader thread died (a bug, or the process is going down).
     #[error("the io_uring reader thread stopped; restart the daemon and report a bug")]
     ReaderGone,
@@ -182,7 +182,7 @@ impl SourceFile {
     /// Opens `path` read-only and records its size.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ReadError> {
         let path = path.as_ref().to_path_buf();
-        let open_err = |source| ReadError::Open { path: path.clone(), source };
+        let open_err = |source| ReadError::Open { path: path.clone(), cause: source };
         let file = File::open(&path).map_err(open_err)?;
         let size_bytes = file.metadata().map_err(open_err)?.len();
         Ok(Self { path, file, size_bytes, direct: OnceLock::new() })
@@ -218,9 +218,9 @@ impl SourceFile {
             std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&self.path).map_err(|source| {
                 match source.raw_os_error() {
                     Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
-                        ReadError::DirectUnsupported { path: self.path.clone(), source }
+                        ReadError::DirectUnsupported { path: self.path.clone(), cause: source }
                     }
-                    _ => ReadError::Open { path: self.path.clone(), source },
+                    _ => ReadError::Open { path: self.path.clone(), cause: source },
                 }
             })?;
         // Two racing first readers both open; the loser's descriptor is closed here.
@@ -246,7 +246,7 @@ impl SourceFile {
     }
 
     fn io_error(&self, offset_bytes: u64, source: io::Error) -> ReadError {
-        ReadError::Io { path: self.path.clone(), offset_bytes, source }
+        ReadError::Io { path: self.path.clone(), offset_bytes, cause: source }
     }
 }
 

@@ -134,7 +134,7 @@ impl UringReader {
                 }
                 Err(source) => {
                     // The closure (and its LiveGuard) was dropped unrun.
-                    return Err(ReadError::UringUnavailable { source });
+                    return Err(ReadError::UringUnavailable { cause: source });
                 }
             }
         }
@@ -227,7 +227,7 @@ impl Drop for LiveGuard {
 
 /// Builds a ring and checks that it works and supports READ; the clear error for a refusal.
 fn probe_ring(entries: u32) -> Result<IoUring, ReadError> {
-    let unavailable = |source| ReadError::UringUnavailable { source };
+    let unavailable = |source| ReadError::UringUnavailable { cause: source };
     let mut ring = IoUring::new(entries).map_err(unavailable)?;
     let mut probe = Probe::new();
     // IORING_REGISTER_PROBE is newer than IORING_OP_READ by nothing (both 5.6); a kernel that
@@ -324,7 +324,7 @@ impl InFlight {
                 Some(libc::EINTR) | Some(libc::EAGAIN) => return self.submit(ring, slot, request),
                 Some(libc::EINVAL) if request.direct => {
                     self.free.push(slot);
-                    let err = ReadError::DirectUnsupported { path: request.file.path().to_path_buf(), source };
+                    let err = ReadError::DirectUnsupported { path: request.file.path().to_path_buf(), cause: source };
                     return request.finish(Err(err));
                 }
                 _ => {

@@ -40,8 +40,8 @@ pub struct BulkReport {
 /// Why bulk generation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BulkError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("bulk files: {0}")]
     Misuse(String),
 }
@@ -88,9 +88,9 @@ pub fn generate_bulk(root: &Path, total_bytes: u64, files_count: u32) -> Result<
 }
 
 fn write_bulk_file(path: &Path, size_bytes: u64, seed: u64, buf: &mut [u8]) -> Result<(), BulkError> {
-    let err = |source| BulkError::Io { path: path.to_path_buf(), source };
+    let err = |source| BulkError::Io { path: path.to_path_buf(), cause: source };
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(|source| BulkError::Io { path: parent.to_path_buf(), source })?;
+        fs::create_dir_all(parent).map_err(|source| BulkError::Io { path: parent.to_path_buf(), cause: source })?;
     }
     let mut out = File::options().write(true).create_new(true).open(path).map_err(err)?;
     let mut rng = XorShift::new(seed);

@@ -104,16 +104,16 @@ pub enum ExportFormatError {
 /// Why an export could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{path}: {source}")]
-    Format { path: PathBuf, source: ExportFormatError },
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
+    #[error("{path}: {cause}")]
+    Format { path: PathBuf, cause: ExportFormatError },
     #[error("export misuse: {0}")]
     Misuse(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ExportError + '_ {
-    move |source| ExportError::Io { path: path.to_path_buf(), source }
+    move |source| ExportError::Io { path: path.to_path_buf(), cause: source }
 }
 
 /// The bytes of one export file. `entries` must be in strictly increasing LSN order, none
@@ -219,10 +219,10 @@ pub fn read_export_file(path: &Path) -> Result<ExportFile, ExportError> {
     if len_bytes > max_bytes {
         let source =
             ExportFormatError::Length { count: ENTRIES_PER_FILE_MAX, need_bytes: max_bytes, have_bytes: len_bytes };
-        return Err(ExportError::Format { path: path.to_path_buf(), source });
+        return Err(ExportError::Format { path: path.to_path_buf(), cause: source });
     }
     let bytes = fs::read(path).map_err(io_err(path))?;
-    decode_export(&bytes).map_err(|source| ExportError::Format { path: path.to_path_buf(), source })
+    decode_export(&bytes).map_err(|source| ExportError::Format { path: path.to_path_buf(), cause: source })
 }
 
 /// Whether `name` is an export file's name.
@@ -248,14 +248,14 @@ pub fn export_base(
         io::ErrorKind::AlreadyExists => {
             ExportError::Misuse(format!("{} already exists: export into a new folder", dir.display()))
         }
-        _ => ExportError::Io { path: dir.clone(), source },
+        _ => ExportError::Io { path: dir.clone(), cause: source },
     })?;
     let per_file = usize::try_from(ENTRIES_PER_FILE_MAX).unwrap_or(usize::MAX);
     let mut report = ExportReport { files: Vec::new(), entries_count: kept.len() as u64, bytes: 0 };
     let parts: Vec<&[ExportEntry]> = if kept.is_empty() { vec![kept] } else { kept.chunks(per_file).collect() };
     for (index, part) in parts.into_iter().enumerate() {
         let bytes = encode_export(vshard, base_lsn, part)
-            .map_err(|source| ExportError::Format { path: dir.clone(), source })?;
+            .map_err(|source| ExportError::Format { path: dir.clone(), cause: source })?;
         let name = format!("vshard-{}-part-{index:06}.{EXPORT_EXTENSION}", vshard.0);
         write_immutable(&dir, &name, &bytes)?;
         report.files.push(Path::new(EXPORT_DIR).join(name));

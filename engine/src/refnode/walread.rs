@@ -137,8 +137,8 @@ impl FolderReport {
 pub enum WalReadError {
     #[error("no WAL folder at {path}")]
     Missing { path: PathBuf },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
 }
 
 /// Why bytes are not a record of the layout asked for.
@@ -246,7 +246,7 @@ pub fn read_wal_folder(
 ) -> Result<FolderReport, WalReadError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source: io::Error| WalReadError::Io { path, source }
+        move |source: io::Error| WalReadError::Io { path, cause: source }
     };
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,

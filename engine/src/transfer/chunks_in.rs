@@ -69,7 +69,7 @@ impl Inbound {
                 TransferError::Staging(staging::StagingError::Io {
                     what: "fsync",
                     path: self.layout.part_path(index),
-                    source,
+                    cause: source,
                 })
             })?;
         }
@@ -159,7 +159,7 @@ async fn write_verified(
         let slices: Vec<std::io::IoSlice<'_>> = body.pieces().iter().map(|p| std::io::IoSlice::new(p)).collect();
         part.write_all_vectored_at(&slices, offset_bytes).map_err(|source| {
             let path = inbound.layout.part_path(chunk.file_index);
-            TransferError::Staging(staging::StagingError::Io { what: "write", path, source })
+            TransferError::Staging(staging::StagingError::Io { what: "write", path, cause: source })
         })?;
         drop(slices);
         let (file_index, chunk_index, crc32c) = (chunk.file_index, chunk.chunk_index, body.crc32c());

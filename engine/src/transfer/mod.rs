@@ -68,8 +68,8 @@ pub enum TransferError {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Staging(#[from] StagingError),
-    #[error("cannot read source file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("cannot read source file {path}: {cause}")]
+    Read { path: String, cause: std::io::Error },
     #[error("chunk {offset_bytes} of file {file_index} arrived with CRC32C {found:#010x}, the source computed {expected:#010x}")]
     ChunkChecksum { file_index: u32, offset_bytes: u64, expected: u32, found: u32 },
     #[error("the target refused the transfer: {0}")]

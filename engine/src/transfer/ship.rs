@@ -67,7 +67,7 @@ fn snapshot_file(snapshot: &Snapshot, file_index: u32) -> Result<&SnapshotFile, 
 }
 
 fn read_error(path: &RelPath, e: crate::read::ReadError) -> TransferError {
-    TransferError::Read { path: path.to_string(), source: std::io::Error::other(e.to_string()) }
+    TransferError::Read { path: path.to_string(), cause: std::io::Error::other(e.to_string()) }
 }
 
 /// How the base goes out: streams per connection, and the copy's rate.
@@ -188,7 +188,7 @@ pub(super) async fn send_stream<L: ChunkLanes>(
             .ok_or_else(|| TransferError::Local(format!("no open file {}", span.chunk.file_index)))?;
         let data = reader.read(file, span.offset_bytes, span.len_bytes).await.map_err(|e| TransferError::Read {
             path: file.path().display().to_string(),
-            source: std::io::Error::other(e.to_string()),
+            cause: std::io::Error::other(e.to_string()),
         })?;
         let crc = ferry_wire::crc32c(&data);
         lock(&machine).handle_chunk_read(&span, crc)?;

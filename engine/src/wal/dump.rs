@@ -64,8 +64,8 @@ pub struct DumpSummary {
 /// others the caller's arguments.
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
-    #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("no wal segments (wal-<lsn>.seg) in {dir}; check --dir")]
     NoSegments { dir: PathBuf },
     #[error("{path} is {len_bytes} bytes, over the {max_bytes}-byte segment limit; this is not a NodeDB wal segment")]
@@ -156,7 +156,7 @@ fn map_cursor(dir: &Path, e: CursorError) -> DumpError {
 
 /// The segments of `dir`, sorted by first LSN.
 fn list_segments(dir: &Path) -> Result<Vec<(Lsn, String)>, DumpError> {
-    let io_err = |source| DumpError::Io { path: dir.to_path_buf(), source };
+    let io_err = |source| DumpError::Io { path: dir.to_path_buf(), cause: source };
     let mut segments = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err)? {
         let entry = entry.map_err(io_err)?;
@@ -174,7 +174,7 @@ fn list_segments(dir: &Path) -> Result<Vec<(Lsn, String)>, DumpError> {
 }
 
 fn read_segment(path: &Path) -> Result<Vec<u8>, DumpError> {
-    let io_err = |source| DumpError::Io { path: path.to_path_buf(), source };
+    let io_err = |source| DumpError::Io { path: path.to_path_buf(), cause: source };
     let len_bytes = std::fs::metadata(path).map_err(io_err)?.len();
     if len_bytes > SEGMENT_LEN_MAX_BYTES {
         return Err(DumpError::SegmentTooLarge {

@@ -88,8 +88,8 @@ impl TailRecordRef<'_> {
 /// `Io` and `SegmentTooLarge` the filesystem's contents.
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
-    #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("{path} is {len_bytes} bytes, over the {max_bytes}-byte segment limit")]
     SegmentTooLarge { path: PathBuf, len_bytes: u64, max_bytes: u64 },
     #[error(transparent)]
@@ -214,7 +214,7 @@ impl FolderTail {
 
     fn open(&mut self, first_lsn: Lsn, name: String) -> Result<(), TailError> {
         let path = self.dir.join(&name);
-        let file = File::open(&path).map_err(|source| TailError::Io { path: path.clone(), source })?;
+        let file = File::open(&path).map_err(|source| TailError::Io { path: path.clone(), cause: source })?;
         self.cursor.open_segment(first_lsn)?;
         self.bytes.clear();
         self.current = Some(OpenSegment { first_lsn, name, path, file, sealed: false, reread: true });
@@ -225,7 +225,7 @@ impl FolderTail {
 /// Re-reads the segment from `from_bytes` (the cursor's offset) to the end of the file into
 /// `bytes` (the segment from offset 0).
 fn refresh(seg: &OpenSegment, bytes: &mut Vec<u8>, from_bytes: u64) -> Result<(), TailError> {
-    let io_err = |source| TailError::Io { path: seg.path.clone(), source };
+    let io_err = |source| TailError::Io { path: seg.path.clone(), cause: source };
     let len_bytes = seg.file.metadata().map_err(io_err)?.len();
     if len_bytes > SEGMENT_LEN_MAX_BYTES {
         return Err(TailError::SegmentTooLarge { path: seg.path.clone(), len_bytes, max_bytes: SEGMENT_LEN_MAX_BYTES });
@@ -261,7 +261,7 @@ fn read_into(file: &File, bytes: &mut Vec<u8>, from: usize, len: usize) -> io::R
 /// Whether the segment at `path` starts with a valid record. Reads only that record: a
 /// prefix first, then as many bytes as its header says when the prefix is too short.
 fn has_first_record(path: &Path, probe: &mut Vec<u8>) -> Result<bool, TailError> {
-    let io_err = |source| TailError::Io { path: path.to_path_buf(), source };
+    let io_err = |source| TailError::Io { path: path.to_path_buf(), cause: source };
     let file = match File::open(path) {
         Ok(file) => file,
         // Removed between the listing and the open: not a newer segment (yet).
@@ -313,7 +313,7 @@ fn first_record_len_bytes(prefix: &[u8]) -> Option<usize> {
 }
 
 pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(Lsn, String)>, TailError> {
-    let io_err = |source| TailError::Io { path: dir.to_path_buf(), source };
+    let io_err = |source| TailError::Io { path: dir.to_path_buf(), cause: source };
     let mut segments = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err)? {
         let entry = entry.map_err(io_err)?;

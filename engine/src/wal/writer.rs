@@ -109,8 +109,8 @@ impl RecordSpec {
 /// Why the writer failed. `Io` blames the filesystem, the others the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
-    #[error("wal write to {path} failed: {source}; the wal is not usable past this point")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("wal write to {path} failed: {cause}; the wal is not usable past this point")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("record refused: {0}")]
     Record(#[from] FormatError),
     #[error("wal writer misuse: {0}")]
@@ -144,7 +144,7 @@ impl WalWriter {
         if opts.roll_size_bytes == 0 {
             return Err(WriterError::Misuse("roll_size_bytes must be above zero"));
         }
-        std::fs::create_dir_all(dir).map_err(|source| WriterError::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| WriterError::Io { path: dir.to_path_buf(), cause: source })?;
         let (file, segment_path) = create_segment(dir, first_lsn)?;
         let mut writer = WalWriter {
             dir: dir.to_path_buf(),
@@ -249,7 +249,7 @@ impl WalWriter {
         }
         self.file
             .write_all_at(&buf, self.flushed_bytes)
-            .map_err(|source| WriterError::Io { path: self.segment_path.clone(), source })?;
+            .map_err(|source| WriterError::Io { path: self.segment_path.clone(), cause: source })?;
         self.flushed_bytes += buf.len() as u64;
         buf.clear();
         self.pending = buf;
@@ -259,7 +259,7 @@ impl WalWriter {
     /// Flushes, then makes the segment durable (fdatasync).
     pub fn sync(&mut self) -> Result<(), WriterError> {
         self.flush()?;
-        self.file.sync_data().map_err(|source| WriterError::Io { path: self.segment_path.clone(), source })
+        self.file.sync_data().map_err(|source| WriterError::Io { path: self.segment_path.clone(), cause: source })
     }
 
     /// Syncs the current segment and starts a new one named after the next LSN.
@@ -291,6 +291,6 @@ fn create_segment(dir: &Path, first_lsn: Lsn) -> Result<(File, PathBuf), WriterE
         .write(true)
         .create_new(true)
         .open(&path)
-        .map_err(|source| WriterError::Io { path: path.clone(), source })?;
+        .map_err(|source| WriterError::Io { path: path.clone(), cause: source })?;
     Ok((file, path))
 }

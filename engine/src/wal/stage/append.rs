@@ -116,7 +116,7 @@ impl StagedWal {
                 });
             }
             let (header, record_bytes) =
-                decode_record(record.bytes).map_err(|source| StageError::BadRecord { lsn, source })?;
+                decode_record(record.bytes).map_err(|source| StageError::BadRecord { lsn, cause: source })?;
             if record_bytes != record.bytes.len() {
                 return Err(StageError::RecordLength { lsn, given_bytes: record.bytes.len(), record_bytes });
             }

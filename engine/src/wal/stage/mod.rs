@@ -144,8 +144,8 @@ pub struct OpenReport {
 /// the storage.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    #[error("record given as LSN {lsn} is not a valid wal record ({source}); the source sent damaged bytes, fail the migration")]
-    BadRecord { lsn: Lsn, source: FormatError },
+    #[error("record given as LSN {lsn} is not a valid wal record ({cause}); the source sent damaged bytes, fail the migration")]
+    BadRecord { lsn: Lsn, cause: FormatError },
     #[error("record given as LSN {lsn} is {given_bytes} bytes but its header says {record_bytes}; pass exactly one record's bytes")]
     RecordLength { lsn: Lsn, given_bytes: usize, record_bytes: usize },
     #[error("record given as LSN {lsn} carries LSN {found} in its header; pass the record's own LSN")]
@@ -168,14 +168,14 @@ pub enum StageError {
     BelowBase { first_lsn: Lsn, base_lsn: Lsn },
     #[error("staged wal misuse: {0}")]
     Misuse(&'static str),
-    #[error("staged wal: cannot {op} {path}: {source}; the migration fails (a failed write or sync is never retried)")]
-    Io { op: &'static str, path: PathBuf, source: io::Error },
+    #[error("staged wal: cannot {op} {path}: {cause}; the migration fails (a failed write or sync is never retried)")]
+    Io { op: &'static str, path: PathBuf, cause: io::Error },
     #[error("an earlier write or sync of this staged wal failed; it takes no more records (restart, and open it again to find what is durable)")]
     Failed,
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StageError + 'a {
-    move |source| StageError::Io { op, path: path.to_path_buf(), source }
+    move |source| StageError::Io { op, path: path.to_path_buf(), cause: source }
 }
 
 /// One staged segment as ferry knows it (always durable between calls).
