@@ -72,7 +72,7 @@ pub enum TlsError {
     /// Configuration: rustls refused the identity (for example a key that does not match
     /// the certificate).
     #[error("tls refused the node identity ({0}): reissue the node certificate with `ferry certs issue`")]
-    Rustls(#[from] rustls::Error),
+    Rustls(rustls::Error),
     /// Configuration: quinn refused the TLS config (a missing QUIC cipher suite).
     #[error("quic cannot use this tls config ({0}): this is a bug in ferry's tls setup")]
     Quic(String),
@@ -83,6 +83,13 @@ pub enum TlsError {
     /// I/O reading a certificate or key.
     #[error("could not read {path}: {cause}")]
     Io { path: PathBuf, cause: io::Error },
+}
+
+/// The cause goes in the message only (not chained again as a source).
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> Self {
+        Self::Rustls(e)
+    }
 }
 
 impl NodeIdentity {

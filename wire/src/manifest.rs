@@ -84,9 +84,17 @@ pub struct StagingManifest {
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("MANIFEST.json is not valid: {0}")]
-    Malformed(#[from] serde_json::Error),
+    Malformed(serde_json::Error),
     #[error("MANIFEST.json has format_version {0}; this ferry reads version {MANIFEST_FORMAT_VERSION}: upgrade ferry")]
     Version(u32),
+}
+
+/// The cause goes in the message only (not chained again as a source), so a chain printed
+/// whole shows it once.
+impl From<serde_json::Error> for ManifestError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Malformed(e)
+    }
 }
 
 impl StagingManifest {

@@ -29,15 +29,16 @@ pub enum SnapshotsCommand {
     },
     /// Remove snapshot links (never the source files). Do not remove those of a migration that
     /// is still running: it reads its files through them.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["migration_ids", "all"])))]
     Clean {
         /// The shard's segments root.
         #[arg(long)]
         segments_root: PathBuf,
         /// The migration whose links to remove; repeatable.
-        #[arg(long = "migration-id", required_unless_present = "all")]
+        #[arg(long = "migration-id")]
         migration_ids: Vec<String>,
         /// Remove every snapshot under the segments root.
-        #[arg(long, conflicts_with = "migration_ids")]
+        #[arg(long)]
         all: bool,
     },
 }
