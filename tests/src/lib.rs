@@ -311,6 +311,20 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> anyhow::
 }
 
 /// The `ferry` binary built for this test run.
+/// `ferry copy` of `root` from node `source` to node `target` at `target_addr` (vShard 7,
+/// migration `id`), logging warnings only; add flags, then run it.
+pub fn ferry_copy_command(certs: &Certs, root: &Path, target_addr: &str, id: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(ferry_bin());
+    cmd.args(["copy", "--node-id", "source", "--target-node", "target", "--vshard", "7", "--migration-id", id])
+        .args(["--target", target_addr])
+        .arg("--certs")
+        .arg(certs.dir.path())
+        .arg("--segments-root")
+        .arg(root)
+        .env("FERRY_LOG", "warn");
+    cmd
+}
+
 pub fn ferry_bin() -> PathBuf {
     // tests/ is a sibling crate: the binary sits in the shared target folder.
     let mut dir = std::env::current_exe().unwrap();

@@ -20,7 +20,7 @@ use std::time::Duration;
 use ferry_engine::certs::{self, IssueOptions};
 use ferry_engine::refnode::{RefWriter, RefWriterConfig};
 use ferry_engine::storage::DiskStorage;
-use ferry_tests::{ferry_bin, node, node_config, wait_until_blocking, write_file, Certs, Target};
+use ferry_tests::{ferry_bin, ferry_copy_command, node, node_config, wait_until_blocking, write_file, Certs, Target};
 use ferry_wire::VShardId;
 
 fn text(bytes: &[u8]) -> String {
@@ -110,18 +110,6 @@ fn a_reader_that_leaves_early_is_no_panic_for_any_printing_command() {
     assert_quiet_success("wal dump", &Output { status, stdout: Vec::new(), stderr: stderr.into_bytes() });
 }
 
-fn copy_args(certs: &Certs, root: &Path, target: &str, id: &str) -> Command {
-    let mut cmd = Command::new(ferry_bin());
-    cmd.args(["copy", "--node-id", "source", "--target-node", "target", "--vshard", "7", "--migration-id", id])
-        .args(["--target", target])
-        .arg("--certs")
-        .arg(certs.dir.path())
-        .arg("--segments-root")
-        .arg(root)
-        .env("FERRY_LOG", "warn");
-    cmd
-}
-
 #[test]
 fn copy_refuses_an_empty_root_and_takes_sizes_with_units_and_host_names() {
     let certs = Certs::new().unwrap();
@@ -132,17 +120,17 @@ fn copy_refuses_an_empty_root_and_takes_sizes_with_units_and_host_names() {
 
     // An empty root is refused, naming the way to say it is intended.
     let empty = tempfile::tempdir().unwrap();
-    let out = copy_args(&certs, empty.path(), &addr, "empty").output().unwrap();
+    let out = ferry_copy_command(&certs, empty.path(), &addr, "empty").output().unwrap();
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "an empty segments root was copied:\n{}", text(&out.stdout));
     assert!(stderr.contains("holds no files") && stderr.contains("--allow-empty"), "{stderr}");
     assert!(!target_dir.path().join("migrations/empty").exists(), "nothing reached the target");
-    let out = copy_args(&certs, empty.path(), &addr, "empty").arg("--allow-empty").output().unwrap();
+    let out = ferry_copy_command(&certs, empty.path(), &addr, "empty").arg("--allow-empty").output().unwrap();
     assert!(out.status.success(), "--allow-empty: {}", text(&out.stderr));
     assert!(text(&out.stdout).contains("copied 0 files"), "{}", text(&out.stdout));
 
     // A missing root: its cause is said once.
-    let out = copy_args(&certs, &empty.path().join("missing"), &addr, "missing").output().unwrap();
+    let out = ferry_copy_command(&certs, &empty.path().join("missing"), &addr, "missing").output().unwrap();
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
@@ -151,7 +139,7 @@ fn copy_refuses_an_empty_root_and_takes_sizes_with_units_and_host_names() {
     let root = tempfile::tempdir().unwrap();
     write_file(root.path(), "L0/a.seg", 600 << 10, 1);
     let by_name = format!("localhost:{}", target.addr.port());
-    let out = copy_args(&certs, root.path(), &by_name, "units")
+    let out = ferry_copy_command(&certs, root.path(), &by_name, "units")
         .args(["--rate-limit", "500MB", "--chunk-len", "256KiB", "--max-held-wal-bytes", "1GiB", "--json"])
         .output()
         .unwrap();
@@ -160,10 +148,10 @@ fn copy_refuses_an_empty_root_and_takes_sizes_with_units_and_host_names() {
     assert_eq!(report["files_count"], 1, "{report}");
 
     // A name that does not resolve is named; a size that is not one says what to give.
-    let out = copy_args(&certs, root.path(), "node-b.invalid:7070", "units").output().unwrap();
+    let out = ferry_copy_command(&certs, root.path(), "node-b.invalid:7070", "units").output().unwrap();
     let stderr = text(&out.stderr);
     assert!(!out.status.success() && stderr.contains("\"node-b.invalid\""), "{stderr}");
-    let out = copy_args(&certs, root.path(), &addr, "units").args(["--chunk-len", "1G"]).output().unwrap();
+    let out = ferry_copy_command(&certs, root.path(), &addr, "units").args(["--chunk-len", "1G"]).output().unwrap();
     let stderr = text(&out.stderr);
     assert!(!out.status.success() && stderr.contains("GiB"), "{stderr}");
 

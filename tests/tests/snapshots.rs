@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use ferry_engine::storage::DiskStorage;
-use ferry_tests::{ferry_bin, tree_sha256, write_file, Certs, Target};
+use ferry_tests::{ferry_bin, ferry_copy_command, tree_sha256, write_file, Certs, Target};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -25,15 +25,7 @@ fn ferry(args: &[&str], root: &Path) -> Output {
 }
 
 fn copy(certs: &Certs, root: &Path, target: &str, id: &str) -> Output {
-    let mut cmd = Command::new(ferry_bin());
-    cmd.args(["copy", "--node-id", "source", "--target-node", "target", "--vshard", "7", "--migration-id", id])
-        .args(["--target", target])
-        .arg("--certs")
-        .arg(certs.dir.path())
-        .arg("--segments-root")
-        .arg(root)
-        .env("FERRY_LOG", "warn");
-    cmd.output().unwrap()
+    ferry_copy_command(certs, root, target, id).output().unwrap()
 }
 
 #[test]

@@ -52,10 +52,8 @@ pub fn run(command: SnapshotsCommand) -> anyhow::Result<()> {
             } else if pinned.is_empty() {
                 outln!("no snapshots under {}", segments_root.display())?;
             }
-            if !json {
-                for p in &pinned {
-                    outln!("{}\t{} files\t{} bytes\t{}", p.migration_id, p.files_count, p.bytes, p.dir.display())?;
-                }
+            for p in pinned.iter().filter(|_| !json) {
+                outln!("{}\t{} files\t{} bytes\t{}", p.migration_id, p.files_count, p.bytes, p.dir.display())?;
             }
             Ok(())
         }

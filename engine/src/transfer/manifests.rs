@@ -117,13 +117,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_manifest_is_read_from_disk_once_and_written_through() {
+    /// A staging folder of migration m1 with its `.ferry/` made (the folder lives as long as
+    /// the first value).
+    fn staging_folder() -> (tempfile::TempDir, Arc<dyn Storage>, MigrationId, StagingLayout) {
         let dir = tempfile::tempdir().unwrap();
-        let storage: Arc<dyn Storage> = Arc::new(DiskStorage);
         let id = MigrationId::new("m1".to_owned()).unwrap();
         let layout = StagingLayout::new(dir.path(), &id);
         std::fs::create_dir_all(layout.ferry_dir()).unwrap();
+        (dir, Arc::new(DiskStorage), id, layout)
+    }
+
+    #[test]
+    fn a_manifest_is_read_from_disk_once_and_written_through() {
+        let (_dir, storage, id, layout) = staging_folder();
         let manifests = Manifests::default();
         assert_eq!(manifests.get(&*storage, &layout, &id).unwrap(), None);
         staging::write_manifest(&*storage, &layout, &manifest(&id, StagingState::Copying)).unwrap();
@@ -142,11 +148,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_keeps_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage: Arc<dyn Storage> = Arc::new(DiskStorage);
-        let id = MigrationId::new("m1".to_owned()).unwrap();
-        let layout = StagingLayout::new(dir.path(), &id);
-        std::fs::create_dir_all(layout.ferry_dir()).unwrap();
+        let (_dir, storage, id, layout) = staging_folder();
         let manifests = Manifests::default();
         manifests.write(&*storage, &layout, &manifest(&id, StagingState::Copying), Write::Atomic).unwrap();
         // The staging's folder is gone: the write fails, and the next read goes to the disk.

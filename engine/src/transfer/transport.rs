@@ -99,7 +99,7 @@ pub mod memory {
     //! streams without a network. A lane holds at most [`LANE_FRAMES_MAX`] frames; opening
     //! more than [`LANES_MAX`] lanes without accepting them fails.
 
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use bytes::Bytes;
     use ferry_wire::frame::FrameHeader;
@@ -157,19 +157,18 @@ pub mod memory {
     #[derive(Debug)]
     pub struct Incoming {
         frames: mpsc::Receiver<Frame>,
-        body: Mutex<Option<Bytes>>,
+        body: Option<Bytes>,
     }
 
     impl IncomingLane for Incoming {
         async fn next_header(&mut self) -> Result<Option<FrameHeader>, TransferError> {
             let Some((header, body)) = self.frames.recv().await else { return Ok(None) };
-            *self.body.lock().unwrap_or_else(|e| e.into_inner()) = Some(body);
+            self.body = Some(body);
             Ok(Some(header))
         }
 
         async fn read_body(&mut self, _header: &FrameHeader, body: &mut BodyPieces) -> Result<(), TransferError> {
-            let piece = self.body.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let piece = piece.ok_or_else(|| TransferError::Local("a body read before its header".into()))?;
+            let piece = self.body.take().ok_or_else(|| TransferError::Local("a body read before its header".into()))?;
             body.clear();
             body.push(piece);
             Ok(())
@@ -181,7 +180,7 @@ pub mod memory {
 
         async fn accept(&self) -> Result<Incoming, TransferError> {
             match self.0.lock().await.recv().await {
-                Some(frames) => Ok(Incoming { frames, body: Mutex::new(None) }),
+                Some(frames) => Ok(Incoming { frames, body: None }),
                 None => Err(TransferError::Connection("the source's end of the path is gone".into())),
             }
         }

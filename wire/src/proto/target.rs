@@ -1,13 +1,13 @@
 //! The target's side of one transfer conversation (one control stream), as a sans-IO machine.
 //!
-//! What it does: [`TargetConversation`] takes the source's messages ([`handle_message`]) and
-//! the engine's reports of what it did ([`handle_admitted`], [`handle_chunks`],
-//! [`handle_file_finalized`], [`handle_base_written`], [`handle_committed`],
-//! [`handle_fence_answer`], [`handle_answered`]) and says what to do next, one
-//! [`TargetAction`] at a time ([`poll_action`]): messages to send, an offer to admit, chunks to
-//! sync, files to finalise, the manifest to write, a commit or a fence to run, a one-shot
-//! request (join, release, abort) to carry out, the stream to finish. It owns the transfer's
-//! [`TargetSession`], so chunk streams check each chunk header through it ([`check_chunk`]).
+//! What it does: [`TargetConversation`] takes the source's messages (`handle_message`) and
+//! the engine's reports of what it did (`handle_admitted`, `handle_chunks`,
+//! `handle_file_finalized`, `handle_base_written`, `handle_committed`, `handle_fence_answer`,
+//! `handle_answered`) and says what to do next, one [`TargetAction`] at a time
+//! (`poll_action`): messages to send, an offer to admit, chunks to sync, files to finalise,
+//! the manifest to write, a commit or a fence to run, a one-shot request (join, release,
+//! abort) to carry out, the stream to finish. It owns the transfer's [`TargetSession`], so
+//! chunk streams check each chunk header through it (`check_chunk`).
 //!
 //! ```text
 //!  AwaitHello -hello-> AwaitRequest -offer-> Admitting -admitted-> Receiving --all files--> StagingBase
