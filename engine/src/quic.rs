@@ -20,7 +20,7 @@ use quinn::{Endpoint, EndpointConfig, MtuDiscoveryConfig, TransportConfig, VarIn
 /// Path MTU discovery's upper bound. Discovery probes up to it and keeps what the path carries
 /// (1452 on a plain Ethernet path), so a higher bound costs only a few probes; where the path
 /// carries more (jumbo frames, loopback), four times fewer packets per byte is the largest
-/// saving in the sender's and receiver's CPU (measured: `ferry-bench-e2e`, README).
+/// saving in the sender's and receiver's CPU (measured: `ferry-bench-e2e`, bench/RESULTS.md).
 pub const MTU_UPPER_BOUND_DEFAULT_BYTES: u16 = MTU_UPPER_BOUND_MAX_BYTES;
 
 /// The largest bound that is safe: quinn sends up to 10 packets in one UDP GSO batch, and a
@@ -83,7 +83,7 @@ impl QuicTuning {
     /// MTU bound of 1452. quinn paces every packet as if it were a full MTU, and a connection
     /// carrying light traffic keeps a small congestion window, so with a 6400-byte bound a
     /// lone WAL batch or fence message waited for the pacer: the fence's p99 went from about
-    /// 1 ms to 7 ms (`ferry-bench-cutover`, README).
+    /// 1 ms to 7 ms (`ferry-bench-cutover`, bench/RESULTS.md).
     pub fn transport(&self) -> TransportConfig {
         self.transport_with_mtu(MtuDiscoveryConfig::default())
     }
