@@ -23,6 +23,7 @@ pub mod limits;
 pub mod manifest;
 pub mod message;
 pub mod path;
+pub mod plant;
 pub mod proto;
 pub mod rate;
 pub mod session;

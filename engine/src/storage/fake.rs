@@ -30,6 +30,30 @@ enum Node {
 struct Inode {
     written: Vec<u8>,
     synced: Vec<u8>,
+    /// What changed `written` since the last sync, in order: a torn recovery keeps a prefix.
+    pending: Vec<Pending>,
+}
+
+/// One change to a file's bytes that no sync has covered yet.
+#[derive(Debug, Clone)]
+enum Pending {
+    Write { offset: usize, bytes: Vec<u8> },
+    SetLen(usize),
+}
+
+impl Pending {
+    fn apply(&self, data: &mut Vec<u8>) {
+        match self {
+            Pending::Write { offset, bytes } => {
+                let end = offset + bytes.len();
+                if data.len() < end {
+                    data.resize(end, 0);
+                }
+                data[*offset..end].copy_from_slice(bytes);
+            }
+            Pending::SetLen(len) => data.resize(*len, 0),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +121,14 @@ impl FakeStorage {
 
     /// The filesystem after a power loss: durable names with their durable bytes.
     pub fn recover(&self) -> FakeStorage {
+        self.recover_torn(&mut |_| 0)
+    }
+
+    /// The filesystem after a power loss that tore writes: durable names, each file with its
+    /// durable bytes plus a prefix of the changes made since its last sync (the last one kept
+    /// may be cut short). `pick(n)` draws a number in `0..n`: how many whole changes a file
+    /// keeps, then how many bytes of the next one.
+    pub fn recover_torn(&self, pick: &mut dyn FnMut(u64) -> u64) -> FakeStorage {
         let state = self.lock();
         let mut live = BTreeMap::new();
         for (path, node) in &state.durable {
@@ -111,7 +143,10 @@ impl FakeStorage {
         let inodes = state
             .inodes
             .iter()
-            .map(|(id, inode)| (*id, Inode { written: inode.synced.clone(), synced: inode.synced.clone() }))
+            .map(|(id, inode)| {
+                let data = torn(inode, pick);
+                (*id, Inode { written: data.clone(), synced: data, pending: Vec::new() })
+            })
             .collect();
         let recovered = FakeState {
             durable: live.clone(),
@@ -148,6 +183,24 @@ impl FakeStorage {
     }
 }
 
+/// A file's bytes after a torn power loss: its synced bytes, then a prefix of its pending
+/// changes drawn by `pick`.
+fn torn(inode: &Inode, pick: &mut dyn FnMut(u64) -> u64) -> Vec<u8> {
+    let mut data = inode.synced.clone();
+    if inode.pending.is_empty() {
+        return data;
+    }
+    let kept = usize::try_from(pick(inode.pending.len() as u64 + 1)).unwrap_or(0).min(inode.pending.len());
+    for change in &inode.pending[..kept] {
+        change.apply(&mut data);
+    }
+    if let Some(Pending::Write { offset, bytes }) = inode.pending.get(kept) {
+        let cut = usize::try_from(pick(bytes.len() as u64 + 1)).unwrap_or(0).min(bytes.len());
+        Pending::Write { offset: *offset, bytes: bytes[..cut].to_vec() }.apply(&mut data);
+    }
+    data
+}
+
 impl FakeState {
     fn parent_is_dir(&self, path: &Path) -> bool {
         match path.parent() {
@@ -174,6 +227,7 @@ impl StorageFile for FakeFile {
             inode.written.resize(end, 0);
         }
         inode.written[start..end].copy_from_slice(buf);
+        inode.pending.push(Pending::Write { offset: start, bytes: buf.to_vec() });
         Ok(())
     }
     /// All slices under one lock, so a simulated crash never lands between two of them
@@ -182,6 +236,10 @@ impl StorageFile for FakeFile {
         let mut state = self.storage.alive()?;
         let inode = state.inodes.entry(self.inode).or_default();
         let mut start = usize::try_from(offset_bytes).map_err(|_| io::Error::other("offset too large"))?;
+        // One change, as one `pwritev`: a torn recovery may cut it anywhere.
+        inode
+            .pending
+            .push(Pending::Write { offset: start, bytes: bufs.iter().flat_map(|b| b.iter().copied()).collect() });
         for buf in bufs {
             let end = start.checked_add(buf.len()).ok_or_else(|| io::Error::other("offset too large"))?;
             if inode.written.len() < end {
@@ -203,7 +261,9 @@ impl StorageFile for FakeFile {
     fn set_len(&self, len_bytes: u64) -> io::Result<()> {
         let mut state = self.storage.alive()?;
         let len = usize::try_from(len_bytes).map_err(|_| io::Error::other("length too large"))?;
-        state.inodes.entry(self.inode).or_default().written.resize(len, 0);
+        let inode = state.inodes.entry(self.inode).or_default();
+        inode.written.resize(len, 0);
+        inode.pending.push(Pending::SetLen(len));
         Ok(())
     }
     fn len_bytes(&self) -> io::Result<u64> {
@@ -215,6 +275,7 @@ impl StorageFile for FakeFile {
         FakeStorage::count_sync(&mut state)?;
         let inode = state.inodes.entry(self.inode).or_default();
         inode.synced = inode.written.clone();
+        inode.pending.clear();
         Ok(())
     }
 }
@@ -347,6 +408,25 @@ mod tests {
 
     fn p(s: &str) -> PathBuf {
         PathBuf::from(s)
+    }
+
+    #[test]
+    fn a_torn_crash_keeps_a_prefix_of_the_unsynced_writes() {
+        let fs = FakeStorage::new();
+        fs.create_dir_all(&p("/d")).unwrap();
+        let f = fs.open_rw(&p("/d/a")).unwrap();
+        fs.sync_dir(&p("/d")).unwrap();
+        fs.sync_dir(&p("/")).unwrap();
+        f.write_at(b"aaaa", 0).unwrap();
+        f.sync_data().unwrap();
+        f.write_at(b"bb", 0).unwrap();
+        f.write_at(b"cccc", 4).unwrap();
+        // Keep the first change whole and 3 bytes of the second.
+        let mut picks = vec![1, 3].into_iter();
+        let torn = fs.recover_torn(&mut |_| picks.next().unwrap());
+        assert_eq!(torn.read_all(&p("/d/a")).unwrap(), b"bbaaccc");
+        // Keep nothing unsynced: the synced bytes only.
+        assert_eq!(fs.recover().read_all(&p("/d/a")).unwrap(), b"aaaa");
     }
 
     #[test]

@@ -64,16 +64,7 @@ impl Inbound {
     /// Makes written chunks durable: the part files first, then the log that names them.
     pub(super) fn sync(&self) -> Result<(), TransferError> {
         let parts: Vec<_> = locked(&self.parts).iter().map(|(i, p)| (*i, p.clone())).collect();
-        for (index, part) in parts {
-            part.sync_data().map_err(|source| {
-                TransferError::Staging(staging::StagingError::Io {
-                    what: "fsync",
-                    path: self.layout.part_path(index),
-                    cause: source,
-                })
-            })?;
-        }
-        Ok(self.log.sync()?)
+        super::steps::sync_parts(&self.layout, &parts, &self.log)
     }
 }
 
@@ -157,13 +148,9 @@ async fn write_verified(
     let inbound = inbound.clone();
     blocking(move || {
         let slices: Vec<std::io::IoSlice<'_>> = body.pieces().iter().map(|p| std::io::IoSlice::new(p)).collect();
-        part.write_all_vectored_at(&slices, offset_bytes).map_err(|source| {
-            let path = inbound.layout.part_path(chunk.file_index);
-            TransferError::Staging(staging::StagingError::Io { what: "write", path, cause: source })
-        })?;
+        let crc32c = body.crc32c();
+        super::steps::write_chunk(&*part, &inbound.layout, &inbound.log, chunk, offset_bytes, &slices, crc32c)?;
         drop(slices);
-        let (file_index, chunk_index, crc32c) = (chunk.file_index, chunk.chunk_index, body.crc32c());
-        inbound.log.append(LogRecord::Verified { file_index, chunk_index, crc32c })?;
         body.clear();
         Ok(body)
     })

@@ -91,7 +91,7 @@ pub(crate) fn conn_id(conn: &Connection) -> ConnId {
 }
 
 /// What the machine needs of an offer.
-pub(crate) fn summary(offer: &Offer) -> OfferSummary {
+pub fn summary(offer: &Offer) -> OfferSummary {
     OfferSummary {
         migration_id: offer.migration_id.clone(),
         vshard_id: offer.vshard_id,
@@ -101,7 +101,7 @@ pub(crate) fn summary(offer: &Offer) -> OfferSummary {
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn now_unix_ms() -> u64 {
+pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -131,7 +131,7 @@ impl TargetContext {
 
     /// The inbound machine, locked. Hold it only for a transition and what must happen
     /// atomically with it, never across an await.
-    pub(crate) fn machine(&self) -> MutexGuard<'_, Inbounds> {
+    pub fn machine(&self) -> MutexGuard<'_, Inbounds> {
         locked(&self.machine)
     }
 

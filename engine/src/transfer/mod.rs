@@ -30,6 +30,7 @@ mod rate;
 pub mod request;
 mod ship;
 pub mod source;
+pub mod steps;
 pub mod target;
 mod task;
 pub mod transport;

@@ -19,23 +19,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ferry_wire::limits::CONTROL_BODY_LEN_MAX_BYTES;
-use ferry_wire::manifest::{StagedSegment, StagingManifest, StagingState, MANIFEST_FORMAT_VERSION};
 use ferry_wire::message::{Message, Offer};
-use ferry_wire::proto::inbound::{Begin, ConnId};
+use ferry_wire::proto::inbound::ConnId;
 use ferry_wire::proto::target::{Admitted, ChunkEvent, TargetAction, TargetConversation};
-use ferry_wire::session::{FileDone, TargetSession};
+use ferry_wire::session::FileDone;
 use ferry_wire::{Lsn, MigrationId};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 
-use super::chunklog::{self, ChunkLog};
 use super::chunks_in::{accept_chunk_streams, Event, Inbound};
 use super::framing::{read_control, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
-use super::inbound::{now_unix_ms, summary, ClaimGuard};
+use super::inbound::{now_unix_ms, ClaimGuard};
 pub use super::inbound::{InboundStatus, TargetContext, TargetLimits};
+use super::steps::Start;
 use super::task::{blocking, AbortOnDrop};
 use super::TransferError;
-use crate::staging::{self, StagingLayout};
+use crate::staging::StagingLayout;
 
 /// How long a connected peer has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -349,14 +348,9 @@ impl Driver<'_> {
         let id = offer.migration_id.clone();
         let layout = StagingLayout::new(&ctx.data_dir, &id);
         let start = {
-            let (ctx, layout, offer) = (ctx.clone(), layout.clone(), offer.clone());
-            blocking(move || start_staging(&ctx, &layout, &offer)).await?
+            let (ctx, layout, offer, conn) = (ctx.clone(), layout.clone(), offer.clone(), claim.conn());
+            blocking(move || super::steps::admit_staging(&ctx, &layout, &offer, conn, now_unix_ms())).await?
         };
-        let begin = match &start {
-            Start::AlreadyStaged { state, final_lsn } => Begin::AlreadyStaged { state: *state, final_lsn: *final_lsn },
-            Start::Receive { .. } => Begin::Receive,
-        };
-        ctx.machine().begin(&summary(&offer), claim.conn(), begin, now_unix_ms())?;
         self._wal = offer.wal.then(|| spawn_wal_stream(self.conn.clone(), ctx.clone(), &offer, &layout));
         match start {
             Start::AlreadyStaged { .. } => {
@@ -404,14 +398,10 @@ impl Driver<'_> {
     /// Renames a verified file into `segments/`, durably, and logs it staged.
     async fn finalize(&mut self, path: ferry_wire::path::RelPath, done: FileDone) -> Result<(), TransferError> {
         let receive = self.receiving()?;
-        let (storage, layout, log) = (self.ctx.storage.clone(), receive.layout.clone(), receive.inbound.log.clone());
+        let (layout, log) = (receive.layout.clone(), receive.inbound.log.clone());
         locked(&receive.inbound.parts).remove(&done.file_index);
-        blocking(move || {
-            staging::finalize_file(&*storage, &layout, done.file_index, &path, done.size_bytes, done.crc32c)?;
-            log.append(ferry_wire::checkpoint::LogRecord::Staged { file_index: done.file_index, crc32c: done.crc32c })?;
-            Ok(())
-        })
-        .await?;
+        let ctx = self.ctx.clone();
+        blocking(move || super::steps::finalize_file(&ctx, &layout, &log, &path, done)).await?;
         let id = receive.id.clone();
         let staged = {
             let mut conversation = self.conversation();
@@ -430,42 +420,18 @@ impl Driver<'_> {
         let (offer, layout) = self.admitted()?;
         let id = offer.migration_id.clone();
         self.joins.close(&id, self.claim.as_ref().map_or(ConnId(0), ClaimGuard::conn));
-        let manifest = StagingManifest {
-            format_version: MANIFEST_FORMAT_VERSION,
-            migration_id: id.clone(),
-            vshard_id: offer.vshard_id,
-            base_lsn: offer.base_lsn,
-            final_lsn: None,
-            state: StagingState::Copying,
-            base_complete: true,
-            db_meta: offer.db_meta.clone(),
-            segments: offer
-                .files
-                .iter()
-                .zip(segment_crcs)
-                .map(|(f, crc32c)| StagedSegment { path: f.path.clone(), size_bytes: f.size_bytes, crc32c })
-                .collect(),
-            wal_segments: Vec::new(),
-            // Only this node may release, abort or join it, also after a restart.
-            source_node: self
-                .ctx
-                .machine()
-                .get(&id)
-                .and_then(|m| m.source_node.as_deref())
-                .and_then(|n| ferry_wire::NodeId::new(n).ok()),
-        };
+        // Only this node may release, abort or join it, also after a restart.
+        let source_node = self
+            .ctx
+            .machine()
+            .get(&id)
+            .and_then(|m| m.source_node.as_deref())
+            .and_then(|n| ferry_wire::NodeId::new(n).ok());
+        let manifest = super::steps::base_manifest(offer, segment_crcs, source_node);
         let (ctx, layout, offer) = (self.ctx.clone(), layout.clone(), offer.clone());
         blocking(move || {
             inbound.sync()?;
-            let paths: Vec<_> = offer.files.iter().map(|f| f.path.clone()).collect();
-            let storage = &*ctx.storage;
-            staging::sync_segment_tree(storage, &layout, &paths)?;
-            ctx.write_manifest(&layout, &manifest)?;
-            if offer.wal {
-                // A live copy is fenced next: its MANIFEST commit is prepared now, off the pause.
-                staging::prepare_manifest_commit(storage, &layout, &manifest)?;
-            }
-            Ok(())
+            super::steps::write_base_manifest(&ctx, &layout, &offer, &manifest)
         })
         .await?;
         // The base is staged: chunk streams and joins end here.
@@ -487,30 +453,7 @@ impl Driver<'_> {
         }
         let id = offer.migration_id.clone();
         let id_owned = id.clone();
-        blocking(move || {
-            // Records back to back before the staging is released (no preallocated zeros).
-            let wal = match staged {
-                Some(staged) => {
-                    let mut wal = staged.lock().unwrap_or_else(|e| e.into_inner());
-                    wal.trim().map_err(|e| TransferError::Local(format!("trimming the staged WAL: {e}")))?;
-                    Some(wal.segments())
-                }
-                None => None,
-            };
-            let mut manifest = ctx
-                .manifest(&layout, &id_owned)?
-                .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before commit".into()))?;
-            if manifest.state != StagingState::Released {
-                manifest.state = StagingState::Released;
-                manifest.final_lsn = Some(final_lsn);
-                if let Some(segments) = wal {
-                    manifest.wal_segments = segments;
-                }
-                ctx.write_manifest(&layout, &manifest)?;
-            }
-            Ok(())
-        })
-        .await?;
+        blocking(move || super::steps::commit_offline(&ctx, &layout, &id_owned, final_lsn, staged.as_deref())).await?;
         self.ctx.machine().committed(&id, final_lsn)?;
         Ok(())
     }
@@ -600,51 +543,4 @@ impl Drop for JoinsClosed {
     fn drop(&mut self) {
         self.joins.close(&self.id, self.conn);
     }
-}
-
-enum Start {
-    /// The base was staged before; its manifest says where the staging is.
-    AlreadyStaged {
-        state: StagingState,
-        final_lsn: Option<ferry_wire::Lsn>,
-    },
-    Receive {
-        session: TargetSession,
-        log: Arc<ChunkLog>,
-        restored: chunklog::Restored,
-    },
-}
-
-/// Decides how to start: the base is staged already; an earlier run left chunks to resume
-/// from; or a fresh staging.
-fn start_staging(ctx: &TargetContext, layout: &StagingLayout, offer: &Offer) -> Result<Start, TransferError> {
-    let storage = &*ctx.storage;
-    if let Some(manifest) = ctx.manifest(layout, &offer.migration_id)? {
-        let same = manifest.base_complete
-            && manifest.vshard_id == offer.vshard_id
-            && manifest.base_lsn == offer.base_lsn
-            && manifest.segments.len() == offer.files.len()
-            && manifest
-                .segments
-                .iter()
-                .zip(&offer.files)
-                .all(|(s, f)| s.path == f.path && s.size_bytes == f.size_bytes);
-        if !same || manifest.state == StagingState::Aborted {
-            return Err(TransferError::Refused(format!(
-                "staging {} already holds a different or aborted migration {}: forget it or use a new migration id",
-                layout.root.display(),
-                manifest.migration_id
-            )));
-        }
-        return Ok(Start::AlreadyStaged { state: manifest.state, final_lsn: manifest.final_lsn });
-    }
-    let mut session = TargetSession::new(offer);
-    if let Some(replay) = ChunkLog::replay_existing(storage, layout, offer) {
-        let log = ChunkLog::reopen(storage, layout, &replay)?;
-        let restored = chunklog::restore(storage, layout, offer, &replay, &mut session)?;
-        return Ok(Start::Receive { session, log: Arc::new(log), restored });
-    }
-    staging::prepare_fresh(storage, layout)?;
-    let log = ChunkLog::create(storage, layout, offer)?;
-    Ok(Start::Receive { session, log: Arc::new(log), restored: chunklog::Restored::default() })
 }

@@ -415,6 +415,8 @@ impl Inbounds {
         let next = match begin {
             Begin::Receive => match before {
                 None | Some(InboundState::Receiving | InboundState::Interrupted) => InboundState::Receiving,
+                // Planted bug `PhantomMigration`: any migration is shown receiving again.
+                Some(_) if crate::plant::planted(crate::plant::Bug::PhantomMigration) => InboundState::Receiving,
                 Some(other) => {
                     return Err(InboundError::Illegal { id: id.clone(), from: other.name(), event: "received" })
                 }
@@ -545,6 +547,12 @@ impl Inbounds {
         match entry.state {
             InboundState::Released { final_lsn: Some(at) } if at == final_lsn => Ok(ReleaseStep::Already),
             InboundState::Fenced { final_lsn: at } if at == final_lsn => Ok(ReleaseStep::Write),
+            // Planted bug `ReleaseFromCopying`: a staging that was never fenced is released.
+            InboundState::BaseStaged | InboundState::Receiving | InboundState::Interrupted
+                if crate::plant::planted(crate::plant::Bug::ReleaseFromCopying) =>
+            {
+                Ok(ReleaseStep::Write)
+            }
             ref other => Err(InboundError::NotFencedAt {
                 id: id.clone(),
                 state: other.name(),

@@ -1,0 +1,45 @@
+//! Planted bugs: test-only switches that put known, fixed bugs back, so the simulator in
+//! `tests/` can prove it finds them.
+//!
+//! What it does: [`planted`] says whether a bug is planted on this thread. Without the
+//! `testkit` feature it is always false and nothing can plant one: a shipped build never
+//! carries a planted bug.
+//!
+//! What it does not: change any behaviour by itself. Each site that can carry a bug checks
+//! [`planted`] and names the bug in a comment.
+
+/// A bug the simulator must catch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    /// An admitted offer becomes visible (`begin`) before its staging is found usable, so a
+    /// refused re-copy leaves a phantom inbound migration holding an admission slot.
+    PhantomMigration,
+    /// `Inbounds::check_release` accepts a release of a staging that was never fenced.
+    ReleaseFromCopying,
+    /// The target acknowledges WAL records durable before its group commit's fsync.
+    AckBeforeFsync,
+}
+
+#[cfg(feature = "testkit")]
+thread_local! {
+    static PLANTED: std::cell::Cell<Option<Bug>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether `bug` is planted on this thread.
+pub fn planted(bug: Bug) -> bool {
+    #[cfg(feature = "testkit")]
+    {
+        PLANTED.with(|p| p.get() == Some(bug))
+    }
+    #[cfg(not(feature = "testkit"))]
+    {
+        let _ = bug;
+        false
+    }
+}
+
+/// Plants `bug` (or none) on this thread, for the simulator's planted-bug tests.
+#[cfg(feature = "testkit")]
+pub fn plant(bug: Option<Bug>) {
+    PLANTED.with(|p| p.set(bug));
+}
