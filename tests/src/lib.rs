@@ -18,6 +18,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 pub mod relay;
+pub mod sim;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -16,8 +16,6 @@ pub enum Bug {
     PhantomMigration,
     /// `Inbounds::check_release` accepts a release of a staging that was never fenced.
     ReleaseFromCopying,
-    /// The target acknowledges WAL records durable before its group commit's fsync.
-    AckBeforeFsync,
 }
 
 #[cfg(feature = "testkit")]

@@ -283,6 +283,10 @@ impl TargetContext {
         tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
             if storage.exists(&layout.root) {
                 storage.remove_dir_all(&layout.root).map_err(staging::io_err("remove", &layout.root))?;
+            }
+            // Synced even when the folder is gone already: a forget retried after a failed
+            // sync must not answer before the removal is durable (found by the simulator).
+            if storage.exists(&layout.migrations_dir()) {
                 storage
                     .sync_dir(&layout.migrations_dir())
                     .map_err(staging::io_err("sync", &layout.migrations_dir()))?;
