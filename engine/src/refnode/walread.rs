@@ -606,8 +606,9 @@ mod tests {
         assert!(dense.problems_count > 0);
     }
 
-    /// Layout B by hand from the DESIGN table: record_type 0x8001, lsn 0x0102, tenant 5, vshard
-    /// 0x0A0B0C0D, payload [0xFF, 0xEE], database 6, apply_key 7, event_source 8, commit_hlc 9.
+    /// Layout B by hand from the header table of DESIGN section 6: record_type 0x8001, lsn
+    /// 0x0102, tenant 5, vshard 0x0A0B0C0D, payload [0xFF, 0xEE], database 6, apply_key 7,
+    /// event_source 8, commit_hlc 9.
     fn hand_written_b() -> Vec<u8> {
         let mut bytes: Vec<u8> = vec![0x57, 0x4E, 0x59, 0x53, 0x01, 0x00];
         bytes.extend(0x8001u32.to_le_bytes());

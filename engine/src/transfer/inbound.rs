@@ -50,7 +50,7 @@ pub struct InboundStatus {
     pub bytes_received_in_process: u64,
 }
 
-/// What the target admits (DESIGN section 4: admission).
+/// What the target admits (DESIGN section 11.5: admission).
 pub type TargetLimits = Limits;
 
 /// What the receiver needs: where staging goes, how it is written, who this node is, and the

@@ -439,7 +439,8 @@ mod tests {
         }
     }
 
-    /// Layout B record, written out by hand from the DESIGN table (not by the encoder):
+    /// Layout B record, written out by hand from the header table of DESIGN section 6 (not by
+    /// the encoder):
     /// record_type 0x8001 (required, kind 1), lsn 5, tenant 7, vshard 3, payload "hi",
     /// database 9, apply_key 0x0102030405060708, event_source 2, commit_hlc 0x1122334455667788.
     #[test]

@@ -105,8 +105,8 @@ mod tests {
         assert_eq!(first_record(&[0; 4096]), None);
     }
 
-    /// Layout A record by hand from the DESIGN table: record_type 1, lsn 0x0102, tenant 0,
-    /// vshard 0x0A0B0C0D, payload [0xFF], database 0, reserved 8 x 0xAA.
+    /// Layout A record by hand from the header table of DESIGN section 6: record_type 1, lsn
+    /// 0x0102, tenant 0, vshard 0x0A0B0C0D, payload [0xFF], database 0, reserved 8 x 0xAA.
     #[test]
     fn layout_a_record_matches_hand_written_bytes() {
         let mut expected: Vec<u8> = vec![0x57, 0x4E, 0x59, 0x53, 0x01, 0x00, 0x01, 0, 0, 0];
