@@ -22,8 +22,21 @@ use super::{Storage, StorageFile};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Node {
-    Dir,
+    /// A folder, with its identity: a folder removed and made again under the same name is
+    /// another folder, and none of the old one's durable entries come back with it.
+    Dir(u64),
     File(u64),
+}
+
+/// The identity of `/`.
+const ROOT_DIR_ID: u64 = 0;
+
+fn is_dir(node: Option<&Node>) -> bool {
+    matches!(node, Some(Node::Dir(_)))
+}
+
+fn is_root(path: &Path) -> bool {
+    path.as_os_str().is_empty() || path == Path::new("/")
 }
 
 #[derive(Debug, Default, Clone)]
@@ -59,7 +72,8 @@ impl Pending {
 #[derive(Debug, Default)]
 struct FakeState {
     live: BTreeMap<PathBuf, Node>,
-    durable: BTreeMap<PathBuf, Node>,
+    /// Durable names: each with its node and the identity of the folder it was synced in.
+    durable: BTreeMap<PathBuf, (Node, u64)>,
     inodes: HashMap<u64, Inode>,
     next_inode: u64,
     syncs_count: u64,
@@ -130,16 +144,13 @@ impl FakeStorage {
     /// keeps, then how many bytes of the next one.
     pub fn recover_torn(&self, pick: &mut dyn FnMut(u64) -> u64) -> FakeStorage {
         let state = self.lock();
-        let mut live = BTreeMap::new();
-        for (path, node) in &state.durable {
-            let reachable = path
-                .ancestors()
-                .skip(1)
-                .all(|a| a.as_os_str().is_empty() || a == Path::new("/") || state.durable.get(a) == Some(&Node::Dir));
-            if reachable {
-                live.insert(path.clone(), *node);
-            }
-        }
+        let durable: BTreeMap<PathBuf, (Node, u64)> = state
+            .durable
+            .iter()
+            .filter(|(path, _)| durably_reachable(&state.durable, path))
+            .map(|(p, e)| (p.clone(), *e))
+            .collect();
+        let live: BTreeMap<PathBuf, Node> = durable.iter().map(|(p, (n, _))| (p.clone(), *n)).collect();
         let inodes = state
             .inodes
             .iter()
@@ -149,7 +160,7 @@ impl FakeStorage {
             })
             .collect();
         let recovered = FakeState {
-            durable: live.clone(),
+            durable,
             live,
             inodes,
             next_inode: state.next_inode,
@@ -183,6 +194,20 @@ impl FakeStorage {
     }
 }
 
+/// Whether a durable name is found after a power loss: its folder's name is durable too, and
+/// is still the folder the name was synced in.
+fn durably_reachable(durable: &BTreeMap<PathBuf, (Node, u64)>, path: &Path) -> bool {
+    let Some((_, parent_id)) = durable.get(path) else { return false };
+    match path.parent() {
+        None => true,
+        Some(parent) if is_root(parent) => *parent_id == ROOT_DIR_ID,
+        Some(parent) => match durable.get(parent) {
+            Some((Node::Dir(id), _)) if id == parent_id => durably_reachable(durable, parent),
+            _ => false,
+        },
+    }
+}
+
 /// A file's bytes after a torn power loss: its synced bytes, then a prefix of its pending
 /// changes drawn by `pick`.
 fn torn(inode: &Inode, pick: &mut dyn FnMut(u64) -> u64) -> Vec<u8> {
@@ -206,7 +231,7 @@ impl FakeState {
         match path.parent() {
             None => true,
             Some(p) if p.as_os_str().is_empty() || p == Path::new("/") => true,
-            Some(p) => self.live.get(p) == Some(&Node::Dir),
+            Some(p) => is_dir(self.live.get(p)),
         }
     }
 }
@@ -285,7 +310,7 @@ impl Storage for FakeStorage {
         let mut state = self.alive()?;
         let inode = match state.live.get(path) {
             Some(Node::File(inode)) => *inode,
-            Some(Node::Dir) => return Err(io::Error::other(format!("{} is a folder", path.display()))),
+            Some(Node::Dir(_)) => return Err(io::Error::other(format!("{} is a folder", path.display()))),
             None => {
                 if !state.parent_is_dir(path) {
                     return Err(not_found(path));
@@ -313,10 +338,12 @@ impl Storage for FakeStorage {
         ancestors.reverse();
         for dir in ancestors {
             match state.live.get(dir) {
-                Some(Node::Dir) => {}
+                Some(Node::Dir(_)) => {}
                 Some(Node::File(_)) => return Err(io::Error::other(format!("{} is a file", dir.display()))),
                 None => {
-                    state.live.insert(dir.to_path_buf(), Node::Dir);
+                    state.next_inode += 1;
+                    let id = state.next_inode;
+                    state.live.insert(dir.to_path_buf(), Node::Dir(id));
                 }
             }
         }
@@ -328,7 +355,7 @@ impl Storage for FakeStorage {
         if !state.parent_is_dir(to) {
             return Err(not_found(to));
         }
-        if node == Node::Dir {
+        if let Node::Dir(_) = node {
             return Err(io::Error::other("the fake renames files only"));
         }
         state.live.remove(from);
@@ -338,7 +365,7 @@ impl Storage for FakeStorage {
     fn hard_link(&self, original: &Path, link: &Path) -> io::Result<()> {
         let mut state = self.alive()?;
         let node = *state.live.get(original).ok_or_else(|| not_found(original))?;
-        if node == Node::Dir {
+        if let Node::Dir(_) = node {
             return Err(io::Error::other("a folder cannot be hard-linked"));
         }
         if !state.parent_is_dir(link) {
@@ -370,14 +397,15 @@ impl Storage for FakeStorage {
     }
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.alive()?;
-        let is_root = path.as_os_str().is_empty() || path == Path::new("/");
-        if !is_root && state.live.get(path) != Some(&Node::Dir) {
-            return Err(not_found(path));
-        }
+        let dir_id = match state.live.get(path) {
+            _ if is_root(path) => ROOT_DIR_ID,
+            Some(Node::Dir(id)) => *id,
+            _ => return Err(not_found(path)),
+        };
         FakeStorage::count_sync(&mut state)?;
         let child_of = |p: &Path| p.parent() == Some(path);
-        let live_children: Vec<(PathBuf, Node)> =
-            state.live.iter().filter(|(p, _)| child_of(p)).map(|(p, n)| (p.clone(), *n)).collect();
+        let live_children: Vec<(PathBuf, (Node, u64))> =
+            state.live.iter().filter(|(p, _)| child_of(p)).map(|(p, n)| (p.clone(), (*n, dir_id))).collect();
         state.durable.retain(|p, _| !child_of(p));
         state.durable.extend(live_children);
         Ok(())
@@ -387,7 +415,7 @@ impl Storage for FakeStorage {
     }
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
         let state = self.alive()?;
-        if state.live.get(path) != Some(&Node::Dir) {
+        if !is_dir(state.live.get(path)) {
             return Err(not_found(path));
         }
         Ok(state
@@ -427,6 +455,23 @@ mod tests {
         assert_eq!(torn.read_all(&p("/d/a")).unwrap(), b"bbaaccc");
         // Keep nothing unsynced: the synced bytes only.
         assert_eq!(fs.recover().read_all(&p("/d/a")).unwrap(), b"aaaa");
+    }
+
+    #[test]
+    fn a_folder_removed_and_made_again_does_not_bring_back_its_old_files() {
+        let fs = FakeStorage::new();
+        fs.create_dir_all(&p("/d/s")).unwrap();
+        fs.open_rw(&p("/d/s/old")).unwrap().sync_data().unwrap();
+        for dir in ["/d/s", "/d", "/"] {
+            fs.sync_dir(&p(dir)).unwrap();
+        }
+        fs.remove_dir_all(&p("/d/s")).unwrap();
+        fs.sync_dir(&p("/d")).unwrap();
+        fs.create_dir_all(&p("/d/s")).unwrap();
+        fs.sync_dir(&p("/d")).unwrap();
+        let after = fs.recover();
+        assert!(after.exists(&p("/d/s")));
+        assert!(!after.exists(&p("/d/s/old")), "the old folder's file came back");
     }
 
     #[test]

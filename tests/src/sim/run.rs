@@ -385,7 +385,6 @@ impl World {
         let mut fx = Effects::default();
         let result = self.conns[i].target.drain(&self.target, &mut self.cov, &mut fx);
         self.conns[i].to_source.extend(fx.to_source);
-        self.note_recorded(i);
         for closed in fx.close {
             if let Some(k) = self.conns.iter().position(|c| c.id == closed) {
                 if k != i {
@@ -398,21 +397,6 @@ impl World {
             }
         }
         result.map_err(|e| e.to_string())
-    }
-
-    /// A manifest write that returned is durable: the phase it wrote survives any restart.
-    fn note_recorded(&mut self, i: usize) {
-        let Some((offer, _)) = self.conns[i].target.admitted.as_ref() else { return };
-        let id = offer.migration_id.clone();
-        if let Some(m) = self.target.ctx.machine().get(&id) {
-            let phase = match m.state {
-                InboundState::BaseStaged => "base_staged",
-                InboundState::Released { .. } => "released",
-                InboundState::Aborted { .. } => "aborted",
-                _ => return,
-            };
-            self.recorded.insert(id, phase);
-        }
     }
 
     fn drain_source(&mut self, i: usize) {
@@ -477,7 +461,7 @@ impl World {
         for (id, phase) in &self.recorded {
             let now = self.target.ctx.machine().get(id).map(|m| m.state.name());
             let kept = match *phase {
-                "base_staged" => matches!(now, Some("base_staged" | "fenced" | "released")),
+                "base_staged" => matches!(now, Some("base_staged" | "fenced" | "released" | "aborted")),
                 other => now == Some(other),
             };
             if !kept {
@@ -501,8 +485,12 @@ impl World {
                 self.cov.hit(format!("inbound: {before} -> none"));
             }
         }
-        for state in now.values() {
+        for (id, state) in &now {
             self.cov.hit(format!("state: {state}"));
+            // The machine moves to these only after the manifest that says so is durable.
+            if matches!(*state, "base_staged" | "fenced" | "released" | "aborted") {
+                self.recorded.insert(id.clone(), state);
+            }
         }
         self.states = now;
     }
