@@ -32,7 +32,7 @@ use crate::clock::monotonic_ns;
 use crate::config::NodeConfig;
 use crate::control::ControlClient;
 use crate::node::RunningNode;
-use crate::refnode::{BulkReport, ExportReport, RefWriter, RefWriterConfig, WriterLog};
+use ferry_refnode::{BulkReport, ExportReport, RefWriter, RefWriterConfig, WriterLog};
 
 /// Most lag samples kept: at one per poll, over an hour of migration.
 const LAG_SAMPLES_MAX_COUNT: usize = 100_000;
@@ -197,7 +197,7 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
 
     let base_lsn = writer.acked_lsn();
     let entries = writer.migrating_source_writes(base_lsn);
-    let export = crate::refnode::export_base(&dirs.export_root, VSHARD, base_lsn, &entries)
+    let export = ferry_refnode::export_base(&dirs.export_root, VSHARD, base_lsn, &entries)
         .context("the reference node's base export failed")?;
     let bulk_bytes = args.shard_size.saturating_sub(export.bytes);
     errln!(
@@ -210,7 +210,7 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
     );
     let bulk = if bulk_bytes > 0 {
         Some(
-            crate::refnode::generate_bulk(&dirs.export_root, bulk_bytes, args.files)
+            ferry_refnode::generate_bulk(&dirs.export_root, bulk_bytes, args.files)
                 .context("cannot generate the bulk files")?,
         )
     } else {
