@@ -180,7 +180,8 @@ impl WriterLog {
         other_vshards: Vec<VShardId>,
         acks: impl IntoIterator<Item = (WritePlace, u64)>,
     ) -> Self {
-        let schedule = Schedule { started_ns: 0, rate_writes_per_sec, migrating_vshard, migrating_every, other_vshards };
+        let schedule =
+            Schedule { started_ns: 0, rate_writes_per_sec, migrating_vshard, migrating_every, other_vshards };
         let mut log = WriterLog::new(schedule);
         log.acks.extend(acks.into_iter().map(|(place, ack_ns)| PackedAck::new(place, ack_ns)));
         log
