@@ -9,6 +9,10 @@
 //! process, each with its own socket and QUIC port, so pausing a writer stays in-process.
 //!
 //! What it does not: signals (SIGTERM, SIGHUP: `ferry serve` handles them), or print anything.
+//!
+//! Invariants: a node owns its sockets, its tasks and its data folder's recovery; shutdown
+//! checkpoints every outbound migration before the sockets close, and dropping a node stops its
+//! tasks.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
