@@ -37,7 +37,7 @@ use ferry_engine::storage::DiskStorage;
 use ferry_engine::transfer::source::{self, CopyReport, CopyRequest, RateHandle};
 use ferry_engine::transfer::target::{self, TargetContext};
 use ferry_engine::transfer::walsend::WalSourceConfig;
-use ferry_engine::wal::writer::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterOptions};
+use ferry_refnode::walwrite::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterOptions};
 use ferry_wire::session::Progress;
 use ferry_wire::wal::{Layout, LayoutChoice};
 use ferry_wire::{Lsn, MigrationId, VShardId};

@@ -6,6 +6,10 @@
 //!
 //! What it does not: compare clocks of two hosts (monotonic clocks of two hosts cannot be
 //! subtracted; every pause is measured on the source host).
+//!
+//! Invariants: one clock for every stamp a pause is measured with, CLOCK_MONOTONIC, which
+//! the reference node (`ferry_refnode::monotonic_ns`) reads too; nothing here panics on a stamp
+//! (a stamp already past is "now", arithmetic saturates).
 
 use std::time::Duration;
 

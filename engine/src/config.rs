@@ -6,6 +6,9 @@
 //!
 //! What it does not: hold settings for parts not built yet (the fence); they are added with the
 //! code that reads them.
+//!
+//! Invariants: a config that loads has passed `check` (node ids are valid); a key the file
+//! does not set has its default, and an unknown key is refused, never ignored.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -13,6 +13,10 @@
 //! which a fence then waits for).
 //!
 //! What it does not: pause or resume the database's writers (the coordinator does).
+//!
+//! Invariants: a call is checked (its params, the node's role in the migration) before it acts,
+//! and a call meant for the other role's daemon is refused with the daemon to ask instead; the
+//! event stream is bounded (a subscriber that lags loses events, it never slows the daemon).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -195,16 +199,7 @@ impl Daemon {
 
     async fn call_async(self, method: String, params: Value) -> Result<Reply, RpcError> {
         match method.as_str() {
-            "node.info" => Ok(json!({
-                "node_id": self.node_id.as_str(),
-                "version": env!("CARGO_PKG_VERSION"),
-                "protocol_version": PROTOCOL_VERSION,
-                "quic_address": self.quic_addr.to_string(),
-                "features": { "rdma": false },
-                "devices": [],
-                "roles": ["source", "target"],
-            })
-            .into()),
+            "node.info" => Ok(self.node_info().into()),
             "migration.list" => {
                 let list: Vec<Value> = self.statuses().iter().map(to_value).collect();
                 Ok(json!({ "migrations": list }).into())
@@ -213,130 +208,162 @@ impl Daemon {
                 let id = migration_id(&params)?;
                 self.status(&id).map(|s| to_value(&s).into()).ok_or_else(|| not_found(&id))
             }
-            "migration.start" => {
-                let params: StartParams = serde_json::from_value(params)
-                    .map_err(|e| RpcError::invalid_params(format!("migration.start params: {e}")))?;
-                let (id, created) = self.outbound.start(params).await.map_err(outbound_rpc)?;
-                Ok(json!({ "migration_id": id.as_str(), "created": created }).into())
-            }
-            "migration.abort" => {
-                let id = migration_id(&params)?;
-                let reason = match params.get("reason") {
-                    None | Some(Value::Null) => "by the coordinator".to_owned(),
-                    Some(Value::String(r)) => r.chars().take(1024).collect(),
-                    Some(_) => return Err(RpcError::invalid_params("params.reason must be a string")),
-                };
-                if self.outbound.status(&id).is_some() {
-                    let note = self.outbound.abort(&id, &reason).await.map_err(outbound_rpc)?;
-                    return Ok(json!({ "migration_id": id.as_str(), "phase": "Failed", "aborted": true, "role": "source", "note": note }).into());
-                }
-                if self.ctx.has_inbound(&id) {
-                    let reason = format!("aborted by the target's coordinator: {reason}");
-                    crate::transfer::abort::abort_staging(&self.ctx, &id, &reason).await.map_err(transfer_rpc)?;
-                    return Ok(json!({ "migration_id": id.as_str(), "phase": "Failed", "aborted": true, "role": "target", "note": "staging removed" }).into());
-                }
-                Err(not_found(&id))
-            }
-            "migration.forget" => {
-                let id = migration_id(&params)?;
-                let mut forgot = false;
-                if self.outbound.status(&id).is_some() {
-                    self.outbound.forget(&id).await.map_err(outbound_rpc)?;
-                    forgot = true;
-                }
-                if self.ctx.has_inbound(&id) {
-                    self.ctx.forget(&id).await.map_err(transfer_rpc)?;
-                    forgot = true;
-                }
-                if !forgot {
-                    return Err(not_found(&id));
-                }
-                Ok(json!({ "migration_id": id.as_str(), "forgotten": true }).into())
-            }
-            "migration.set_rate_limit" => {
-                let id = migration_id(&params)?;
-                let bytes_per_sec = params.get("bytes_per_sec").and_then(Value::as_u64).ok_or_else(|| {
-                    RpcError::invalid_params("params.bytes_per_sec must be an unsigned integer (0: unlimited)")
-                })?;
-                if self.outbound.status(&id).is_none() && self.ctx.has_inbound(&id) {
-                    return Err(RpcError::refused(format!(
-                        "migration {id} is inbound here: set its rate on the source node's daemon"
-                    )));
-                }
-                let rate = self.outbound.set_rate_limit(&id, bytes_per_sec).map_err(outbound_rpc)?;
-                Ok(json!({ "migration_id": id.as_str(), "rate_limit_bytes_per_sec": rate }).into())
-            }
-            "events.subscribe" => {
-                let filter = match params.get("migration_id") {
-                    None | Some(Value::Null) => None,
-                    Some(_) => Some(migration_id(&params)?.as_str().to_owned()),
-                };
-                Ok(Reply::Subscription(Subscription {
-                    result: json!({ "subscribed": true, "migration_id": filter }),
-                    events: self.events.subscribe(),
-                    migration_id: filter,
-                }))
-            }
-            "migration.prepare_cutover" => {
-                let id = migration_id(&params)?;
-                self.source_only(&id, &method)?;
-                let result = self.outbound.prepare_cutover(&id).map_err(outbound_rpc)?;
-                let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
-                value["migration_id"] = json!(id.as_str());
-                Ok(value.into())
-            }
-            "migration.fence" => {
-                let id = migration_id(&params)?;
-                self.source_only(&id, &method)?;
-                if !params.get("final_lsn").is_some_and(Value::is_u64) {
-                    return Err(RpcError::invalid_params(
-                        "params.final_lsn must be an unsigned integer: the writer's last acknowledged LSN",
-                    ));
-                }
-                let fence: FenceParams = serde_json::from_value(without_id(params))
-                    .map_err(|e| RpcError::invalid_params(format!("migration.fence params: {e}")))?;
-                let result = self.outbound.fence(&id, fence).await.map_err(outbound_rpc)?;
-                let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
-                value["migration_id"] = json!(id.as_str());
-                Ok(value.into())
-            }
-            "migration.release" => {
-                let id = migration_id(&params)?;
-                self.source_only(&id, &method)?;
-                let resumed = match params.get("writes_resumed_at_ns") {
-                    None | Some(Value::Null) => None,
-                    Some(v) => Some(v.as_u64().ok_or_else(|| {
-                        RpcError::invalid_params(
-                            "params.writes_resumed_at_ns must be CLOCK_MONOTONIC nanoseconds (an unsigned integer)",
-                        )
-                    })?),
-                };
-                let result = self.outbound.release(&id, resumed).await.map_err(outbound_rpc)?;
-                let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
-                value["migration_id"] = json!(id.as_str());
-                Ok(value.into())
-            }
-            "migration.applied" => {
-                let id = migration_id(&params)?;
-                let applied = params
-                    .get("applied_lsn")
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| RpcError::invalid_params("params.applied_lsn must be an unsigned integer"))?;
-                if !self.ctx.has_inbound(&id) {
-                    return Err(if self.outbound.status(&id).is_some() {
-                        RpcError::refused(format!(
-                            "migration {id} is outbound here: migration.applied goes to the target node's daemon"
-                        ))
-                    } else {
-                        not_found(&id)
-                    });
-                }
-                let now =
-                    crate::transfer::fence_target::set_applied(&self.ctx, &id, Lsn(applied)).map_err(transfer_rpc)?;
-                Ok(json!({ "migration_id": id.as_str(), "applied_lsn": now }).into())
-            }
+            "migration.start" => self.start_migration(params).await,
+            "migration.abort" => self.abort_migration(&params).await,
+            "migration.forget" => self.forget_migration(&params).await,
+            "migration.set_rate_limit" => self.set_rate_limit(&params),
+            "events.subscribe" => self.subscribe(&params),
+            "migration.prepare_cutover" => self.prepare_cutover(&params, &method),
+            "migration.fence" => self.fence(params, &method).await,
+            "migration.release" => self.release(&params, &method).await,
+            "migration.applied" => self.applied(&params),
             other => Err(RpcError::method_not_found(other)),
         }
+    }
+
+    fn node_info(&self) -> Value {
+        json!({
+            "node_id": self.node_id.as_str(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocol_version": PROTOCOL_VERSION,
+            "quic_address": self.quic_addr.to_string(),
+            "features": { "rdma": false },
+            "devices": [],
+            "roles": ["source", "target"],
+        })
+    }
+
+    async fn start_migration(&self, params: Value) -> Result<Reply, RpcError> {
+        let params: StartParams = serde_json::from_value(params)
+            .map_err(|e| RpcError::invalid_params(format!("migration.start params: {e}")))?;
+        let (id, created) = self.outbound.start(params).await.map_err(outbound_rpc)?;
+        Ok(json!({ "migration_id": id.as_str(), "created": created }).into())
+    }
+
+    /// `migration.abort`: the source's migration if it is one here, else the target's staging.
+    async fn abort_migration(&self, params: &Value) -> Result<Reply, RpcError> {
+        let id = migration_id(params)?;
+        let reason = match params.get("reason") {
+            None | Some(Value::Null) => "by the coordinator".to_owned(),
+            Some(Value::String(r)) => r.chars().take(1024).collect(),
+            Some(_) => return Err(RpcError::invalid_params("params.reason must be a string")),
+        };
+        if self.outbound.status(&id).is_some() {
+            let note = self.outbound.abort(&id, &reason).await.map_err(outbound_rpc)?;
+            return Ok(json!({ "migration_id": id.as_str(), "phase": "Failed", "aborted": true, "role": "source", "note": note }).into());
+        }
+        if self.ctx.has_inbound(&id) {
+            let reason = format!("aborted by the target's coordinator: {reason}");
+            crate::transfer::abort::abort_staging(&self.ctx, &id, &reason).await.map_err(transfer_rpc)?;
+            return Ok(json!({ "migration_id": id.as_str(), "phase": "Failed", "aborted": true, "role": "target", "note": "staging removed" }).into());
+        }
+        Err(not_found(&id))
+    }
+
+    /// `migration.forget`: both roles' records of the migration, whichever this node holds.
+    async fn forget_migration(&self, params: &Value) -> Result<Reply, RpcError> {
+        let id = migration_id(params)?;
+        let mut forgot = false;
+        if self.outbound.status(&id).is_some() {
+            self.outbound.forget(&id).await.map_err(outbound_rpc)?;
+            forgot = true;
+        }
+        if self.ctx.has_inbound(&id) {
+            self.ctx.forget(&id).await.map_err(transfer_rpc)?;
+            forgot = true;
+        }
+        if !forgot {
+            return Err(not_found(&id));
+        }
+        Ok(json!({ "migration_id": id.as_str(), "forgotten": true }).into())
+    }
+
+    fn set_rate_limit(&self, params: &Value) -> Result<Reply, RpcError> {
+        let id = migration_id(params)?;
+        let bytes_per_sec = params.get("bytes_per_sec").and_then(Value::as_u64).ok_or_else(|| {
+            RpcError::invalid_params("params.bytes_per_sec must be an unsigned integer (0: unlimited)")
+        })?;
+        if self.outbound.status(&id).is_none() && self.ctx.has_inbound(&id) {
+            return Err(RpcError::refused(format!(
+                "migration {id} is inbound here: set its rate on the source node's daemon"
+            )));
+        }
+        let rate = self.outbound.set_rate_limit(&id, bytes_per_sec).map_err(outbound_rpc)?;
+        Ok(json!({ "migration_id": id.as_str(), "rate_limit_bytes_per_sec": rate }).into())
+    }
+
+    fn subscribe(&self, params: &Value) -> Result<Reply, RpcError> {
+        let filter = match params.get("migration_id") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(migration_id(params)?.as_str().to_owned()),
+        };
+        Ok(Reply::Subscription(Subscription {
+            result: json!({ "subscribed": true, "migration_id": filter }),
+            events: self.events.subscribe(),
+            migration_id: filter,
+        }))
+    }
+
+    fn prepare_cutover(&self, params: &Value, method: &str) -> Result<Reply, RpcError> {
+        let id = migration_id(params)?;
+        self.source_only(&id, method)?;
+        let result = self.outbound.prepare_cutover(&id).map_err(outbound_rpc)?;
+        let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
+        value["migration_id"] = json!(id.as_str());
+        Ok(value.into())
+    }
+
+    async fn fence(&self, params: Value, method: &str) -> Result<Reply, RpcError> {
+        let id = migration_id(&params)?;
+        self.source_only(&id, method)?;
+        if !params.get("final_lsn").is_some_and(Value::is_u64) {
+            return Err(RpcError::invalid_params(
+                "params.final_lsn must be an unsigned integer: the writer's last acknowledged LSN",
+            ));
+        }
+        let fence: FenceParams = serde_json::from_value(without_id(params))
+            .map_err(|e| RpcError::invalid_params(format!("migration.fence params: {e}")))?;
+        let result = self.outbound.fence(&id, fence).await.map_err(outbound_rpc)?;
+        let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
+        value["migration_id"] = json!(id.as_str());
+        Ok(value.into())
+    }
+
+    async fn release(&self, params: &Value, method: &str) -> Result<Reply, RpcError> {
+        let id = migration_id(params)?;
+        self.source_only(&id, method)?;
+        let resumed = match params.get("writes_resumed_at_ns") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                RpcError::invalid_params(
+                    "params.writes_resumed_at_ns must be CLOCK_MONOTONIC nanoseconds (an unsigned integer)",
+                )
+            })?),
+        };
+        let result = self.outbound.release(&id, resumed).await.map_err(outbound_rpc)?;
+        let mut value = serde_json::to_value(result).unwrap_or(Value::Null);
+        value["migration_id"] = json!(id.as_str());
+        Ok(value.into())
+    }
+
+    /// `migration.applied`: a target-side call; the source's daemon refuses it.
+    fn applied(&self, params: &Value) -> Result<Reply, RpcError> {
+        let id = migration_id(params)?;
+        let applied = params
+            .get("applied_lsn")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| RpcError::invalid_params("params.applied_lsn must be an unsigned integer"))?;
+        if !self.ctx.has_inbound(&id) {
+            return Err(if self.outbound.status(&id).is_some() {
+                RpcError::refused(format!(
+                    "migration {id} is outbound here: migration.applied goes to the target node's daemon"
+                ))
+            } else {
+                not_found(&id)
+            });
+        }
+        let now = crate::transfer::fence_target::set_applied(&self.ctx, &id, Lsn(applied)).map_err(transfer_rpc)?;
+        Ok(json!({ "migration_id": id.as_str(), "applied_lsn": now }).into())
     }
 }
 

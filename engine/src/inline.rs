@@ -12,6 +12,8 @@
 //! Why: on this kind of host a thread wake-up costs about 25 us (a pipe round trip between two
 //! threads takes 47 to 50 us, `perf bench sched pipe`), and a trip through the blocking pool
 //! costs two of them. The cut-over's pause crosses threads about ten times.
+//!
+//! Invariants: the closure runs exactly once, and its result comes back to the caller.
 
 use tokio::runtime::{Handle, RuntimeFlavor};
 

@@ -6,7 +6,10 @@
 //! time into the sans-IO machines of `ferry-wire` and executes the actions they return.
 //!
 //! What it does not: define formats or protocol rules. Those live in `ferry-wire`, so they can
-//! be tested without I/O.
+//! be tested without I/O. Nor host the reference node (the database stand-in and the verifier
+//! of `ferry demo`): that is `ferry-refnode`, which the engine uses and which never uses the
+//! engine back. Test fakes (`FakeStorage`, the in-memory chunk lanes, dropping a target's
+//! connections on purpose) are built only for tests and with the `testkit` feature.
 //!
 //! Invariants: `unsafe` is confined to the reader module (io_uring submission and mmap), each
 //! block with a `// SAFETY:` line. A failed write or fsync fails the transfer; it is never
@@ -24,7 +27,6 @@ pub mod node;
 pub mod outbound;
 pub mod quic;
 pub mod read;
-pub mod refnode;
 pub mod snapshot;
 pub mod staging;
 pub mod storage;

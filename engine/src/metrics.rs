@@ -13,6 +13,8 @@
 //! Bounds: a request head is read up to [`REQUEST_HEAD_MAX_BYTES`] within
 //! [`REQUEST_TIMEOUT`]; at most [`CONNECTIONS_MAX_COUNT`] scrapes are served at once, others
 //! wait in the kernel's backlog. Bad requests get 400/404 and never disturb the daemon.
+//!
+//! Invariants: a scrape reads the daemon's state and changes nothing.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -9,6 +9,10 @@
 //! process, each with its own socket and QUIC port, so pausing a writer stays in-process.
 //!
 //! What it does not: signals (SIGTERM, SIGHUP: `ferry serve` handles them), or print anything.
+//!
+//! Invariants: a node owns its sockets, its tasks and its data folder's recovery; shutdown
+//! checkpoints every outbound migration before the sockets close, and dropping a node stops its
+//! tasks.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -76,18 +80,7 @@ impl RunningNode {
         });
         ctx.load_existing();
         let server = tokio::spawn(target::serve(endpoint.clone(), ctx.clone()));
-        let outbound = Outbound::new(
-            OutboundConfig {
-                data_dir: config.data_dir.clone(),
-                max_outbound_count: config.max_outbound_migrations,
-                global_rate_limit_bytes_per_sec: config.rate_limit_bytes_per_sec,
-                max_held_wal_bytes: config.max_held_wal_bytes,
-                abort_timeout: Duration::from_secs(config.abort_timeout_secs),
-                tuning: QuicTuning::default(),
-            },
-            identity.clone(),
-            storage,
-        );
+        let outbound = Outbound::new(outbound_config(config), identity.clone(), storage);
         let daemon = Daemon::new(node_id.clone(), quic_addr, ctx.clone(), outbound.clone());
         let events = daemon.spawn_events();
         let recovered = outbound.recover().await;
@@ -101,19 +94,10 @@ impl RunningNode {
         let socket_path = control.socket_path().to_path_buf();
         // Releases a target missed are told in the background: it may be unreachable now.
         let mut tasks = vec![server, events, tokio::spawn(outbound.clone().tell_pending_releases())];
-        let mut metrics_addr = None;
-        if let Some(addr) = config.metrics_addr {
-            let (daemon, ctx) = (daemon.clone(), ctx.clone());
-            let scrape = Arc::new(move || {
-                let received = ctx.inbound().values().map(|s| s.bytes_received_in_process).sum();
-                crate::metrics::render(&daemon.statuses(), received)
-            });
-            let bound = crate::metrics::start(addr, scrape)
-                .await
-                .with_context(|| format!("cannot serve metrics on {addr} (metrics_addr)"))?;
-            tracing::info!(%bound, "serving Prometheus metrics at /metrics");
-            metrics_addr = Some(bound);
-        }
+        let metrics_addr = match config.metrics_addr {
+            Some(addr) => Some(serve_metrics(addr, &daemon, &ctx).await?),
+            None => None,
+        };
         let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
         let control_task = tokio::spawn(control.run(async move {
             let _ = control_stopped.await;
@@ -162,6 +146,33 @@ impl RunningNode {
             task.abort();
         }
     }
+}
+
+/// The outbound registry's settings, from the node's configuration.
+fn outbound_config(config: &NodeConfig) -> OutboundConfig {
+    OutboundConfig {
+        data_dir: config.data_dir.clone(),
+        max_outbound_count: config.max_outbound_migrations,
+        global_rate_limit_bytes_per_sec: config.rate_limit_bytes_per_sec,
+        max_held_wal_bytes: config.max_held_wal_bytes,
+        abort_timeout: Duration::from_secs(config.abort_timeout_secs),
+        tuning: QuicTuning::default(),
+    }
+}
+
+/// Serves the Prometheus metrics on `addr` (`metrics_addr`), read from the daemon at each
+/// scrape; the address bound.
+async fn serve_metrics(addr: SocketAddr, daemon: &Daemon, ctx: &Arc<TargetContext>) -> anyhow::Result<SocketAddr> {
+    let (daemon, ctx) = (daemon.clone(), ctx.clone());
+    let scrape = Arc::new(move || {
+        let received = ctx.inbound().values().map(|s| s.bytes_received_in_process).sum();
+        crate::metrics::render(&daemon.statuses(), received)
+    });
+    let bound = crate::metrics::start(addr, scrape)
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr} (metrics_addr)"))?;
+    tracing::info!(%bound, "serving Prometheus metrics at /metrics");
+    Ok(bound)
 }
 
 impl Drop for RunningNode {

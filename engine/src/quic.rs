@@ -9,6 +9,9 @@
 //! Sizing: at 10 Gbit/s and 2 ms round trip the bandwidth-delay product is 2.5 MB; a stream
 //! window of 16 MiB and a connection window of 32 MiB keep a sender busy up to about
 //! 25 Gbit/s x 10 ms while bounding what one connection can make a target buffer.
+//!
+//! Invariants: every window is bounded (what one connection can make a target buffer has a
+//! limit), and MTU discovery stays between the QUIC minimum and `MTU_UPPER_BOUND_MAX_BYTES`.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;

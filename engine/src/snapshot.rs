@@ -10,6 +10,9 @@
 //! immutable files, and a file changed in place is detected (size, mtime, CRC32C), not
 //! tolerated. A snapshot on another filesystem than the files cannot be made (no hard links
 //! across filesystems): that is a clear error, not a silent copy.
+//!
+//! Invariants: a snapshot's links live under `.ferry-snapshot/<migration_id>/` and nowhere
+//! else; only regular files reached without a symlink are linked.
 
 use std::io;
 use std::os::unix::fs::MetadataExt;

@@ -10,6 +10,9 @@
 //! Today: probes for NVMe controllers and RDMA devices, and an O_DIRECT io_uring read of a
 //! file on a chosen NVMe-backed folder (`FERRY_HW_NVME_DIR`). RDMA transfer tests come with
 //! the `rdma` feature.
+//!
+//! Invariants: a test whose hardware is missing is reported as skipped with the reason, never
+//! counted as passed.
 
 use std::path::{Path, PathBuf};
 

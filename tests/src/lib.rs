@@ -15,6 +15,8 @@
 //! wait helpers poll (the control socket's `migration.event`s come on a 250 ms tick, slower
 //! than a poll), from 100 us apart doubling to [`POLL_INTERVAL_MAX`] (5 ms), so a quick event
 //! is seen within a millisecond and a long one within 5 ms.
+//!
+//! Invariants: every wait has a deadline, and its error names what it waited for.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 pub mod relay;
@@ -31,12 +33,12 @@ use ferry_engine::certs::{self, IssueOptions};
 use ferry_engine::control::{ControlClient, ErrorCode};
 use ferry_engine::quic::QuicTuning;
 use ferry_engine::read::ReadMode;
-use ferry_engine::refnode::{RefWriter, RefWriterConfig};
 use ferry_engine::storage::Storage;
 use ferry_engine::tls::NodeIdentity;
 use ferry_engine::transfer::source::{self, CopyReport, CopyRequest, RateHandle};
 use ferry_engine::transfer::target::{self, TargetContext};
 use ferry_engine::transfer::TransferError;
+use ferry_refnode::{RefWriter, RefWriterConfig};
 use ferry_wire::api::{MigrationStatus, Phase};
 use ferry_wire::session::Progress;
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_engine::certs::{self, IssueOptions};
-use ferry_engine::refnode::{RefWriter, RefWriterConfig};
 use ferry_engine::storage::DiskStorage;
+use ferry_refnode::{RefWriter, RefWriterConfig};
 use ferry_tests::{ferry_bin, ferry_copy_command, node, node_config, wait_until_blocking, write_file, Certs, Target};
 use ferry_wire::VShardId;
 

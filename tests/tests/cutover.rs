@@ -26,7 +26,7 @@ use ferry_engine::clock::monotonic_ns;
 use ferry_engine::control::{ControlClient, ErrorCode};
 use ferry_engine::node::RunningNode;
 use ferry_engine::wal::tail::FolderTail;
-use ferry_engine::wal::writer::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterOptions};
+use ferry_refnode::walwrite::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterOptions};
 use ferry_tests::{node_pair, wait_for_phase, wait_until, wait_until_blocking, write_file, Certs};
 use ferry_wire::api::{MigrationStatus, Phase, StartParams};
 use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};

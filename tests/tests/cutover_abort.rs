@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use ferry_engine::cli::coordinator::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::control::{ControlClient, ErrorCode};
 use ferry_engine::node::RunningNode;
-use ferry_engine::refnode::{
+use ferry_refnode::{
     decode_payload, export_base, generate_bulk, read_wal_folder, verify, FolderKind, RefWriter, VerifyInput,
     WritePlace, WriterLog,
 };

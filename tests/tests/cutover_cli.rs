@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_engine::refnode::{export_base, verify, RefWriter, RefWriterConfig, VerifyInput};
+use ferry_refnode::{export_base, verify, RefWriter, RefWriterConfig, VerifyInput};
 use ferry_tests::{ferry_bin, node_pair, wait_for_writes_blocking, Certs};
 use ferry_wire::{Lsn, VShardId};
 use serde_json::Value;

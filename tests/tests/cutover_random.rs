@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use ferry_engine::cli::coordinator::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::control::ControlClient;
-use ferry_engine::refnode::{
+use ferry_refnode::{
     export_base, generate_bulk, read_wal_folder, verify, FolderKind, RecordLayout, RefWriter, RefWriterConfig,
     VerifyInput,
 };

@@ -28,7 +28,7 @@ use std::time::Duration;
 use ferry_engine::cli::coordinator::{cut_over, CutOverOptions, RefWrites};
 use ferry_engine::clock::monotonic_ns;
 use ferry_engine::control::ControlClient;
-use ferry_engine::refnode::{
+use ferry_refnode::{
     export_base, generate_bulk, verify_counting, RefWriter, RefWriterConfig, ResumedOn, VerifyInput, WritePlace,
 };
 use ferry_tests::{manifest_json, node_pair, wait_for_phase, wait_for_status, wait_for_writes, Certs};

@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_engine::control::ControlClient;
-use ferry_engine::refnode::{export_base, verify, RefWriter, RefWriterConfig, VerifyInput};
+use ferry_refnode::{export_base, verify, RefWriter, RefWriterConfig, VerifyInput};
 use ferry_tests::{ferry_bin, tree_sha256, wait_for_writes_blocking, wait_until_blocking, write_file, Certs};
 use ferry_wire::{Lsn, VShardId};
 use serde_json::{json, Value};
@@ -505,7 +505,7 @@ fn metrics_are_served_and_sighup_reloads_certificates() {
 #[test]
 fn a_sigkilled_source_daemon_resumes_its_wal_tail_without_loss_or_duplicates() {
     use ferry_engine::wal::tail::FolderTail;
-    use ferry_engine::wal::writer::{RecordSpec, WalWriter, WriterOptions};
+    use ferry_refnode::walwrite::{RecordSpec, WalWriter, WriterOptions};
     use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
     use ferry_wire::{Lsn, VShardId};
 

@@ -140,7 +140,7 @@ fn sigkill_of_the_source_mid_copy_then_rerun_resumes_it() {
 #[test]
 fn sigkill_of_the_target_during_wal_catch_up_loses_and_duplicates_nothing() {
     use ferry_engine::wal::tail::FolderTail;
-    use ferry_engine::wal::writer::{RecordSpec, WalWriter, WriterOptions};
+    use ferry_refnode::walwrite::{RecordSpec, WalWriter, WriterOptions};
     use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
     use ferry_wire::{Lsn, VShardId};
 

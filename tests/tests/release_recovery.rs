@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 use ferry_engine::control::{ControlClient, ErrorCode};
 use ferry_engine::node::RunningNode;
 use ferry_engine::outbound::record::{self, Found};
-use ferry_engine::refnode::{export_base, generate_bulk, verify, RefWriter, VerifyInput, WriterLog};
 use ferry_engine::storage::DiskStorage;
+use ferry_refnode::{export_base, generate_bulk, verify, RefWriter, VerifyInput, WriterLog};
 use ferry_tests::relay::Relay;
 use ferry_tests::{
     manifest_json, node_config, node_pair, wait_for_phase, wait_for_tail_across_rolls, wait_for_writes, wait_until,

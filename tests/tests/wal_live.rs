@@ -12,7 +12,7 @@ use std::time::Duration;
 use ferry_engine::storage::DiskStorage;
 use ferry_engine::transfer::walsend::{WalSourceConfig, POLL_INTERVAL};
 use ferry_engine::wal::tail::FolderTail;
-use ferry_engine::wal::writer::{FlushStyle, Leftovers, PreambleOptions, RecordSpec, WalWriter, WriterOptions};
+use ferry_refnode::walwrite::{FlushStyle, Leftovers, PreambleOptions, RecordSpec, WalWriter, WriterOptions};
 use ferry_tests::{copy, request, tree_sha256, wait_until, write_file, Certs, Target};
 use ferry_wire::manifest::{StagingManifest, StagingState};
 use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};

@@ -16,7 +16,7 @@ use ferry_engine::transfer::walsend::{WalSourceConfig, POLL_INTERVAL};
 use ferry_engine::transfer::waltail_hub::{folder_stats, FolderStats};
 use ferry_engine::transfer::TransferError;
 use ferry_engine::wal::tail::FolderTail;
-use ferry_engine::wal::writer::{RecordSpec, WalWriter, WriterOptions};
+use ferry_refnode::walwrite::{RecordSpec, WalWriter, WriterOptions};
 use ferry_tests::{copy, request, wait_until, write_file, Certs, Target};
 use ferry_wire::session::Progress;
 use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};

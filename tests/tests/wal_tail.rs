@@ -7,9 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_engine::wal::{
-    dump, DumpOptions, FlushStyle, FolderTail, Leftovers, PreambleOptions, RecordSpec, WalWriter, WriterOptions,
-};
+use ferry_engine::wal::{dump, DumpOptions, FolderTail};
+use ferry_refnode::walwrite::{FlushStyle, Leftovers, PreambleOptions, RecordSpec, WalWriter, WriterOptions};
 use ferry_wire::wal::header::FLAG_ENCRYPTED;
 use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode, Selection};
 use ferry_wire::{Lsn, VShardId};

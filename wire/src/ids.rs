@@ -3,6 +3,12 @@
 //! They are newtypes so a vShard id cannot be passed where an LSN is expected. Ids that come
 //! from callers (migration ids, node ids) are validated on construction, so every holder of
 //! one knows it is safe to use in a file name or a TLS server name.
+//!
+//! What it does not: give an id a meaning; which migration or node an id names is the
+//! engine's and the coordinator's business.
+//!
+//! Invariants: a `MigrationId` or `NodeId` that exists passed its checks (no way to build one
+//! unchecked from outside this module); LSNs and vShard ids are plain numbers with no checks.
 
 use std::fmt;
 

@@ -2,6 +2,11 @@
 //!
 //! Decoders check a length against these before they allocate, so a hostile peer cannot make
 //! a daemon allocate more than these numbers say. Each limit says why it has its value.
+//!
+//! What it does not: enforce anything itself; each decoder and machine checks its lengths.
+//!
+//! Invariants: every limit is a compile-time constant, and lengths are checked against them
+//! before any allocation sized by the input.
 
 /// Default chunk size for segment files: large enough that per-chunk costs (a frame header,
 /// an ack, a CRC) vanish next to the bytes, small enough that a resend after an interruption

@@ -8,6 +8,11 @@
 //!
 //! The same type is used for paths a peer sends: a target never joins an unchecked string onto
 //! its staging folder.
+//!
+//! What it does not: touch the filesystem (no I/O in this crate).
+//!
+//! Invariants: a `RelPath` that exists passed these rules; joined onto a root, it names a path
+//! under that root.
 
 use std::fmt;
 

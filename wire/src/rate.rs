@@ -5,6 +5,10 @@
 //! (`burst_bytes`), so after an idle spell a sender cannot exceed the rate by more than that.
 //!
 //! What it does not: sleep. The engine sleeps for what [`TokenBucket::take`] answers.
+//!
+//! Invariants: the bucket never holds more than one burst (`burst_bytes`); a rate of 0 is
+//! unlimited and never makes a sender wait; a time earlier than the last one given earns
+//! nothing (the clock is not assumed to be monotonic).
 
 /// A token bucket. Rate 0 means unlimited.
 #[derive(Debug, Clone)]

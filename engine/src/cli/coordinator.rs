@@ -140,7 +140,7 @@ pub async fn cut_over(
 /// on the source, for benches that move the same vShard again and again) or on the source.
 #[derive(Debug)]
 pub struct RefWrites<'a> {
-    pub writer: &'a crate::refnode::RefWriter,
+    pub writer: &'a ferry_refnode::RefWriter,
     pub target_node_wal: Option<&'a std::path::Path>,
 }
 

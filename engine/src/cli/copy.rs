@@ -19,7 +19,7 @@ use crate::quic::QuicTuning;
 use crate::read::ReadMode;
 use crate::snapshot::Snapshot;
 use crate::tls::NodeIdentity;
-use crate::transfer::source::{self, CopyRequest, RateHandle};
+use crate::transfer::source::{self, CopyReport, CopyRequest, RateHandle};
 use crate::transfer::walsend::WalSourceConfig;
 use ferry_wire::wal::{Layout, LayoutChoice};
 
@@ -104,40 +104,23 @@ pub struct CopyArgs {
 }
 
 pub fn run(args: CopyArgs) -> anyhow::Result<()> {
-    let node_id = NodeId::new(args.node_id).context("invalid --node-id")?;
-    let target_node = NodeId::new(args.target_node).context("invalid --target-node")?;
-    let migration_id =
-        MigrationId::new(args.migration_id.unwrap_or_else(|| format!("copy-{}-{}", args.vshard, args.base_lsn)))
-            .context("invalid --migration-id")?;
+    let node_id = NodeId::new(args.node_id.clone()).context("invalid --node-id")?;
+    let target_node = NodeId::new(args.target_node.clone()).context("invalid --target-node")?;
+    let migration_id = MigrationId::new(
+        args.migration_id.clone().unwrap_or_else(|| format!("copy-{}-{}", args.vshard, args.base_lsn)),
+    )
+    .context("invalid --migration-id")?;
     check_not_empty(&args.segments_root, !args.files.is_empty(), args.allow_empty)?;
     let files = if args.files.is_empty() {
         None
     } else {
-        Some(args.files.into_iter().map(RelPath::new).collect::<Result<Vec<_>, _>>().context("invalid --file")?)
+        Some(args.files.iter().map(RelPath::new).collect::<Result<Vec<_>, _>>().context("invalid --file")?)
     };
-    let db_meta = match args.db_meta {
-        Some(text) => serde_json::from_str(&text).context("--db-meta is not valid JSON")?,
+    let db_meta = match &args.db_meta {
+        Some(text) => serde_json::from_str(text).context("--db-meta is not valid JSON")?,
         None => serde_json::Value::Null,
     };
-    let wal = match args.wal_dir {
-        None => None,
-        Some(dir) => {
-            let layout = match args.wal_layout.as_str() {
-                "auto" => LayoutChoice::Auto,
-                "a" | "A" => LayoutChoice::Fixed(Layout::A),
-                "b" | "B" => LayoutChoice::Fixed(Layout::B),
-                other => anyhow::bail!("invalid --wal-layout {other:?}: use auto, a or b"),
-            };
-            Some(WalSourceConfig {
-                dir,
-                layout,
-                alignment_bytes: args.wal_alignment,
-                until_lsn: args.until_lsn.map(Lsn),
-                max_held_wal_bytes: args.max_held_wal_bytes,
-                poll_interval: crate::transfer::walsend::POLL_INTERVAL,
-            })
-        }
-    };
+    let wal = wal_source(&args)?;
     let identity = NodeIdentity::from_dir(&args.certs, &node_id)?;
     let request = CopyRequest {
         migration_id,
@@ -189,8 +172,32 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
+    print_report(&report, json)
+}
+
+/// The WAL to stream (`--wal-dir` and the flags about it), if any.
+fn wal_source(args: &CopyArgs) -> anyhow::Result<Option<WalSourceConfig>> {
+    let Some(dir) = &args.wal_dir else { return Ok(None) };
+    let layout = match args.wal_layout.as_str() {
+        "auto" => LayoutChoice::Auto,
+        "a" | "A" => LayoutChoice::Fixed(Layout::A),
+        "b" | "B" => LayoutChoice::Fixed(Layout::B),
+        other => anyhow::bail!("invalid --wal-layout {other:?}: use auto, a or b"),
+    };
+    Ok(Some(WalSourceConfig {
+        dir: dir.clone(),
+        layout,
+        alignment_bytes: args.wal_alignment,
+        until_lsn: args.until_lsn.map(Lsn),
+        max_held_wal_bytes: args.max_held_wal_bytes,
+        poll_interval: crate::transfer::walsend::POLL_INTERVAL,
+    }))
+}
+
+/// The copy's final report on stdout: JSON with `--json`, else one line.
+fn print_report(report: &CopyReport, json: bool) -> anyhow::Result<()> {
     if json {
-        outln!("{}", serde_json::to_string_pretty(&report)?)?;
+        outln!("{}", serde_json::to_string_pretty(report)?)?;
     } else if report.already_staged {
         outln!(
             "{} files, {} bytes were already staged on the target: nothing sent; staging {}",

@@ -4,6 +4,9 @@
 //! prints a clear error and exits non-zero on failure; `--json` gives machine-readable output.
 //!
 //! What it does not: hold transfer logic; it calls the library.
+//!
+//! Invariants: anyhow errors stop here (the library's errors are typed); results go to stdout,
+//! progress, warnings and errors to stderr (`out`), so a `--json` reader gets only JSON.
 
 mod addr;
 mod certs_cmd;

@@ -24,11 +24,11 @@ use ferry_wire::api::{FenceParams, FenceResult, PrepareResult, ReleaseResult};
 use ferry_wire::fence::{estimate_pause_us, fence_deadline_ns, EstimateInputs, PauseStamps};
 use ferry_wire::proto::outbound::{FenceStep, Lifecycle, ReleaseStep, Released};
 use ferry_wire::{Lsn, MigrationId};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{refusal, Outbound, OutboundError};
 use crate::clock::{instant_at, monotonic_ns};
-use crate::transfer::fence_source::{FenceCommand, FenceFailure};
+use crate::transfer::fence_source::{FenceCommand, FenceDone, FenceFailure};
 use crate::transfer::walsend::Holder;
 
 /// What recovery says of a Completed migration whose release the target has not confirmed.
@@ -57,6 +57,32 @@ fn estimate_inputs(entry: &super::Entry) -> EstimateInputs {
 
 fn release_reserve_us(budget_us: u64) -> u64 {
     (budget_us / 10).min(RELEASE_RESERVE_MAX_US)
+}
+
+/// Hands the fence to the migration's copy and waits for its answer.
+async fn ask_copy(
+    sender: Option<mpsc::Sender<FenceCommand>>,
+    command: FenceCommand,
+    reply: oneshot::Receiver<Result<FenceDone, FenceFailure>>,
+    deadline_ns: u64,
+) -> Result<FenceDone, FenceFailure> {
+    let answer = async {
+        match sender {
+            Some(sender) if sender.send(command).await.is_ok() => {
+                reply.await.unwrap_or_else(|_| Err(FenceFailure::Cancelled("the migration's copy stopped".into())))
+            }
+            _ => Err(FenceFailure::Cancelled("the migration's copy is not running".into())),
+        }
+    };
+    // The copy answers by the deadline itself; past it (plus a grace for its answer to
+    // arrive) it is not serving fences, e.g. reconnecting. Dropping the reply then
+    // tells it the fence was given up, so it never completes it.
+    let given_up_at = instant_at(deadline_ns.saturating_add(ANSWER_GRACE_NS));
+    tokio::time::timeout_at(given_up_at, answer).await.unwrap_or_else(|_| {
+        Err(FenceFailure::Cancelled(
+            "the migration's copy did not take the fence within the pause budget (it may be reconnecting to the target)".into(),
+        ))
+    })
 }
 
 fn elapsed_us(from_ns: u64, to_ns: u64) -> u64 {
@@ -128,25 +154,7 @@ impl Outbound {
             apply_wait_max_us: elapsed_us(monotonic_ns(), deadline_ns),
             reply: reply_tx,
         };
-        let asked = async {
-            let answer = async {
-                match sender {
-                    Some(sender) if sender.send(command).await.is_ok() => reply_rx
-                        .await
-                        .unwrap_or_else(|_| Err(FenceFailure::Cancelled("the migration's copy stopped".into()))),
-                    _ => Err(FenceFailure::Cancelled("the migration's copy is not running".into())),
-                }
-            };
-            // The copy answers by the deadline itself; past it (plus a grace for its answer to
-            // arrive) it is not serving fences, e.g. reconnecting. Dropping the reply then
-            // tells it the fence was given up, so it never completes it.
-            let given_up_at = instant_at(deadline_ns.saturating_add(ANSWER_GRACE_NS));
-            tokio::time::timeout_at(given_up_at, answer).await.unwrap_or_else(|_| {
-                Err(FenceFailure::Cancelled(
-                    "the migration's copy did not take the fence within the pause budget (it may be reconnecting to the target)".into(),
-                ))
-            })
-        };
+        let asked = ask_copy(sender, command, reply_rx, deadline_ns);
         let (recorded, outcome) = tokio::join!(record, asked);
         let outcome = match (recorded, outcome) {
             (Err(e), Ok(_)) => Err(FenceFailure::Cancelled(format!("the source could not record the fence: {e}"))),
@@ -174,21 +182,25 @@ impl Outbound {
                 }
                 Ok(result)
             }
-            Err(failure) => {
-                {
-                    let mut entries = self.entries();
-                    if let Some(entry) = entries.get_mut(id) {
-                        entry.life.fence_failed();
-                    }
-                }
-                if let Err(e) = self.persist(id).await {
-                    tracing::error!(migration = %id, "{e}");
-                }
-                Err(match failure {
-                    FenceFailure::Cancelled(reason) => OutboundError::CutOverCancelled(reason),
-                    FenceFailure::Violated(lsn) => OutboundError::FenceViolated(lsn.0),
-                })
+            Err(failure) => Err(self.fence_failed(id, failure).await),
+        }
+    }
+
+    /// A fence that did not complete: the lifecycle is told and recorded, and the failure
+    /// becomes the caller's error.
+    async fn fence_failed(&self, id: &MigrationId, failure: FenceFailure) -> OutboundError {
+        {
+            let mut entries = self.entries();
+            if let Some(entry) = entries.get_mut(id) {
+                entry.life.fence_failed();
             }
+        }
+        if let Err(e) = self.persist(id).await {
+            tracing::error!(migration = %id, "{e}");
+        }
+        match failure {
+            FenceFailure::Cancelled(reason) => OutboundError::CutOverCancelled(reason),
+            FenceFailure::Violated(lsn) => OutboundError::FenceViolated(lsn.0),
         }
     }
 

@@ -147,16 +147,6 @@ pub(super) async fn serve(
                 SourceAction::Fenced { final_lsn, durable_lsn, commit_us, apply_wait_us } => {
                     let target_durable_at_ns = monotonic_ns();
                     let (reply, drained_at_ns) = asked.take().ok_or_else(|| no_fence("fenced"))?;
-                    // Read while the target fenced: the writer did not pause.
-                    if let Some(lsn) = violation(&wal.shared, final_lsn) {
-                        // The target's staging goes back to copying when that record reaches it
-                        // (the ceiling is lifted).
-                        tracing::warn!(%final_lsn, %lsn, "fence violated after the drain");
-                        wal.shared.lift_ceiling();
-                        let _ = reply.send(Err(FenceFailure::Violated(lsn)));
-                        lock(machine).handle_fence_dropped()?;
-                        continue;
-                    }
                     let done = FenceDone {
                         final_lsn,
                         durable_lsn,
@@ -165,15 +155,7 @@ pub(super) async fn serve(
                         commit_us,
                         apply_wait_us,
                     };
-                    // The daemon's receipt is the commit point: one that gave up meanwhile has put
-                    // the migration back in WalCatchUp, so streaming goes on.
-                    if reply.send(Ok(done)).is_ok() {
-                        lock(machine).handle_fence_kept()?;
-                    } else {
-                        tracing::warn!(%final_lsn, "the target fenced after the daemon gave up on the fence; streaming goes on");
-                        wal.shared.lift_ceiling();
-                        lock(machine).handle_fence_dropped()?;
-                    }
+                    answer_fenced(done, reply, wal, machine)?;
                 }
                 SourceAction::FenceCancelled { reason, .. } => {
                     let (reply, _) = asked.take().ok_or_else(|| no_fence("fence_cancelled"))?;
@@ -224,6 +206,38 @@ pub(super) async fn serve(
             }
         }
     }
+}
+
+/// The target fenced: the daemon gets the completed fence, unless a record past `final_lsn`
+/// was read meanwhile (the writer did not pause: the fence is violated) or the daemon gave up
+/// on it; in both of those, streaming goes on.
+fn answer_fenced(
+    done: FenceDone,
+    reply: oneshot::Sender<Result<FenceDone, FenceFailure>>,
+    wal: &WalRun,
+    machine: &std::sync::Mutex<SourceConversation>,
+) -> Result<(), TransferError> {
+    let final_lsn = done.final_lsn;
+    // Read while the target fenced: the writer did not pause.
+    if let Some(lsn) = violation(&wal.shared, final_lsn) {
+        // The target's staging goes back to copying when that record reaches it
+        // (the ceiling is lifted).
+        tracing::warn!(%final_lsn, %lsn, "fence violated after the drain");
+        wal.shared.lift_ceiling();
+        let _ = reply.send(Err(FenceFailure::Violated(lsn)));
+        lock(machine).handle_fence_dropped()?;
+        return Ok(());
+    }
+    // The daemon's receipt is the commit point: one that gave up meanwhile has put
+    // the migration back in WalCatchUp, so streaming goes on.
+    if reply.send(Ok(done)).is_ok() {
+        lock(machine).handle_fence_kept()?;
+    } else {
+        tracing::warn!(%final_lsn, "the target fenced after the daemon gave up on the fence; streaming goes on");
+        wal.shared.lift_ceiling();
+        lock(machine).handle_fence_dropped()?;
+    }
+    Ok(())
 }
 
 /// Drains for the daemon's fence and, once drained, asks the target to fence (through the

@@ -345,7 +345,9 @@ impl TargetContext {
     }
 
     /// Closes every live peer connection, as a network cut would. Transfers resume when their
-    /// source reconnects. Tests use it to interrupt copies at chosen points.
+    /// source reconnects. Tests use it to interrupt copies at chosen points (built only for
+    /// tests and with the `testkit` feature).
+    #[cfg(any(test, feature = "testkit"))]
     pub fn drop_connections(&self) -> usize {
         // In the order they connected: a transfer's control connection before its data
         // connections, as a network cut would be seen.

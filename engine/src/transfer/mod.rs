@@ -17,6 +17,10 @@
 //!   migration's state, around `ferry_wire::proto::inbound`), `target` (the conversation and
 //!   the chunk streams), `chunklog`, `walrecv`, `fence_target`, `abort`;
 //! - both: `framing` (frames on quinn streams), `task`.
+//!
+//! Invariants: a failed write or fsync fails the transfer, it is never retried; a received
+//! chunk reaches its part file only after the machine accepted its header and its body's
+//! CRC32C matched; every queue between the tasks here is bounded.
 
 pub mod abort;
 pub mod chunklog;

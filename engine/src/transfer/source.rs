@@ -286,16 +286,7 @@ async fn run(
             None => lock(&machine).poll_action(),
         };
         let Some(action) = next else {
-            let awaiting_hello = lock(&machine).state() == SourceState::AwaitHello;
-            let message = if awaiting_hello {
-                tokio::time::timeout(CONNECT_TIMEOUT, messages.recv())
-                    .await
-                    .map_err(|_| TransferError::Timeout("the target's hello"))?
-            } else {
-                messages.recv().await
-            };
-            let message = received(message)?;
-            lock(&machine).handle_message(message, monotonic_ns())?;
+            receive(&machine, &mut messages).await?;
             continue;
         };
         match action {
@@ -313,18 +304,8 @@ async fn run(
             }
             SourceAction::Recheck(spans) => ship::recheck(snapshot, reader, &machine, spans).await?,
             SourceAction::SendChunks => {
-                let (mut conns, first_extra) =
-                    if request.wal.is_none() { (vec![conn.clone()], 1) } else { (Vec::new(), 0) };
-                for _ in first_extra..request.connections_count.max(1) {
-                    let link = join(conn, identity, tuning, request).await?;
-                    conns.push(link.conn.clone());
-                    extra.push(link);
-                }
-                let plan = ShipPlan {
-                    streams_count: request.streams_count,
-                    rate_limit_bytes_per_sec: request.rate_limit_bytes_per_sec,
-                    chunk_len_bytes: request.chunk_len_bytes,
-                };
+                let conns = chunk_connections(conn, extra, identity, tuning, request).await?;
+                let plan = ship_plan(request);
                 let shipped = ship::ship(
                     &conns,
                     &plan,
@@ -341,12 +322,7 @@ async fn run(
             }
             SourceAction::BaseStaged { bytes_resent: resent } => {
                 bytes_resent = resent;
-                progress.send_modify(|p| p.base_staged = true);
-                publish(progress, lock(&machine).progress());
-                // A file that changed after it was announced still fails the copy.
-                for file in &snapshot.files {
-                    file.check_unchanged()?;
-                }
+                base_staged(snapshot, &machine, progress)?;
             }
             SourceAction::FinishWal => {
                 let run = wal.as_mut().ok_or_else(|| TransferError::Local("no WAL stream to finish".into()))?;
@@ -369,18 +345,79 @@ async fn run(
             }
         }
     };
-    // Finish our side, then wait for the target to finish its side, so neither end sees the
-    // connection close while it still expects a message.
-    let _ = send.finish();
-    let _ =
-        tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(Some(_))) = messages.recv().await {} })
-            .await;
+    finish_control(&mut send, &mut messages).await;
     if committed {
         if let Some(config) = &request.wal {
             walsend::Holder::remove_all(&config.dir, &request.migration_id);
         }
     }
     Ok(Outcome { already_staged, bytes_resent, committed, fenced, bytes_resumed, final_lsn })
+}
+
+/// How the chunk streams ship: the request's streams, rate and chunk length.
+fn ship_plan(request: &CopyRequest) -> ShipPlan {
+    ShipPlan {
+        streams_count: request.streams_count,
+        rate_limit_bytes_per_sec: request.rate_limit_bytes_per_sec,
+        chunk_len_bytes: request.chunk_len_bytes,
+    }
+}
+
+/// The base is staged: progress says so, and a file that changed after it was announced
+/// still fails the copy.
+fn base_staged(
+    snapshot: &Snapshot,
+    machine: &Mutex<SourceConversation>,
+    progress: &watch::Sender<Progress>,
+) -> Result<(), TransferError> {
+    progress.send_modify(|p| p.base_staged = true);
+    publish(progress, lock(machine).progress());
+    for file in &snapshot.files {
+        file.check_unchanged()?;
+    }
+    Ok(())
+}
+
+/// Feeds the machine the target's next message (its hello within [`CONNECT_TIMEOUT`]).
+async fn receive(machine: &Mutex<SourceConversation>, messages: &mut Messages) -> Result<(), TransferError> {
+    let awaiting_hello = lock(machine).state() == SourceState::AwaitHello;
+    let message = if awaiting_hello {
+        tokio::time::timeout(CONNECT_TIMEOUT, messages.recv())
+            .await
+            .map_err(|_| TransferError::Timeout("the target's hello"))?
+    } else {
+        messages.recv().await
+    };
+    let message = received(message)?;
+    lock(machine).handle_message(message, monotonic_ns())?;
+    Ok(())
+}
+
+/// The connections the chunk streams go on: an offline copy's first connection and the
+/// extra ones it joins (kept in `extra` to be closed at the end), `connections_count` in all.
+async fn chunk_connections(
+    conn: &Connection,
+    extra: &mut Vec<Link>,
+    identity: &NodeIdentity,
+    tuning: &QuicTuning,
+    request: &CopyRequest,
+) -> Result<Vec<Connection>, TransferError> {
+    let (mut conns, first_extra) = if request.wal.is_none() { (vec![conn.clone()], 1) } else { (Vec::new(), 0) };
+    for _ in first_extra..request.connections_count.max(1) {
+        let link = join(conn, identity, tuning, request).await?;
+        conns.push(link.conn.clone());
+        extra.push(link);
+    }
+    Ok(conns)
+}
+
+/// Finishes our side of the control stream, then waits (5 s at most) for the target to finish
+/// its side, so neither end sees the connection close while it still expects a message.
+async fn finish_control(send: &mut quinn::SendStream, messages: &mut Messages) {
+    let _ = send.finish();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), async { while let Some(Ok(Some(_))) = messages.recv().await {} })
+            .await;
 }
 
 /// The control stream's reader, on its own task (reads are not cancel-safe). The target's

@@ -6,8 +6,9 @@
 //! target accepts lanes ([`ChunkArrivals::accept`]) and reads frames off each
 //! ([`IncomingLane`]). QUIC implements them here (a lane is a uni stream, a connection opens
 //! and accepts them); an RDMA path implements the same four later (a lane a queue pair's
-//! share of registered buffers). [`memory`] implements them in memory, for tests that run
-//! both ends' chunk streams with no network.
+//! share of registered buffers). `memory` implements them in memory, for tests that run
+//! both ends' chunk streams with no network (built only for tests and with the `testkit`
+//! feature: it is not in the production library).
 //!
 //! What it does not: decide which chunk goes next, check a header against the offer, verify
 //! a CRC32C or write a file. The machines (`ferry_wire::proto::source` and `::target`)
@@ -94,95 +95,5 @@ impl ChunkArrivals for quinn::Connection {
     }
 }
 
-pub mod memory {
-    //! Lanes in memory: bounded channels of whole frames, for tests of both ends' chunk
-    //! streams without a network. A lane holds at most [`LANE_FRAMES_MAX`] frames; opening
-    //! more than [`LANES_MAX`] lanes without accepting them fails.
-
-    use std::sync::Arc;
-
-    use bytes::Bytes;
-    use ferry_wire::frame::FrameHeader;
-    use tokio::sync::mpsc;
-
-    use super::{ChunkArrivals, ChunkLane, ChunkLanes, IncomingLane};
-    use crate::transfer::framing::BodyPieces;
-    use crate::transfer::TransferError;
-
-    /// Frames in flight on one lane.
-    pub const LANE_FRAMES_MAX: usize = 16;
-    /// Lanes opened and not accepted yet.
-    pub const LANES_MAX: usize = 64;
-
-    type Frame = (FrameHeader, Bytes);
-
-    /// The source's end: opens lanes.
-    #[derive(Debug, Clone)]
-    pub struct Opener(mpsc::Sender<mpsc::Receiver<Frame>>);
-
-    /// The target's end: accepts lanes.
-    #[derive(Debug, Clone)]
-    pub struct Acceptor(Arc<tokio::sync::Mutex<mpsc::Receiver<mpsc::Receiver<Frame>>>>);
-
-    /// A path between one source and one target.
-    pub fn path() -> (Opener, Acceptor) {
-        let (tx, rx) = mpsc::channel(LANES_MAX);
-        (Opener(tx), Acceptor(Arc::new(tokio::sync::Mutex::new(rx))))
-    }
-
-    #[derive(Debug)]
-    pub struct Lane(mpsc::Sender<Frame>);
-
-    impl ChunkLane for Lane {
-        async fn send(&mut self, header: &FrameHeader, body: Bytes) -> Result<(), TransferError> {
-            self.0.send((*header, body)).await.map_err(|_| TransferError::Connection("the lane was closed".into()))
-        }
-
-        fn finish(self) -> Result<(), TransferError> {
-            Ok(())
-        }
-    }
-
-    impl ChunkLanes for Opener {
-        type Lane = Lane;
-
-        async fn open(&self) -> Result<Lane, TransferError> {
-            let (tx, rx) = mpsc::channel(LANE_FRAMES_MAX);
-            self.0.try_send(rx).map_err(|_| TransferError::Connection("no lane can be opened".into()))?;
-            Ok(Lane(tx))
-        }
-    }
-
-    /// The target's end of a lane; the body of the last header waits here.
-    #[derive(Debug)]
-    pub struct Incoming {
-        frames: mpsc::Receiver<Frame>,
-        body: Option<Bytes>,
-    }
-
-    impl IncomingLane for Incoming {
-        async fn next_header(&mut self) -> Result<Option<FrameHeader>, TransferError> {
-            let Some((header, body)) = self.frames.recv().await else { return Ok(None) };
-            self.body = Some(body);
-            Ok(Some(header))
-        }
-
-        async fn read_body(&mut self, _header: &FrameHeader, body: &mut BodyPieces) -> Result<(), TransferError> {
-            let piece = self.body.take().ok_or_else(|| TransferError::Local("a body read before its header".into()))?;
-            body.clear();
-            body.push(piece);
-            Ok(())
-        }
-    }
-
-    impl ChunkArrivals for Acceptor {
-        type Incoming = Incoming;
-
-        async fn accept(&self) -> Result<Incoming, TransferError> {
-            match self.0.lock().await.recv().await {
-                Some(frames) => Ok(Incoming { frames, body: None }),
-                None => Err(TransferError::Connection("the source's end of the path is gone".into())),
-            }
-        }
-    }
-}
+#[cfg(any(test, feature = "testkit"))]
+pub mod memory;

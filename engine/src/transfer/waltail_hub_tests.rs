@@ -9,7 +9,7 @@ use ferry_wire::walstream;
 
 use super::*;
 use crate::transfer::walsend::POLL_INTERVAL;
-use crate::wal::writer::{FlushStyle, RecordSpec, WalWriter, WriterOptions};
+use ferry_refnode::walwrite::{FlushStyle, RecordSpec, WalWriter, WriterOptions};
 
 /// Polls of 1 ms before a wait gives up: a guard against a hang, not a timing assertion.
 const WAIT_POLLS_MAX: u32 = 60_000;

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use ferry_refnode::walwrite::{FlushStyle, Leftovers, PreambleOptions, RecordSpec, WalWriter, WriterOptions};
 use ferry_wire::wal::header::{FLAG_ENCRYPTED, FLAG_REQUIRED};
 use ferry_wire::wal::{parse_segment_name, Cursor, CursorConfig, Layout, LayoutChoice, Mode, Preamble, Step};
 use ferry_wire::{Lsn, VShardId};

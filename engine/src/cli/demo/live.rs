@@ -32,7 +32,7 @@ use crate::clock::monotonic_ns;
 use crate::config::NodeConfig;
 use crate::control::ControlClient;
 use crate::node::RunningNode;
-use crate::refnode::{BulkReport, ExportReport, RefWriter, RefWriterConfig, WriterLog};
+use ferry_refnode::{BulkReport, ExportReport, RefWriter, RefWriterConfig, WriterLog};
 
 /// Most lag samples kept: at one per poll, over an hour of migration.
 const LAG_SAMPLES_MAX_COUNT: usize = 100_000;
@@ -165,6 +165,106 @@ async fn poll(
     Ok((status, at_ns))
 }
 
+/// The polls of the source's status from `migration.start` to the cut-over: the samples kept,
+/// the progress line drawn.
+struct Watch<'a> {
+    client: &'a mut ControlClient,
+    id: &'a MigrationId,
+    samples: Vec<LagSample>,
+    tick: tokio::time::Interval,
+    line: ProgressLine,
+}
+
+impl<'a> Watch<'a> {
+    fn new(client: &'a mut ControlClient, id: &'a MigrationId) -> Self {
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Watch { client, id, samples: Vec::new(), tick, line: ProgressLine::new() }
+    }
+
+    /// Polls until the base is copied (the first `WalCatchUp`): the base copy as the daemon
+    /// reported it, and when that poll was.
+    async fn base_copy(&mut self, started_ns: u64) -> anyhow::Result<(BaseCopy, u64)> {
+        let (base_status, base_done_ns) = loop {
+            tokio::select! {
+                _ = self.tick.tick() => {}
+                _ = tokio::signal::ctrl_c() => bail!("interrupted during the base copy"),
+            }
+            let (status, at_ns) = poll(self.client, self.id, &mut self.samples).await?;
+            let elapsed_us = at_ns.saturating_sub(started_ns) / 1_000;
+            match status.phase {
+                Phase::BaseCopy => self.line.show(&progress::base_copy_line(&status, elapsed_us)),
+                Phase::WalCatchUp => {
+                    self.line.finish(&progress::base_done_line(status.bytes_total, status.files_total, elapsed_us));
+                    break (status, at_ns);
+                }
+                other => bail!("the migration went to {other:?} before the cut-over; expected BaseCopy or WalCatchUp"),
+            }
+        };
+        let base = BaseCopy {
+            bytes: base_status.bytes_total,
+            files_count: base_status.files_total,
+            bytes_resent: base_status.bytes_resent,
+            daemon_throughput_bytes_per_sec: base_status.throughput_bytes_per_sec,
+        };
+        Ok((base, base_done_ns))
+    }
+
+    /// Polls through `catch_up_us` of WAL catch-up after `base_done_ns`.
+    async fn catch_up(&mut self, base_done_ns: u64, catch_up_us: u64) -> anyhow::Result<()> {
+        loop {
+            let elapsed_us = monotonic_ns().saturating_sub(base_done_ns) / 1_000;
+            if elapsed_us >= catch_up_us {
+                break;
+            }
+            tokio::select! {
+                _ = self.tick.tick() => {}
+                _ = tokio::signal::ctrl_c() => bail!("interrupted during the WAL catch-up"),
+            }
+            let (status, at_ns) = poll(self.client, self.id, &mut self.samples).await?;
+            if status.phase != Phase::WalCatchUp {
+                bail!("the migration left WalCatchUp for {:?} before the cut-over", status.phase);
+            }
+            let elapsed_us = at_ns.saturating_sub(base_done_ns) / 1_000;
+            self.line.show(&progress::catch_up_line(&status, elapsed_us, catch_up_us));
+        }
+        let (status, _) = poll(self.client, self.id, &mut self.samples).await?;
+        self.line.finish(&progress::catch_up_line(&status, catch_up_us, catch_up_us));
+        Ok(())
+    }
+}
+
+/// The base at the writer's last acknowledged LSN: the reference node's export of the
+/// migrating vShard's writes up to it, and bulk files up to `--shard-size`.
+fn prepare_base(
+    args: &DemoArgs,
+    dirs: &Dirs,
+    writer: &RefWriter,
+) -> anyhow::Result<(Lsn, ExportReport, Option<BulkReport>)> {
+    let base_lsn = writer.acked_lsn();
+    let entries = writer.migrating_source_writes(base_lsn);
+    let export = ferry_refnode::export_base(&dirs.export_root, VSHARD, base_lsn, &entries)
+        .context("the reference node's base export failed")?;
+    let bulk_bytes = args.shard_size.saturating_sub(export.bytes);
+    errln!(
+        "ferry demo: base_lsn {}: exported {} vShard-{} writes ({}); generating {} of bulk files (not timed as copy)",
+        base_lsn.0,
+        export.entries_count,
+        VSHARD.0,
+        crate::cli::render::format_bytes(export.bytes),
+        crate::cli::render::format_bytes(bulk_bytes),
+    );
+    let bulk = if bulk_bytes > 0 {
+        Some(
+            ferry_refnode::generate_bulk(&dirs.export_root, bulk_bytes, args.files)
+                .context("cannot generate the bulk files")?,
+        )
+    } else {
+        None
+    };
+    Ok((base_lsn, export, bulk))
+}
+
 /// Runs the live part of the demo (see the module docs).
 pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun> {
     let source = RunningNode::start(&node_config(dirs, SOURCE_NODE, &dirs.source_data, TARGET_NODE))
@@ -195,27 +295,7 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
     sleep_or_interrupt(Duration::from_millis(args.baseline_ms)).await?;
     let mut stamps = Stamps { baseline_end_ns: monotonic_ns(), ..Stamps::default() };
 
-    let base_lsn = writer.acked_lsn();
-    let entries = writer.migrating_source_writes(base_lsn);
-    let export = crate::refnode::export_base(&dirs.export_root, VSHARD, base_lsn, &entries)
-        .context("the reference node's base export failed")?;
-    let bulk_bytes = args.shard_size.saturating_sub(export.bytes);
-    errln!(
-        "ferry demo: base_lsn {}: exported {} vShard-{} writes ({}); generating {} of bulk files (not timed as copy)",
-        base_lsn.0,
-        export.entries_count,
-        VSHARD.0,
-        crate::cli::render::format_bytes(export.bytes),
-        crate::cli::render::format_bytes(bulk_bytes),
-    );
-    let bulk = if bulk_bytes > 0 {
-        Some(
-            crate::refnode::generate_bulk(&dirs.export_root, bulk_bytes, args.files)
-                .context("cannot generate the bulk files")?,
-        )
-    } else {
-        None
-    };
+    let (base_lsn, export, bulk) = prepare_base(args, dirs, &writer)?;
 
     let id = MigrationId::new(MIGRATION_ID)?;
     let params = start_params(args, dirs, base_lsn, target.quic_addr)?;
@@ -224,53 +304,11 @@ pub(super) async fn run(args: &DemoArgs, dirs: &Dirs) -> anyhow::Result<LiveRun>
     client.start(&params).await.context("the source daemon refused migration.start")?;
     errln!("ferry demo: migration.start {MIGRATION_ID} (live, base_lsn {}) on {SOURCE_NODE}'s socket", base_lsn.0);
 
-    let mut line = ProgressLine::new();
-    let mut samples = Vec::new();
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let base_status = loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => bail!("interrupted during the base copy"),
-        }
-        let (status, at_ns) = poll(&mut client, &id, &mut samples).await?;
-        let elapsed_us = at_ns.saturating_sub(stamps.migration_started_ns) / 1_000;
-        match status.phase {
-            Phase::BaseCopy => line.show(&progress::base_copy_line(&status, elapsed_us)),
-            Phase::WalCatchUp => {
-                stamps.base_done_ns = at_ns;
-                line.finish(&progress::base_done_line(status.bytes_total, status.files_total, elapsed_us));
-                break status;
-            }
-            other => bail!("the migration went to {other:?} before the cut-over; expected BaseCopy or WalCatchUp"),
-        }
-    };
-    let base = BaseCopy {
-        bytes: base_status.bytes_total,
-        files_count: base_status.files_total,
-        bytes_resent: base_status.bytes_resent,
-        daemon_throughput_bytes_per_sec: base_status.throughput_bytes_per_sec,
-    };
-
-    let catch_up_us = args.catch_up_ms.saturating_mul(1_000);
-    loop {
-        let elapsed_us = monotonic_ns().saturating_sub(stamps.base_done_ns) / 1_000;
-        if elapsed_us >= catch_up_us {
-            break;
-        }
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => bail!("interrupted during the WAL catch-up"),
-        }
-        let (status, at_ns) = poll(&mut client, &id, &mut samples).await?;
-        if status.phase != Phase::WalCatchUp {
-            bail!("the migration left WalCatchUp for {:?} before the cut-over", status.phase);
-        }
-        let elapsed_us = at_ns.saturating_sub(stamps.base_done_ns) / 1_000;
-        line.show(&progress::catch_up_line(&status, elapsed_us, catch_up_us));
-    }
-    let (status, _) = poll(&mut client, &id, &mut samples).await?;
-    line.finish(&progress::catch_up_line(&status, catch_up_us, catch_up_us));
+    let mut watch = Watch::new(&mut client, &id);
+    let (base, base_done_ns) = watch.base_copy(stamps.migration_started_ns).await?;
+    stamps.base_done_ns = base_done_ns;
+    watch.catch_up(stamps.base_done_ns, args.catch_up_ms.saturating_mul(1_000)).await?;
+    let Watch { mut line, samples, .. } = watch;
 
     errln!(
         "cut-over      prepare until the estimate fits {} us, pause the writer, fence, resume it on {TARGET_NODE}, release",

@@ -7,13 +7,13 @@
 //!    `demo-source`, `demo-target`) and two daemons ([`crate::node::RunningNode`]): each with
 //!    its own control socket (`<data>/control/ferry.sock`) and a QUIC endpoint on loopback,
 //!    mutual TLS, staging on disk;
-//! 2. the reference writer ([`crate::refnode::RefWriter`], its own thread) appends NodeDB
+//! 2. the reference writer ([`ferry_refnode::RefWriter`], its own thread) appends NodeDB
 //!    layout-A records to the source WAL at `--write-rate` writes/s (one in four to vShard 7),
 //!    and for `--baseline-ms` nothing else happens: the ack latency measured then is
 //!    `writer.ack_p99_us_without_migration`, the baseline of the same run;
 //! 3. `base_lsn` = the writer's last acknowledged LSN; the reference node exports vShard 7's
-//!    writes up to it ([`crate::refnode::export_base`]) and fills the shard up to `--shard-size`
-//!    with bulk files ([`crate::refnode::generate_bulk`], `--files` of them); generation is timed
+//!    writes up to it ([`ferry_refnode::export_base`]) and fills the shard up to `--shard-size`
+//!    with bulk files ([`ferry_refnode::generate_bulk`], `--files` of them); generation is timed
 //!    apart and never counted in the base copy's throughput;
 //! 4. `migration.start` (live: `wal_dir` set, `offline: false`) on the source's socket, then
 //!    `migration.status` every [`progress::POLL_INTERVAL`]: a progress line per phase on stderr
@@ -25,7 +25,7 @@
 //!    release; no forked command on the critical path;
 //! 6. the writer keeps writing for `--after-ms`, then stops; the demo waits for the source to
 //!    say `Completed` and reads the staging's MANIFEST.json;
-//! 7. [`crate::refnode::verify`]: every acknowledged vShard-7 write found exactly once across
+//! 7. [`ferry_refnode::verify`]: every acknowledged vShard-7 write found exactly once across
 //!    the staged export, the staged WAL and the target's node WAL, and every staged segment
 //!    file identical (SHA-256) to the source's, with readers independent of the transfer code.
 //!
@@ -68,7 +68,7 @@ use ferry_wire::{NodeId, VShardId};
 use crate::certs::{self, IssueOptions};
 use crate::cli::out::{errln, out, outln};
 use crate::cli::render::{parse_size, parse_size_u32};
-use crate::refnode::writer::RATE_MAX_WRITES_PER_SEC;
+use ferry_refnode::writer::RATE_MAX_WRITES_PER_SEC;
 
 const SOURCE_NODE: &str = "demo-source";
 const TARGET_NODE: &str = "demo-target";
@@ -147,7 +147,7 @@ pub struct DemoArgs {
 }
 
 fn check_args(args: &DemoArgs) -> anyhow::Result<()> {
-    let files_max = crate::refnode::bulk::FILES_MAX_COUNT;
+    let files_max = ferry_refnode::bulk::FILES_MAX_COUNT;
     if !(1..=files_max).contains(&args.files) {
         bail!("--files must be between 1 and {files_max}, not {}", args.files);
     }
@@ -280,7 +280,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     let staging = dirs.staging();
     let node_wal = dirs.node_wal();
-    let verification = crate::refnode::verify(&crate::refnode::VerifyInput {
+    let verification = ferry_refnode::verify(&ferry_refnode::VerifyInput {
         log: &run.log,
         base_lsn: run.base_lsn,
         final_lsn: ferry_wire::Lsn(run.cut.release.final_lsn),

@@ -25,7 +25,7 @@ use super::live::{LagSample, LiveRun};
 use super::progress::per_sec;
 use super::{DemoArgs, VSHARD};
 use crate::cli::coordinator::CutOverOutcome;
-use crate::refnode::{ResumedOn, Verification, WritePlace, WriterLog};
+use ferry_refnode::{ResumedOn, Verification, WritePlace, WriterLog};
 
 /// MANIFEST.json of the staging, read as plain JSON.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -399,20 +399,11 @@ mod tests {
 
     /// A log of writes 0..8 acked 1 ms apart, with a 10 ms pause between the acks of 3 and 4.
     fn log() -> WriterLog {
-        use crate::refnode::log::{PackedAck, Schedule};
-        let schedule = Schedule {
-            started_ns: 0,
-            rate_writes_per_sec: 1_000,
-            migrating_vshard: VSHARD,
-            migrating_every: 4,
-            other_vshards: vec![ferry_wire::VShardId(3)],
-        };
-        let mut log = WriterLog::new(schedule);
-        for seq in 0..8u64 {
+        let acks = (0..8u64).map(|seq| {
             let ack_ns = 1_000_000 * (seq + 1) + if seq >= 4 { 10_000_000 } else { 0 };
-            log.acks.push(PackedAck::new(WritePlace::Source(Lsn(seq + 1)), ack_ns));
-        }
-        log
+            (WritePlace::Source(Lsn(seq + 1)), ack_ns)
+        });
+        WriterLog::with_acks(1_000, VSHARD, 4, vec![ferry_wire::VShardId(3)], acks)
     }
 
     #[test]

@@ -25,7 +25,7 @@
 //!   LSNs from 1, the same layout, buffered flushes), the other vShards' to the source WAL.
 //! - [`RefWriter::stop`]: ends the thread (syncing both WALs) and returns the [`WriterLog`].
 //!
-//! What it does not: encryption, real O_DIRECT (see [`crate::wal::writer`]), or a
+//! What it does not: encryption, real O_DIRECT (see [`crate::walwrite`]), or a
 //! per-vShard fence: a paused writer pauses every vShard, the simplest fence that is right.
 //!
 //! Invariants: nothing is acknowledged while the writer is parked, and its stamps are read so
@@ -47,7 +47,7 @@ use super::export::ExportEntry;
 use super::log::{PackedAck, PauseSpan, ResumedOn, Schedule, WritePlace, WriterLog};
 use super::payload::encode_payload;
 use super::{monotonic_ns, RECORD_TYPE_PUT};
-use crate::wal::writer::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterError, WriterOptions};
+use crate::walwrite::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterError, WriterOptions};
 
 /// Most writes one run may do: the log keeps 16 bytes per write, the export snapshot 16 per
 /// migrating write, so at most about 160 MB.
@@ -530,8 +530,8 @@ fn park(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
-    use crate::refnode::payload::decode_payload;
-    use crate::refnode::walread::{read_wal_folder, FolderKind, RecordLayout};
+    use crate::payload::decode_payload;
+    use crate::walread::{read_wal_folder, FolderKind, RecordLayout};
 
     const VSHARD: VShardId = VShardId(7);
 

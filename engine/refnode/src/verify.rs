@@ -419,7 +419,7 @@ fn compare_one(source: &Path, staged: &Path, buf: &mut [u8]) -> Result<u64, Stri
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
-    use crate::refnode::{export_base, generate_bulk, walread, RefWriter, RefWriterConfig, RECORD_TYPE_PUT};
+    use crate::{export_base, generate_bulk, walread, RefWriter, RefWriterConfig, RECORD_TYPE_PUT};
     use ferry_wire::wal::{encode_record, Layout, RecordHeader};
     use ferry_wire::VShardId;
     use std::path::PathBuf;
@@ -564,7 +564,7 @@ mod tests {
         let mut late = flow.catch_up.clone();
         let mut bytes = Vec::new();
         let header = RecordHeader::new(Layout::A, RECORD_TYPE_PUT, Lsn(flow.final_lsn.0 + 1), VSHARD);
-        encode_record(&header, &crate::refnode::encode_payload(VSHARD, 1_000_000_003), &mut bytes).unwrap();
+        encode_record(&header, &crate::encode_payload(VSHARD, 1_000_000_003), &mut bytes).unwrap();
         late.push((Lsn(flow.final_lsn.0 + 1), bytes));
         flow.stage_wal(&late);
         let v = verify(&flow.input());
@@ -610,7 +610,7 @@ mod tests {
         fs::write(source.join(".ferry-snapshot/m1/x"), b"link").unwrap();
         copy_tree(&source.join("export"), &staging.join("segments/export"));
         fs::write(staging.join("segments/stray.bin"), b"x").unwrap();
-        let log = crate::refnode::log::WriterLog::new(crate::refnode::log::Schedule {
+        let log = crate::log::WriterLog::new(crate::log::Schedule {
             started_ns: 0,
             rate_writes_per_sec: 1,
             migrating_vshard: VSHARD,

@@ -1,9 +1,12 @@
 //! The reference node of DESIGN section 9: a small stand-in for a database, so a whole
 //! migration can be run and verified without one (`ferry demo`, scenario tests, benches).
 //!
-//! What it does:
+//! What it owns:
 //! - [`payload`]: each write's payload carries (vshard, writer_seq) and a filler derived from
 //!   both, so a payload read back is checked whole;
+//! - [`walwrite`]: [`WalWriter`], a writer of NodeDB-format WAL folders (layouts A and B,
+//!   O_DIRECT-style or buffered flushes, rolls, preambles), for the reference node, and for the
+//!   engine's tests, the scenario tests and the benches that need a source WAL;
 //! - [`writer`]: [`RefWriter`], a writer on its own thread appending NodeDB records (header
 //!   layout A by default, or B) to a source WAL at a fixed rate with group commit, that can be
 //!   paused (the write fence a coordinator drives), resumed on the source (a cancelled
@@ -20,8 +23,11 @@
 //!   the target's node WAL, counts lost, duplicated and unexpected writes, and compares every
 //!   staged segment file with the source's by SHA-256.
 //!
-//! What it does not: encryption, or importing a staging into anything: the verifier reads
-//! what ferry staged as a database's importer would, and counts.
+//! What it must not do: depend on `ferry-engine`, the transfer code it checks. Its Cargo.toml
+//! lists `ferry-wire` (formats, CRC rules) and external crates only, so the compiler enforces
+//! that the verifier shares nothing with what moved the bytes; the engine may depend on this
+//! crate (for `ferry demo`), never the other way. Nor does it encrypt, or import a staging into
+//! anything: the verifier reads what ferry staged as a database's importer would, and counts.
 //!
 //! Invariants: every timestamp here is CLOCK_MONOTONIC nanoseconds ([`monotonic_ns`]), the
 //! clock the daemon reads, so a pause ticket's `paused_at_ns` can be handed to
@@ -34,6 +40,7 @@ pub mod log;
 pub mod payload;
 pub mod verify;
 pub mod walread;
+pub mod walwrite;
 pub mod writer;
 
 pub use bulk::{generate_bulk, BulkError, BulkReport};
@@ -42,10 +49,18 @@ pub use log::{AckGap, LatencySummary, PauseSpan, ResumedOn, WriteEntry, WritePla
 pub use payload::{decode_payload, encode_payload, PayloadError, PAYLOAD_LEN_BYTES};
 pub use verify::{verify, verify_counting, Verification, VerifyInput};
 pub use walread::{read_wal_folder, FolderKind, FolderReport, RecordLayout, WalReadError, WalRecordRef};
+pub use walwrite::{FlushStyle, Leftovers, PreambleOptions, RecordSpec, WalWriter, WriterError, WriterOptions};
 pub use writer::{PauseTicket, RefWriter, RefWriterConfig, RefWriterError};
 
-/// CLOCK_MONOTONIC now, in nanoseconds: the clock of every stamp here, and the daemon's.
-pub use crate::clock::monotonic_ns;
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of every stamp here, and the daemon's
+/// (`ferry_engine::clock::monotonic_ns` reads the same clock; a test in `tests/` holds the two
+/// together, since this crate may not call the engine's).
+pub fn monotonic_ns() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
+}
 
 /// NodeDB's record_type for a required put (bit 15: required; kind 1): every reference write.
 pub const RECORD_TYPE_PUT: u32 = 0x8000 | 1;
@@ -87,6 +102,20 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use std::collections::BTreeSet;
+
+    /// The verifier's independence, as the manifest states it: no dependency of any kind on
+    /// the engine (the transfer code this crate checks).
+    #[test]
+    fn the_crate_does_not_depend_on_the_engine() {
+        let manifest = include_str!("../Cargo.toml");
+        let named: Vec<&str> = manifest
+            .lines()
+            .map(|line| line.split('#').next().unwrap_or_default())
+            .filter(|line| line.contains("ferry-engine") || line.contains("ferry_engine"))
+            .collect();
+        assert!(named.is_empty(), "Cargo.toml names the engine: {named:?}");
+        assert!(manifest.contains("ferry-wire.workspace = true"));
+    }
 
     #[test]
     fn generated_bytes_do_not_repeat_and_depend_on_the_seed() {

@@ -167,6 +167,26 @@ impl WriterLog {
         }
     }
 
+    /// A log of `acks` (where each write went, when it was acknowledged in CLOCK_MONOTONIC ns),
+    /// in order, for a writer started at 0 ns at `rate_writes_per_sec` that sends every
+    /// `migrating_every`-th write to `migrating_vshard` and the others to `other_vshards` in
+    /// turn. For the tests of what is built on a log (the demo's summary); built only for
+    /// tests and with the `testkit` feature.
+    #[cfg(any(test, feature = "testkit"))]
+    pub fn with_acks(
+        rate_writes_per_sec: u64,
+        migrating_vshard: VShardId,
+        migrating_every: u64,
+        other_vshards: Vec<VShardId>,
+        acks: impl IntoIterator<Item = (WritePlace, u64)>,
+    ) -> Self {
+        let schedule =
+            Schedule { started_ns: 0, rate_writes_per_sec, migrating_vshard, migrating_every, other_vshards };
+        let mut log = WriterLog::new(schedule);
+        log.acks.extend(acks.into_iter().map(|(place, ack_ns)| PackedAck::new(place, ack_ns)));
+        log
+    }
+
     pub fn migrating_vshard(&self) -> VShardId {
         self.schedule.migrating_vshard
     }

@@ -294,26 +294,7 @@ impl Walk {
         report: &mut FolderReport,
         visit: &mut impl FnMut(&WalRecordRef<'_>),
     ) {
-        let mut at = 0usize;
-        if bytes.starts_with(b"WALP") {
-            let version = bytes.get(4..6).and_then(|b| b.try_into().ok()).map(u16::from_le_bytes);
-            if version != Some(1) {
-                report.problem(format!("{name}: bad segment preamble (version {version:?}): segment not read"));
-                return;
-            }
-            at = PREAMBLE_LEN_BYTES;
-        }
-        let layout = detect_layout(bytes.get(at..).unwrap_or_default()).unwrap_or(RecordLayout::A);
-        if layout == RecordLayout::B {
-            report.layout_b_segments_count += 1;
-        }
-        // Where a dense kind expects this segment to start: right after the last LSN.
-        let expected_name = self.last.and_then(Lsn::next);
-        if let (Some(expected), FolderKind::Dense | FolderKind::Aligned { .. }) = (expected_name, self.kind) {
-            if name_lsn != expected {
-                report.problem(format!("{name}: named {name_lsn}, but the LSN after the last one is {expected}"));
-            }
-        }
+        let Some((mut at, layout)) = self.segment_start(name_lsn, name, bytes, report) else { return };
         let mut first_in_segment = true;
         while at < bytes.len() {
             let rest = bytes.get(at..).unwrap_or_default();
@@ -386,6 +367,39 @@ impl Walk {
         }
     }
 
+    /// Where a segment's records start (after its preamble, if any) and their layout; `None`
+    /// (with a problem reported) when the preamble is not one this reader knows. Also checks a
+    /// dense kind's segment name against the last LSN.
+    fn segment_start(
+        &self,
+        name_lsn: Lsn,
+        name: &str,
+        bytes: &[u8],
+        report: &mut FolderReport,
+    ) -> Option<(usize, RecordLayout)> {
+        let mut at = 0usize;
+        if bytes.starts_with(b"WALP") {
+            let version = bytes.get(4..6).and_then(|b| b.try_into().ok()).map(u16::from_le_bytes);
+            if version != Some(1) {
+                report.problem(format!("{name}: bad segment preamble (version {version:?}): segment not read"));
+                return None;
+            }
+            at = PREAMBLE_LEN_BYTES;
+        }
+        let layout = detect_layout(bytes.get(at..).unwrap_or_default()).unwrap_or(RecordLayout::A);
+        if layout == RecordLayout::B {
+            report.layout_b_segments_count += 1;
+        }
+        // Where a dense kind expects this segment to start: right after the last LSN.
+        let expected_name = self.last.and_then(Lsn::next);
+        if let (Some(expected), FolderKind::Dense | FolderKind::Aligned { .. }) = (expected_name, self.kind) {
+            if name_lsn != expected {
+                report.problem(format!("{name}: named {name_lsn}, but the LSN after the last one is {expected}"));
+            }
+        }
+        Some((at, layout))
+    }
+
     fn check_order(
         &self,
         first_in_segment: bool,
@@ -431,7 +445,7 @@ impl Walk {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
     use super::*;
-    use crate::wal::writer::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterOptions};
+    use crate::walwrite::{FlushStyle, Leftovers, RecordSpec, WalWriter, WriterOptions};
     use ferry_wire::wal::{encode_padding, encode_record, Layout, LayoutFields, Preamble, RecordHeader};
 
     /// A layout-A record made by ferry's own encoder: the reader must agree with it.
