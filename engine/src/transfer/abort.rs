@@ -80,17 +80,38 @@ pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &
     let (storage, ctx_owned) = (ctx.storage.clone(), ctx.clone());
     ctx.forget_manifest(id);
     tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
-        if storage.exists(&layout.root) {
-            storage.remove_dir_all(&layout.root).map_err(staging::io_err("remove", &layout.root))?;
-        }
+        // The tombstone first, durably, beside what is staged: a power loss from here on
+        // leaves the migration aborted, never a staging that is neither staged nor aborted
+        // (found by the simulator). Only then does the rest go.
         storage.create_dir_all(&layout.ferry_dir()).map_err(staging::io_err("create", &layout.root))?;
-        storage.sync_dir(&layout.migrations_dir()).map_err(staging::io_err("sync", &layout.migrations_dir()))?;
+        for dir in [layout.root.clone(), layout.migrations_dir()] {
+            storage.sync_dir(&dir).map_err(staging::io_err("sync", &dir))?;
+        }
         ctx_owned.write_manifest(&layout, &tombstone)?;
-        Ok(())
+        remove_all_but_tombstone(&*storage, &layout)
     })
     .await
     .map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
     ctx.machine().aborted(id, reason)?;
     tracing::warn!(migration = %id, "inbound migration aborted: {reason}");
     Ok(if had_staging { Aborted::Removed } else { Aborted::NothingStaged })
+}
+
+/// Removes everything of an aborted staging but its tombstone `MANIFEST.json`, durably.
+fn remove_all_but_tombstone(storage: &dyn crate::storage::Storage, layout: &StagingLayout) -> Result<(), TransferError> {
+    let manifest_path = layout.manifest_path();
+    for dir in [layout.root.clone(), layout.ferry_dir()] {
+        for name in storage.list_dir(&dir).map_err(staging::io_err("list", &dir))? {
+            let path = dir.join(&name);
+            if path == layout.ferry_dir() || path == manifest_path {
+                continue;
+            }
+            // A file or a folder: the storage seam has no stat, so try both.
+            if storage.remove_file(&path).is_err() {
+                storage.remove_dir_all(&path).map_err(staging::io_err("remove", &path))?;
+            }
+        }
+        storage.sync_dir(&dir).map_err(staging::io_err("sync", &dir))?;
+    }
+    Ok(())
 }
