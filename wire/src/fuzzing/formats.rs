@@ -101,8 +101,13 @@ pub fn manifest(data: &[u8]) {
 /// picks the cursor's layout, mode and alignment. Fix-up: every record found (magic,
 /// version and a payload that fits) gets its CRC under the picked layout (A when auto).
 pub fn wal_segment(data: &[u8]) {
+    let _ = run_wal_segment(data);
+}
+
+/// [`wal_segment`], returning how many records the cursor returned.
+pub fn run_wal_segment(data: &[u8]) -> usize {
     let (fix, rest) = split_mode(data);
-    let Some((config_byte, segment)) = rest.split_first() else { return };
+    let Some((config_byte, segment)) = rest.split_first() else { return 0 };
     let layout = match config_byte & 3 {
         0 | 1 => LayoutChoice::Auto,
         2 => LayoutChoice::Fixed(Layout::A),
@@ -130,18 +135,18 @@ pub fn wal_segment(data: &[u8]) {
     let first_lsn = first.map_or(Lsn(1), |(_, h)| h.lsn);
     let config = CursorConfig { layout, alignment_bytes, mode };
     let start_lsn = if config_byte & 16 == 0 { None } else { Some(first_lsn) };
-    let Ok(mut cursor) = Cursor::new(config, start_lsn) else { return };
+    let Ok(mut cursor) = Cursor::new(config, start_lsn) else { return 0 };
     if cursor.open_segment(first_lsn).is_err() {
-        return;
+        return 0;
     }
     let half = segment.len() / 2;
-    walk(&mut cursor, &segment[..half], false);
-    walk(&mut cursor, &segment, true);
+    walk(&mut cursor, &segment[..half], false) + walk(&mut cursor, &segment, true)
 }
 
 /// Polls until the cursor waits, ends the segment or stops; checks each record's ranges.
-fn walk(cursor: &mut Cursor, bytes: &[u8], sealed: bool) {
-    for _ in 0..=bytes.len() {
+/// Returns the records it returned.
+fn walk(cursor: &mut Cursor, bytes: &[u8], sealed: bool) -> usize {
+    for records in 0..=bytes.len() {
         let before = cursor.offset_bytes();
         match cursor.poll(bytes, sealed) {
             Ok(Step::Record(record)) => {
@@ -149,7 +154,7 @@ fn walk(cursor: &mut Cursor, bytes: &[u8], sealed: bool) {
                 assert!(record.payload(bytes).is_some());
                 assert!(cursor.offset_bytes() > before, "an accepted record advances the offset");
             }
-            Ok(Step::Wait { .. }) | Ok(Step::EndOfSegment { .. }) | Err(_) => return,
+            Ok(Step::Wait { .. }) | Ok(Step::EndOfSegment { .. }) | Err(_) => return records,
         }
     }
     panic!("the cursor returned more records than the segment has bytes");

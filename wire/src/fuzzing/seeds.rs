@@ -555,6 +555,12 @@ mod tests {
         for seed in seeds("wal_segment").iter().filter(|s| s.len() > 2) {
             assert!(crate::wal::first_record(&seed[2..]).is_some(), "{seed:?}");
         }
+        let walked: Vec<usize> =
+            seeds("wal_segment").iter().map(|s| crate::fuzzing::formats::run_wal_segment(s)).collect();
+        assert!(
+            walked.iter().filter(|n| **n > 0).count() >= 15,
+            "the cursor returns records on most seeds: {walked:?}"
+        );
     }
 
     /// The machines' seeds reach the ends of their conversations.
