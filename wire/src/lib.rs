@@ -18,6 +18,8 @@ pub mod checkpoint;
 pub mod control;
 pub mod fence;
 pub mod frame;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod ids;
 pub mod limits;
 pub mod manifest;
