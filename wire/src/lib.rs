@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod message;
 pub mod path;
 pub mod proto;
+pub mod quote;
 pub mod rate;
 pub mod session;
 pub mod slots;
