@@ -641,9 +641,9 @@ fn ferry_serve_answers_on_its_control_socket() {
 }
 
 /// Issue 18: an error reply quotes at most about 200 bytes of what the client sent. A
-/// `migration.start` whose `vshard_id` is a 3.6 MB string, or whose `target_address` is 3.6 MB
-/// of backslashes (doubled by escaping), used to be answered with a 7.2 MB line that ferry's
-/// own client could not read. Now each is a short -32602 that still names the field and the
+/// `migration.start` whose `vshard_id` is a 3.6 MB string, or whose `target_address` is
+/// backslashes filling a 3.6 MB request line (doubled by debug escaping, doubled again by JSON),
+/// used to be answered with a 7.2 MB line that ferry's own client could not read. Now each is a short -32602 that still names the field and the
 /// length, read by the real daemon's socket and by the typed client.
 #[test]
 fn huge_params_get_a_short_clear_invalid_params_reply() {
@@ -692,13 +692,13 @@ fn huge_params_get_a_short_clear_invalid_params_reply() {
     assert!(message.contains("(3600000 bytes), expected u32"), "{message}");
 
     let mut slashes = base.clone();
-    slashes["target_address"] = json!("\\".repeat(3_600_000));
+    slashes["target_address"] = json!("\\".repeat(1_800_000));
     let (len, reply) = ask(slashes);
     let message = reply["error"]["message"].as_str().unwrap();
     assert_eq!(reply["error"]["code"], -32602, "{message}");
     assert!(len < 1024, "a {len}-byte reply: {message}");
     assert!(message.starts_with("target_address \"\\\\\\\\"), "{message}");
-    assert!(message.contains("... (3600000 bytes) is not ip:port"), "{message}");
+    assert!(message.contains("... (1800000 bytes) is not ip:port"), "{message}");
 
     // ferry's own client reads the refusal (it could not read a 7.2 MB line).
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
