@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 use super::chunklog::{self, ChunkLog};
 use super::chunks_in::{accept_chunk_streams, Event, Inbound};
-use super::framing::{read_control, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::framing::{read_control, spawn_control_reader, write_control, Messages, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::inbound::{now_unix_ms, summary, ClaimGuard};
 pub use super::inbound::{InboundStatus, TargetContext, TargetLimits};
 use super::task::{blocking, AbortOnDrop};
@@ -133,29 +133,15 @@ async fn handle_connection(
     result
 }
 
-/// Messages from the source's control stream, read by their own task (reads are not
-/// cancel-safe, so they never sit in a `select!`).
-type Messages = mpsc::Receiver<Result<Message, TransferError>>;
+/// Control body bytes the reader may hold decoded ahead of the conversation: one body of the
+/// largest size. Counted in bytes, not messages: 64 queued messages of up to 64 MiB each would
+/// let one peer park 4 GiB here.
+const CONTROL_QUEUED_MAX_BYTES: u32 = CONTROL_BODY_LEN_MAX_BYTES;
 
-fn spawn_reader(mut recv: RecvStream) -> (Messages, AbortOnDrop) {
-    let (tx, rx) = mpsc::channel(64);
-    let task = tokio::spawn(async move {
-        loop {
-            match read_control(&mut recv, CONTROL_BODY_LEN_MAX_BYTES).await {
-                Ok(Some(message)) => {
-                    if tx.send(Ok(message)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            }
-        }
-    });
-    (rx, AbortOnDrop(task))
+/// The source's control stream, read by its own task (reads are not cancel-safe, so they never
+/// sit in a `select!`), bounded in bytes.
+fn spawn_reader(recv: RecvStream) -> (Messages, AbortOnDrop) {
+    spawn_control_reader(recv, CONTROL_BODY_LEN_MAX_BYTES, CONTROL_QUEUED_MAX_BYTES)
 }
 
 async fn converse(
@@ -304,12 +290,12 @@ impl Driver<'_> {
                 return Err(TransferError::Local("carrying chunks of no joined transfer".into()));
             }
             TargetAction::Release { migration_id, final_lsn } => {
-                self.check_peer(&migration_id)?;
+                self.check_peer(&migration_id).await?;
                 super::fence_target::release_staging(self.ctx, &migration_id, final_lsn).await?;
                 self.conversation().handle_answered()?;
             }
             TargetAction::Abort { migration_id, reason } => {
-                self.check_peer(&migration_id)?;
+                self.check_peer(&migration_id).await?;
                 let reason = format!("{reason} (asked by source {})", self.peer.as_deref().unwrap_or("?"));
                 super::abort::abort_staging(self.ctx, &migration_id, &reason).await?;
                 self.conversation().handle_answered()?;
@@ -333,11 +319,20 @@ impl Driver<'_> {
     }
 
     /// Refuses a request about `id` from a node other than the one receiving it.
-    fn check_peer(&self, id: &MigrationId) -> Result<(), TransferError> {
+    /// A staging the machine does not list yet is read from disk first, so its recorded
+    /// source is checked too.
+    async fn check_peer(&self, id: &MigrationId) -> Result<(), TransferError> {
+        let (ctx, owned) = (self.ctx.clone(), id.clone());
+        blocking(move || ctx.adopt_from_disk(&owned)).await?;
         if self.ctx.machine().may_act(id, self.peer.as_deref()) {
             return Ok(());
         }
-        Err(TransferError::Refused(format!("migration {id} is received from another node")))
+        let source = self.ctx.machine().get(id).and_then(|m| m.source_node.clone());
+        Err(TransferError::Refused(format!(
+            "migration {id} is received from another node ({}, not {}): only the node that started a migration may release, abort or join it",
+            source.as_deref().unwrap_or("another node"),
+            self.peer.as_deref().unwrap_or("this unnamed peer"),
+        )))
     }
 
     /// Admits and claims the offer and prepares its staging. Admitted and claimed, but not
@@ -349,8 +344,8 @@ impl Driver<'_> {
         let id = offer.migration_id.clone();
         let layout = StagingLayout::new(&ctx.data_dir, &id);
         let start = {
-            let (ctx, layout, offer) = (ctx.clone(), layout.clone(), offer.clone());
-            blocking(move || start_staging(&ctx, &layout, &offer)).await?
+            let (ctx, layout, offer, peer) = (ctx.clone(), layout.clone(), offer.clone(), self.peer.clone());
+            blocking(move || start_staging(&ctx, &layout, &offer, peer.as_deref())).await?
         };
         let begin = match &start {
             Start::AlreadyStaged { state, final_lsn } => Begin::AlreadyStaged { state: *state, final_lsn: *final_lsn },
@@ -617,7 +612,12 @@ enum Start {
 
 /// Decides how to start: the base is staged already; an earlier run left chunks to resume
 /// from; or a fresh staging.
-fn start_staging(ctx: &TargetContext, layout: &StagingLayout, offer: &Offer) -> Result<Start, TransferError> {
+fn start_staging(
+    ctx: &TargetContext,
+    layout: &StagingLayout,
+    offer: &Offer,
+    source_node: Option<&str>,
+) -> Result<Start, TransferError> {
     let storage = &*ctx.storage;
     if let Some(manifest) = ctx.manifest(layout, &offer.migration_id)? {
         let same = manifest.base_complete
@@ -645,6 +645,9 @@ fn start_staging(ctx: &TargetContext, layout: &StagingLayout, offer: &Offer) -> 
         return Ok(Start::Receive { session, log: Arc::new(log), restored });
     }
     staging::prepare_fresh(storage, layout)?;
+    if let Some(node) = source_node {
+        staging::write_source_node(storage, layout, node)?;
+    }
     let log = ChunkLog::create(storage, layout, offer)?;
     Ok(Start::Receive { session, log: Arc::new(log), restored: chunklog::Restored::default() })
 }
