@@ -354,7 +354,7 @@ fn check_db_meta_raw(body: &[u8]) -> Result<(), MessageError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use proptest::prelude::*;
 
@@ -411,7 +411,8 @@ mod tests {
         let long = "r".repeat(REASON_LEN_MAX_BYTES as usize + 1);
         let at_limit = "r".repeat(REASON_LEN_MAX_BYTES as usize);
         let id = MigrationId::new("m1").unwrap();
-        let make: Vec<(Box<dyn Fn(String) -> Message>, &str)> = vec![
+        type Build = Box<dyn Fn(String) -> Message>;
+        let make: Vec<(Build, &str)> = vec![
             (Box::new(move |r| Message::Abort { migration_id: id.clone(), reason: r }), "reason"),
             (Box::new(|r| Message::FenceCancelled { reason: r }), "reason"),
             (Box::new(|r| Message::Error { kind: ErrorKind::Protocol, message: r }), "message"),

@@ -169,7 +169,7 @@ pub fn restore(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
     use std::io::{self, IoSlice};
     use std::path::Path;
     use std::sync::atomic::{AtomicUsize, Ordering};
