@@ -23,12 +23,9 @@ use std::sync::Arc;
 
 use ferry_wire::manifest::{ManifestError, StagingManifest, MANIFEST_FILE_NAME};
 use ferry_wire::path::RelPath;
-use ferry_wire::MigrationId;
+use ferry_wire::{MigrationId, NodeId};
 
 use crate::storage::{Storage, StorageFile};
-
-/// Size of the buffer used to re-read a finished file.
-const VERIFY_BUFFER_BYTES: usize = 1 << 20;
 
 /// A staging write or check failed. Both fail the transfer.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +195,42 @@ pub fn prepare_fresh(storage: &dyn Storage, layout: &StagingLayout) -> Result<()
     Ok(())
 }
 
+/// File in `.ferry/` naming the node that started a staging: written when the staging is
+/// created, so a restarted target knows whose migration it is before `MANIFEST.json` exists
+/// (which records it from the base's end on). Only that node may resume, join, release or
+/// abort it.
+const SOURCE_NODE_FILE: &str = "source_node";
+
+/// Records `node` as the staging's source, durably (temp file, fsync, rename, folder fsync).
+pub fn write_source_node(storage: &dyn Storage, layout: &StagingLayout, node: &str) -> Result<(), StagingError> {
+    let path = layout.ferry_dir().join(SOURCE_NODE_FILE);
+    let tmp = layout.ferry_dir().join(format!("{SOURCE_NODE_FILE}.tmp"));
+    storage.write_atomic(&tmp, &path, node.as_bytes()).map_err(io_err("write", &path))
+}
+
+/// The node [`write_source_node`] recorded: `None` when there is no such file; an error when it
+/// cannot be read or does not hold a node id (then nobody's claim can be checked: the caller
+/// refuses rather than let any node act).
+pub fn read_source_node(storage: &dyn Storage, layout: &StagingLayout) -> Result<Option<String>, StagingError> {
+    let path = layout.ferry_dir().join(SOURCE_NODE_FILE);
+    if !storage.exists(&path) {
+        return Ok(None);
+    }
+    let file = storage.open_read(&path).map_err(io_err("open", &path))?;
+    let len_bytes = file.len_bytes().map_err(io_err("stat", &path))?;
+    let mut bytes = vec![0u8; usize::try_from(len_bytes.min(NodeId::LEN_MAX as u64 + 1)).unwrap_or(0)];
+    crate::storage::read_exact_at(&*file, &mut bytes, 0).map_err(io_err("read", &path))?;
+    let node = String::from_utf8(bytes).ok().and_then(|text| NodeId::new(text).ok());
+    match node {
+        Some(node) if len_bytes <= NodeId::LEN_MAX as u64 => Ok(Some(node.to_string())),
+        _ => Err(StagingError::Io {
+            what: "read a node id from",
+            path: path.clone(),
+            cause: io::Error::new(io::ErrorKind::InvalidData, "the file does not hold a node id"),
+        }),
+    }
+}
+
 /// Opens (creating) the part file of a file being received.
 pub fn open_part(
     storage: &dyn Storage,
@@ -226,18 +259,9 @@ pub fn finalize_file(
     if found != size_bytes {
         return Err(StagingError::Size { path: part_path, expected: size_bytes, found });
     }
-    let mut buf = vec![0u8; VERIFY_BUFFER_BYTES];
-    let mut crc = 0u32;
-    let mut offset = 0u64;
-    while offset < size_bytes {
-        let want =
-            usize::try_from((size_bytes - offset).min(VERIFY_BUFFER_BYTES as u64)).unwrap_or(VERIFY_BUFFER_BYTES);
-        let n = part.read_at(&mut buf[..want], offset).map_err(io_err("re-read", &part_path))?;
-        if n == 0 {
-            return Err(StagingError::Size { path: part_path, expected: size_bytes, found: offset });
-        }
-        crc = ferry_wire::crc32c_append(crc, &buf[..n]);
-        offset += n as u64;
+    let (read_bytes, crc) = crate::storage::crc32c_of(&*part).map_err(io_err("re-read", &part_path))?;
+    if read_bytes != size_bytes {
+        return Err(StagingError::Size { path: part_path, expected: size_bytes, found: read_bytes });
     }
     if crc != crc32c {
         return Err(StagingError::Checksum { path: part_path, expected: crc32c, found: crc });

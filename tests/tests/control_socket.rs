@@ -639,3 +639,79 @@ fn ferry_serve_answers_on_its_control_socket() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Issue 18: an error reply quotes at most about 200 bytes of what the client sent. A
+/// `migration.start` whose `vshard_id` is a 3.6 MB string, or whose `target_address` is
+/// backslashes filling a 3.6 MB request line (doubled by debug escaping, doubled again by JSON),
+/// used to be answered with a 7.2 MB line that ferry's own client could not read. Now each is a short -32602 that still names the field and the
+/// length, read by the real daemon's socket and by the typed client.
+#[test]
+fn huge_params_get_a_short_clear_invalid_params_reply() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::process::{Command, Stdio};
+
+    let certs = ferry_tests::Certs::new().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(ferry_tests::ferry_bin())
+        .args(["serve", "--node-id", "source", "--listen", "127.0.0.1:0", "--allow-peer", "target"])
+        .arg("--certs")
+        .arg(certs.dir.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut listening, mut control) = (String::new(), String::new());
+    out.read_line(&mut listening).unwrap();
+    out.read_line(&mut control).unwrap();
+    let socket = control.trim().strip_prefix("control socket at ").unwrap().to_owned();
+    let ask = |params: Value| -> (usize, Value) {
+        let line = json!({ "jsonrpc": "2.0", "id": 1, "method": "migration.start", "params": params }).to_string();
+        assert!(line.len() > 3_600_000 && line.len() < ferry_wire::control::LINE_LEN_MAX_BYTES);
+        let mut stream = UnixStream::connect(&socket).unwrap();
+        stream.write_all(line.as_bytes()).unwrap();
+        stream.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).unwrap();
+        (answer.len(), serde_json::from_str(&answer).unwrap())
+    };
+    let base = json!({
+        "vshard_id": 3, "segments_root": "/tmp", "target_address": "127.0.0.1:9", "target_node_id": "target",
+    });
+
+    let mut huge_vshard = base.clone();
+    huge_vshard["vshard_id"] = json!("7".repeat(3_600_000));
+    let (len, reply) = ask(huge_vshard);
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert_eq!(reply["error"]["code"], -32602, "{message}");
+    assert!(len < 1024, "a {len}-byte reply: {message}");
+    assert!(message.contains("invalid type: string \"777"), "{message}");
+    assert!(message.contains("(3600000 bytes), expected u32"), "{message}");
+
+    let mut slashes = base.clone();
+    slashes["target_address"] = json!("\\".repeat(1_800_000));
+    let (len, reply) = ask(slashes);
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert_eq!(reply["error"]["code"], -32602, "{message}");
+    assert!(len < 1024, "a {len}-byte reply: {message}");
+    assert!(message.starts_with("target_address \"\\\\\\\\"), "{message}");
+    assert!(message.contains("... (1800000 bytes) is not ip:port"), "{message}");
+
+    // ferry's own client reads the refusal (it could not read a 7.2 MB line).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut client = timeout(WAIT, ControlClient::connect(Path::new(&socket))).await.unwrap().unwrap();
+        let mut params = base.clone();
+        params["vshard_id"] = json!("7".repeat(3_600_000));
+        let err = timeout(WAIT, client.call("migration.start", params)).await.unwrap().unwrap_err();
+        match err {
+            ClientError::Rpc(e) => assert_eq!(e.code, -32602, "{e}"),
+            other => panic!("expected the daemon's -32602, got {other}"),
+        }
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -110,3 +110,70 @@ async fn a_third_node_cannot_release_abort_or_reoffer_another_nodes_migration_ev
     assert!(!staged.join("segments").exists());
     scene.stop();
 }
+
+/// Issue 18: the source node is known also for a staging interrupted during its base copy,
+/// before `MANIFEST.json` exists (`.ferry/source_node` records it when the staging is
+/// created): after a restart a third node can neither abort it nor resume it under the same
+/// id, and the source can. A staging whose records cannot be read is refused to every peer
+/// rather than aborted on a third node's word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_node_cannot_abort_or_resume_a_base_copy_interrupted_by_a_restart() {
+    let certs = Certs::new().unwrap();
+    certs::issue(certs.dir.path(), &node("intruder"), &IssueOptions::default()).unwrap();
+    let (root, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_file(root.path(), "a.seg", 4 << 20, 1);
+    let scene = Scene::start(&certs, data.path());
+
+    // A slow copy (256 KiB/s of a 4 MiB file), stopped a moment after its staging exists.
+    let staged = data.path().join("migrations/theirs");
+    let req = request("theirs", root.path(), scene.addr, 65536);
+    let rate = ferry_engine::transfer::source::RateHandle::new(256 << 10, 65536);
+    let identity = certs.identity("source");
+    let copying = tokio::spawn(async move {
+        let progress = tokio::sync::watch::channel(Default::default()).0;
+        ferry_engine::transfer::source::copy(&identity, &QuicTuning::default(), req, progress, rate).await
+    });
+    ferry_tests::wait_until("the staging's chunk log", std::time::Duration::from_secs(30), || {
+        staged.join(".ferry/chunks.log").exists()
+    })
+    .await
+    .unwrap();
+    copying.abort();
+    let _ = copying.await;
+    assert!(!staged.join("MANIFEST.json").exists(), "the base copy was not interrupted early enough");
+    assert_eq!(std::fs::read_to_string(staged.join(".ferry/source_node")).unwrap(), "source");
+
+    scene.stop();
+    let scene = Scene::start(&certs, data.path());
+    let theirs = scene.ctx.inbound();
+    let theirs = theirs.get(&MigrationId::new("theirs").unwrap()).expect("listed after the restart");
+    assert_eq!(theirs.migration.source_node.as_deref(), Some("source"));
+    refused_as_another_nodes(scene.abort_as(&certs, "intruder").await);
+    assert!(staged.join(".ferry/chunks.log").exists(), "the staging is left as it was");
+    let offered = ferry_engine::transfer::source::copy(
+        &certs.identity("intruder"),
+        &QuicTuning::default(),
+        request("theirs", root.path(), scene.addr, 65536),
+        tokio::sync::watch::channel(Default::default()).0,
+        ferry_engine::transfer::source::RateHandle::new(0, 65536),
+    )
+    .await;
+    let e = offered.expect_err("a third node resumed another node's base copy");
+    assert!(e.to_string().contains("received from another node"), "{e}");
+
+    // A damaged record of the source node: nobody's word is taken for it.
+    scene.stop();
+    std::fs::write(staged.join(".ferry/source_node"), "not a node id!").unwrap();
+    let scene = Scene::start(&certs, data.path());
+    let e = scene.abort_as(&certs, "intruder").await.expect_err("aborted on a third node's word");
+    assert!(e.to_string().contains("does not hold a node id"), "{e}");
+    assert!(staged.join(".ferry/chunks.log").exists(), "the staging is left as it was");
+
+    // Repaired, the source itself may abort it.
+    scene.stop();
+    std::fs::write(staged.join(".ferry/source_node"), "source").unwrap();
+    let scene = Scene::start(&certs, data.path());
+    scene.abort_as(&certs, "source").await.unwrap();
+    assert!(!staged.join(".ferry/chunks.log").exists());
+    scene.stop();
+}

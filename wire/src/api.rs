@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fence::{EstimateInputs, PauseReport, PauseStamps};
 use crate::ids::{IdError, Lsn, MigrationId, NodeId, VShardId};
-use crate::limits::{CHUNK_LEN_DEFAULT_BYTES, CHUNK_LEN_MAX_BYTES, CHUNK_LEN_MIN_BYTES};
+use crate::limits::{CHUNK_LEN_DEFAULT_BYTES, CHUNK_LEN_MAX_BYTES, CHUNK_LEN_MIN_BYTES, DB_META_LEN_MAX_BYTES};
 use crate::path::RelPath;
 
 /// Default write-pause budget of a cut-over (DESIGN section 4).
@@ -109,17 +109,17 @@ pub enum ParamsError {
     MigrationId(IdError),
     #[error("target_node_id: {0}")]
     TargetNode(IdError),
-    #[error("target_address {0:?} is not ip:port")]
+    #[error("target_address {} is not ip:port", crate::quote::quote_untrusted(.0))]
     TargetAddress(String),
-    #[error("segments_root {0:?} must be an absolute path")]
+    #[error("segments_root {} must be an absolute path", crate::quote::quote_untrusted(.0))]
     SegmentsRoot(String),
-    #[error("wal_dir {0:?} must be an absolute path")]
+    #[error("wal_dir {} must be an absolute path", crate::quote::quote_untrusted(.0))]
     WalDir(String),
     #[error("files[{index}]: {message}")]
     File { index: usize, message: String },
-    #[error("wal_layout {0:?}: use auto, a or b")]
+    #[error("wal_layout {}: use auto, a or b", crate::quote::quote_untrusted(.0))]
     Layout(String),
-    #[error("read_mode {0:?}: use mmap, uring, uring-direct or pread")]
+    #[error("read_mode {}: use mmap, uring, uring-direct or pread", crate::quote::quote_untrusted(.0))]
     ReadMode(String),
     #[error("{what} must be between 1 and {max}, got {got}")]
     Count { what: &'static str, got: u32, max: u32 },
@@ -131,6 +131,8 @@ pub enum ParamsError {
     UntilBelowBase { until: u64, base: u64 },
     #[error("until_lsn needs wal_dir and offline")]
     UntilWithoutWal,
+    #[error("db_meta of {0} bytes is over the limit of {DB_META_LEN_MAX_BYTES} bytes (as compact JSON)")]
+    DbMetaTooLong(usize),
 }
 
 impl StartParams {
@@ -200,6 +202,11 @@ impl StartParams {
         let a = self.wal_alignment_bytes;
         if !a.is_power_of_two() || !(512..=1 << 20).contains(&a) {
             return Err(ParamsError::Alignment(a));
+        }
+        // The target refuses an offer whose db_meta is over the limit: refuse it here, at once.
+        let meta_len = serde_json::to_string(&self.db_meta).map_or(usize::MAX, |s| s.len());
+        if meta_len > DB_META_LEN_MAX_BYTES as usize {
+            return Err(ParamsError::DbMetaTooLong(meta_len));
         }
         if let Some(until) = self.until_lsn {
             if self.wal_dir.is_none() || !self.offline {
@@ -507,6 +514,7 @@ mod tests {
             (Box::new(|p| p.migration_id = Some("a b".into())), "migration_id"),
             (Box::new(|p| p.until_lsn = Some(3)), "until_lsn"),
             (Box::new(|p| p.wal_alignment_bytes = 1000), "wal_alignment_bytes"),
+            (Box::new(|p| p.db_meta = serde_json::json!("m".repeat(DB_META_LEN_MAX_BYTES as usize))), "db_meta"),
         ];
         for (change, needle) in cases {
             let mut p = params();

@@ -37,6 +37,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::quote::{clip_message, quote_untrusted};
+
 /// The `jsonrpc` member every message carries.
 pub const JSONRPC_VERSION: &str = "2.0";
 /// Longest line (one request, response or notification, without its newline) either side
@@ -121,8 +123,10 @@ pub struct RpcError {
 }
 
 impl RpcError {
+    /// The message is held to [`crate::quote::MESSAGE_LEN_MAX_BYTES`] with every long quote cut
+    /// ([`clip_message`]): whatever a handler quoted, the reply stays readable.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code: code.code(), message: message.into(), data: None }
+        Self { code: code.code(), message: clip_message(&message.into()), data: None }
     }
 
     pub fn with_data(mut self, data: Value) -> Self {
@@ -139,7 +143,7 @@ impl RpcError {
     pub fn method_not_found(method: &str) -> Self {
         Self::new(
             ErrorCode::MethodNotFound,
-            format!("unknown method `{}`; see the README for the methods", clip(method)),
+            format!("unknown method {}; see the README for the methods", quote_untrusted(method)),
         )
     }
     pub fn invalid_params(message: impl Into<String>) -> Self {
@@ -243,18 +247,6 @@ fn violation(what: &str) -> ProtocolViolation {
     ProtocolViolation(what.to_owned())
 }
 
-/// Shortens untrusted text quoted back in an error message.
-fn clip(text: &str) -> String {
-    const SHOWN_CHARS: usize = 64;
-    if text.chars().count() <= SHOWN_CHARS {
-        text.to_owned()
-    } else {
-        let mut shown: String = text.chars().take(SHOWN_CHARS).collect();
-        shown.push_str("...");
-        shown
-    }
-}
-
 /// Strips one trailing `\n` and then one `\r` (lines typed into `socat` may end in CRLF).
 fn trim_line_end(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
@@ -281,8 +273,8 @@ pub fn decode_line(line: &[u8]) -> Result<Request, RpcError> {
     };
     if let Some(unknown) = obj.keys().find(|k| !matches!(k.as_str(), "jsonrpc" | "id" | "method" | "params")) {
         return Err(RpcError::invalid_request(format!(
-            "unknown member `{}`; a request has only jsonrpc, id, method and params",
-            clip(unknown)
+            "unknown member {}; a request has only jsonrpc, id, method and params",
+            quote_untrusted(unknown)
         )));
     }
     if obj.get("jsonrpc").and_then(Value::as_str) != Some(JSONRPC_VERSION) {

@@ -49,7 +49,8 @@ pub enum IdError {
     #[error("{kind} must be 1 to {max} characters, got {len}")]
     Length { kind: &'static str, len: usize, max: usize },
     #[error(
-        "{kind} {value:?} may only hold ASCII letters, digits, '-', '_' and '.' and must not start with '.' or '-'"
+        "{kind} {} may only hold ASCII letters, digits, '-', '_' and '.' and must not start with '.' or '-'",
+        crate::quote::quote_untrusted(.value)
     )]
     Charset { kind: &'static str, value: String },
 }

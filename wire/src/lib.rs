@@ -27,6 +27,7 @@ pub mod message;
 pub mod path;
 pub mod plant;
 pub mod proto;
+pub mod quote;
 pub mod rate;
 pub mod session;
 pub mod slots;

@@ -239,10 +239,16 @@ pub fn chunk_count(size_bytes: u64, chunk_len_bytes: u32) -> u64 {
     size_bytes.div_ceil(u64::from(chunk_len_bytes))
 }
 
-/// A control body that does not decode: malformed bytes from the peer.
+/// A control body that does not decode: malformed bytes from the peer, or a field over its
+/// limit. serde's message quotes the offending input, so it is clipped
+/// ([`clip_message`](crate::quote::clip_message)).
 #[derive(Debug, thiserror::Error)]
-#[error("malformed control message: {0}")]
-pub struct MessageError(#[from] serde_json::Error);
+pub enum MessageError {
+    #[error("malformed control message: {}", crate::quote::clip_message(&.0.to_string()))]
+    Malformed(#[from] serde_json::Error),
+    #[error("control message `{message}`: {field} of {len} bytes is over the limit of {max} bytes")]
+    TooLong { message: &'static str, field: &'static str, len: usize, max: u32 },
+}
 
 impl Message {
     /// The message's name, for errors and logs.
@@ -277,27 +283,78 @@ impl Message {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
+    /// Decodes a control body and checks every string limit the encoder keeps
+    /// ([`REASON_LEN_MAX_BYTES`], [`DB_META_LEN_MAX_BYTES`]): a peer that ignores them is
+    /// refused here, before anything stores or shows what it sent. `db_meta` is measured as raw
+    /// JSON before it is parsed into a value.
     pub fn decode(body: &[u8]) -> Result<Self, MessageError> {
-        Ok(serde_json::from_slice(body)?)
+        // A body shorter than the limit cannot hold an over-long db_meta: skip the extra scan.
+        if body.len() > DB_META_LEN_MAX_BYTES as usize {
+            check_db_meta_raw(body)?;
+        }
+        let message: Message = serde_json::from_slice(body)?;
+        message.check_lengths()?;
+        Ok(message)
+    }
+
+    /// The string limits of a decoded message.
+    fn check_lengths(&self) -> Result<(), MessageError> {
+        let (field, text) = match self {
+            Self::FenceCancelled { reason } => ("reason", reason),
+            Self::Abort { reason, .. } => ("reason", reason),
+            Self::Error { message, .. } => ("message", message),
+            _ => return Ok(()),
+        };
+        if text.len() > REASON_LEN_MAX_BYTES as usize {
+            return Err(MessageError::TooLong {
+                message: self.name(),
+                field,
+                len: text.len(),
+                max: REASON_LEN_MAX_BYTES,
+            });
+        }
+        Ok(())
     }
 
     /// An error message, with the reason cut to the protocol's limit.
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
-        let mut message = message.into();
-        if message.len() > REASON_LEN_MAX_BYTES as usize {
-            let mut cut = REASON_LEN_MAX_BYTES as usize;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        Self::Error { kind, message }
+        Self::Error { kind, message: cut_reason(message.into()) }
     }
+}
+
+/// `reason` cut to [`REASON_LEN_MAX_BYTES`] on a char boundary: what an encoder sends so the
+/// peer's decoder takes it.
+pub fn cut_reason(mut reason: String) -> String {
+    if reason.len() > REASON_LEN_MAX_BYTES as usize {
+        let mut cut = REASON_LEN_MAX_BYTES as usize;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    reason
+}
+
+/// Measures a top-level `db_meta` member as raw JSON, without parsing it into a value (an
+/// internally tagged enum buffers every member before it picks the variant, so the limit must
+/// be checked before that).
+fn check_db_meta_raw(body: &[u8]) -> Result<(), MessageError> {
+    #[derive(Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow, default)]
+        db_meta: Option<&'a serde_json::value::RawValue>,
+    }
+    let probe: Probe<'_> = serde_json::from_slice(body)?;
+    let len = probe.db_meta.map_or(0, |raw| raw.get().len());
+    if len > DB_META_LEN_MAX_BYTES as usize {
+        return Err(MessageError::TooLong { message: "offer", field: "db_meta", len, max: DB_META_LEN_MAX_BYTES });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use proptest::prelude::*;
 
@@ -345,6 +402,66 @@ mod tests {
         if let Message::Error { message, .. } = Message::error(ErrorKind::Protocol, "é".repeat(5000)) {
             assert!(message.len() <= REASON_LEN_MAX_BYTES as usize);
         }
+    }
+
+    /// Issue 18: every reason limit the encoder keeps is checked when decoding, so a peer
+    /// that ignores it cannot put a 64 MiB reason in a status or a tombstone.
+    #[test]
+    fn over_long_reasons_do_not_decode() {
+        let long = "r".repeat(REASON_LEN_MAX_BYTES as usize + 1);
+        let at_limit = "r".repeat(REASON_LEN_MAX_BYTES as usize);
+        let id = MigrationId::new("m1").unwrap();
+        type Build = Box<dyn Fn(String) -> Message>;
+        let make: Vec<(Build, &str)> = vec![
+            (Box::new(move |r| Message::Abort { migration_id: id.clone(), reason: r }), "reason"),
+            (Box::new(|r| Message::FenceCancelled { reason: r }), "reason"),
+            (Box::new(|r| Message::Error { kind: ErrorKind::Protocol, message: r }), "message"),
+        ];
+        for (build, field) in &make {
+            let ok = build(at_limit.clone());
+            assert_eq!(Message::decode(&ok.encode()).unwrap(), ok);
+            let bad = build(long.clone()).encode();
+            match Message::decode(&bad) {
+                Err(MessageError::TooLong { field: f, len, max, .. }) => {
+                    assert_eq!((f, len, max), (*field, long.len(), REASON_LEN_MAX_BYTES));
+                }
+                other => panic!("{field}: expected TooLong, got {other:?}"),
+            }
+        }
+        // What ferry itself sends is cut to what it accepts.
+        assert_eq!(cut_reason("é".repeat(5000)).len(), REASON_LEN_MAX_BYTES as usize);
+    }
+
+    /// Issue 18: `db_meta` is measured as raw JSON before it is parsed into a value.
+    #[test]
+    fn over_long_db_meta_is_refused_before_it_is_parsed() {
+        let mut o = offer(&["a"]);
+        o.db_meta = serde_json::Value::String("m".repeat(DB_META_LEN_MAX_BYTES as usize));
+        let body = Message::Offer(o.clone()).encode();
+        match Message::decode(&body) {
+            Err(MessageError::TooLong { field: "db_meta", len, .. }) => {
+                assert_eq!(len, DB_META_LEN_MAX_BYTES as usize + 2);
+            }
+            other => panic!("expected TooLong, got {other:?}"),
+        }
+        // Deep nesting over the limit is refused by length before serde_json builds anything.
+        let nested =
+            format!("{}{}", "[".repeat(DB_META_LEN_MAX_BYTES as usize), "]".repeat(DB_META_LEN_MAX_BYTES as usize));
+        let text = String::from_utf8(Message::Offer(offer(&["a"])).encode()).unwrap();
+        let hostile = text.replace(r#""db_meta":{"k":"v"}"#, &format!(r#""db_meta":{nested}"#));
+        assert!(matches!(Message::decode(hostile.as_bytes()), Err(MessageError::TooLong { field: "db_meta", .. })));
+        // At the limit it decodes, in a body longer than the limit (the raw check ran).
+        o.db_meta = serde_json::Value::String("m".repeat(DB_META_LEN_MAX_BYTES as usize - 2));
+        let body = Message::Offer(o.clone()).encode();
+        assert!(body.len() > DB_META_LEN_MAX_BYTES as usize);
+        assert_eq!(Message::decode(&body).unwrap(), Message::Offer(o));
+    }
+
+    #[test]
+    fn malformed_bodies_quote_at_most_a_clip_of_the_input() {
+        let body = format!(r#"{{"type":"{}"}}"#, "t".repeat(1_000_000));
+        let err = Message::decode(body.as_bytes()).unwrap_err().to_string();
+        assert!(err.len() < 1000 && err.contains("(1000000 bytes)"), "{err}");
     }
 
     #[test]

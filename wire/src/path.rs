@@ -25,17 +25,17 @@ use crate::limits::PATH_LEN_MAX_BYTES;
 pub enum PathError {
     #[error("path is empty: name a file inside the segments root")]
     Empty,
-    #[error("path {0:?} is absolute: segment paths must be relative to the segments root")]
+    #[error("path {} is absolute: segment paths must be relative to the segments root", crate::quote::quote_untrusted(.0))]
     Absolute(String),
-    #[error("path {0:?} contains '..': segment paths must stay inside the segments root")]
+    #[error("path {} contains '..': segment paths must stay inside the segments root", crate::quote::quote_untrusted(.0))]
     ParentComponent(String),
-    #[error("path {0:?} has an empty or '.' component: write it in normal form (a/b/c)")]
+    #[error("path {} has an empty or '.' component: write it in normal form (a/b/c)", crate::quote::quote_untrusted(.0))]
     NotNormal(String),
-    #[error("path {0:?} contains a NUL byte or a backslash")]
+    #[error("path {} contains a NUL byte or a backslash", crate::quote::quote_untrusted(.0))]
     BadCharacter(String),
     #[error("path of {len} bytes is longer than the limit of {max} bytes")]
     TooLong { len: usize, max: u32 },
-    #[error("path {0:?} is inside ferry's own folders (.ferry-snapshot, .ferry), which are never shipped")]
+    #[error("path {} is inside ferry's own folders (.ferry-snapshot, .ferry), which are never shipped", crate::quote::quote_untrusted(.0))]
     Reserved(String),
 }
 

@@ -87,6 +87,44 @@ pub fn read_whole(file: &dyn StorageFile, path: &Path) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Buffer of a streaming checksum pass ([`crc32c_of`]): large enough that a read costs little
+/// next to the bytes, small enough that verifying a file of any size holds only this much.
+pub const CRC_READ_BUFFER_BYTES: usize = 1 << 20;
+
+/// The CRC32C and length of `file`'s bytes, read front to back in [`CRC_READ_BUFFER_BYTES`]
+/// reads: memory stays bounded whatever the file's size. Reads up to the length the file had
+/// when the pass started (a file that shrinks meanwhile ends the pass early: the length
+/// returned says so).
+pub fn crc32c_of(file: &dyn StorageFile) -> io::Result<(u64, u32)> {
+    let len_bytes = file.len_bytes()?;
+    let mut buf = vec![0u8; CRC_READ_BUFFER_BYTES];
+    let (mut crc, mut offset) = (0u32, 0u64);
+    while offset < len_bytes {
+        let want = usize::try_from(len_bytes - offset).map_or(buf.len(), |left| left.min(buf.len()));
+        let read = buf.get_mut(..want).unwrap_or_default();
+        let n = file.read_at(read, offset)?;
+        if n == 0 {
+            break;
+        }
+        crc = ferry_wire::crc32c_append(crc, buf.get(..n).unwrap_or_default());
+        offset += n as u64;
+    }
+    Ok((offset, crc))
+}
+
+/// Fills `buf` from `offset_bytes`; an `UnexpectedEof` error when the file ends first.
+pub fn read_exact_at(file: &dyn StorageFile, buf: &mut [u8], offset_bytes: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file.read_at(buf.get_mut(done..).unwrap_or_default(), offset_bytes + done as u64)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file ended before the bytes asked for"));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// `offset_bytes + len_bytes`, or an error when it does not fit a file offset.
 fn checked_end(offset_bytes: u64, len_bytes: usize) -> io::Result<u64> {
     u64::try_from(len_bytes)

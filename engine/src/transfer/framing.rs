@@ -17,12 +17,15 @@
 //! could make one chunk hold far more memory than its length.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use ferry_wire::frame::{self, FrameHeader, FrameKind, HEADER_LEN_BYTES};
 use ferry_wire::message::Message;
 use quinn::{ReadExactError, RecvStream, SendStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::task::AbortOnDrop;
 use super::TransferError;
 
 /// Largest control body accepted before the offer is known (hellos, small messages).
@@ -41,17 +44,40 @@ pub async fn read_header(recv: &mut RecvStream) -> Result<Option<FrameHeader>, T
     }
 }
 
-/// Reads a body of the header's length.
+/// What a body buffer starts with before its bytes arrive: a hostile header's length is only
+/// ever a bound, never an allocation.
+pub const BODY_INITIAL_CAPACITY_BYTES: usize = 64 << 10;
+
+/// Reads a body of the header's length. The buffer grows as the bytes arrive (at most doubling,
+/// never past the header's length, which was checked against its kind's limit when decoded), so
+/// a peer that declares a 64 MiB frame and sends 100 bytes costs 64 KiB, not 64 MiB.
 pub async fn read_body(recv: &mut RecvStream, header: &FrameHeader) -> Result<Vec<u8>, TransferError> {
-    let mut body = vec![0u8; header.body_len_bytes as usize];
-    match recv.read_exact(&mut body).await {
-        Ok(()) => Ok(body),
-        Err(ReadExactError::FinishedEarly(n)) => Err(TransferError::Malformed(format!(
-            "stream ended inside a frame body ({n} of {} bytes)",
-            header.body_len_bytes
-        ))),
-        Err(ReadExactError::ReadError(e)) => Err(e.into()),
+    let mut body = Vec::new();
+    read_body_into(recv, header, &mut body).await?;
+    Ok(body)
+}
+
+async fn read_body_into(recv: &mut RecvStream, header: &FrameHeader, body: &mut Vec<u8>) -> Result<(), TransferError> {
+    let want = header.body_len_bytes as usize;
+    body.clear();
+    while body.len() < want {
+        let left = want - body.len();
+        let Some(chunk) = recv.read_chunk(left, true).await? else {
+            return Err(TransferError::Malformed(format!(
+                "stream ended inside a frame body ({} of {} bytes)",
+                body.len(),
+                header.body_len_bytes
+            )));
+        };
+        let bytes = chunk.bytes.get(..chunk.bytes.len().min(left)).unwrap_or_default();
+        let need = body.len() + bytes.len();
+        if need > body.capacity() {
+            let grown = need.max(body.capacity().saturating_mul(2)).max(BODY_INITIAL_CAPACITY_BYTES).min(want);
+            body.reserve_exact(grown - body.len());
+        }
+        body.extend_from_slice(bytes);
     }
+    Ok(())
 }
 
 /// Pieces a [`BodyPieces`] holds as received before it copies them into one buffer. A 1 MiB
@@ -226,6 +252,16 @@ impl FrameReader {
 
 /// Reads one control message, refusing bodies over `body_max_bytes`. `None` at a clean end.
 pub async fn read_control(recv: &mut RecvStream, body_max_bytes: u32) -> Result<Option<Message>, TransferError> {
+    let Some(header) = read_control_header(recv, body_max_bytes).await? else { return Ok(None) };
+    read_control_body(recv, &header).await.map(Some)
+}
+
+/// The first half of [`read_control`]: a control frame's header, its length checked against
+/// `body_max_bytes`, so a caller can reserve the body's bytes before it reads them.
+pub async fn read_control_header(
+    recv: &mut RecvStream,
+    body_max_bytes: u32,
+) -> Result<Option<FrameHeader>, TransferError> {
     let Some(header) = read_header(recv).await? else { return Ok(None) };
     if header.kind != FrameKind::Control {
         return Err(TransferError::Protocol(format!("expected a control frame, got {:?}", header.kind)));
@@ -236,9 +272,78 @@ pub async fn read_control(recv: &mut RecvStream, body_max_bytes: u32) -> Result<
             header.body_len_bytes, body_max_bytes
         )));
     }
-    let body = read_body(recv, &header).await?;
+    Ok(Some(header))
+}
+
+/// The second half of [`read_control`]: the body of a header it read, checked and decoded.
+pub async fn read_control_body(recv: &mut RecvStream, header: &FrameHeader) -> Result<Message, TransferError> {
+    let body = read_body(recv, header).await?;
     header.check_body(&body)?;
-    Ok(Some(Message::decode(&body)?))
+    Ok(Message::decode(&body)?)
+}
+
+/// Control messages read by their own task, each holding its body's bytes of the reader's
+/// budget until it is taken: the queue is bounded in bytes, not only in messages.
+#[derive(Debug)]
+pub struct Messages {
+    rx: mpsc::Receiver<(Result<Message, TransferError>, Option<OwnedSemaphorePermit>)>,
+    budget: Arc<Semaphore>,
+    budget_bytes: u32,
+}
+
+impl Messages {
+    /// The next message; `None` once the reader ended (after handing over the stream's end or
+    /// its error). Cancel-safe, like the channel under it.
+    pub async fn recv(&mut self) -> Option<Result<Message, TransferError>> {
+        self.rx.recv().await.map(|(message, _budget)| message)
+    }
+
+    /// Body bytes read ahead and not yet taken (at most the budget).
+    pub fn queued_bytes(&self) -> usize {
+        (self.budget_bytes as usize).saturating_sub(self.budget.available_permits())
+    }
+}
+
+/// Messages the reader queues at most, whatever their size.
+const QUEUED_MESSAGES_MAX_COUNT: usize = 64;
+
+/// Reads control frames of at most `body_max_bytes` from `recv` on a task of their own. Before
+/// it reads a body the task reserves the body's bytes of `budget_bytes` (at least
+/// `body_max_bytes`), and waits while earlier messages hold them: a peer that sends faster
+/// than the conversation takes costs at most `budget_bytes` of queued bodies.
+pub(crate) fn spawn_control_reader(
+    mut recv: RecvStream,
+    body_max_bytes: u32,
+    budget_bytes: u32,
+) -> (Messages, AbortOnDrop) {
+    let budget_bytes = budget_bytes.max(body_max_bytes).max(1);
+    let (tx, rx) = mpsc::channel(QUEUED_MESSAGES_MAX_COUNT);
+    let budget = Arc::new(Semaphore::new(budget_bytes as usize));
+    let task = tokio::spawn({
+        let budget = budget.clone();
+        async move {
+            loop {
+                let header = match read_control_header(&mut recv, body_max_bytes).await {
+                    Ok(Some(header)) => header,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send((Err(e), None)).await;
+                        return;
+                    }
+                };
+                // The semaphore is never closed; an empty body still takes one byte's turn.
+                let Ok(permit) = budget.clone().acquire_many_owned(header.body_len_bytes.max(1)).await else {
+                    return;
+                };
+                let message = read_control_body(&mut recv, &header).await;
+                let end = message.is_err();
+                if tx.send((message, Some(permit))).await.is_err() || end {
+                    return;
+                }
+            }
+        }
+    });
+    (Messages { rx, budget, budget_bytes }, AbortOnDrop(task))
 }
 
 /// Writes one control message.
@@ -363,6 +468,76 @@ mod tests {
         let mut reader = send_in_pieces(&client, &server, frame[..HEADER_LEN_BYTES - 1].to_vec(), &[10]).await;
         let err = reader.read_header().await.unwrap_err();
         assert!(matches!(err, TransferError::Malformed(_)), "{err}");
+    }
+
+    /// Issue 18: a body is allocated as its bytes arrive. A control header that declares the
+    /// largest body (64 MiB) followed by 100 bytes and the stream's end costs the initial
+    /// 64 KiB, not a zero-filled 64 MiB; a real 300 KB body is read whole with a buffer no
+    /// larger than its length.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_grows_as_its_bytes_arrive() {
+        let (client, server, _endpoint, _dir) = connected().await;
+        let declared =
+            FrameHeader::control(&vec![0u8; ferry_wire::limits::CONTROL_BODY_LEN_MAX_BYTES as usize]).unwrap();
+        let mut send = client.open_uni().await.unwrap();
+        send.write_all(&declared.encode()).await.unwrap();
+        send.write_all(&[7u8; 100]).await.unwrap();
+        send.finish().unwrap();
+        let mut recv = server.accept_uni().await.unwrap();
+        let header = read_header(&mut recv).await.unwrap().unwrap();
+        let mut body = Vec::new();
+        let err = read_body_into(&mut recv, &header, &mut body).await.unwrap_err();
+        assert!(err.to_string().contains("(100 of 67108864 bytes)"), "{err}");
+        assert_eq!(body.len(), 100);
+        assert!(body.capacity() <= BODY_INITIAL_CAPACITY_BYTES, "{} bytes held for 100", body.capacity());
+
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let mut send = client.open_uni().await.unwrap();
+        send.write_all(&frame::encode_control(&payload).unwrap()).await.unwrap();
+        send.finish().unwrap();
+        let mut recv = server.accept_uni().await.unwrap();
+        let header = read_header(&mut recv).await.unwrap().unwrap();
+        read_body_into(&mut recv, &header, &mut body).await.unwrap();
+        assert_eq!(body, payload);
+        assert!(body.capacity() <= payload.len(), "{} bytes held for {}", body.capacity(), payload.len());
+    }
+
+    /// Issue 18: the control reader's queue is bounded in bytes. Ten 600 KB messages sent at
+    /// once to a reader with a 1 MiB budget that nobody reads from: the reader holds at most
+    /// 1 MiB of bodies (one message), not all ten; taken one by one, all ten arrive in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_control_queue_is_bounded_in_bytes() {
+        let (client, server, _endpoint, _dir) = connected().await;
+        let message = |i: u32| Message::Error {
+            kind: ferry_wire::message::ErrorKind::Protocol,
+            message: format!("{i:04}{}", "x".repeat(3_000)),
+        };
+        let big = move |i: u32| {
+            let mut body = message(i).encode();
+            // Pad with JSON whitespace to 600 KB: the budget counts body bytes.
+            body.resize(600_000, b' ');
+            frame::encode_control(&body).unwrap()
+        };
+        let mut send = client.open_uni().await.unwrap();
+        let writer = tokio::spawn(async move {
+            for i in 0..10 {
+                send.write_all(&big(i)).await.unwrap();
+            }
+            send.finish().unwrap();
+            let _ = send.stopped().await;
+        });
+        let recv = server.accept_uni().await.unwrap();
+        let (mut messages, _reader) = spawn_control_reader(recv, 1 << 20, 1 << 20);
+        // Give the reader every chance to run ahead (loopback moves 6 MB in far less).
+        for _ in 0..20 {
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            assert!(messages.queued_bytes() <= 1 << 20, "{} bytes queued", messages.queued_bytes());
+        }
+        for i in 0..10 {
+            assert_eq!(messages.recv().await.unwrap().unwrap(), message(i));
+        }
+        assert!(messages.recv().await.is_none());
+        writer.await.unwrap();
     }
 
     fn joined(body: &BodyPieces) -> Vec<u8> {

@@ -150,6 +150,18 @@ impl TargetContext {
         }
     }
 
+    /// Makes sure the machine knows `id` when a staging of it is on disk (one unreadable at
+    /// start-up, say), so the node recorded as its source is checked before anyone acts on
+    /// it. Blocking. An error when the staging exists but cannot be read: then nobody may act.
+    pub fn adopt_from_disk(&self, id: &MigrationId) -> Result<(), TransferError> {
+        if self.machine().get(id).is_some() || !self.storage.exists(&StagingLayout::new(&self.data_dir, id).root) {
+            return Ok(());
+        }
+        let (state, source_node) = self.state_on_disk(id)?;
+        self.machine().adopt(id, state, source_node);
+        Ok(())
+    }
+
     /// The state a staging's manifest stands for (interrupted without one), and the source
     /// node it records.
     fn state_on_disk(&self, id: &MigrationId) -> Result<(InboundState, Option<String>), TransferError> {
@@ -158,7 +170,8 @@ impl TargetContext {
             Some(m) => {
                 (InboundState::of_staging(m.state, m.base_complete, m.final_lsn), m.source_node.map(|n| n.to_string()))
             }
-            None => (InboundState::Interrupted, None),
+            // Interrupted during its base copy: the node that started it is recorded apart.
+            None => (InboundState::Interrupted, staging::read_source_node(&*self.storage, &layout)?),
         })
     }
 

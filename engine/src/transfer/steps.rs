@@ -39,8 +39,13 @@ pub enum Start {
 }
 
 /// Decides how to start: the base is staged already; an earlier run left chunks to resume
-/// from; or a fresh staging.
-pub fn start_staging(ctx: &TargetContext, layout: &StagingLayout, offer: &Offer) -> Result<Start, TransferError> {
+/// from; or a fresh staging (which records `source_node`, the only node that may act on it).
+pub fn start_staging(
+    ctx: &TargetContext,
+    layout: &StagingLayout,
+    offer: &Offer,
+    source_node: Option<&str>,
+) -> Result<Start, TransferError> {
     let storage = &*ctx.storage;
     if let Some(manifest) = ctx.manifest(layout, &offer.migration_id)? {
         let same = manifest.base_complete
@@ -68,6 +73,9 @@ pub fn start_staging(ctx: &TargetContext, layout: &StagingLayout, offer: &Offer)
         return Ok(Start::Receive { session, log: Arc::new(log), restored });
     }
     staging::prepare_fresh(storage, layout)?;
+    if let Some(node) = source_node {
+        staging::write_source_node(storage, layout, node)?;
+    }
     let log = ChunkLog::create(storage, layout, offer)?;
     Ok(Start::Receive { session, log: Arc::new(log), restored: chunklog::Restored::default() })
 }
@@ -80,6 +88,7 @@ pub fn admit_staging(
     layout: &StagingLayout,
     offer: &Offer,
     conn: ConnId,
+    source_node: Option<&str>,
     now_unix_ms: u64,
 ) -> Result<Start, TransferError> {
     let summary = super::inbound::summary(offer);
@@ -87,7 +96,7 @@ pub fn admit_staging(
         // Planted bug: the migration becomes visible before its staging is found usable.
         ctx.machine().begin(&summary, conn, Begin::Receive, now_unix_ms)?;
     }
-    let start = start_staging(ctx, layout, offer)?;
+    let start = start_staging(ctx, layout, offer, source_node)?;
     let begin = match &start {
         Start::AlreadyStaged { state, final_lsn } => Begin::AlreadyStaged { state: *state, final_lsn: *final_lsn },
         Start::Receive { .. } => Begin::Receive,

@@ -28,7 +28,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 
 use super::chunks_in::{accept_chunk_streams, Event, Inbound};
-use super::framing::{read_control, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
+use super::framing::{read_control, spawn_control_reader, write_control, Messages, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::inbound::{now_unix_ms, ClaimGuard};
 pub use super::inbound::{InboundStatus, TargetContext, TargetLimits};
 use super::steps::Start;
@@ -132,29 +132,15 @@ async fn handle_connection(
     result
 }
 
-/// Messages from the source's control stream, read by their own task (reads are not
-/// cancel-safe, so they never sit in a `select!`).
-type Messages = mpsc::Receiver<Result<Message, TransferError>>;
+/// Control body bytes the reader may hold decoded ahead of the conversation: one body of the
+/// largest size. Counted in bytes, not messages: 64 queued messages of up to 64 MiB each would
+/// let one peer park 4 GiB here.
+const CONTROL_QUEUED_MAX_BYTES: u32 = CONTROL_BODY_LEN_MAX_BYTES;
 
-fn spawn_reader(mut recv: RecvStream) -> (Messages, AbortOnDrop) {
-    let (tx, rx) = mpsc::channel(64);
-    let task = tokio::spawn(async move {
-        loop {
-            match read_control(&mut recv, CONTROL_BODY_LEN_MAX_BYTES).await {
-                Ok(Some(message)) => {
-                    if tx.send(Ok(message)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-            }
-        }
-    });
-    (rx, AbortOnDrop(task))
+/// The source's control stream, read by its own task (reads are not cancel-safe, so they never
+/// sit in a `select!`), bounded in bytes.
+fn spawn_reader(recv: RecvStream) -> (Messages, AbortOnDrop) {
+    spawn_control_reader(recv, CONTROL_BODY_LEN_MAX_BYTES, CONTROL_QUEUED_MAX_BYTES)
 }
 
 async fn converse(
@@ -303,12 +289,12 @@ impl Driver<'_> {
                 return Err(TransferError::Local("carrying chunks of no joined transfer".into()));
             }
             TargetAction::Release { migration_id, final_lsn } => {
-                self.check_peer(&migration_id)?;
+                self.check_peer(&migration_id).await?;
                 super::fence_target::release_staging(self.ctx, &migration_id, final_lsn).await?;
                 self.conversation().handle_answered()?;
             }
             TargetAction::Abort { migration_id, reason } => {
-                self.check_peer(&migration_id)?;
+                self.check_peer(&migration_id).await?;
                 let reason = format!("{reason} (asked by source {})", self.peer.as_deref().unwrap_or("?"));
                 super::abort::abort_staging(self.ctx, &migration_id, &reason).await?;
                 self.conversation().handle_answered()?;
@@ -332,11 +318,20 @@ impl Driver<'_> {
     }
 
     /// Refuses a request about `id` from a node other than the one receiving it.
-    fn check_peer(&self, id: &MigrationId) -> Result<(), TransferError> {
+    /// A staging the machine does not list yet is read from disk first, so its recorded
+    /// source is checked too.
+    async fn check_peer(&self, id: &MigrationId) -> Result<(), TransferError> {
+        let (ctx, owned) = (self.ctx.clone(), id.clone());
+        blocking(move || ctx.adopt_from_disk(&owned)).await?;
         if self.ctx.machine().may_act(id, self.peer.as_deref()) {
             return Ok(());
         }
-        Err(TransferError::Refused(format!("migration {id} is received from another node")))
+        let source = self.ctx.machine().get(id).and_then(|m| m.source_node.clone());
+        Err(TransferError::Refused(format!(
+            "migration {id} is received from another node ({}, not {}): only the node that started a migration may release, abort or join it",
+            source.as_deref().unwrap_or("another node"),
+            self.peer.as_deref().unwrap_or("this unnamed peer"),
+        )))
     }
 
     /// Admits and claims the offer and prepares its staging. Admitted and claimed, but not
@@ -349,7 +344,11 @@ impl Driver<'_> {
         let layout = StagingLayout::new(&ctx.data_dir, &id);
         let start = {
             let (ctx, layout, offer, conn) = (ctx.clone(), layout.clone(), offer.clone(), claim.conn());
-            blocking(move || super::steps::admit_staging(&ctx, &layout, &offer, conn, now_unix_ms())).await?
+            let peer = self.peer.clone();
+            blocking(move || {
+                super::steps::admit_staging(&ctx, &layout, &offer, conn, peer.as_deref(), now_unix_ms())
+            })
+            .await?
         };
         self._wal = offer.wal.then(|| spawn_wal_stream(self.conn.clone(), ctx.clone(), &offer, &layout));
         match start {

@@ -230,7 +230,7 @@ impl TargetEnd {
             }
         }
         self.claimed = Some(offer.migration_id.clone());
-        let start = steps::admit_staging(ctx, &layout, &offer, self.conn, now_unix_ms())?;
+        let start = steps::admit_staging(ctx, &layout, &offer, self.conn, Some(&self.peer), now_unix_ms())?;
         match start {
             Start::AlreadyStaged { .. } => {
                 let bytes_resent = ctx.machine().get(&offer.migration_id).map_or(0, |m| m.bytes_resent);

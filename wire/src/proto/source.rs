@@ -200,6 +200,7 @@ impl SourceConversation {
 
     /// The abort of a migration: the target removes its staging.
     pub fn abort(node_id: &NodeId, migration_id: MigrationId, reason: String) -> Self {
+        let reason = crate::message::cut_reason(reason);
         Self::request(node_id, Message::Abort { migration_id, reason }, "aborted", true)
     }
 

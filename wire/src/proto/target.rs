@@ -267,6 +267,7 @@ impl TargetConversation {
                 let request = FenceRequest { final_lsn, through_lsn, wal_wait_max_us, apply_wait_max_us };
                 match refuse_fence(&offer, &request) {
                     Some(reason) => {
+                        let reason = crate::message::cut_reason(reason);
                         self.actions.push_back(TargetAction::Send(Message::FenceCancelled { reason }));
                         State::BaseStaged(offer)
                     }
@@ -424,7 +425,7 @@ impl TargetConversation {
             FenceAnswer::Fenced { durable_lsn, commit_us, apply_wait_us } => {
                 Message::Fenced { durable_lsn, commit_us, apply_wait_us }
             }
-            FenceAnswer::Cancelled { reason } => Message::FenceCancelled { reason },
+            FenceAnswer::Cancelled { reason } => Message::FenceCancelled { reason: crate::message::cut_reason(reason) },
         };
         self.actions.push_back(TargetAction::Send(message));
         self.state = State::BaseStaged(offer);
