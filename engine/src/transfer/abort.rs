@@ -98,7 +98,10 @@ pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &
 }
 
 /// Removes everything of an aborted staging but its tombstone `MANIFEST.json`, durably.
-fn remove_all_but_tombstone(storage: &dyn crate::storage::Storage, layout: &StagingLayout) -> Result<(), TransferError> {
+fn remove_all_but_tombstone(
+    storage: &dyn crate::storage::Storage,
+    layout: &StagingLayout,
+) -> Result<(), TransferError> {
     let manifest_path = layout.manifest_path();
     for dir in [layout.root.clone(), layout.ferry_dir()] {
         for name in storage.list_dir(&dir).map_err(staging::io_err("list", &dir))? {

@@ -345,10 +345,8 @@ impl Driver<'_> {
         let start = {
             let (ctx, layout, offer, conn) = (ctx.clone(), layout.clone(), offer.clone(), claim.conn());
             let peer = self.peer.clone();
-            blocking(move || {
-                super::steps::admit_staging(&ctx, &layout, &offer, conn, peer.as_deref(), now_unix_ms())
-            })
-            .await?
+            blocking(move || super::steps::admit_staging(&ctx, &layout, &offer, conn, peer.as_deref(), now_unix_ms()))
+                .await?
         };
         self._wal = offer.wal.then(|| spawn_wal_stream(self.conn.clone(), ctx.clone(), &offer, &layout));
         match start {

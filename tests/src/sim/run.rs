@@ -376,7 +376,12 @@ impl World {
         let body = file[start..start + span.len_bytes as usize].to_vec();
         let crc32c = crc32c::crc32c(&body);
         if conn.source.handle_chunk_read(&span, crc32c).is_ok() {
-            conn.chunks.push(Frame { file_index: span.chunk.file_index, offset_bytes: span.offset_bytes, body, crc32c });
+            conn.chunks.push(Frame {
+                file_index: span.chunk.file_index,
+                offset_bytes: span.offset_bytes,
+                body,
+                crc32c,
+            });
         }
         self.drain_source(i);
     }

@@ -225,7 +225,9 @@ impl TargetEnd {
             // The engine closes the old connection and waits for its claim's release.
             fx.close.push(old);
             ctx.machine().release_claim(&offer.migration_id, old);
-            if let Claimed::Superseding { .. } = ctx.machine().claim(&summary(&offer), self.conn, Some(&self.peer), disk)? {
+            if let Claimed::Superseding { .. } =
+                ctx.machine().claim(&summary(&offer), self.conn, Some(&self.peer), disk)?
+            {
                 return Err(TransferError::Local("a superseded claim was not released".into()));
             }
         }
