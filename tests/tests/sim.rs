@@ -7,6 +7,8 @@
 //! - `FERRY_SIM_SEED=N cargo test -p ferry-tests --test sim -- --nocapture one_seed`: one
 //!   seed, with its whole trace.
 
+#![allow(clippy::panic)]
+
 use ferry_tests::sim::{run_seed, transitions_missing, Bug, Coverage, TRANSITIONS_UNREACHABLE};
 
 /// Seeds of the normal test run.

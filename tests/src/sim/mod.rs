@@ -56,6 +56,11 @@ impl Rng {
         }
     }
 
+    /// An index in `0..len` (0 when `len` is 0).
+    pub fn index(&mut self, len: usize) -> usize {
+        usize::try_from(self.below(len as u64)).unwrap_or(0)
+    }
+
     /// True with probability `per_mille` / 1000.
     pub fn chance(&mut self, per_mille: u64) -> bool {
         self.below(1000) < per_mille

@@ -154,7 +154,7 @@ impl World {
         let r = self.rng.below(1000);
         match r {
             0..=9 if !self.conns.is_empty() => {
-                let i = self.rng.below(self.conns.len() as u64) as usize;
+                let i = self.rng.index(self.conns.len());
                 self.cov.hit("fault: connection lost");
                 self.log(format!("conn {} lost", self.conns[i].id.0));
                 self.drop_conn(i);
@@ -177,7 +177,7 @@ impl World {
                     }
                     return;
                 }
-                let i = self.rng.below(self.conns.len() as u64) as usize;
+                let i = self.rng.index(self.conns.len());
                 self.step_conn(i);
             }
         }
@@ -297,7 +297,7 @@ impl World {
             self.drop_conn(i);
             return;
         }
-        let pick = moves[self.rng.below(moves.len() as u64) as usize];
+        let pick = moves[self.rng.index(moves.len())];
         let result = match pick {
             0 => self.deliver_to_target(i),
             1 => self.deliver_to_source(i),
@@ -341,7 +341,7 @@ impl World {
     fn deliver_chunk(&mut self, i: usize) -> Result<(), String> {
         let conn = &mut self.conns[i];
         // Chunk streams reorder against each other; a chunk may arrive twice.
-        let k = self.rng.below(conn.chunks.len() as u64) as usize;
+        let k = self.rng.index(conn.chunks.len());
         let frame = match self.rng.chance(30) {
             true => {
                 self.cov.hit("fault: duplicated chunk");
@@ -371,9 +371,7 @@ impl World {
             self.drain_source(i);
             return;
         };
-        let file = &self.copy.files[span.chunk.file_index as usize];
-        let start = span.offset_bytes as usize;
-        let body = file[start..start + span.len_bytes as usize].to_vec();
+        let body = chunk_bytes(&self.copy.files, &span).to_vec();
         let crc32c = crc32c::crc32c(&body);
         if conn.source.handle_chunk_read(&span, crc32c).is_ok() {
             conn.chunks.push(Frame {
@@ -419,9 +417,7 @@ impl World {
                 SourceAction::SendChunks => self.conns[i].sending = true,
                 SourceAction::Recheck(spans) => {
                     for span in spans {
-                        let file = &self.copy.files[span.chunk.file_index as usize];
-                        let start = span.offset_bytes as usize;
-                        let crc = crc32c::crc32c(&file[start..start + span.len_bytes as usize]);
+                        let crc = crc32c::crc32c(chunk_bytes(&self.copy.files, &span));
                         let _ = self.conns[i].source.handle_chunk_read(&span, crc);
                     }
                 }
@@ -564,13 +560,13 @@ impl EndOfStream for VecDeque<Message> {
 }
 
 fn new_copy(rng: &mut Rng, generation: u32, id: &MigrationId) -> Copy {
-    let files_count = 1 + rng.below(3) as usize;
+    let files_count = 1 + rng.index(3);
     let mut files = Vec::new();
     let mut offered = Vec::new();
     for f in 0..files_count {
-        let len = 1 + rng.below(5 * u64::from(CHUNK_LEN_BYTES)) as usize;
-        let fill = (generation as u8).wrapping_mul(31).wrapping_add(f as u8);
-        let bytes: Vec<u8> = (0..len).map(|k| fill.wrapping_add((k % 251) as u8)).collect();
+        let len = 1 + rng.index(5 * CHUNK_LEN_BYTES as usize);
+        let fill = (generation.to_le_bytes()[0]).wrapping_mul(31).wrapping_add(f.to_le_bytes()[0]);
+        let bytes: Vec<u8> = (0..len).map(|k| fill.wrapping_add((k % 251).to_le_bytes()[0])).collect();
         let path = RelPath::new(format!("g{generation}/f{f}.seg")).unwrap_or_else(|_| panic!("a valid path"));
         offered.push(OfferFile { path, size_bytes: len as u64 });
         files.push(bytes);
@@ -585,6 +581,15 @@ fn new_copy(rng: &mut Rng, generation: u32, id: &MigrationId) -> Copy {
         wal: false,
     };
     Copy { offer, files, completed: false }
+}
+
+/// The source's bytes of a chunk the machine handed out (empty past the file: the machine
+/// only hands out spans inside it).
+fn chunk_bytes<'a>(files: &'a [Vec<u8>], span: &ferry_wire::session::ChunkSpan) -> &'a [u8] {
+    let file = files.get(usize::try_from(span.chunk.file_index).unwrap_or(usize::MAX));
+    let start = usize::try_from(span.offset_bytes).unwrap_or(usize::MAX);
+    let end = start.saturating_add(usize::try_from(span.len_bytes).unwrap_or(0));
+    file.and_then(|f| f.get(start..end)).unwrap_or_default()
 }
 
 fn bad_id() -> MigrationId {
