@@ -572,22 +572,7 @@ fn ferry_serve_answers_on_its_control_socket() {
 
     let certs = ferry_tests::Certs::new().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(ferry_tests::ferry_bin())
-        .args(["serve", "--node-id", "target", "--listen", "127.0.0.1:0", "--allow-peer", "source"])
-        .arg("--certs")
-        .arg(certs.dir.path())
-        .arg("--data-dir")
-        .arg(data.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (mut listening, mut control) = (String::new(), String::new());
-    out.read_line(&mut listening).unwrap();
-    out.read_line(&mut control).unwrap();
-    let addr = listening.trim().strip_prefix("listening on ").unwrap().to_owned();
-    let socket = control.trim().strip_prefix("control socket at ").unwrap().to_owned();
+    let (mut child, addr, socket) = spawn_serve("target", "source", &certs, data.path());
     assert_eq!(socket, data.path().join("control/ferry.sock").display().to_string());
 
     let ask = |line: &str| -> serde_json::Value {
@@ -649,25 +634,10 @@ fn ferry_serve_answers_on_its_control_socket() {
 fn huge_params_get_a_short_clear_invalid_params_reply() {
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
-    use std::process::{Command, Stdio};
 
     let certs = ferry_tests::Certs::new().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(ferry_tests::ferry_bin())
-        .args(["serve", "--node-id", "source", "--listen", "127.0.0.1:0", "--allow-peer", "target"])
-        .arg("--certs")
-        .arg(certs.dir.path())
-        .arg("--data-dir")
-        .arg(data.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (mut listening, mut control) = (String::new(), String::new());
-    out.read_line(&mut listening).unwrap();
-    out.read_line(&mut control).unwrap();
-    let socket = control.trim().strip_prefix("control socket at ").unwrap().to_owned();
+    let (mut child, _, socket) = spawn_serve("source", "target", &certs, data.path());
     let ask = |params: Value| -> (usize, Value) {
         let line = json!({ "jsonrpc": "2.0", "id": 1, "method": "migration.start", "params": params }).to_string();
         assert!(line.len() > 3_600_000 && line.len() < ferry_wire::control::LINE_LEN_MAX_BYTES);
@@ -714,4 +684,34 @@ fn huge_params_get_a_short_clear_invalid_params_reply() {
     });
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Starts `ferry serve` as `node` (allowing `peer`) and reads its first two lines: its QUIC
+/// address and its control socket's path.
+fn spawn_serve(
+    node: &str,
+    peer: &str,
+    certs: &ferry_tests::Certs,
+    data: &std::path::Path,
+) -> (std::process::Child, String, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(ferry_tests::ferry_bin())
+        .args(["serve", "--node-id", node, "--listen", "127.0.0.1:0", "--allow-peer", peer])
+        .arg("--certs")
+        .arg(certs.dir.path())
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let (mut listening, mut control) = (String::new(), String::new());
+    out.read_line(&mut listening).unwrap();
+    out.read_line(&mut control).unwrap();
+    let addr = listening.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let socket = control.trim().strip_prefix("control socket at ").unwrap().to_owned();
+    (child, addr, socket)
 }
