@@ -19,6 +19,7 @@
 //! Invariants: every wait has a deadline, and its error names what it waited for.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+pub mod daemons;
 pub mod relay;
 pub mod sim;
 
