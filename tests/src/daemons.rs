@@ -15,6 +15,17 @@ use crate::{ferry_bin, wait_until_blocking, write_file, Certs};
 
 pub const WAIT: Duration = Duration::from_secs(90);
 
+/// Reads the two lines `ferry serve` starts with: its QUIC address and its control socket's
+/// path. A line that is not what it should be is handed back.
+pub fn read_banner(out: &mut impl BufRead) -> Result<(String, PathBuf), String> {
+    let (mut listening, mut control) = (String::new(), String::new());
+    out.read_line(&mut listening).map_err(|e| e.to_string())?;
+    out.read_line(&mut control).map_err(|e| e.to_string())?;
+    let addr = listening.trim().strip_prefix("listening on ").ok_or_else(|| listening.clone())?.to_owned();
+    let socket = control.trim().strip_prefix("control socket at ").ok_or_else(|| control.clone())?;
+    Ok((addr, PathBuf::from(socket)))
+}
+
 /// A `ferry serve` process, killed when dropped.
 #[derive(Debug)]
 pub struct Node {
@@ -56,12 +67,7 @@ impl Node {
             .spawn()
             .unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let (mut listening, mut control) = (String::new(), String::new());
-        out.read_line(&mut listening).unwrap();
-        out.read_line(&mut control).unwrap();
-        let addr = listening.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{listening:?}")).to_owned();
-        let socket =
-            PathBuf::from(control.trim().strip_prefix("control socket at ").unwrap_or_else(|| panic!("{control:?}")));
+        let (addr, socket) = read_banner(&mut out).unwrap_or_else(|line| panic!("{line:?}"));
         // Keep draining stdout so the daemon never blocks on a full pipe.
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

@@ -694,7 +694,7 @@ fn spawn_serve(
     certs: &ferry_tests::Certs,
     data: &std::path::Path,
 ) -> (std::process::Child, String, String) {
-    use std::io::{BufRead, BufReader};
+    use std::io::BufReader;
     use std::process::{Command, Stdio};
 
     let mut child = Command::new(ferry_tests::ferry_bin())
@@ -708,10 +708,6 @@ fn spawn_serve(
         .spawn()
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (mut listening, mut control) = (String::new(), String::new());
-    out.read_line(&mut listening).unwrap();
-    out.read_line(&mut control).unwrap();
-    let addr = listening.trim().strip_prefix("listening on ").unwrap().to_owned();
-    let socket = control.trim().strip_prefix("control socket at ").unwrap().to_owned();
-    (child, addr, socket)
+    let (addr, socket) = ferry_tests::daemons::read_banner(&mut out).unwrap_or_else(|line| panic!("{line:?}"));
+    (child, addr, socket.display().to_string())
 }

@@ -108,16 +108,14 @@ impl Node {
             .spawn()
             .unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let (mut listening, mut control) = (String::new(), String::new());
-        out.read_line(&mut listening).unwrap();
-        out.read_line(&mut control).unwrap();
-        if !listening.starts_with("listening on ") {
-            let _ = child.wait();
-            let log = std::fs::read_to_string(Path::new(ROOT).join(format!("{name}.err"))).unwrap_or_default();
-            panic!("the new {name} daemon did not start (stdout {listening:?}): {log}");
-        }
-        let socket =
-            PathBuf::from(control.trim().strip_prefix("control socket at ").unwrap_or_else(|| panic!("{control:?}")));
+        let (addr, socket) = match ferry_tests::daemons::read_banner(&mut out) {
+            Ok(banner) => banner,
+            Err(line) => {
+                let _ = child.wait();
+                let log = std::fs::read_to_string(Path::new(ROOT).join(format!("{name}.err"))).unwrap_or_default();
+                panic!("the new {name} daemon did not start (stdout {line:?}): {log}");
+            }
+        };
         // Keep draining stdout so the daemon never blocks on a full pipe.
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -125,7 +123,7 @@ impl Node {
                 let _ = tx.send(line);
             }
         });
-        println!("upgrade: {name} daemon (new binary) {}", listening.trim());
+        println!("upgrade: {name} daemon (new binary) listening on {addr}");
         Node { name, child, socket, lines }
     }
 

@@ -263,9 +263,6 @@ impl World {
                         self.cov.hit("coordinator: forget taken");
                         self.recorded.remove(&id);
                         self.released_by_source.remove(&id);
-                        if !self.has_copy_conn() && self.copy.completed {
-                            self.copy.completed = true;
-                        }
                     }
                 }
             }
@@ -427,12 +424,9 @@ impl World {
                         self.log(format!("source: {id} committed"));
                         self.copy.completed = true;
                     }
-                    self.conns[i].to_target.push_back_end();
+                    // Nothing more is sent: the connection ends when the step loop finds no move.
                 }
-                SourceAction::Answered => {
-                    self.cov.hit("coordinator: request answered");
-                    self.conns[i].to_target.push_back_end();
-                }
+                SourceAction::Answered => self.cov.hit("coordinator: request answered"),
                 SourceAction::Accepted { .. } | SourceAction::BaseStaged { .. } => {}
                 other => self.log(format!("source action not simulated: {}", source_action_name(&other))),
             }
@@ -546,17 +540,6 @@ impl World {
         }
         None
     }
-}
-
-/// A queue's end of stream: the peer finished its side.
-trait EndOfStream {
-    fn push_back_end(&mut self);
-}
-
-impl EndOfStream for VecDeque<Message> {
-    /// Nothing to queue: an empty queue with no more to come ends the conversation when the
-    /// step loop finds no move left.
-    fn push_back_end(&mut self) {}
 }
 
 fn new_copy(rng: &mut Rng, generation: u32, id: &MigrationId) -> Copy {
