@@ -76,3 +76,8 @@ fn catches_a_phantom_migration() {
 fn catches_a_release_from_copying() {
     seeds_to_catch(Bug::ReleaseFromCopying);
 }
+
+#[test]
+fn catches_an_ack_before_its_group_commit_sync() {
+    seeds_to_catch(Bug::AckBeforeSync);
+}

@@ -16,6 +16,9 @@ pub enum Bug {
     PhantomMigration,
     /// `Inbounds::check_release` accepts a release of a staging that was never fenced.
     ReleaseFromCopying,
+    /// The staged WAL reports a group of records durable (so the target acknowledges it with
+    /// `WalDurable`) without its fdatasync: a power loss then loses acknowledged records.
+    AckBeforeSync,
 }
 
 #[cfg(feature = "testkit")]

@@ -84,7 +84,12 @@ pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &
         // leaves the migration aborted, never a staging that is neither staged nor aborted
         // (found by the simulator). Only then does the rest go.
         storage.create_dir_all(&layout.ferry_dir()).map_err(staging::io_err("create", &layout.root))?;
-        for dir in [layout.root.clone(), layout.migrations_dir()] {
+        // Every folder whose entry may be new, up to the data folder: the first abort on a
+        // fresh data folder creates `migrations/` too, and its tombstone must outlive a power
+        // loss (found by the simulator).
+        let migrations = layout.migrations_dir();
+        let data = migrations.parent().map(std::path::Path::to_path_buf);
+        for dir in [Some(layout.root.clone()), Some(migrations), data].into_iter().flatten() {
             storage.sync_dir(&dir).map_err(staging::io_err("sync", &dir))?;
         }
         ctx_owned.write_manifest(&layout, &tombstone)?;

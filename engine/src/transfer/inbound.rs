@@ -345,7 +345,7 @@ impl TargetContext {
     }
 
     /// The staged WAL of `id` is durable up to `lsn`: recorded, and the fence's waiters woken.
-    pub(crate) fn set_wal_durable(&self, id: &MigrationId, lsn: Lsn) {
+    pub fn set_wal_durable(&self, id: &MigrationId, lsn: Lsn) {
         if let Err(e) = self.machine().wal_durable(id, lsn) {
             tracing::debug!(migration = %id, "durable LSN of an unknown migration: {e}");
         }

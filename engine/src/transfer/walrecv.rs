@@ -223,9 +223,22 @@ fn stage_group(
     group: &[Frame],
     before_group: &(dyn Fn(Lsn) -> Result<(), TransferError> + Send + Sync),
 ) -> Result<Lsn, TransferError> {
+    let bodies: Vec<&[u8]> = group.iter().map(|f| f.body.as_slice()).collect();
+    stage_bodies(wal, &bodies, before_group)
+}
+
+/// The group step on checked WAL batch frame bodies (the daemon's stager and the simulator
+/// in `tests/` both run it): decodes every body, calls `before_group` with the group's last
+/// LSN under the staged WAL's lock, and stages all the records as one batch. Returns the
+/// durable LSN, the one `WalDurable` may name.
+pub fn stage_bodies(
+    wal: &Mutex<StagedWal>,
+    bodies: &[&[u8]],
+    before_group: &(dyn Fn(Lsn) -> Result<(), TransferError> + Send + Sync),
+) -> Result<Lsn, TransferError> {
     let mut staged: Vec<StagedRecord<'_>> = Vec::new();
-    for frame in group {
-        let records = walstream::decode(&frame.body).map_err(|e| TransferError::Malformed(e.to_string()))?;
+    for body in bodies {
+        let records = walstream::decode(body).map_err(|e| TransferError::Malformed(e.to_string()))?;
         staged.extend(records.iter().map(|r| StagedRecord {
             lsn: r.lsn,
             bytes: r.bytes,

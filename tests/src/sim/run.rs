@@ -5,23 +5,25 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use ferry_engine::staging;
-use ferry_wire::manifest::StagingState;
 use ferry_wire::message::{Message, Offer, OfferFile};
 use ferry_wire::path::RelPath;
-use ferry_wire::proto::inbound::{ConnId, InboundState};
-use ferry_wire::proto::source::{CopyPlan, SourceAction, SourceConversation};
-use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
+use ferry_wire::proto::inbound::ConnId;
+use ferry_wire::proto::outbound::Lifecycle;
+use ferry_wire::proto::source::{CopyPlan, SourceAction, SourceConversation, SourceState};
+use ferry_wire::{Lsn, MigrationId, NodeId};
 
+use super::live::FenceRun;
 use super::target::{Effects, Target, TargetEnd};
+use super::wal::WalStream;
+use super::writer::{Writer, VSHARD};
 use super::{Bug, Coverage, Rng};
 
 /// Steps a run may take before it is called stuck.
 const STEPS_MAX: u64 = 20_000;
 /// Chunks the source keeps in flight on one connection.
-const WINDOW_CHUNKS: usize = 6;
-const CHUNK_LEN_BYTES: u32 = 4096;
-const SOURCE_NODE: &str = "source";
+pub(super) const WINDOW_CHUNKS: usize = 6;
+pub(super) const CHUNK_LEN_BYTES: u32 = 4096;
+pub(super) const SOURCE_NODE: &str = "source";
 
 /// How a seed ended.
 #[derive(Debug)]
@@ -44,45 +46,69 @@ struct Frame {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Purpose {
+pub(super) enum Purpose {
     Copy,
     Request,
+    /// The coordinator's release of a live copy, recorded by the source.
+    LiveRelease,
 }
 
-struct Conn {
-    id: ConnId,
-    purpose: Purpose,
-    source: SourceConversation,
-    target: TargetEnd,
+pub(super) struct Conn {
+    pub(super) id: ConnId,
+    pub(super) purpose: Purpose,
+    pub(super) source: SourceConversation,
+    pub(super) target: TargetEnd,
     to_target: VecDeque<Message>,
     to_source: VecDeque<Message>,
     chunks: Vec<Frame>,
     sending: bool,
+    /// A live copy's WAL stream, once the source opened it.
+    pub(super) wal: Option<WalStream>,
 }
 
 /// A copy the source runs (one offer, re-sent on every connection until it completes).
-struct Copy {
-    offer: Offer,
-    files: Vec<Vec<u8>>,
-    completed: bool,
+pub(super) struct Copy {
+    pub(super) offer: Offer,
+    pub(super) files: Vec<Vec<u8>>,
+    pub(super) completed: bool,
+    /// A live copy: a WAL stream, and a fence instead of a commit.
+    pub(super) live: bool,
+    /// The source daemon's record of the migration (its phase, fence and release).
+    pub(super) lifecycle: Lifecycle,
+    /// Release calls that failed (the coordinator gives up after a few).
+    pub(super) release_failures: u32,
 }
 
-struct World {
-    rng: Rng,
-    step: u64,
+/// What the source released: its files, and the `final_lsn` of a live copy's fence.
+#[derive(Debug, Clone)]
+pub(super) struct SourceRelease {
+    pub(super) files: Vec<Vec<u8>>,
+    pub(super) final_lsn: Option<Lsn>,
+}
+
+pub(super) struct World {
+    pub(super) rng: Rng,
+    pub(super) step: u64,
     trace: Vec<String>,
-    cov: Coverage,
-    target: Target,
-    conns: Vec<Conn>,
+    pub(super) cov: Coverage,
+    pub(super) target: Target,
+    pub(super) conns: Vec<Conn>,
     next_conn: u64,
-    copy: Copy,
+    pub(super) copy: Copy,
     generation: u32,
-    /// Migrations the source itself released (an offline copy's commit), with its files.
-    released_by_source: BTreeMap<MigrationId, Vec<Vec<u8>>>,
+    /// Migrations the source itself released (an offline copy's commit, a live copy's
+    /// release), with its files.
+    pub(super) released_by_source: BTreeMap<MigrationId, SourceRelease>,
     /// Phases recorded durably on the target (a manifest write returned): a restart keeps them.
-    recorded: BTreeMap<MigrationId, &'static str>,
-    failures_count: u64,
+    pub(super) recorded: BTreeMap<MigrationId, &'static str>,
+    pub(super) failures_count: u64,
     states: BTreeMap<MigrationId, &'static str>,
+    /// The database's writer on the source.
+    pub(super) writer: Writer,
+    /// The fence the source runs, if any.
+    pub(super) fence: Option<FenceRun>,
+    /// The highest `WalDurable` the target sent, by migration: a restart must keep it.
+    pub(super) acked: BTreeMap<MigrationId, Lsn>,
 }
 
 /// Runs `seed` with `bug` planted (or none).
@@ -107,7 +133,9 @@ impl World {
         }
         // A power loss at a sync the seed draws (often past the run's end: none then).
         storage.crash_at_sync(1 + rng.below(120));
-        let copy = new_copy(&mut rng, 0, &MigrationId::new("m-0").unwrap_or_else(|_| bad_id()));
+        let writer = Writer::new(&mut rng);
+        let id = MigrationId::new("m-0").unwrap_or_else(|_| bad_id());
+        let copy = new_copy(&mut rng, 0, &id, writer.last_lsn());
         Self {
             rng,
             step: 0,
@@ -122,20 +150,24 @@ impl World {
             recorded: BTreeMap::new(),
             failures_count: 0,
             states: BTreeMap::new(),
+            writer,
+            fence: None,
+            acked: BTreeMap::new(),
         }
     }
 
-    fn log(&mut self, line: String) {
+    pub(super) fn log(&mut self, line: String) {
         self.trace.push(format!("{:>6} {line}", self.step));
     }
 
     fn run(&mut self) -> Option<String> {
         while self.step < STEPS_MAX {
             self.step += 1;
-            if self.copy.completed && self.generation >= 2 && self.conns.is_empty() {
+            if self.copy.completed && self.generation >= 2 && self.conns.is_empty() && !self.release_pending() {
                 return None;
             }
             self.one_step();
+            self.fence_progress();
             if self.target.storage.has_crashed() {
                 if let Some(v) = self.restart_target() {
                     return Some(v);
@@ -166,12 +198,23 @@ impl World {
                     self.drop_conn(0);
                 }
             }
+            12..=24 if self.copy.live => self.coordinator_live(),
             12..=24 => self.coordinator(),
-            25..=50 if !self.has_copy_conn() => self.connect(Purpose::Copy, None),
+            25..=50 if !self.has_copy_conn() && !self.copy.completed => self.connect(Purpose::Copy, None),
+            51..=60 if self.release_pending() => self.release_live(),
+            61..=200 => {
+                let step = self.step;
+                if let Some(lsn) = self.writer.write(&mut self.rng, step) {
+                    self.cov.hit("writer: record acknowledged");
+                    self.log(format!("writer acknowledges {lsn}"));
+                }
+            }
             _ => {
                 if self.conns.is_empty() {
                     if !self.copy.completed {
                         self.connect(Purpose::Copy, None);
+                    } else if self.release_pending() {
+                        self.release_live();
                     } else {
                         self.next_generation();
                     }
@@ -198,25 +241,33 @@ impl World {
         };
         let same_files = reuse && self.rng.chance(500);
         self.cov.hit(if reuse { "coordinator: re-use a migration id" } else { "coordinator: new migration id" });
+        let step = self.step;
+        self.writer.resume(&mut self.rng, step);
+        self.writer.move_back();
+        self.fence = None;
         if !same_files {
-            self.copy = new_copy(&mut self.rng, self.generation, &id);
+            // Another offer under the same id replaces its staging, staged WAL included.
+            self.acked.remove(&id);
+            self.copy = new_copy(&mut self.rng, self.generation, &id, self.writer.last_lsn());
         } else {
             self.copy.completed = false;
+            self.copy.release_failures = 0;
+            self.copy.lifecycle = Lifecycle::BaseCopy;
         }
         self.log(format!("new copy {id} (generation {}, same files: {same_files})", self.generation));
     }
 
-    fn connect(&mut self, purpose: Purpose, request: Option<SourceConversation>) {
+    pub(super) fn connect(&mut self, purpose: Purpose, request: Option<SourceConversation>) {
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
         let node = NodeId::new(SOURCE_NODE).unwrap_or_else(|_| bad_node());
         let source = match request {
             Some(conversation) => conversation,
-            None => SourceConversation::copy(
-                &node,
-                self.copy.offer.clone(),
-                CopyPlan { wal: false, cutover: false, commit: true },
-            ),
+            None => {
+                let live = self.copy.live;
+                let plan = CopyPlan { wal: live, cutover: live, commit: !live };
+                SourceConversation::copy(&node, self.copy.offer.clone(), plan)
+            }
         };
         let target = TargetEnd::new(id, SOURCE_NODE, self.target.ctx.node_id.clone());
         self.log(format!("conn {} opens ({purpose:?})", id.0));
@@ -229,6 +280,7 @@ impl World {
             to_source: VecDeque::new(),
             chunks: Vec::new(),
             sending: false,
+            wal: None,
         });
         let i = self.conns.len() - 1;
         self.drain_source(i);
@@ -255,24 +307,32 @@ impl World {
                     let request = SourceConversation::release(&node, id.clone(), lsn);
                     self.connect(Purpose::Request, Some(request));
                 }
-                _ => {
-                    self.cov.hit("coordinator: forget");
-                    let result = self.target.rt.block_on(self.target.ctx.forget(&id));
-                    self.log(format!("coordinator forgets {id}: {result:?}"));
-                    if result.is_ok() {
-                        self.cov.hit("coordinator: forget taken");
-                        self.recorded.remove(&id);
-                        self.released_by_source.remove(&id);
-                    }
-                }
+                _ => self.forget(),
             }
+        }
+    }
+
+    /// The coordinator forgets the migration on the target.
+    pub(super) fn forget(&mut self) {
+        let id = self.copy.offer.migration_id.clone();
+        self.cov.hit("coordinator: forget");
+        let result = self.target.rt.block_on(self.target.ctx.forget(&id));
+        self.log(format!("coordinator forgets {id}: {result:?}"));
+        if result.is_ok() {
+            self.cov.hit("coordinator: forget taken");
+            self.recorded.remove(&id);
+            self.released_by_source.remove(&id);
+            self.acked.remove(&id);
         }
     }
 
     /// One event on connection `i`, drawn among those that can happen.
     fn step_conn(&mut self, i: usize) {
+        // The target runs a fence once its staged WAL holds what it waits for, or now and
+        // then before (its wait then runs out).
+        let fence_move = self.conns[i].target.pending_fence.is_some() && (self.fence_ready(i) || self.rng.chance(100));
         let conn = &self.conns[i];
-        let mut moves = Vec::new();
+        let mut moves: Vec<u8> = Vec::new();
         if !conn.to_target.is_empty() {
             moves.push(0);
         }
@@ -288,7 +348,29 @@ impl World {
         if conn.sending && conn.chunks.len() < WINDOW_CHUNKS {
             moves.push(4);
         }
+        let running = conn.source.state() != SourceState::Done;
+        if let Some(wal) = conn.wal.as_ref().filter(|_| running) {
+            if !wal.to_target.is_empty() {
+                moves.push(5);
+            }
+            if !wal.to_source.is_empty() {
+                moves.push(6);
+            }
+            if wal.can_read(&self.writer) {
+                moves.push(7);
+            }
+            if wal.can_send() {
+                moves.push(8);
+            }
+        }
+        if fence_move {
+            moves.push(9);
+        }
         if moves.is_empty() {
+            if conn.wal.is_some() && running && !self.copy.completed {
+                // A live copy waits for writes or a fence: nothing moves now.
+                return;
+            }
             // Nothing moves: the conversation is over (or stuck: its end is a lost connection).
             self.log(format!("conn {} ends", conn.id.0));
             self.drop_conn(i);
@@ -300,12 +382,16 @@ impl World {
             1 => self.deliver_to_source(i),
             2 => self.deliver_chunk(i),
             3 => self.flush_events(i),
-            _ => {
+            4 => {
                 self.send_chunk(i);
                 Ok(())
             }
+            _ => self.step_live(i, pick),
         };
         if let Err(e) = result {
+            if self.conns[i].purpose == Purpose::LiveRelease {
+                self.copy.release_failures += 1;
+            }
             if self.conns[i].purpose == Purpose::Copy && e.contains("refused") {
                 // A refusal is permanent: the source gives the copy up.
                 self.cov.hit("conn: copy refused");
@@ -381,7 +467,7 @@ impl World {
         self.drain_source(i);
     }
 
-    fn drain_target(&mut self, i: usize) -> Result<(), String> {
+    pub(super) fn drain_target(&mut self, i: usize) -> Result<(), String> {
         let mut fx = Effects::default();
         let result = self.conns[i].target.drain(&self.target, &mut self.cov, &mut fx);
         self.conns[i].to_source.extend(fx.to_source);
@@ -399,7 +485,7 @@ impl World {
         result.map_err(|e| e.to_string())
     }
 
-    fn drain_source(&mut self, i: usize) {
+    pub(super) fn drain_source(&mut self, i: usize) {
         while let Some(action) = self.conns[i].source.poll_action() {
             self.cov.hit(format!("source action: {}", source_action_name(&action)));
             match action {
@@ -407,7 +493,8 @@ impl World {
                     if let Message::Commit { .. } = message {
                         // The source releases an offline copy by committing it.
                         let id = self.copy.offer.migration_id.clone();
-                        self.released_by_source.insert(id, self.copy.files.clone());
+                        let release = SourceRelease { files: self.copy.files.clone(), final_lsn: None };
+                        self.released_by_source.insert(id, release);
                     }
                     self.conns[i].to_target.push_back(message)
                 }
@@ -418,7 +505,11 @@ impl World {
                         let _ = self.conns[i].source.handle_chunk_read(&span, crc);
                     }
                 }
-                SourceAction::Finish { committed, .. } => {
+                SourceAction::Finish { committed, fenced, .. } => {
+                    if fenced {
+                        self.log("source: the live copy is over (fence kept)".into());
+                        self.copy.completed = true;
+                    }
                     if committed {
                         let id = self.copy.offer.migration_id.clone();
                         self.log(format!("source: {id} committed"));
@@ -426,9 +517,23 @@ impl World {
                     }
                     // Nothing more is sent: the connection ends when the step loop finds no move.
                 }
-                SourceAction::Answered => self.cov.hit("coordinator: request answered"),
-                SourceAction::Accepted { .. } | SourceAction::BaseStaged { .. } => {}
-                other => self.log(format!("source action not simulated: {}", source_action_name(&other))),
+                SourceAction::Answered => {
+                    self.cov.hit("coordinator: request answered");
+                    self.request_answered(i);
+                }
+                SourceAction::Accepted { .. } => {}
+                SourceAction::StartWal => self.conns[i].wal = Some(WalStream::open(self.copy.offer.base_lsn)),
+                SourceAction::BaseStaged { .. } => {
+                    let live = self.copy.live;
+                    self.copy.lifecycle.base_staged(live);
+                }
+                SourceAction::ServeCutOver => {}
+                SourceAction::Fenced { final_lsn, durable_lsn, .. } => self.source_fenced(i, final_lsn, durable_lsn),
+                SourceAction::FenceCancelled { final_lsn, reason } => {
+                    self.fence_failed(final_lsn, &format!("the target cancelled it: {reason}"))
+                }
+                SourceAction::FenceTimedOut { final_lsn } => self.fence_failed(final_lsn, "no answer by its deadline"),
+                SourceAction::FinishWal => self.log("source action not simulated: finish_wal".into()),
             }
         }
     }
@@ -456,14 +561,16 @@ impl World {
         for (id, phase) in &self.recorded {
             let now = self.target.ctx.machine().get(id).map(|m| m.state.name());
             let kept = match *phase {
-                "base_staged" => matches!(now, Some("base_staged" | "fenced" | "released" | "aborted")),
+                // A later phase may have been under way (a fence, a release, an abort; after a
+                // fence, an unfence: records above a fence the source cancelled).
+                "base_staged" | "fenced" => matches!(now, Some("base_staged" | "fenced" | "released" | "aborted")),
                 other => now == Some(other),
             };
             if !kept {
                 return Some(format!("restart lost phase {phase} of {id}: now {now:?}"));
             }
         }
-        None
+        self.acked_lost()
     }
 
     fn track_states(&mut self) {
@@ -480,6 +587,8 @@ impl World {
                 self.cov.hit(format!("inbound: {before} -> none"));
             }
         }
+        // A staging removed (aborted, forgotten) takes its staged WAL with it.
+        self.acked.retain(|id, _| now.get(id).is_some_and(|s| *s != "aborted"));
         for (id, state) in &now {
             self.cov.hit(format!("state: {state}"));
             // The machine moves to these only after the manifest that says so is durable.
@@ -489,60 +598,12 @@ impl World {
         }
         self.states = now;
     }
-
-    /// The invariants; the first one broken, if any.
-    fn check(&self) -> Option<String> {
-        let live: Vec<ConnId> = self.conns.iter().map(|c| c.id).collect();
-        let machine = self.target.ctx.machine();
-        for (id, m) in machine.iter() {
-            let claimant = machine.claimant(id);
-            if let Some(c) = claimant {
-                if !live.contains(&c) {
-                    return Some(format!("{id} is claimed by conn {}, which is gone", c.0));
-                }
-            }
-            if m.state == InboundState::Receiving && claimant.is_none() {
-                return Some(format!("{id} shows receiving with no connection: a phantom holding a slot"));
-            }
-            if let InboundState::Released { .. } = m.state {
-                let Some(files) = self.released_by_source.get(id) else {
-                    return Some(format!("{id} is released on the target, but the source never released it"));
-                };
-                if let Some(v) = self.released_differs(id, files) {
-                    return Some(v);
-                }
-            }
-            let bound = (self.failures_count + 1) * (WINDOW_CHUNKS as u64 + 4) * u64::from(CHUNK_LEN_BYTES);
-            if m.bytes_resent > bound {
-                return Some(format!("{id} resent {} bytes, over the bound of {bound}", m.bytes_resent));
-            }
-        }
-        None
-    }
-
-    /// Whether a released staging's files differ from the source's.
-    fn released_differs(&self, id: &MigrationId, files: &[Vec<u8>]) -> Option<String> {
-        let storage = &*self.target.ctx.storage;
-        let layout = self.target.layout(id);
-        let manifest = match staging::read_manifest(storage, &layout) {
-            Ok(Some(m)) => m,
-            other => return Some(format!("released {id} has no readable manifest: {other:?}")),
-        };
-        if manifest.state != StagingState::Released {
-            return Some(format!("released {id}'s manifest says {:?}", manifest.state));
-        }
-        for (segment, source) in manifest.segments.iter().zip(files) {
-            match storage.read_all(&layout.segment_path(&segment.path)) {
-                Ok(bytes) if bytes == *source => {}
-                Ok(_) => return Some(format!("released {id}: {} differs from the source", segment.path)),
-                Err(e) => return Some(format!("released {id}: {} unreadable: {e}", segment.path)),
-            }
-        }
-        None
-    }
 }
 
-fn new_copy(rng: &mut Rng, generation: u32, id: &MigrationId) -> Copy {
+/// A new copy: offline (a commit at its end) or live (a WAL stream from `base_lsn`, then a
+/// fence and a release), with files the seed draws.
+fn new_copy(rng: &mut Rng, generation: u32, id: &MigrationId, base_lsn: Lsn) -> Copy {
+    let live = rng.chance(600);
     let files_count = 1 + rng.index(3);
     let mut files = Vec::new();
     let mut offered = Vec::new();
@@ -556,14 +617,14 @@ fn new_copy(rng: &mut Rng, generation: u32, id: &MigrationId) -> Copy {
     }
     let offer = Offer {
         migration_id: id.clone(),
-        vshard_id: VShardId(7),
-        base_lsn: Lsn(0),
+        vshard_id: VSHARD,
+        base_lsn: if live { base_lsn } else { Lsn(0) },
         chunk_len_bytes: CHUNK_LEN_BYTES,
         files: offered,
         db_meta: serde_json::Value::Null,
-        wal: false,
+        wal: live,
     };
-    Copy { offer, files, completed: false }
+    Copy { offer, files, completed: false, live, lifecycle: Lifecycle::BaseCopy, release_failures: 0 }
 }
 
 /// The source's bytes of a chunk the machine handed out (empty past the file: the machine

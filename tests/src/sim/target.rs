@@ -11,6 +11,7 @@ use std::sync::Arc;
 use ferry_engine::staging::{self, StagingLayout};
 use ferry_engine::storage::{FakeStorage, StorageFile};
 use ferry_engine::transfer::chunklog::ChunkLog;
+use ferry_engine::transfer::fence_target::{fence_staging, FenceWaits};
 use ferry_engine::transfer::inbound::{now_unix_ms, summary};
 use ferry_engine::transfer::steps::{self, Start};
 use ferry_engine::transfer::target::TargetContext;
@@ -18,7 +19,7 @@ use ferry_engine::transfer::TransferError;
 use ferry_wire::checkpoint::LogRecord;
 use ferry_wire::message::{ChunkRef, Message, Offer};
 use ferry_wire::proto::inbound::{Claimed, ConnId, Disk};
-use ferry_wire::proto::target::{Admitted, ChunkEvent, TargetAction, TargetConversation};
+use ferry_wire::proto::target::{Admitted, ChunkEvent, FenceRequest, TargetAction, TargetConversation};
 use ferry_wire::session::ChunkVerdict;
 use ferry_wire::{MigrationId, NodeId};
 
@@ -76,6 +77,9 @@ pub struct TargetEnd {
     pub claimed: Option<MigrationId>,
     pub events: Vec<ChunkEvent>,
     pub finished: bool,
+    /// A fence the source asked for, to run when the world lets it (its WAL may still be on
+    /// the way, as on a real connection).
+    pub pending_fence: Option<FenceRequest>,
 }
 
 /// What executing actions asks of the world.
@@ -98,6 +102,7 @@ impl TargetEnd {
             claimed: None,
             events: Vec::new(),
             finished: false,
+            pending_fence: None,
         }
     }
 
@@ -209,10 +214,28 @@ impl TargetEnd {
                 self.conversation.handle_answered()?;
             }
             TargetAction::Finish => self.finished = true,
-            TargetAction::Fence(_) | TargetAction::Join { .. } | TargetAction::CarryChunks => {
+            TargetAction::Fence(request) => self.pending_fence = Some(request),
+            TargetAction::Join { .. } | TargetAction::CarryChunks => {
                 return Err(TransferError::Local(format!("{} is not simulated", action_name(&action))));
             }
         }
+        Ok(())
+    }
+
+    /// Runs the fence the source asked for with the engine's `fence_staging` (which waits, in
+    /// real microseconds within the fence's budget, for a staged WAL that is not durable yet)
+    /// and hands its answer to the machine.
+    pub fn answer_fence(&mut self, target: &Target) -> Result<(), TransferError> {
+        let Some(request) = self.pending_fence.take() else { return Ok(()) };
+        let (offer, layout) = self.admitted.as_ref().ok_or_else(|| TransferError::Local("no offer".into()))?;
+        let waits = FenceWaits {
+            through_lsn: request.through_lsn,
+            wal_wait_max_us: request.wal_wait_max_us,
+            apply_wait_max_us: request.apply_wait_max_us,
+        };
+        let fence = fence_staging(&target.ctx, offer, layout, request.final_lsn, waits);
+        let answer = target.rt.block_on(fence)?;
+        self.conversation.handle_fence_answer(answer)?;
         Ok(())
     }
 

@@ -91,6 +91,11 @@ impl StagedWal {
         self.write_pending(&mut pending)?;
         self.preallocate()?;
         for (name, file) in &touched {
+            // Planted bug (`AckBeforeSync`, tests only): the group is reported durable, and
+            // acknowledged, before its fdatasync.
+            if ferry_wire::plant::planted(ferry_wire::plant::Bug::AckBeforeSync) {
+                continue;
+            }
             let path = self.dir.join(name);
             file.sync_data().map_err(io_err("sync", &path))?;
         }
