@@ -270,6 +270,52 @@ mod tests {
         }
     }
 
+    /// Every metric the Grafana dashboard (`engine/dist/grafana/ferry.json`) queries is one
+    /// this module exports (a `# TYPE` line of what the daemon serves; a histogram's
+    /// `_bucket`, `_sum` and `_count` series with it), and every exported metric is shown.
+    #[test]
+    fn the_dashboard_queries_only_exported_metrics() {
+        let text = render(&[], 0);
+        let mut exported = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) = (words.next(), words.next(), words.next(), words.next()) {
+                exported.insert(name.to_owned());
+                if kind == "histogram" {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        exported.insert(format!("{name}{suffix}"));
+                    }
+                }
+            }
+        }
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!("../dist/grafana/ferry.json")).unwrap();
+        let mut queries = Vec::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                queries.push(target["expr"].as_str().unwrap().to_owned());
+            }
+        }
+        for variable in dashboard["templating"]["list"].as_array().unwrap() {
+            if variable["type"] == "query" {
+                queries.push(variable["query"].as_str().unwrap().to_owned());
+            }
+        }
+        let mut queried = std::collections::BTreeSet::new();
+        for query in &queries {
+            for word in query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("ferry_") {
+                    assert!(exported.contains(word), "the dashboard queries {word}, which ferry does not export: {query}");
+                    queried.insert(word.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count"));
+                }
+            }
+        }
+        assert!(queries.len() >= 6, "{queries:?}");
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let name = line.split_whitespace().nth(2).unwrap();
+            assert!(queried.contains(name), "ferry exports {name}, which no dashboard panel shows");
+        }
+    }
+
     #[test]
     fn reasons_map_to_a_few_kinds() {
         assert_eq!(error_kind_of("aborted: operator"), "aborted");

@@ -1,8 +1,8 @@
 //! Live copies in the simulator: the WAL stream's moves, the source's fence and the
 //! coordinator's calls around it.
 //!
-//! What it does: the coordinator of a live copy fences (pausing the writer first), cancels a
-//! fence, releases, aborts and forgets at random moments, and sometimes re-sends a call. Every
+//! What it does: the coordinator of a live copy prepares, fences (pausing the writer first),
+//! cancels a fence, releases, aborts and forgets at random moments, and sometimes re-sends a call. Every
 //! call goes through the source daemon's production record of the migration
 //! (`ferry_wire::proto::outbound::Lifecycle`), which refuses what the phase does not allow; the
 //! fence's drain is the production rule (`ferry_wire::fence::drain_check`); the target runs
@@ -48,13 +48,23 @@ impl World {
     pub(super) fn coordinator_live(&mut self) {
         let times = 1 + self.rng.below(2);
         for _ in 0..times {
-            match self.rng.below(6) {
+            match self.rng.below(7) {
                 0 | 1 => self.fence_live(),
                 2 => self.cancel_live(),
                 3 => self.release_live(),
                 4 => self.abort_live(),
+                5 => self.prepare_live(),
                 _ => self.forget(),
             }
+        }
+    }
+
+    /// `migration.prepare_cutover`: the source's record admits it only in `WalCatchUp` (the
+    /// pause estimate needs clocks and is not simulated).
+    fn prepare_live(&mut self) {
+        match self.copy.lifecycle.check_cutover() {
+            Ok(()) => self.cov.hit("coordinator: prepare admitted"),
+            Err(_) => self.cov.hit("coordinator: prepare refused"),
         }
     }
 

@@ -109,6 +109,8 @@ pub(super) struct World {
     pub(super) fence: Option<FenceRun>,
     /// The highest `WalDurable` the target sent, by migration: a restart must keep it.
     pub(super) acked: BTreeMap<MigrationId, Lsn>,
+    /// The target daemon restarts after this step (its process, not a power loss).
+    target_restart: bool,
 }
 
 /// Runs `seed` with `bug` planted (or none).
@@ -153,6 +155,7 @@ impl World {
             writer,
             fence: None,
             acked: BTreeMap::new(),
+            target_restart: false,
         }
     }
 
@@ -168,8 +171,9 @@ impl World {
             }
             self.one_step();
             self.fence_progress();
-            if self.target.storage.has_crashed() {
-                if let Some(v) = self.restart_target() {
+            let power_loss = self.target.storage.has_crashed();
+            if power_loss || std::mem::take(&mut self.target_restart) {
+                if let Some(v) = self.restart_target(power_loss) {
                     return Some(v);
                 }
             }
@@ -197,6 +201,11 @@ impl World {
                 while !self.conns.is_empty() {
                     self.drop_conn(0);
                 }
+            }
+            201..=202 => {
+                // A process restart, not a power loss: what was written stays, synced or not.
+                self.cov.hit("fault: target daemon restart");
+                self.target_restart = true;
             }
             12..=24 if self.copy.live => self.coordinator_live(),
             12..=24 => self.coordinator(),
@@ -544,18 +553,23 @@ impl World {
     }
 
     /// A power loss on the target: the daemon restarts on what the disk kept (torn or not).
-    fn restart_target(&mut self) -> Option<String> {
-        let torn = self.rng.chance(500);
-        self.cov.hit(if torn { "fault: power loss, torn writes" } else { "fault: power loss" });
-        self.log(format!("target power loss (torn: {torn}); restart"));
+    fn restart_target(&mut self, power_loss: bool) -> Option<String> {
         self.conns.clear();
-        let rng = &mut self.rng;
-        let storage = match torn {
-            true => self.target.storage.recover_torn(&mut |n| rng.below(n)),
-            false => self.target.storage.recover(),
-        };
-        storage.crash_at_sync(1 + self.rng.below(200));
-        self.target = Target::start(storage);
+        if power_loss {
+            let torn = self.rng.chance(500);
+            self.cov.hit(if torn { "fault: power loss, torn writes" } else { "fault: power loss" });
+            self.log(format!("target power loss (torn: {torn}); restart"));
+            let rng = &mut self.rng;
+            let storage = match torn {
+                true => self.target.storage.recover_torn(&mut |n| rng.below(n)),
+                false => self.target.storage.recover(),
+            };
+            storage.crash_at_sync(1 + self.rng.below(200));
+            self.target = Target::start(storage);
+        } else {
+            self.log("target daemon restarts".into());
+            self.target = Target::start(self.target.storage.clone());
+        }
         self.failures_count += 1;
         self.states.clear();
         for (id, phase) in &self.recorded {
