@@ -279,7 +279,9 @@ mod tests {
         let mut exported = std::collections::BTreeSet::new();
         for line in text.lines() {
             let mut words = line.split_whitespace();
-            if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) = (words.next(), words.next(), words.next(), words.next()) {
+            if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+                (words.next(), words.next(), words.next(), words.next())
+            {
                 exported.insert(name.to_owned());
                 if kind == "histogram" {
                     for suffix in ["_bucket", "_sum", "_count"] {
@@ -304,8 +306,12 @@ mod tests {
         for query in &queries {
             for word in query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
                 if word.starts_with("ferry_") {
-                    assert!(exported.contains(word), "the dashboard queries {word}, which ferry does not export: {query}");
-                    queried.insert(word.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count"));
+                    assert!(
+                        exported.contains(word),
+                        "the dashboard queries {word}, which ferry does not export: {query}"
+                    );
+                    queried
+                        .insert(word.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count"));
                 }
             }
         }

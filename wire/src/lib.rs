@@ -16,6 +16,7 @@
 pub mod api;
 pub mod checkpoint;
 pub mod control;
+pub mod crc_table;
 pub mod fence;
 pub mod frame;
 #[cfg(any(test, feature = "fuzzing"))]

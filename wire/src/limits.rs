@@ -27,8 +27,10 @@ pub const FILE_COUNT_MAX: u32 = 1_000_000;
 pub const PATH_LEN_MAX_BYTES: u32 = 4096;
 /// Largest single segment file: 16 TiB. Bounds chunk counts and offsets.
 pub const FILE_SIZE_MAX_BYTES: u64 = 16 << 40;
-/// Most chunks of one transfer across all files: bounds the target's in-memory chunk table
-/// (one bit and one CRC per chunk: 5 bytes each, so at most 320 MiB at the limit).
+/// Most chunks of one transfer across all files: bounds the target's in-memory chunk table.
+/// Declared chunks cost one bit each (8 MiB at the limit) and a page pointer per 1,024; a CRC
+/// (4 bytes) is held only once its chunk arrives (`crc_table`), so a peer's declared size alone
+/// makes the target hold about 9 MiB.
 pub const CHUNK_COUNT_MAX: u64 = 1 << 26;
 /// Longest opaque `db_meta` a caller may attach.
 pub const DB_META_LEN_MAX_BYTES: u32 = 1 << 20;

@@ -14,6 +14,7 @@
 //! total; every input from the peer is checked and a bad one is a [`SessionError`], never a
 //! panic.
 
+use crate::crc_table::CrcTable;
 use crate::message::{chunk_count, ChunkRef, FileResume, Offer};
 
 /// A peer (or caller) broke the transfer protocol.
@@ -329,7 +330,8 @@ struct TargetFile {
     size_bytes: u64,
     chunk_count: u64,
     verified: Bitmap,
-    crc_by_chunk: Vec<u32>,
+    /// Allocated as chunks arrive: an offer's declared size costs little (`crc_table`).
+    crc_by_chunk: CrcTable,
     done: Option<FileDone>,
     ready_reported: bool,
     /// Distinct chunks verified (the bitmap's ones, kept so a check is not a scan).
@@ -370,7 +372,7 @@ impl TargetSession {
                     size_bytes: f.size_bytes,
                     chunk_count,
                     verified: Bitmap::new(chunk_count),
-                    crc_by_chunk: vec![0; usize::try_from(chunk_count).unwrap_or(0)],
+                    crc_by_chunk: CrcTable::new(chunk_count),
                     done: None,
                     ready_reported: false,
                     verified_count: 0,
@@ -427,11 +429,9 @@ impl TargetSession {
         let file =
             self.files.get_mut(file_index as usize).ok_or(SessionError::NoSuchFile { file_index, file_count })?;
         let chunk_count = file.chunk_count;
-        let slot = usize::try_from(chunk_index)
-            .ok()
-            .and_then(|i| file.crc_by_chunk.get_mut(i))
-            .ok_or(SessionError::NoSuchChunk { file_index, chunk_index, chunk_count })?;
-        *slot = crc32c;
+        if !file.crc_by_chunk.set(chunk_index, crc32c) {
+            return Err(SessionError::NoSuchChunk { file_index, chunk_index, chunk_count });
+        }
         if file.verified.set(chunk_index) {
             file.verified_count += 1;
             let len = span(file_index, chunk_index, file.size_bytes, self.chunk_len_bytes).map_or(0, |s| s.len_bytes);
@@ -478,7 +478,7 @@ impl TargetSession {
         for (chunk_index, chunk_crc) in file.crc_by_chunk.iter().enumerate() {
             let offset = (chunk_index as u64).saturating_mul(chunk_len);
             let len = file.size_bytes.saturating_sub(offset).min(chunk_len);
-            target_crc = crate::crc32c_combine(target_crc, *chunk_crc, len);
+            target_crc = crate::crc32c_combine(target_crc, chunk_crc, len);
         }
         if target_crc != done.crc32c {
             return Err(SessionError::FileCrc { file_index, source_crc: done.crc32c, target_crc });
@@ -540,7 +540,7 @@ impl TargetSession {
         for (index, file) in self.files.iter().enumerate() {
             let chunks: Vec<(u64, u32)> = (0..file.chunk_count)
                 .filter(|c| file.verified.get(*c))
-                .filter_map(|c| usize::try_from(c).ok().and_then(|i| file.crc_by_chunk.get(i)).map(|crc| (c, *crc)))
+                .filter_map(|c| file.crc_by_chunk.get(c).map(|crc| (c, crc)))
                 .collect();
             if let (false, Ok(file_index)) = (chunks.is_empty(), u32::try_from(index)) {
                 out.push(FileResume { file_index, chunks });
@@ -558,6 +558,24 @@ mod tests {
     use crate::message::OfferFile;
     use crate::path::RelPath;
     use proptest::prelude::*;
+
+    /// The largest offer a peer may send (2^26 chunks of 4 KiB) makes the target hold about
+    /// 9 MiB (its bitmap and page pointers), not the 256 MiB a CRC per declared chunk took;
+    /// the table grows as chunks are verified.
+    #[test]
+    fn the_largest_offer_costs_the_target_little_until_chunks_arrive() {
+        let chunk_len = crate::limits::CHUNK_LEN_MIN_BYTES;
+        let o = offer(&[crate::limits::CHUNK_COUNT_MAX * u64::from(chunk_len)], chunk_len);
+        o.validate().unwrap();
+        let mut t = TargetSession::new(&o);
+        let held = |t: &TargetSession| -> u64 {
+            t.files.iter().map(|f| f.crc_by_chunk.held_bytes() + f.verified.words.len() as u64 * 8).sum()
+        };
+        let empty = held(&t);
+        assert!(empty < 10 << 20, "{empty} bytes held for a declared offer");
+        t.on_chunk_written(0, 0, 7).unwrap();
+        assert_eq!(held(&t), empty + 4096);
+    }
 
     fn offer(sizes: &[u64], chunk_len_bytes: u32) -> Offer {
         Offer {
