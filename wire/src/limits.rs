@@ -42,3 +42,13 @@ pub const WAL_BATCH_BODY_LEN_MAX_BYTES: u32 = (64 << 20) + (64 << 10);
 /// Batch size a sender aims for: large enough to amortise a frame and a group commit, small
 /// enough to keep the lag low.
 pub const WAL_BATCH_TARGET_BYTES: usize = 1 << 20;
+
+/// Most QUIC connections one peer node may hold open to a target at once; the next is closed
+/// with a `refused` error. Enough for two copies at the most connections a caller may ask
+/// for (`api::PARALLELISM_MAX_COUNT`, 64) or many smaller ones, and their one-shot requests.
+/// With it, what one peer can make a target hold is bounded: per connection its receive
+/// window (32 MiB by default), one control body being read and one queued (64 MiB each at
+/// most, [`CONTROL_BODY_LEN_MAX_BYTES`]) and the WAL stream's read-ahead (16 MiB): about
+/// 176 MiB per connection at the very worst, 22 GiB per peer, against the few MiB a real
+/// migration's connection holds.
+pub const PEER_CONNECTIONS_MAX: usize = 128;

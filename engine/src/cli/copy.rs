@@ -66,7 +66,7 @@ pub struct CopyArgs {
     /// QUIC connections for chunks, each on its own endpoint (one endpoint drives its
     /// connections on one task: more connections use more cores). With --wal-dir the control
     /// and WAL streams get one more, with a small MTU, so their messages are not paced.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(ferry_wire::api::PARALLELISM_MAX_COUNT)))]
     pub connections: u32,
     /// Rate limit in bytes per second, e.g. 500MB, 1GiB (0: unlimited).
     #[arg(long, default_value = "0", value_parser = parse_byte_size)]

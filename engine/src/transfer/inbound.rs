@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ferry_wire::limits::PEER_CONNECTIONS_MAX;
 use ferry_wire::message::Offer;
 use ferry_wire::proto::inbound::{Claimed, ConnId, Disk, Inbound, InboundState, Inbounds, Limits, OfferSummary};
 use ferry_wire::{Lsn, MigrationId, NodeId};
@@ -61,7 +62,8 @@ pub struct TargetContext {
     pub storage: Arc<dyn Storage>,
     machine: Mutex<Inbounds>,
     /// Live peer connections, in the order they connected.
-    connections: Mutex<Vec<Connection>>,
+    /// Established connections, with the node id of the peer each came from.
+    connections: Mutex<Vec<(Connection, Option<String>)>>,
     received: Mutex<HashMap<MigrationId, Arc<AtomicU64>>>,
     /// The staged WALs open on this node.
     pub wal_stages: WalStages,
@@ -209,16 +211,27 @@ impl TargetContext {
     }
 
     /// Registers a live connection (from its handshake until its conversation ends).
-    pub(crate) fn connected(&self, conn: &Connection) {
-        locked(&self.connections).push(conn.clone());
+    /// Registers an established connection from `peer`; refused (not registered) when that
+    /// peer holds [`PEER_CONNECTIONS_MAX`] already.
+    pub(crate) fn connected(&self, conn: &Connection, peer: Option<&str>) -> Result<(), TransferError> {
+        let mut connections = locked(&self.connections);
+        let held = connections.iter().filter(|(_, p)| p.as_deref() == peer).count();
+        if held >= PEER_CONNECTIONS_MAX {
+            let who = peer.unwrap_or("a peer without a node id");
+            return Err(TransferError::Refused(format!(
+                "node {who} holds {held} connections to this target, the most one peer may (PEER_CONNECTIONS_MAX): close some, or lower --connections"
+            )));
+        }
+        connections.push((conn.clone(), peer.map(str::to_owned)));
+        Ok(())
     }
 
     pub(crate) fn disconnected(&self, conn: &Connection) {
-        locked(&self.connections).retain(|c| c.stable_id() != conn.stable_id());
+        locked(&self.connections).retain(|(c, _)| c.stable_id() != conn.stable_id());
     }
 
     fn close(&self, conn: ConnId, code: u32, reason: &str) {
-        if let Some(conn) = locked(&self.connections).iter().find(|c| conn_id(c) == conn) {
+        if let Some((conn, _)) = locked(&self.connections).iter().find(|(c, _)| conn_id(c) == conn) {
             conn.close(VarInt::from_u32(code), reason.as_bytes());
         }
     }
@@ -365,7 +378,7 @@ impl TargetContext {
         // In the order they connected: a transfer's control connection before its data
         // connections, as a network cut would be seen.
         let connections = std::mem::take(&mut *locked(&self.connections));
-        for conn in &connections {
+        for (conn, _) in &connections {
             conn.close(VarInt::from_u32(crate::quic::close_code::CANCELLED), b"connection dropped on purpose");
         }
         connections.len()

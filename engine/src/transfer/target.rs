@@ -95,8 +95,13 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<TargetContext>) {
                     return;
                 }
             };
-            ctx.connected(&conn);
             let peer = crate::tls::peer_node_id(&conn).map(|n| n.to_string());
+            if let Err(e) = ctx.connected(&conn, peer.as_deref()) {
+                let (_, code) = e.kind_and_code();
+                tracing::warn!(%remote, ?peer, "{e}");
+                conn.close(VarInt::from_u32(code), e.to_string().as_bytes());
+                return;
+            }
             match handle_connection(&conn, &ctx, &joins, peer.clone()).await {
                 Ok(()) => tracing::debug!(%remote, ?peer, "inbound transfer connection finished"),
                 Err(e) => {
