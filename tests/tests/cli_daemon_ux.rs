@@ -2,8 +2,9 @@
 //! an empty shard, a target's status before and after the target restarts, and the commands
 //! that print without a daemon writing into a reader that already left.
 //!
-//! What it checks: exit statuses, what stdout and stderr say, and the status fields a user
-//! reads (vShard, peer, bytes and files of the target's side).
+//! What it checks: exit statuses, what stdout and stderr say, the status fields a user reads
+//! (vShard, peer, bytes and files of the target's side), and that `ferry forget` leaves no
+//! `.ferry-snapshot/` folder on the source.
 //!
 //! What it does not: check the copies' bytes (daemon_migrations.rs does) or time anything.
 #![allow(clippy::unwrap_used, clippy::panic)]
@@ -76,6 +77,13 @@ fn migrate_refuses_an_empty_shard_unless_allowed_and_a_target_keeps_its_status_o
     let line = listed.lines().find(|l| l.starts_with("m-files")).unwrap_or_else(|| panic!("{listed}"));
     let words: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(&words[..5], ["m-files", "target", "Completed", "7", "source"], "{listed}");
+
+    // The source holds its snapshot links until `ferry forget`, which leaves no empty
+    // `.ferry-snapshot/` behind.
+    assert!(c.snapshot_dir("m-files").exists());
+    let out = Command::new(ferry_bin()).args(["forget", "m-files", "--socket"]).arg(&c.source.socket).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!root.join(".ferry-snapshot").exists(), "forget left .ferry-snapshot/ in {}", root.display());
 }
 
 /// A stdout whose reader is already gone (see cli_ux.rs).
