@@ -276,17 +276,34 @@ struct NodeClientVerifier {
     allowed_peers: Vec<NodeId>,
 }
 
-/// Why a client certificate that chains to the cluster CA was refused.
-#[derive(thiserror::Error)]
-#[error("client certificate names no node in this server's allow-list ({allowed}): issue it for an allowed node or add the node to the allow-list")]
+/// Why a client certificate that chains to the cluster CA was refused: the node it names (its
+/// node id, else every name it carries) is not in the allow-list.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "node {client} is not in this server's allow-list ({allowed}): add it to allowed_peers (--allow-peer) \
+     or connect as an allowed node"
+)]
 struct NotAllowedPeer {
+    client: String,
     allowed: String,
 }
 
-// rustls prints certificate errors with `Debug`: make that the readable message.
-impl fmt::Debug for NotAllowedPeer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
+impl NotAllowedPeer {
+    fn new(cert: &webpki::EndEntityCert<'_>, allowed_peers: &[NodeId]) -> Self {
+        let names: Vec<&str> = cert.valid_dns_names().collect();
+        let client = match names.iter().find_map(|name| NodeId::new(*name).ok()) {
+            Some(node) => node.to_string(),
+            None if names.is_empty() => "(a certificate without a DNS name)".to_owned(),
+            None => format!("({})", names.join(", ")),
+        };
+        let allowed: Vec<&str> = allowed_peers.iter().map(NodeId::as_str).collect();
+        Self { client, allowed: allowed.join(", ") }
+    }
+
+    /// As rustls reports it: `Error::Other`, whose message is this one's (an
+    /// `InvalidCertificate` would print it wrapped in `Other(OtherError(..))` debug text).
+    fn into_rustls(self) -> rustls::Error {
+        rustls::Error::Other(rustls::OtherError(Arc::new(self)))
     }
 }
 
@@ -321,9 +338,7 @@ impl ClientCertVerifier for NodeClientVerifier {
         if allowed {
             return Ok(verified);
         }
-        let allowed: Vec<&str> = self.allowed_peers.iter().map(NodeId::as_str).collect();
-        let err = NotAllowedPeer { allowed: allowed.join(", ") };
-        Err(rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(err)))))
+        Err(NotAllowedPeer::new(&cert, &self.allowed_peers).into_rustls())
     }
 
     fn verify_tls12_signature(
@@ -368,6 +383,23 @@ mod tests {
 
     fn node(name: &str) -> NodeId {
         NodeId::new(name).unwrap()
+    }
+
+    #[test]
+    fn a_node_outside_the_allow_list_is_refused_by_name_in_plain_words() {
+        let tmp = tempfile::tempdir().unwrap();
+        init_ca(tmp.path(), false).unwrap();
+        issue(tmp.path(), &node("node-c"), &IssueOptions::default()).unwrap();
+        let server = NodeIdentity::from_dir(tmp.path(), &node("node-c")).unwrap();
+        let client = server.cert_chain()[0].clone();
+        let webpki =
+            WebPkiClientVerifier::builder_with_provider(server.roots().unwrap(), crypto_provider()).build().unwrap();
+        let verifier = NodeClientVerifier { inner: webpki, allowed_peers: vec![node("node-a"), node("node-b")] };
+        let err = verifier.verify_client_cert(&client, &[], UnixTime::now()).unwrap_err().to_string();
+        assert!(err.contains("node node-c is not in this server's allow-list (node-a, node-b)"), "{err}");
+        assert!(err.contains("allowed_peers (--allow-peer)") && !err.contains("OtherError"), "{err}");
+        let open = NodeClientVerifier { allowed_peers: vec![node("node-c")], ..verifier };
+        open.verify_client_cert(&client, &[], UnixTime::now()).unwrap();
     }
 
     #[test]

@@ -278,7 +278,12 @@ async fn assert_refusal(cluster: &Cluster, server: &mut Server, case: Refusal) {
             return;
         }
         Refusal::WrongServerName => (cluster.client("node-b"), "node-c", "not valid for name"),
-        Refusal::PeerNotAllowed => (cluster.client("node-c"), "node-a", "allow-list"),
+        // A plain message naming the refused node (no `Other(OtherError(..))` debug text).
+        Refusal::PeerNotAllowed => (
+            cluster.client("node-c"),
+            "node-a",
+            "other error: node node-c is not in this server's allow-list (node-b, node-old)",
+        ),
         Refusal::ExpiredClientCert => (cluster.client("node-old"), "node-a", "expired"),
         Refusal::OtherAlpn => {
             let mut config = tls::client_tls_config(&cluster.identity("node-b")).unwrap();

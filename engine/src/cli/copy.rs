@@ -147,32 +147,44 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         let (progress_tx, progress_rx) = watch::channel(Progress::default());
         let printer = tokio::spawn(print_progress(progress_rx, request.wal.is_some()));
         let rate = RateHandle::new(request.rate_limit_bytes_per_sec, u64::from(request.chunk_len_bytes));
-        let result = source::copy(&identity, &QuicTuning::default(), request, progress_tx, rate).await;
+        let stop = stop_signal()?;
+        let tuning = QuicTuning::default();
+        let copy = source::copy(&identity, &tuning, request, progress_tx, rate);
+        // An interrupted copy ends like a failed one: what the target staged stays for a resume.
+        let result = tokio::select! {
+            result = copy => result.map_err(anyhow::Error::from),
+            signal = stop => Err(anyhow::anyhow!(
+                "interrupted by {signal}: the target keeps what it staged, the same command resumes"
+            )),
+        };
         printer.abort();
         result
     });
-    let report = match result {
-        Ok(report) => {
-            // Nothing needs the links any more: the base is staged (a repeat finds it so).
-            if let Err(e) = Snapshot::remove(&segments_root, &snapshot_id) {
-                tracing::warn!("cannot remove the snapshot links: {e}");
-            }
-            report
+    // An interrupted copy's blocking reads end on their own; they are not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    // Nothing needs the links any more, whatever the outcome: a copy that succeeded is staged,
+    // and one that failed resumes from what the target holds (the same command links the
+    // files again). Only a process killed outright leaves them (`ferry snapshots clean`).
+    if let Err(e) = Snapshot::remove(&segments_root, &snapshot_id) {
+        super::out::errln!(
+            "ferry: warning: {e}; `ferry snapshots clean --segments-root {} --migration-id {snapshot_id}` removes them",
+            segments_root.display()
+        );
+    }
+    print_report(&result?, json)
+}
+
+/// Resolves with the signal's name at the first SIGINT or SIGTERM.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
         }
-        Err(e) => {
-            let dir = Snapshot::dir_of(&segments_root, &snapshot_id);
-            if dir.exists() {
-                super::out::errln!(
-                    "ferry: the snapshot links in {} are kept so that the same command resumes; \
-                     `ferry snapshots clean --segments-root {} --migration-id {snapshot_id}` removes them",
-                    dir.display(),
-                    segments_root.display()
-                );
-            }
-            return Err(e.into());
-        }
-    };
-    print_report(&report, json)
+    })
 }
 
 /// The WAL to stream (`--wal-dir` and the flags about it), if any.
@@ -228,7 +240,8 @@ fn print_report(report: &CopyReport, json: bool) -> anyhow::Result<()> {
 
 /// Refuses a segments root without any file, unless `allow_empty`: a copy of nothing that
 /// "succeeds" is almost always a wrong path. Files named with --file are checked by the copy.
-fn check_not_empty(segments_root: &Path, files_named: bool, allow_empty: bool) -> anyhow::Result<()> {
+/// `ferry copy` and `ferry migrate` both check with it.
+pub(super) fn check_not_empty(segments_root: &Path, files_named: bool, allow_empty: bool) -> anyhow::Result<()> {
     if files_named || allow_empty {
         return Ok(());
     }

@@ -76,9 +76,13 @@ pub struct MigrateArgs {
     /// The vShard to migrate (its records are selected from --wal-dir).
     #[arg(long, required = true)]
     pub vshard: Option<u32>,
-    /// Folder holding the shard's immutable files on the source node (made absolute).
+    /// Folder holding the shard's immutable files on the source node (made absolute). One
+    /// without any file is refused unless --allow-empty says an empty shard is intended.
     #[arg(long, required = true)]
     pub segments_root: Option<PathBuf>,
+    /// Migrate an empty shard: a --segments-root without any file is intended, not a wrong path.
+    #[arg(long)]
+    pub allow_empty: bool,
     /// Files to ship, relative to the root (repeatable); default: every file under it.
     #[arg(long = "file")]
     pub files: Vec<String>,
@@ -266,6 +270,8 @@ fn live(args: &MigrateArgs) -> anyhow::Result<Option<(ShellWrites, CutOverOption
 pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
     let mut live = live(&args)?;
     let params = start_params(&args)?;
+    // The control socket is local: the daemon reads the same folder this command sees.
+    super::copy::check_not_empty(Path::new(&params.segments_root), params.files.is_some(), args.allow_empty)?;
     let socket = args.connect.socket_path()?;
     let json = args.connect.json;
     let (created, status, cut) = super::runtime()?.block_on(coordinate(&socket, &params, live.as_mut()))?;

@@ -231,6 +231,41 @@ mod tests {
         first.len() >= 12 && text.matches(first).count() > 1
     }
 
+    /// Every flag that takes a byte amount (a size, a rate) takes units, through one parser.
+    #[test]
+    fn every_size_flag_takes_units() {
+        let mut checked = Vec::new();
+        for (path, command) in every_command() {
+            for arg in command.get_arguments() {
+                let name = arg.get_long().unwrap_or(arg.get_id().as_str()).to_owned();
+                let sized = ["chunk-len", "rate-limit", "alignment", "bytes", "shard-size"];
+                if !sized.iter().any(|s| name.contains(s)) {
+                    continue;
+                }
+                // The flag alone, with its own value parser, in a command of its own.
+                let alone = clap::Command::new("one").arg(arg.clone());
+                let id = arg.get_id().as_str();
+                for (text, bytes) in [("1MiB", 1u64 << 20), ("500KB", 500_000), ("4096", 4096)] {
+                    let argv = match arg.get_long() {
+                        Some(long) => vec!["one".to_owned(), format!("--{long}"), text.to_owned()],
+                        None => vec!["one".to_owned(), text.to_owned()],
+                    };
+                    let matches = alone.clone().try_get_matches_from(argv);
+                    let matches = matches.unwrap_or_else(|e| panic!("{path} --{name} {text}: {e}"));
+                    let value = match matches.try_get_one::<u64>(id) {
+                        Ok(value) => value.copied(),
+                        Err(_) => matches.get_one::<u32>(id).map(|v| u64::from(*v)),
+                    };
+                    assert_eq!(value, Some(bytes), "{path} --{name} {text}");
+                }
+                checked.push(format!("{path} --{name}"));
+            }
+        }
+        // copy: chunk-len, rate-limit, wal-alignment, max-held-wal-bytes; migrate: chunk-len,
+        // rate-limit, wal-alignment; set-rate: bytes_per_sec; demo: shard-size, chunk-len.
+        assert_eq!(checked.len(), 10, "{checked:#?}");
+    }
+
     #[test]
     fn every_flag_has_help_and_no_help_says_its_first_words_twice() {
         for (path, command) in every_command() {

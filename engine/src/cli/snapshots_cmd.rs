@@ -4,9 +4,9 @@
 //! migration's files against compaction) and removes the ones the operator names.
 //!
 //! What it does not: know whether a daemon still runs the migration. A daemon removes its
-//! migrations' links itself (when they complete, fail or are forgotten), and `ferry copy`
-//! removes its own on success; these commands are for what a killed process or a failed
-//! `ferry copy` (kept so the same command resumes) left behind.
+//! migrations' links itself (`migration.abort`, `migration.forget`), and `ferry copy` removes
+//! its own when it ends (succeeded, failed or interrupted by SIGINT or SIGTERM); these
+//! commands are for what a killed process left behind.
 
 use std::path::PathBuf;
 

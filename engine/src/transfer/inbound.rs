@@ -331,11 +331,13 @@ impl TargetContext {
         locked(&self.received).entry(id.clone()).or_default().clone()
     }
 
-    /// A copy of every inbound migration's status.
+    /// A copy of every inbound migration's status. One found on disk and not offered again
+    /// since takes its vShard and files from its staging's manifest.
     pub fn inbound(&self) -> BTreeMap<MigrationId, InboundStatus> {
         let all: Vec<(MigrationId, Inbound)> = self.machine().iter().map(|(id, m)| (id.clone(), m.clone())).collect();
         all.into_iter()
-            .map(|(id, migration)| {
+            .map(|(id, mut migration)| {
+                self.manifests.fill_from_kept(&id, &mut migration);
                 let bytes_received_in_process = self.received_counter(&id).load(Ordering::Relaxed);
                 (id, InboundStatus { migration, bytes_received_in_process })
             })

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use ferry_wire::manifest::StagingManifest;
+use ferry_wire::proto::inbound::Inbound;
 use ferry_wire::MigrationId;
 
 use crate::staging::{self, StagingError, StagingLayout};
@@ -81,6 +82,24 @@ impl Manifests {
                 self.kept().remove(id);
                 Err(e)
             }
+        }
+    }
+
+    /// Fills what `inbound` lacks from the kept manifest of its staging, if any: a migration
+    /// this process found on disk (after a restart) and no source has offered again knows
+    /// only its state and source node; its manifest names the vShard and the files.
+    pub(crate) fn fill_from_kept(&self, id: &MigrationId, inbound: &mut Inbound) {
+        if inbound.vshard_id.is_some() {
+            return;
+        }
+        let kept = self.kept();
+        let Some(manifest) = kept.get(id) else { return };
+        inbound.vshard_id = Some(manifest.vshard_id);
+        inbound.files_total_count = manifest.segments.len() as u64;
+        inbound.bytes_total = manifest.segments.iter().map(|s| s.size_bytes).fold(0, u64::saturating_add);
+        if manifest.base_complete {
+            inbound.files_staged_count = inbound.files_total_count;
+            inbound.bytes_verified = inbound.bytes_total;
         }
     }
 
