@@ -1,14 +1,16 @@
-//! A UDP relay between two QUIC endpoints that a test can switch to drop every datagram: a
-//! network partition on loopback, with no root and no firewall.
+//! A UDP relay between two QUIC endpoints that a test can switch to drop every datagram (a
+//! network partition on loopback, with no root and no firewall), or make lossy.
 //!
 //! What it does: [`Relay::start`] binds a loopback socket (give its address to the client side
 //! as the peer's address; the TLS name is checked apart from the address, so the handshake
 //! still passes) and forwards every datagram it receives to `upstream`. Each distinct sender
 //! gets an upstream socket of its own, so the upstream's answers go back to that sender, as a
 //! NAT does. [`Relay::set_dropping`] drops every datagram in both directions until switched
-//! back; [`Relay::counts`] says how many were forwarded and dropped.
+//! back; [`Relay::set_faults`] makes it drop, corrupt (one bit flipped), duplicate or
+//! reorder (held back behind the next datagram) a share of the datagrams each way, drawn from
+//! a seed; [`Relay::counts`] says how many were forwarded, dropped and damaged.
 //!
-//! What it does not: reorder, delay, duplicate or corrupt datagrams, or forget a sender.
+//! What it does not: delay datagrams by a fixed time, or forget a sender.
 //!
 //! Invariants: at most [`SENDERS_MAX_COUNT`] senders get an upstream socket (datagrams of more
 //! are dropped and counted); a datagram is at most [`DATAGRAM_LEN_MAX_BYTES`]; every task the
@@ -28,11 +30,32 @@ pub const SENDERS_MAX_COUNT: usize = 64;
 /// Largest datagram relayed (UDP's own limit).
 pub const DATAGRAM_LEN_MAX_BYTES: usize = 65_535;
 
+/// Shares of datagrams (per 10,000, each way) the relay damages, and the seed it draws from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    pub seed: u64,
+    pub drop_per_10k: u32,
+    pub corrupt_per_10k: u32,
+    pub duplicate_per_10k: u32,
+    pub reorder_per_10k: u32,
+}
+
+/// What the relay does with one datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Drop,
+    Pass { corrupt_bit: Option<usize>, duplicate: bool, hold: bool },
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     dropping: AtomicBool,
+    faults: std::sync::Mutex<Option<(Faults, u64)>>,
     forwarded_count: AtomicU64,
     dropped_count: AtomicU64,
+    corrupted_count: AtomicU64,
+    duplicated_count: AtomicU64,
+    reordered_count: AtomicU64,
 }
 
 impl Shared {
@@ -46,13 +69,81 @@ impl Shared {
             true
         }
     }
+
+    /// The fate of a datagram of `len` bytes, drawn from the faults' seed.
+    fn fate(&self, len: usize) -> Fate {
+        if !self.pass() {
+            return Fate::Drop;
+        }
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((f, state)) = faults.as_mut() else {
+            return Fate::Pass { corrupt_bit: None, duplicate: false, hold: false };
+        };
+        let mut draw = |per_10k: u32| splitmix(state) % 10_000 < u64::from(per_10k);
+        if draw(f.drop_per_10k) {
+            self.dropped_count.fetch_add(1, Ordering::Relaxed);
+            return Fate::Drop;
+        }
+        let corrupt = draw(f.corrupt_per_10k) && len > 0;
+        let duplicate = draw(f.duplicate_per_10k);
+        let hold = draw(f.reorder_per_10k);
+        let corrupt_bit = corrupt.then(|| usize::try_from(splitmix(state) % (len as u64 * 8)).unwrap_or(0));
+        for (happened, count) in
+            [(corrupt, &self.corrupted_count), (duplicate, &self.duplicated_count), (hold, &self.reordered_count)]
+        {
+            if happened {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Fate::Pass { corrupt_bit, duplicate, hold }
+    }
 }
 
-/// Datagrams relayed and dropped so far, in both directions.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Datagrams relayed, dropped and damaged so far, in both directions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayCounts {
     pub forwarded_count: u64,
     pub dropped_count: u64,
+    pub corrupted_count: u64,
+    pub duplicated_count: u64,
+    pub reordered_count: u64,
+}
+
+/// Sends one datagram as its fate says; a datagram held back (`hold`) goes out after the next
+/// one sent the same way.
+struct Sender {
+    held: Option<Vec<u8>>,
+}
+
+impl Sender {
+    fn plan(&mut self, bytes: &[u8], fate: Fate) -> Vec<Vec<u8>> {
+        let Fate::Pass { corrupt_bit, duplicate, hold } = fate else { return Vec::new() };
+        let mut datagram = bytes.to_vec();
+        if let Some(bit) = corrupt_bit {
+            if let Some(byte) = datagram.get_mut(bit / 8) {
+                *byte ^= 1 << (bit % 8);
+            }
+        }
+        let mut out = Vec::new();
+        if hold && self.held.is_none() {
+            self.held = Some(datagram);
+            return out;
+        }
+        if duplicate {
+            out.push(datagram.clone());
+        }
+        out.push(datagram);
+        out.extend(self.held.take());
+        out
+    }
 }
 
 /// A running relay. See the module docs.
@@ -79,10 +170,19 @@ impl Relay {
         self.shared.dropping.store(dropping, Ordering::Release);
     }
 
+    /// Damages datagrams as `faults` says from now on (`None`: relays them intact).
+    pub fn set_faults(&self, faults: Option<Faults>) {
+        *self.shared.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults.map(|f| (f, f.seed));
+    }
+
     pub fn counts(&self) -> RelayCounts {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RelayCounts {
-            forwarded_count: self.shared.forwarded_count.load(Ordering::Relaxed),
-            dropped_count: self.shared.dropped_count.load(Ordering::Relaxed),
+            forwarded_count: load(&self.shared.forwarded_count),
+            dropped_count: load(&self.shared.dropped_count),
+            corrupted_count: load(&self.shared.corrupted_count),
+            duplicated_count: load(&self.shared.duplicated_count),
+            reordered_count: load(&self.shared.reordered_count),
         }
     }
 }
@@ -99,13 +199,15 @@ async fn front_loop(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Sha
     let mut senders: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut back_tasks = JoinSet::new();
     let mut buf = vec![0u8; DATAGRAM_LEN_MAX_BYTES];
+    let mut outs: HashMap<SocketAddr, Sender> = HashMap::new();
     loop {
         let Ok((len, sender)) = front.recv_from(&mut buf).await else {
             // A loopback socket only fails this way when something is badly wrong; stop relaying
             // (the peers see a partition that does not heal, and the test's deadlines fire).
             return;
         };
-        if !shared.pass() {
+        let fate = shared.fate(len);
+        if fate == Fate::Drop {
             continue;
         }
         let socket = match senders.get(&sender) {
@@ -125,8 +227,12 @@ async fn front_loop(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Sha
                 socket
             }
         };
-        // A send error (the upstream is gone: ECONNREFUSED) is a lost datagram, as on a network.
-        let _ = socket.send(buf.get(..len).unwrap_or_default()).await;
+        let out = outs.entry(sender).or_insert(Sender { held: None });
+        for datagram in out.plan(buf.get(..len).unwrap_or_default(), fate) {
+            // A send error (the upstream is gone: ECONNREFUSED) is a lost datagram, as on a
+            // network.
+            let _ = socket.send(&datagram).await;
+        }
     }
 }
 
@@ -139,6 +245,7 @@ async fn connected(upstream: SocketAddr) -> std::io::Result<UdpSocket> {
 /// Relays the upstream's answers to one sender.
 async fn back_loop(socket: Arc<UdpSocket>, front: Arc<UdpSocket>, sender: SocketAddr, shared: Arc<Shared>) {
     let mut buf = vec![0u8; DATAGRAM_LEN_MAX_BYTES];
+    let mut out = Sender { held: None };
     loop {
         let len = match socket.recv(&mut buf).await {
             Ok(len) => len,
@@ -146,8 +253,8 @@ async fn back_loop(socket: Arc<UdpSocket>, front: Arc<UdpSocket>, sender: Socket
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
             Err(_) => return,
         };
-        if shared.pass() {
-            let _ = front.send_to(buf.get(..len).unwrap_or_default(), sender).await;
+        for datagram in out.plan(buf.get(..len).unwrap_or_default(), shared.fate(len)) {
+            let _ = front.send_to(&datagram, sender).await;
         }
     }
 }
@@ -177,11 +284,32 @@ mod tests {
         assert!(quiet.is_err(), "a dropped datagram arrived");
         let quiet = tokio::time::timeout(Duration::from_millis(100), client.recv_from(&mut buf)).await;
         assert!(quiet.is_err(), "a dropped answer arrived");
-        assert_eq!(relay.counts(), RelayCounts { forwarded_count: 2, dropped_count: 2 });
+        let counts = relay.counts();
+        assert_eq!((counts.forwarded_count, counts.dropped_count), (2, 2));
 
         relay.set_dropping(false);
         client.send_to(b"again", relay.addr).await.unwrap();
         let (len, _) = server.recv_from(&mut buf).await.unwrap();
         assert_eq!(&buf[..len], b"again");
+    }
+
+    /// Damage is drawn from the seed: a duplicated datagram arrives twice, a corrupted one with
+    /// one bit flipped, a held one after the next.
+    #[test]
+    fn planned_fates_duplicate_corrupt_and_reorder() {
+        let mut out = Sender { held: None };
+        let pass = |corrupt_bit, duplicate, hold| Fate::Pass { corrupt_bit, duplicate, hold };
+        assert_eq!(out.plan(b"a", pass(None, true, false)), vec![b"a".to_vec(), b"a".to_vec()]);
+        assert_eq!(out.plan(&[0b0000_0000], pass(Some(3), false, false)), vec![vec![0b0000_1000]]);
+        assert!(out.plan(b"first", pass(None, false, true)).is_empty());
+        assert_eq!(out.plan(b"second", pass(None, false, false)), vec![b"second".to_vec(), b"first".to_vec()]);
+        assert!(out.plan(b"gone", Fate::Drop).is_empty());
+        let shared = Shared::default();
+        *shared.faults.lock().unwrap() = Some((
+            Faults { seed: 1, drop_per_10k: 5_000, corrupt_per_10k: 0, duplicate_per_10k: 0, reorder_per_10k: 0 },
+            1,
+        ));
+        let dropped = (0..1000).filter(|_| shared.fate(10) == Fate::Drop).count();
+        assert!((400..600).contains(&dropped), "{dropped} of 1000 dropped at 50%");
     }
 }
