@@ -21,7 +21,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ferry_wire::manifest::{ManifestError, StagingManifest, MANIFEST_FILE_NAME};
+use ferry_wire::manifest::{Integrity, ManifestError, StagingManifest, MANIFEST_FILE_NAME};
 use ferry_wire::path::RelPath;
 use ferry_wire::{MigrationId, NodeId};
 
@@ -94,7 +94,16 @@ pub fn read_manifest(storage: &dyn Storage, layout: &StagingLayout) -> Result<Op
         return Ok(None);
     }
     let bytes = storage.read_all(&path).map_err(io_err("read", &path))?;
-    StagingManifest::decode(&bytes).map(Some).map_err(|source| StagingError::Manifest { path, cause: source })
+    let (manifest, integrity) = StagingManifest::decode_checked(&bytes)
+        .map_err(|source| StagingError::Manifest { path: path.clone(), cause: source })?;
+    if integrity == Integrity::Unchecked {
+        tracing::warn!(
+            "{} was written by an earlier ferry and has no checksum of its own: it is trusted as read; \
+             the next manifest written for this staging carries one",
+            path.display()
+        );
+    }
+    Ok(Some(manifest))
 }
 
 /// Writes `MANIFEST.json` durably (temp file, fsync, rename, folder fsync).
@@ -161,15 +170,12 @@ pub fn write_manifest_prepared(
     manifest: &StagingManifest,
 ) -> Result<(), StagingError> {
     let (tmp, path) = (layout.manifest_tmp_path(), layout.manifest_path());
-    let mut bytes = manifest.encode();
     if storage.exists(&tmp) {
         let file = storage.open_rw(&tmp).map_err(io_err("open", &tmp))?;
         let prepared = usize::try_from(file.len_bytes().map_err(io_err("inspect", &tmp))?).unwrap_or(0);
-        if prepared > bytes.len() {
-            // Spaces, then the manifest's closing newline.
-            bytes.pop();
-            bytes.resize(prepared - 1, b' ');
-            bytes.push(b'\n');
+        if prepared > manifest.encode().len() {
+            // Spaces, then the manifest's closing newline; its checksum covers them.
+            let bytes = manifest.encode_padded(prepared);
             file.write_at(&bytes, 0).map_err(io_err("write", &tmp))?;
             file.sync_data().map_err(io_err("fsync", &tmp))?;
             drop(file);
