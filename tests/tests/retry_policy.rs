@@ -90,9 +90,9 @@ async fn nothing_listening_fails_at_the_deadline_naming_the_address() {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.local_addr().unwrap()
     };
-    let deadline = Duration::from_secs(2);
+    let deadline = Duration::from_millis(2_000);
     let mut req = request("m-port", src.path(), addr, 64 << 10);
-    req.retry = RetryPolicy::with_deadline_ms(deadline.as_millis() as u64);
+    req.retry = RetryPolicy::with_deadline_ms(2_000);
     let (result, took) = copy_as(&certs, "source", req).await;
     let e = result.unwrap_err();
     eprintln!("failed in {took:?}: {e}");

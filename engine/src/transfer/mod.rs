@@ -294,6 +294,7 @@ impl TransferError {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -314,8 +315,8 @@ mod tests {
 
     #[test]
     fn permanent_or_transient_is_the_errors_own_property() {
-        let addr: SocketAddr = "127.0.0.1:7070".parse().unwrap_or_else(|e| panic!("{e}"));
-        let node = NodeId::new("node-b").unwrap_or_else(|e| panic!("{e}"));
+        let addr: SocketAddr = "127.0.0.1:7070".parse().unwrap();
+        let node = NodeId::new("node-b").unwrap();
         for transient in [
             TransferError::Connection("lost".into()),
             TransferError::Timeout("the target's handshake"),
