@@ -8,7 +8,9 @@
 //! connection, each taking its next chunk from the machine, reading it with the
 //! [`ChunkReader`] (zero-copy `Bytes`) and honouring a [`TokenBucket`] rate limit that can
 //! change while the copy runs. A file is announced only after checking it did not change. A
-//! lost connection is reconnected and the copy resumes from what the target holds.
+//! lost connection is reconnected and the copy resumes from what the target holds, under the
+//! retry policy ([`ferry_wire::retry`]): a transient error ([`TransferError::is_transient`]) is
+//! retried until the deadline passes without progress, a permanent one fails the copy at once.
 //!
 //! What it does not: decide what a message means or what comes next (the machine does; no
 //! `Message` is matched here), or serve the fence itself (`fence_source`).
