@@ -398,6 +398,24 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_manifest_at_rest_is_refused_and_an_earlier_ferrys_is_read() {
+        let (storage, layout) = prepared();
+        let path = layout.manifest_path();
+        let good = storage.read_all(&path).unwrap();
+        // One bit of base_lsn's digit flipped on disk ("10" -> "11").
+        let at = good.windows(13).position(|w| w == b"\"base_lsn\": 1").unwrap() + 13;
+        let file = storage.open_rw(&path).unwrap();
+        file.write_at(&[good[at] ^ 1], at as u64).unwrap();
+        let e = read_manifest(&storage, &layout).unwrap_err();
+        assert!(matches!(e, StagingError::Manifest { cause: ManifestError::Damaged(_), .. }), "{e}");
+        assert!(e.to_string().contains("MANIFEST.json is damaged") && e.to_string().contains("/data"), "{e}");
+        // Written by an earlier ferry: the same JSON without the checksum line.
+        let legacy = [b"{\n".as_slice(), &good[ferry_wire::manifest::CHECKSUM_PREFIX_LEN_BYTES..]].concat();
+        storage.write_atomic(&layout.manifest_tmp_path(), &path, &legacy).unwrap();
+        assert_eq!(read_manifest(&storage, &layout).unwrap(), Some(copying()));
+    }
+
+    #[test]
     fn a_manifest_that_outgrew_its_prepared_file_is_written_the_plain_way() {
         let (storage, layout) = prepared();
         let big = fenced(500);
