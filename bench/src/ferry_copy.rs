@@ -93,6 +93,7 @@ pub async fn ferry_copy(
         commit: true,
         wal: None,
         cutover: None,
+        retry: ferry_wire::retry::RetryPolicy::default(),
     };
     let identity = certs.identity(SOURCE_NODE)?;
     let (progress, _progress_rx) = watch::channel(Progress::default());

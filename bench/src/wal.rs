@@ -256,6 +256,7 @@ pub fn request(
             poll_interval: ferry_engine::transfer::walsend::POLL_INTERVAL,
         }),
         cutover: None,
+        retry: ferry_wire::retry::RetryPolicy::default(),
     })
 }
 

@@ -49,6 +49,9 @@ pub struct NodeConfig {
     pub max_held_wal_bytes: u64,
     /// An unfinished migration found at start whose record is older than this is aborted.
     pub abort_timeout_secs: u64,
+    /// An outbound migration whose target keeps failing transiently (no answer, a lost
+    /// connection) fails after this long without progress; permanent failures fail at once.
+    pub retry_deadline_secs: u64,
     /// Refuse an inbound migration whose base does not fit in the data folder's free space.
     pub check_free_space: bool,
     /// Serve Prometheus metrics on this address (`GET /metrics`); none: no metrics endpoint.
@@ -82,6 +85,7 @@ impl Default for NodeConfig {
             rate_limit_bytes_per_sec: 0,
             max_held_wal_bytes: 4 << 30,
             abort_timeout_secs: 3600,
+            retry_deadline_secs: ferry_wire::retry::RETRY_DEADLINE_DEFAULT_MS / 1000,
             check_free_space: true,
             metrics_addr: None,
             log_format: LogFormatSetting::Text,
@@ -172,6 +176,9 @@ impl NodeConfig {
              max_held_wal_bytes = {}\n\
              # An unfinished migration found at daemon start whose record is older than this is aborted.\n\
              abort_timeout_secs = {}\n\
+             # An outbound migration whose target keeps failing transiently (no answer, a lost link) fails\n\
+             # after this long without progress; a refused certificate, allow-list or offer fails at once.\n\
+             retry_deadline_secs = {}\n\
              # Refuse an inbound migration whose base does not fit in the data folder's free space.\n\
              check_free_space = {}\n\
              # Serve Prometheus metrics on this address (GET /metrics); unset: no metrics endpoint.\n\
@@ -188,6 +195,7 @@ impl NodeConfig {
             d.rate_limit_bytes_per_sec,
             d.max_held_wal_bytes,
             d.abort_timeout_secs,
+            d.retry_deadline_secs,
             d.check_free_space,
         )
     }
@@ -209,6 +217,7 @@ mod tests {
         let config = NodeConfig::parse("node_id = \"node-b\"\n", Path::new("n.toml")).unwrap();
         assert_eq!(config.node_id, "node-b");
         assert_eq!(config.listen, NodeConfig::default().listen);
+        assert_eq!(config.retry_deadline_secs, 30, "a wrong target address fails within about 30 s");
         for (text, needle) in [
             ("nod_id = \"x\"", "unknown field"),
             ("listen = \"not an address\"", "listen"),

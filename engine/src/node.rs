@@ -157,6 +157,7 @@ fn outbound_config(config: &NodeConfig) -> OutboundConfig {
         max_held_wal_bytes: config.max_held_wal_bytes,
         abort_timeout: Duration::from_secs(config.abort_timeout_secs),
         tuning: QuicTuning::default(),
+        retry: ferry_wire::retry::RetryPolicy::with_deadline_ms(config.retry_deadline_secs.saturating_mul(1000)),
     }
 }
 

@@ -21,7 +21,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ferry_wire::manifest::{ManifestError, StagingManifest, MANIFEST_FILE_NAME};
+use ferry_wire::manifest::{Integrity, ManifestError, StagingManifest, MANIFEST_FILE_NAME};
 use ferry_wire::path::RelPath;
 use ferry_wire::{MigrationId, NodeId};
 
@@ -94,7 +94,16 @@ pub fn read_manifest(storage: &dyn Storage, layout: &StagingLayout) -> Result<Op
         return Ok(None);
     }
     let bytes = storage.read_all(&path).map_err(io_err("read", &path))?;
-    StagingManifest::decode(&bytes).map(Some).map_err(|source| StagingError::Manifest { path, cause: source })
+    let (manifest, integrity) = StagingManifest::decode_checked(&bytes)
+        .map_err(|source| StagingError::Manifest { path: path.clone(), cause: source })?;
+    if integrity == Integrity::Unchecked {
+        tracing::warn!(
+            "{} was written by an earlier ferry and has no checksum of its own: it is trusted as read; \
+             the next manifest written for this staging carries one",
+            path.display()
+        );
+    }
+    Ok(Some(manifest))
 }
 
 /// Writes `MANIFEST.json` durably (temp file, fsync, rename, folder fsync).
@@ -161,15 +170,12 @@ pub fn write_manifest_prepared(
     manifest: &StagingManifest,
 ) -> Result<(), StagingError> {
     let (tmp, path) = (layout.manifest_tmp_path(), layout.manifest_path());
-    let mut bytes = manifest.encode();
     if storage.exists(&tmp) {
         let file = storage.open_rw(&tmp).map_err(io_err("open", &tmp))?;
         let prepared = usize::try_from(file.len_bytes().map_err(io_err("inspect", &tmp))?).unwrap_or(0);
-        if prepared > bytes.len() {
-            // Spaces, then the manifest's closing newline.
-            bytes.pop();
-            bytes.resize(prepared - 1, b' ');
-            bytes.push(b'\n');
+        if prepared > manifest.encode().len() {
+            // Spaces, then the manifest's closing newline; its checksum covers them.
+            let bytes = manifest.encode_padded(prepared);
             file.write_at(&bytes, 0).map_err(io_err("write", &tmp))?;
             file.sync_data().map_err(io_err("fsync", &tmp))?;
             drop(file);
@@ -389,6 +395,24 @@ mod tests {
         write_manifest_prepared(&storage, &layout, &copying()).unwrap();
         let plain = storage.read_all(&layout.manifest_path()).unwrap();
         assert_eq!(plain, copying().encode());
+    }
+
+    #[test]
+    fn a_damaged_manifest_at_rest_is_refused_and_an_earlier_ferrys_is_read() {
+        let (storage, layout) = prepared();
+        let path = layout.manifest_path();
+        let good = storage.read_all(&path).unwrap();
+        // One bit of base_lsn's digit flipped on disk ("10" -> "11").
+        let at = good.windows(13).position(|w| w == b"\"base_lsn\": 1").unwrap() + 13;
+        let file = storage.open_rw(&path).unwrap();
+        file.write_at(&[good[at] ^ 1], at as u64).unwrap();
+        let e = read_manifest(&storage, &layout).unwrap_err();
+        assert!(matches!(e, StagingError::Manifest { cause: ManifestError::Damaged(_), .. }), "{e}");
+        assert!(e.to_string().contains("MANIFEST.json is damaged") && e.to_string().contains("/data"), "{e}");
+        // Written by an earlier ferry: the same JSON without the checksum line.
+        let legacy = [b"{\n".as_slice(), &good[ferry_wire::manifest::CHECKSUM_PREFIX_LEN_BYTES..]].concat();
+        storage.write_atomic(&layout.manifest_tmp_path(), &path, &legacy).unwrap();
+        assert_eq!(read_manifest(&storage, &layout).unwrap(), Some(copying()));
     }
 
     #[test]

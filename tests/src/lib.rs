@@ -249,6 +249,7 @@ pub fn request(id: &str, root: &Path, target: SocketAddr, chunk_len_bytes: u32) 
         commit: true,
         wal: None,
         cutover: None,
+        retry: ferry_wire::retry::RetryPolicy::default(),
     }
 }
 

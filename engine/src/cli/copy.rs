@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use ferry_wire::path::RelPath;
+use ferry_wire::retry::RetryPolicy;
 use ferry_wire::session::Progress;
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 use tokio::sync::watch;
@@ -98,6 +99,11 @@ pub struct CopyArgs {
     /// copy fails.
     #[arg(long, default_value = "4GiB", value_parser = parse_size)]
     pub max_held_wal_bytes: u64,
+    /// Seconds to keep retrying transient failures (no answer, a lost connection) without
+    /// progress before failing; permanent ones (a certificate name, the target's allow-list,
+    /// a protocol version, a refused offer) fail at once.
+    #[arg(long, default_value_t = ferry_wire::retry::RETRY_DEADLINE_DEFAULT_MS / 1000)]
+    pub retry_deadline_secs: u64,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -139,6 +145,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         commit: !args.no_commit,
         wal,
         cutover: None,
+        retry: RetryPolicy::with_deadline_ms(args.retry_deadline_secs.saturating_mul(1000)),
     };
     let json = args.json;
     let (segments_root, snapshot_id) = (request.segments_root.clone(), request.migration_id.clone());

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_wire::api::{MigrationStatus, Phase, PhaseRecord, Role, StartParams, WalProgress};
 use ferry_wire::proto::outbound::{Lifecycle, OutboundRefusal};
+use ferry_wire::retry::RetryPolicy;
 use ferry_wire::session::Progress;
 use ferry_wire::wal::{Layout, LayoutChoice};
 use ferry_wire::{Lsn, MigrationId, VShardId};
@@ -57,6 +58,8 @@ pub struct OutboundConfig {
     pub max_held_wal_bytes: u64,
     pub abort_timeout: Duration,
     pub tuning: QuicTuning,
+    /// How long each migration's copy retries transient failures without progress.
+    pub retry: RetryPolicy,
 }
 
 /// Why a request about outbound migrations failed, by blame.
@@ -309,6 +312,7 @@ impl Outbound {
                 poll_interval: crate::transfer::walsend::POLL_INTERVAL,
             }),
             cutover,
+            retry: self.config.retry,
         })
     }
 

@@ -50,6 +50,8 @@ use ferry_wire::message::{ErrorKind, MessageError};
 use ferry_wire::proto::conversation::ConversationError;
 use ferry_wire::proto::inbound::InboundError;
 use ferry_wire::session::SessionError;
+use ferry_wire::NodeId;
+use std::net::SocketAddr;
 
 use crate::quic::close_code;
 use crate::snapshot::SnapshotError;
@@ -86,6 +88,22 @@ pub enum TransferError {
     Connection(String),
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// This node refused the target's certificate at the TLS handshake: it does not carry the
+    /// name dialled, or comes from another CA. Retrying cannot help.
+    #[error("the certificate of {addr} was refused for target node {target_node} ({reason}): check that {target_node} is the target's node id (the name in its certificate) and that both nodes use the same cluster CA")]
+    TargetCertificate { addr: SocketAddr, target_node: NodeId, reason: String },
+    /// The target refused this node at the TLS handshake: not in its allow-list, a certificate
+    /// it does not trust, or another protocol (ALPN). Retrying cannot help. The refusal may
+    /// arrive after this side finished its handshake (TLS 1.3 clients finish first), on the
+    /// first stream; `addr` is then filled in by the copy ([`Self::at_target`]).
+    #[error("the target{} refused this node at the TLS handshake ({reason}): add this node to the target's allowed_peers, or check that both nodes use the same cluster CA and ferry version", at(.addr))]
+    RefusedByTarget { addr: Option<SocketAddr>, reason: String },
+    /// Nothing answered at the address until the retry deadline passed.
+    #[error("no ferry daemon answered at {addr} within {waited_s} s: is a daemon listening there? check the target address and port (and any firewall on UDP)")]
+    Unreachable { addr: SocketAddr, waited_s: u64 },
+    /// Transient failures went on until the retry deadline passed; `last` is the last one.
+    #[error("gave up on {addr} after {waited_s} s of retrying without progress: {last}")]
+    RetriesExhausted { addr: SocketAddr, waited_s: u64, last: Box<TransferError> },
     #[error("{0}")]
     Local(String),
 }
@@ -128,6 +146,16 @@ impl From<quinn::ConnectionError> for TransferError {
     /// user reads the peer's error and not just "connection lost".
     fn from(e: quinn::ConnectionError) -> Self {
         match e {
+            // The peer closed the connection with a TLS alert: it refused this node's
+            // certificate (or protocol) at the handshake.
+            quinn::ConnectionError::ConnectionClosed(close) if is_tls_alert(close.error_code) => {
+                let reason = String::from_utf8_lossy(&close.reason).into_owned();
+                let reason = if reason.is_empty() { close.error_code.to_string() } else { reason };
+                Self::RefusedByTarget { addr: None, reason }
+            }
+            quinn::ConnectionError::VersionMismatch => {
+                Self::RefusedByTarget { addr: None, reason: "no QUIC version in common".into() }
+            }
             quinn::ConnectionError::ApplicationClosed(close) => {
                 let code = u32::try_from(close.error_code.into_inner()).unwrap_or(u32::MAX);
                 let message = String::from_utf8_lossy(&close.reason).into_owned();
@@ -174,11 +202,51 @@ fn kind_of_close_code(code: u32) -> Option<ErrorKind> {
     })
 }
 
+/// " at ADDR", or nothing when the address is not known.
+fn at(addr: &Option<SocketAddr>) -> String {
+    addr.map(|addr| format!(" at {addr}")).unwrap_or_default()
+}
+
+/// Whether a QUIC close code is a TLS alert (the crypto range of RFC 9000 section 20.1): the
+/// handshake failed on a certificate, a name or the protocol, which no retry changes.
+fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
+    (0x100..=0x1ff).contains(&u64::from(code))
+}
+
 impl TransferError {
+    /// The error of a handshake with the target at `addr`, dialled as `target_node`: a TLS
+    /// alert is permanent and says whose certificate was refused; anything else (no answer, a
+    /// lost packet) is a [`Self::Connection`] a retry may get past.
+    pub fn from_handshake(e: quinn::ConnectionError, addr: SocketAddr, target_node: &NodeId) -> Self {
+        match e {
+            // This node's TLS stack refused the target's certificate (or its protocol).
+            quinn::ConnectionError::TransportError(t) if is_tls_alert(t.code) => {
+                Self::TargetCertificate { addr, target_node: target_node.clone(), reason: t.reason }
+            }
+            other => Self::from(other).at_target(addr),
+        }
+    }
+
+    /// Names the target's address in an error that was made without it.
+    pub fn at_target(self, target: SocketAddr) -> Self {
+        match self {
+            Self::RefusedByTarget { addr: None, reason } => Self::RefusedByTarget { addr: Some(target), reason },
+            other => other,
+        }
+    }
+
     /// Whether a new connection may get past this error (the source then reconnects and
-    /// resumes): a lost or cut connection, a timeout, a target that was shutting down.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Connection(_) | Self::Timeout(_) | Self::Peer { kind: ErrorKind::Cancelled, .. })
+    /// resumes, under the [`ferry_wire::retry`] deadline): a lost or cut connection, a timeout,
+    /// a target that was shutting down, an admission the target's machine says may pass
+    /// later. Everything else is permanent and fails the copy at once: a refused certificate
+    /// or allow-list, another protocol version, a refused offer, a malformed or misbehaving
+    /// peer, a local failure.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connection(_) | Self::Timeout(_) | Self::Peer { kind: ErrorKind::Cancelled, .. } => true,
+            Self::Inbound(e) => e.is_transient(),
+            _ => false,
+        }
     }
 
     /// The label of the errors metric: from the error's kind, never from its text.
@@ -186,6 +254,8 @@ impl TransferError {
         match self {
             Self::Connection(_) | Self::Timeout(_) => "connection",
             Self::Peer { kind: ErrorKind::Cancelled, .. } => "connection",
+            Self::Unreachable { .. } | Self::RetriesExhausted { .. } => "connection",
+            Self::TargetCertificate { .. } | Self::RefusedByTarget { .. } => "refused",
             _ => match self.kind_and_code().0 {
                 ErrorKind::Refused => "refused",
                 ErrorKind::Checksum => "checksum",
@@ -214,13 +284,17 @@ impl TransferError {
             | Self::Read { .. } => (ErrorKind::Storage, close_code::STORAGE),
             Self::Staging(_) | Self::ChunkChecksum { .. } => (ErrorKind::Checksum, close_code::CHECKSUM),
             Self::Refused(_) | Self::Inbound(_) => (ErrorKind::Refused, close_code::REFUSED),
-            Self::Timeout(_) => (ErrorKind::Cancelled, close_code::TIMEOUT),
+            Self::Timeout(_) | Self::Unreachable { .. } | Self::RetriesExhausted { .. } => {
+                (ErrorKind::Cancelled, close_code::TIMEOUT)
+            }
+            Self::TargetCertificate { .. } | Self::RefusedByTarget { .. } => (ErrorKind::Refused, close_code::REFUSED),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -237,5 +311,33 @@ mod tests {
         assert_eq!(refused.metric_kind(), "refused");
         assert_eq!(TransferError::Protocol("x".into()).kind_and_code().0, ErrorKind::Protocol);
         assert_eq!(TransferError::Timeout("hello").metric_kind(), "connection");
+    }
+
+    #[test]
+    fn permanent_or_transient_is_the_errors_own_property() {
+        let addr: SocketAddr = "127.0.0.1:7070".parse().unwrap();
+        let node = NodeId::new("node-b").unwrap();
+        for transient in [
+            TransferError::Connection("lost".into()),
+            TransferError::Timeout("the target's handshake"),
+            TransferError::Peer { kind: ErrorKind::Cancelled, message: "shutting down".into() },
+            TransferError::Inbound(InboundError::AtCapacity { active_count: 4, limit: 4 }),
+        ] {
+            assert!(transient.is_transient(), "{transient}");
+        }
+        for permanent in [
+            TransferError::TargetCertificate { addr, target_node: node, reason: "name".into() },
+            TransferError::RefusedByTarget { addr: None, reason: "allow-list".into() }.at_target(addr),
+            TransferError::IncompatibleVersion { ours: 2, theirs: 1 },
+            TransferError::Peer { kind: ErrorKind::Refused, message: "no space".into() },
+            TransferError::Malformed("bad frame".into()),
+            TransferError::Protocol("unexpected".into()),
+            TransferError::Unreachable { addr, waited_s: 30 },
+        ] {
+            assert!(!permanent.is_transient(), "{permanent}");
+        }
+        let refused = TransferError::RefusedByTarget { addr: None, reason: "x".into() };
+        assert!(refused.to_string().starts_with("the target refused"), "{refused}");
+        assert!(refused.at_target(addr).to_string().starts_with("the target at 127.0.0.1:7070 refused"));
     }
 }

@@ -8,7 +8,9 @@
 //! connection, each taking its next chunk from the machine, reading it with the
 //! [`ChunkReader`] (zero-copy `Bytes`) and honouring a [`TokenBucket`] rate limit that can
 //! change while the copy runs. A file is announced only after checking it did not change. A
-//! lost connection is reconnected and the copy resumes from what the target holds.
+//! lost connection is reconnected and the copy resumes from what the target holds, under the
+//! retry policy ([`ferry_wire::retry`]): a transient error ([`TransferError::is_transient`]) is
+//! retried until the deadline passes without progress, a permanent one fails the copy at once.
 //!
 //! What it does not: decide what a message means or what comes next (the machine does; no
 //! `Message` is matched here), or serve the fence itself (`fence_source`).
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 use ferry_wire::message::{Offer, OfferFile};
 use ferry_wire::path::RelPath;
 use ferry_wire::proto::source::{CopyPlan, SourceAction, SourceConversation, SourceState};
+use ferry_wire::retry::{Decision, Retries, RetryPolicy};
 use ferry_wire::session::Progress;
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 use quinn::{Connection, VarInt};
@@ -48,7 +51,10 @@ use ferry_wire::limits::CONTROL_BODY_LEN_MAX_BYTES;
 const JOIN_LOST_GRACE: Duration = Duration::from_secs(1);
 
 /// How long to wait for the target to answer the handshake and hello.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(CONNECT_TIMEOUT_MS);
+const CONNECT_TIMEOUT_MS: u64 = 15_000;
+/// What a handshake that got no answer timed out waiting for.
+const HANDSHAKE: &str = "the target's handshake";
 
 /// What to copy, where, and how.
 #[derive(Debug, Clone)]
@@ -81,6 +87,8 @@ pub struct CopyRequest {
     /// A live migration run by a daemon: once the base is staged, the copy streams the WAL and
     /// serves the daemon's fence commands; a completed fence ends it (`CopyReport::fenced`).
     pub cutover: Option<CutOver>,
+    /// How long transient failures are retried without progress before the copy fails.
+    pub retry: RetryPolicy,
 }
 
 /// What a finished copy reports.
@@ -106,8 +114,19 @@ pub struct CopyReport {
     pub bytes_resumed: u64,
 }
 
-/// Consecutive attempts without progress before a copy gives up reconnecting.
-const RECONNECT_ATTEMPTS_MAX: u32 = 40;
+/// The error a copy fails with once its retry deadline passed: a target that never answered
+/// is named as unreachable, anything else keeps its last error.
+fn gave_up(last: TransferError, addr: SocketAddr, waited_ms: u64) -> TransferError {
+    let waited_s = (waited_ms + 500) / 1000;
+    match last {
+        TransferError::Timeout(HANDSHAKE) => TransferError::Unreachable { addr, waited_s },
+        last => TransferError::RetriesExhausted { addr, waited_s, last: Box::new(last) },
+    }
+}
+
+fn monotonic_ms() -> u64 {
+    monotonic_ns() / 1_000_000
+}
 
 /// Runs a whole base copy as the source. Progress is published on `progress`. A lost
 /// connection is reconnected and the copy resumes from what the target holds.
@@ -143,23 +162,29 @@ pub async fn copy(
         .map_err(|e| TransferError::Local(format!("cannot start the chunk reader: {e}")))?,
     );
     let read_mode = reader.mode().to_string();
-    let mut failures = 0u32;
+    let mut retries = Retries::new(request.retry, monotonic_ms());
     let mut reconnects_count = 0u32;
     let outcome = loop {
         let before = progress.borrow().bytes_transferred;
-        match attempt(identity, tuning, &request, &offer, &snapshot, &reader, &progress, &rate).await {
+        let handshake = Duration::from_millis(retries.attempt_budget_ms(monotonic_ms(), CONNECT_TIMEOUT_MS));
+        let result = attempt(identity, tuning, &request, &offer, &snapshot, &reader, &progress, &rate, handshake).await;
+        let e = match result {
             Ok(outcome) => break outcome,
-            Err(e) if e.is_retryable() => {
-                failures = if progress.borrow().bytes_transferred > before { 1 } else { failures + 1 };
-                if failures >= RECONNECT_ATTEMPTS_MAX {
-                    return Err(e);
-                }
-                reconnects_count += 1;
-                let backoff = Duration::from_millis(u64::from(failures.min(8)) * 250);
-                tracing::warn!(migration = %request.migration_id, "transfer interrupted ({e}); reconnecting in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-            }
+            Err(e) if e.is_transient() => e,
             Err(e) => return Err(e),
+        };
+        let progressed = progress.borrow().bytes_transferred > before;
+        match retries.failed(monotonic_ms(), progressed) {
+            Decision::RetryAfterMs(backoff_ms) => {
+                reconnects_count += 1;
+                tracing::warn!(
+                    migration = %request.migration_id,
+                    "transfer interrupted ({e}); reconnecting to {} in {backoff_ms} ms",
+                    request.target_addr
+                );
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            }
+            Decision::GiveUp { waited_ms } => return Err(gave_up(e, request.target_addr, waited_ms)),
         }
     };
     let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -207,6 +232,7 @@ impl Link {
         tuning: &QuicTuning,
         request: &CopyRequest,
         bulk: bool,
+        handshake: Duration,
     ) -> Result<Self, TransferError> {
         let endpoint = crate::quic::client_endpoint(request.target_addr, tuning)
             .map_err(|e| TransferError::Connection(format!("cannot open a UDP socket: {e}")))?;
@@ -219,9 +245,10 @@ impl Link {
         let connecting = endpoint
             .connect_with(config, request.target_addr, request.target_node.as_str())
             .map_err(|e| TransferError::Connection(e.to_string()))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let conn = tokio::time::timeout(handshake, connecting)
             .await
-            .map_err(|_| TransferError::Timeout("the target's handshake"))??;
+            .map_err(|_| TransferError::Timeout(HANDSHAKE))?
+            .map_err(|e| TransferError::from_handshake(e, request.target_addr, &request.target_node))?;
         Ok(Self { endpoint, conn })
     }
 
@@ -244,17 +271,18 @@ async fn attempt(
     reader: &Arc<ChunkReader>,
     progress: &watch::Sender<Progress>,
     rate: &RateHandle,
+    handshake: Duration,
 ) -> Result<Outcome, TransferError> {
     // An offline copy's first connection carries chunks too; a live copy's carries the control
     // and WAL streams only, and its chunks go on connections of their own.
-    let link = Link::open(identity, tuning, request, request.wal.is_none()).await?;
+    let link = Link::open(identity, tuning, request, request.wal.is_none(), handshake).await?;
     let mut extra = Vec::new();
     let result = run(&link.conn, &mut extra, identity, tuning, request, offer, snapshot, reader, progress, rate).await;
     for link in extra {
         link.close(&result).await;
     }
     link.close(&result).await;
-    result
+    result.map_err(|e| e.at_target(request.target_addr))
 }
 
 /// Runs the copy's conversation on a fresh control stream: executes the machine's actions
@@ -444,7 +472,7 @@ async fn join(
     tuning: &QuicTuning,
     request: &CopyRequest,
 ) -> Result<Link, TransferError> {
-    let link = Link::open(identity, tuning, request, true).await?;
+    let link = Link::open(identity, tuning, request, true, CONNECT_TIMEOUT).await?;
     let (mut send, mut recv) = link.conn.open_bi().await?;
     let mut machine = SourceConversation::join(identity.node_id(), request.migration_id.clone());
     match super::request::converse(&mut machine, &mut send, &mut recv, Some(CONNECT_TIMEOUT)).await {

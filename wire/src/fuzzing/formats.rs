@@ -12,7 +12,7 @@ use crate::api::{FenceParams, PhaseRecord, StartParams};
 use crate::checkpoint::{self, LogRecord, LOG_HEADER_LEN_BYTES, LOG_RECORD_LEN_BYTES};
 use crate::control::{self, LineReader};
 use crate::frame::{self, Decoded, FrameKind, HEADER_LEN_BYTES};
-use crate::manifest::StagingManifest;
+use crate::manifest::{StagingManifest, CHECKSUM_PREFIX_LEN_BYTES};
 use crate::message::Message;
 use crate::wal::cursor::{Cursor, CursorConfig, LayoutChoice, Mode, Step};
 use crate::wal::{check_record, first_record, record_crc, Layout, Preamble, RecordHeader, PREAMBLE_LEN_BYTES};
@@ -89,9 +89,17 @@ pub fn message(data: &[u8]) {
     let _ = crate::proto::target::check_wal_start(Some(message));
 }
 
-/// `MANIFEST.json`: what decodes re-encodes to the same manifest.
+/// `MANIFEST.json`: what decodes re-encodes to the same manifest. Fix-up (the input has no
+/// mode byte, so its length picks: three lengths in four): a file that opens with its checksum
+/// line gets the checksum of what follows it, so the fuzzer reaches the JSON.
 pub fn manifest(data: &[u8]) {
-    let Ok(manifest) = StagingManifest::decode(data) else { return };
+    let mut buf = data.to_vec();
+    let head = b"{\n  \"manifest_crc32c\": \"";
+    if data.len() % 4 != 3 && buf.starts_with(head) && buf.len() >= CHECKSUM_PREFIX_LEN_BYTES {
+        let crc = crate::crc32c(&buf[CHECKSUM_PREFIX_LEN_BYTES..]);
+        buf[head.len()..head.len() + 8].copy_from_slice(format!("{crc:08x}").as_bytes());
+    }
+    let Ok(manifest) = StagingManifest::decode(&buf) else { return };
     let again = StagingManifest::decode(&manifest.encode());
     assert!(again.is_ok(), "{manifest:?} does not decode from its own encoding: {again:?}");
 }

@@ -15,6 +15,8 @@
 //! never carry it), or run libFuzzer (the fuzz crate does; see `wire/fuzz/README.md`).
 #![allow(clippy::panic, clippy::unwrap_used)]
 
+#[cfg(test)]
+mod flips;
 pub mod formats;
 pub mod proto;
 pub mod seeds;
