@@ -38,8 +38,8 @@ async fn main() -> anyhow::Result<()> {
         while let Some(event) = events.next().await? {
             match event {
                 MigrationEvent::Status { kind, status } => println!(
-                    "event {kind:?}: {} {:?} {}/{} bytes",
-                    status.migration_id, status.phase, status.bytes_transferred, status.bytes_total
+                    "event {kind:?}: {} {:?} {:?} {}/{} bytes",
+                    status.migration_id, status.role, status.phase, status.bytes_transferred, status.bytes_total
                 ),
                 MigrationEvent::Dropped { dropped_count } => {
                     println!("{dropped_count} events dropped; ask the status again")
