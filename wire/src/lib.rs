@@ -29,6 +29,7 @@ pub mod plant;
 pub mod proto;
 pub mod quote;
 pub mod rate;
+pub mod rdma;
 pub mod session;
 pub mod slots;
 pub mod wal;

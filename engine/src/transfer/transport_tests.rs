@@ -23,7 +23,7 @@ use super::chunklog::ChunkLog;
 use super::chunks_in::{accept_chunk_streams, Inbound};
 use super::rate::RateHandle;
 use super::ship::send_stream;
-use super::transport::memory;
+use super::transport::{memory, ChunkArrivals, ChunkLanes};
 use crate::read::{ChunkReader, ReadMode, ReaderConfig, SourceFile};
 use crate::staging::{self, StagingLayout};
 use crate::storage::{DiskStorage, Storage};
@@ -32,6 +32,13 @@ const CHUNK: u32 = 64 << 10;
 
 #[tokio::test]
 async fn chunks_cross_in_memory_lanes_between_the_real_machines_into_a_staging() {
+    let (opener, acceptor) = memory::path();
+    copy_one_file_over(opener, acceptor, 3).await;
+}
+
+/// Copies a 1 MB file from a source's chunk streams (`lanes_count` of them, on `lanes`) to a
+/// target's (on `arrivals`) through the production machines, and checks what landed.
+pub(super) async fn copy_one_file_over<L: ChunkLanes, A: ChunkArrivals>(lanes: L, arrivals: A, lanes_count: usize) {
     let dir = tempfile::tempdir().unwrap();
     let data: Vec<u8> = (0..1_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let source_path = dir.path().join("seg-1");
@@ -80,19 +87,18 @@ async fn chunks_cross_in_memory_lanes_between_the_real_machines_into_a_staging()
         received: Arc::new(AtomicU64::new(0)),
     });
 
-    let (opener, acceptor) = memory::path();
     let (events_tx, mut events) = mpsc::channel(64);
-    let receiver = tokio::spawn(accept_chunk_streams(acceptor, inbound.clone(), events_tx));
+    let receiver = tokio::spawn(accept_chunk_streams(arrivals, inbound.clone(), events_tx));
     let reader = Arc::new(ChunkReader::new(ReadMode::Pread, ReaderConfig::default()).unwrap());
     let files = Arc::new(vec![SourceFile::open_shared(&source_path).unwrap()]);
     let (chunk_read, rate, origin) = (Arc::new(Notify::new()), RateHandle::new(0, u64::from(CHUNK)), Instant::now());
-    let mut lanes = Vec::new();
-    for _ in 0..3 {
+    let mut senders = Vec::new();
+    for _ in 0..lanes_count {
         let (opener, files, reader, source, chunk_read, rate) =
-            (opener.clone(), files.clone(), reader.clone(), source.clone(), chunk_read.clone(), rate.clone());
-        lanes.push(tokio::spawn(send_stream(opener, files, reader, source, chunk_read, rate, origin)));
+            (lanes.clone(), files.clone(), reader.clone(), source.clone(), chunk_read.clone(), rate.clone());
+        senders.push(tokio::spawn(send_stream(opener, files, reader, source, chunk_read, rate, origin)));
     }
-    for lane in lanes {
+    for lane in senders {
         lane.await.unwrap().unwrap();
     }
 
