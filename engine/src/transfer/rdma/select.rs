@@ -40,7 +40,7 @@ pub struct RdmaSettings {
     /// A device name (`mlx5_0`); none: the first usable one.
     pub device: Option<String>,
     pub port: u8,
-    pub gid_index: u32,
+    pub gid_index: u8,
     /// Fail instead of falling back to QUIC.
     pub require: bool,
 }
@@ -130,6 +130,52 @@ pub fn choose(
     Ok(Choice::QuicFallback { reason })
 }
 
+/// Whether `ferry serve` ships a transfer's chunks over the RDMA lanes. Not yet: the lanes,
+/// the handshake and the adapter exist and run in tests (fake device) and `hwtests` (real
+/// device), but the daemon's copy still opens QUIC streams only; a usable device is reported,
+/// and the daemon falls back to QUIC saying so.
+pub const DAEMON_SHIPS_RDMA: bool = false;
+
+/// What a node runs with, as `node.info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TransportStatus {
+    pub configured: TransportSetting,
+    pub in_use: TransportSetting,
+    /// Why RDMA was asked for and QUIC is used.
+    pub fallback_reason: Option<String>,
+    pub rdma_compiled: bool,
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// Probes, decides and reports: the daemon's start. An error when RDMA is required and cannot
+/// be had.
+pub fn settle(want: TransportSetting, settings: &RdmaSettings) -> Result<TransportStatus, RdmaRequired> {
+    let devices = if want == TransportSetting::Rdma || COMPILED {
+        probe_devices(Path::new(SYSFS_DEVICES), settings.port)
+    } else {
+        Vec::new()
+    };
+    let choice = match choose(want, settings, COMPILED, &devices)? {
+        Choice::Rdma { device } if !DAEMON_SHIPS_RDMA => {
+            let reason = format!("device {device} is usable, but ferry serve does not ship chunks over RDMA yet");
+            if settings.require {
+                return Err(RdmaRequired(reason));
+            }
+            Choice::QuicFallback { reason }
+        }
+        other => other,
+    };
+    let (in_use, fallback_reason) = match choice {
+        Choice::Quic => (TransportSetting::Quic, None),
+        Choice::Rdma { .. } => (TransportSetting::Rdma, None),
+        Choice::QuicFallback { reason } => {
+            report_fallback(&reason);
+            (TransportSetting::Quic, Some(reason))
+        }
+    };
+    Ok(TransportStatus { configured: want, in_use, fallback_reason, rdma_compiled: COMPILED, devices })
+}
+
 /// Says loudly that RDMA was asked for and QUIC is used: a warning and the fallback metric
 /// (the daemon also publishes it as an event).
 pub fn report_fallback(reason: &str) {
@@ -147,6 +193,18 @@ mod tests {
 
     fn settings(device: Option<&str>, require: bool) -> RdmaSettings {
         RdmaSettings { device: device.map(str::to_owned), port: 1, gid_index: 0, require }
+    }
+
+    #[test]
+    fn a_node_that_asks_for_rdma_here_says_why_it_uses_quic_or_fails_when_required() {
+        let before = FALLBACKS_TOTAL.load(Ordering::Relaxed);
+        let status = settle(TransportSetting::Rdma, &settings(None, false)).unwrap();
+        assert_eq!(status.in_use, TransportSetting::Quic);
+        assert!(status.fallback_reason.is_some());
+        assert!(FALLBACKS_TOTAL.load(Ordering::Relaxed) > before, "the fallback is counted");
+        assert!(settle(TransportSetting::Rdma, &settings(None, true)).is_err());
+        let quic = settle(TransportSetting::Quic, &settings(None, true)).unwrap();
+        assert_eq!((quic.in_use, quic.fallback_reason), (TransportSetting::Quic, None));
     }
 
     #[test]
