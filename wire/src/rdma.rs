@@ -34,6 +34,7 @@ pub const LANES_MAX: usize = 64;
 /// Receive slots per lane: chunks in flight on one lane.
 pub const SLOTS_PER_LANE_MAX: usize = 64;
 /// A slot holds one chunk frame: its 32-byte header and the largest chunk.
+#[allow(clippy::cast_possible_truncation)] // a 32-byte header
 pub const SLOT_LEN_MAX_BYTES: u32 = CHUNK_LEN_MAX_BYTES + crate::frame::HEADER_LEN_BYTES as u32;
 /// The largest encoded handshake (every lane with every slot).
 pub const HANDSHAKE_LEN_MAX_BYTES: usize = 3 + LANES_MAX * (LANE_FIXED_BYTES + SLOTS_PER_LANE_MAX * SLOT_BYTES);
@@ -80,18 +81,18 @@ pub enum RdmaHandshakeError {
 impl RdmaHandshake {
     /// The bytes of the handshake; fails (caller's misuse) when a count is over its limit.
     pub fn encode(&self) -> Result<Vec<u8>, RdmaHandshakeError> {
-        check_limit("lanes", self.lanes.len() as u64, LANES_MAX as u64)?;
+        let lanes_count = count_within("lanes", self.lanes.len(), LANES_MAX)?;
         let mut out = Vec::with_capacity(HANDSHAKE_LEN_MAX_BYTES.min(1024));
         out.push(HANDSHAKE_VERSION);
-        out.extend_from_slice(&(self.lanes.len() as u16).to_le_bytes());
+        out.extend_from_slice(&lanes_count.to_le_bytes());
         for lane in &self.lanes {
-            check_limit("slots", lane.slots.len() as u64, SLOTS_PER_LANE_MAX as u64)?;
+            let slots_count = count_within("slots", lane.slots.len(), SLOTS_PER_LANE_MAX)?;
             check_limit("slot length", u64::from(lane.slot_len_bytes), u64::from(SLOT_LEN_MAX_BYTES))?;
             out.extend_from_slice(&lane.qpn.to_le_bytes());
             out.extend_from_slice(&lane.lid.to_le_bytes());
             out.extend_from_slice(&lane.gid);
             out.extend_from_slice(&lane.slot_len_bytes.to_le_bytes());
-            out.extend_from_slice(&(lane.slots.len() as u16).to_le_bytes());
+            out.extend_from_slice(&slots_count.to_le_bytes());
             for slot in &lane.slots {
                 out.extend_from_slice(&slot.addr.to_le_bytes());
                 out.extend_from_slice(&slot.rkey.to_le_bytes());
@@ -131,6 +132,12 @@ impl RdmaHandshake {
             trailing => Err(RdmaHandshakeError::Trailing(trailing)),
         }
     }
+}
+
+/// A count as its u16 field, when within `max` (every limit is below `u16::MAX`).
+fn count_within(field: &'static str, count: usize, max: usize) -> Result<u16, RdmaHandshakeError> {
+    check_limit(field, count as u64, max as u64)?;
+    u16::try_from(count).map_err(|_| RdmaHandshakeError::OverLimit { field, found: count as u64, max: max as u64 })
 }
 
 fn check_limit(field: &'static str, found: u64, max: u64) -> Result<(), RdmaHandshakeError> {

@@ -192,7 +192,7 @@ impl Device for FakeDevice {
         }
         let mut state = self.fabric.lock();
         let rkey = state.key();
-        let memory = Arc::new(Mutex::new(vec![0; len_bytes as usize]));
+        let memory = Arc::new(Mutex::new(vec![0; super::len_usize(len_bytes)?]));
         state.regions.insert(rkey, memory.clone());
         Ok(FakeRegion { rkey, memory })
     }

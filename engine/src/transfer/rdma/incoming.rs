@@ -22,7 +22,7 @@ use ferry_wire::frame::{FrameHeader, FrameKind, HEADER_LEN_BYTES};
 
 use super::pool::PooledBuffer;
 use super::verbs::{Completion, CompletionKind, Device, QueuePair, RemoteBuffer, WriteImm};
-use super::{seq_distance, verbs_error, Backoff, FINISH_BIT, SEQ_MASK};
+use super::{count_u32, seq_distance, verbs_error, Backoff, FINISH_BIT, SEQ_MASK};
 use crate::transfer::framing::BodyPieces;
 use crate::transfer::transport::{ChunkArrivals, IncomingLane};
 use crate::transfer::TransferError;
@@ -62,7 +62,7 @@ impl<D: Device> RdmaIncoming<D> {
             let CompletionKind::RecvImm { imm, len_bytes } = completion.kind else { continue };
             let seq = imm & SEQ_MASK;
             let arrival = if imm & FINISH_BIT != 0 { Arrival::Finish } else { Arrival::Frame { len_bytes } };
-            if seq_distance(self.expected_seq, seq) > self.slots.len() as u32
+            if seq_distance(self.expected_seq, seq) > count_u32(self.slots.len())
                 || self.arrived.insert(seq, arrival).is_some()
             {
                 return Err(TransferError::Protocol(format!(

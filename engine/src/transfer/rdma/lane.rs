@@ -24,7 +24,7 @@ use ferry_wire::rdma::RemoteSlot;
 
 use super::pool::{Pool, PooledBuffer};
 use super::verbs::{Completion, CompletionKind, Device, QueuePair, RemoteBuffer, WriteImm};
-use super::{seq_distance, verbs_error, Backoff, FINISH_BIT, SEQ_MASK};
+use super::{count_u32, seq_distance, verbs_error, Backoff, FINISH_BIT, SEQ_MASK};
 use crate::transfer::transport::{ChunkLane, ChunkLanes};
 use crate::transfer::TransferError;
 
@@ -47,7 +47,7 @@ pub struct RdmaLane<D: Device> {
 
 impl<D: Device> RdmaLane<D> {
     fn slots_count(&self) -> u32 {
-        self.slots.len() as u32
+        count_u32(self.slots.len())
     }
 
     /// Takes in what completed: frees staging buffers, moves the credit; an error ends the lane.
@@ -121,6 +121,8 @@ impl<D: Device> ChunkLane for RdmaLane<D> {
         }
         let buffer = buffer.ok_or_else(|| TransferError::Local("no staging buffer".into()))?;
         let len_bytes = buffer.fill(&[&header.encode(), &body]).map_err(verbs_error)?;
+        // At most the slot's length, a u32 (checked above).
+        let len_bytes = u32::try_from(len_bytes).map_err(|_| TransferError::Local("a frame over 4 GiB".into()))?;
         let seq = self.next_seq;
         let slot = self
             .slots
@@ -132,7 +134,7 @@ impl<D: Device> ChunkLane for RdmaLane<D> {
                 wr_id: u64::from(seq),
                 local: Some(region),
                 local_offset_bytes: offset_bytes,
-                len_bytes: len_bytes as u32,
+                len_bytes,
                 remote: RemoteBuffer { addr: slot.addr, rkey: slot.rkey },
                 imm: seq,
             })

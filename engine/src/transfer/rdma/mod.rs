@@ -57,6 +57,20 @@ pub(crate) const FINISH_BIT: u32 = 0x8000_0000;
 #[cfg(any(test, feature = "testkit"))]
 pub(crate) const POLL_BATCH_COUNT: usize = 32;
 
+/// The frame header's length as the u32 lengths here count it (32 bytes).
+#[allow(clippy::cast_possible_truncation)]
+pub(crate) const HEADER_LEN_U32: u32 = ferry_wire::frame::HEADER_LEN_BYTES as u32;
+
+/// A count of slots or lanes (bounded by the handshake's limits, far below `u32::MAX`).
+pub(crate) fn count_u32(count: usize) -> u32 {
+    u32::try_from(count).unwrap_or(u32::MAX)
+}
+
+/// A length inside a region as `usize` (regions are allocated, so they fit).
+pub(crate) fn len_usize(len_bytes: u64) -> Result<usize, VerbsError> {
+    usize::try_from(len_bytes).map_err(|_| VerbsError::Device(format!("{len_bytes} bytes do not fit this machine")))
+}
+
 /// How far `to` is ahead of `from`, modulo the sequence space.
 pub(crate) fn seq_distance(from: u32, to: u32) -> u32 {
     to.wrapping_sub(from) & SEQ_MASK

@@ -17,14 +17,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_wire::frame::{FrameHeader, FrameKind, HEADER_LEN_BYTES};
+use ferry_wire::frame::{FrameHeader, FrameKind};
 use ferry_wire::rdma::{LaneEndpoint, RdmaHandshake, RemoteSlot, HANDSHAKE_LEN_MAX_BYTES, SLOT_LEN_MAX_BYTES};
 
 use super::incoming::{RdmaArrivals, RdmaIncoming};
 use super::lane::{RdmaLane, RdmaLanes};
 use super::pool::Pool;
 use super::verbs::{Device, QpAddress, QueuePair};
-use super::verbs_error;
+use super::{count_u32, verbs_error, HEADER_LEN_U32};
 use crate::transfer::framing;
 use crate::transfer::TransferError;
 
@@ -49,7 +49,7 @@ impl PathConfig {
         Self {
             lanes_count,
             slots_per_lane: 8,
-            slot_len_bytes: chunk_len_bytes.saturating_add(HEADER_LEN_BYTES as u32),
+            slot_len_bytes: chunk_len_bytes.saturating_add(HEADER_LEN_U32),
             staging_buffers_count: lanes_count.saturating_mul(8),
             completion_timeout: Duration::from_secs(10),
         }
@@ -61,9 +61,9 @@ impl PathConfig {
     }
 
     fn check(&self) -> Result<(), TransferError> {
-        let fits = (1..=ferry_wire::rdma::LANES_MAX as u32).contains(&self.lanes_count)
-            && (1..=ferry_wire::rdma::SLOTS_PER_LANE_MAX as u32).contains(&self.slots_per_lane)
-            && (HEADER_LEN_BYTES as u32 + 1..=SLOT_LEN_MAX_BYTES).contains(&self.slot_len_bytes)
+        let fits = (1..=count_u32(ferry_wire::rdma::LANES_MAX)).contains(&self.lanes_count)
+            && (1..=count_u32(ferry_wire::rdma::SLOTS_PER_LANE_MAX)).contains(&self.slots_per_lane)
+            && (HEADER_LEN_U32 + 1..=SLOT_LEN_MAX_BYTES).contains(&self.slot_len_bytes)
             && self.staging_buffers_count > 0;
         if !fits {
             return Err(TransferError::Local(format!("an rdma path configuration out of its limits: {self:?}")));
@@ -112,7 +112,7 @@ pub fn accept_source<D: Device>(
     config: PathConfig,
 ) -> Result<(RdmaArrivals<D>, RdmaHandshake), TransferError> {
     config.check()?;
-    let lanes_count = source.lanes.len() as u32;
+    let lanes_count = count_u32(source.lanes.len());
     if lanes_count == 0 || lanes_count > config.lanes_count {
         return Err(TransferError::Protocol(format!(
             "the source asked for {lanes_count} rdma lanes; this target takes 1 to {}",
@@ -162,7 +162,7 @@ impl<D: Device> SourcePrepared<D> {
         }
         let mut lanes = Vec::new();
         for (mut qp, target_lane) in self.qps.into_iter().zip(&target.lanes) {
-            if target_lane.slots.is_empty() || target_lane.slot_len_bytes <= HEADER_LEN_BYTES as u32 {
+            if target_lane.slots.is_empty() || target_lane.slot_len_bytes <= HEADER_LEN_U32 {
                 return Err(TransferError::Protocol("the target answered an rdma lane without slots".into()));
             }
             qp.connect(&peer_address(target_lane)).map_err(verbs_error)?;

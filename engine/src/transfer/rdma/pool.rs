@@ -105,7 +105,7 @@ impl<R: Region> Pool<R> {
         let region_index = u64::from(index) / self.buffers_per_region;
         let offset_bytes = (u64::from(index) % self.buffers_per_region) * self.buffer_len_bytes;
         // Indices come from `0..buffers_count`, and `register` made a region for each.
-        #[allow(clippy::indexing_slicing)]
+        #[allow(clippy::indexing_slicing, clippy::cast_possible_truncation)]
         (&self.regions[region_index as usize], offset_bytes)
     }
 }

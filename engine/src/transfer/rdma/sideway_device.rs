@@ -31,6 +31,7 @@ use ::sideway::ibverbs::queue_pair::{
 };
 use ::sideway::ibverbs::AccessFlags;
 
+use super::len_usize;
 use super::verbs::{
     Completion, CompletionKind, Device, DeviceLimits, QpAddress, QueuePair, Region, RemoteBuffer, VerbsError, WriteImm,
 };
@@ -103,7 +104,7 @@ impl SidewayRegion {
     fn range(&self, offset_bytes: u64, len_bytes: u64) -> Result<usize, VerbsError> {
         let region_len_bytes = self.layout.size() as u64;
         match offset_bytes.checked_add(len_bytes) {
-            Some(end) if end <= region_len_bytes => Ok(offset_bytes as usize),
+            Some(end) if end <= region_len_bytes => len_usize(offset_bytes),
             _ => Err(VerbsError::OutOfRange { offset_bytes, len_bytes, region_len_bytes }),
         }
     }
@@ -131,7 +132,7 @@ impl Region for SidewayRegion {
 
     fn read(&self, offset_bytes: u64, len_bytes: u64) -> Result<Vec<u8>, VerbsError> {
         let at = self.range(offset_bytes, len_bytes)?;
-        let mut out = vec![0; len_bytes as usize];
+        let mut out = vec![0; len_usize(len_bytes)?];
         // SAFETY: `at..at + len` is inside the allocation (checked above); `out` is fresh.
         unsafe { std::ptr::copy_nonoverlapping(self.memory.as_ptr().add(at), out.as_mut_ptr(), out.len()) };
         Ok(out)
@@ -173,7 +174,7 @@ impl Device for SidewayDevice {
         if len_bytes == 0 || len_bytes > self.limits.max_mr_size_bytes {
             return Err(VerbsError::Device(format!("cannot register {len_bytes} bytes (max_mr_size)")));
         }
-        let layout = Layout::from_size_align(len_bytes as usize, PAGE_BYTES).map_err(device_error)?;
+        let layout = Layout::from_size_align(len_usize(len_bytes)?, PAGE_BYTES).map_err(device_error)?;
         // SAFETY: the layout has a non-zero size.
         let memory = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })
             .ok_or_else(|| VerbsError::Device(format!("cannot allocate {len_bytes} bytes")))?;
