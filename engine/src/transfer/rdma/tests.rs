@@ -208,3 +208,30 @@ async fn a_base_copy_crosses_fake_rdma_lanes_between_the_real_machines() {
     let (_fabric, lanes, arrivals) = connected(faults, config);
     crate::transfer::transport_tests::copy_one_file_over(lanes, arrivals, 3).await;
 }
+
+#[tokio::test]
+async fn a_copy_cut_by_a_lost_completion_or_queue_pair_resumes_and_sends_only_what_is_missing() {
+    use crate::transfer::transport_tests::Rig;
+    let config = PathConfig {
+        slots_per_lane: 4,
+        completion_timeout: Duration::from_millis(300),
+        ..PathConfig::for_chunks(64 << 10, 3)
+    };
+    let lost_completion = Faults { lose_write: Some(5), ..Faults::default() };
+    let lost_queue_pair = Faults { lose_qp_at_write: Some(8), ..Faults::default() };
+    for faults in [lost_completion, lost_queue_pair] {
+        let rig = Rig::new();
+        let (_fabric, lanes, arrivals) = connected(faults.clone(), config);
+        let first = rig.attempt(lanes, arrivals, 3, &[]).await;
+        let err = first.source_error.expect("the fault failed the attempt");
+        assert!(err.is_retryable(), "{faults:?}: {err}");
+        assert!(first.written.len() < rig.chunks_count(), "{faults:?}: nothing was missing");
+        // A new attempt on a new path: the target's accept lists what it holds, and only the
+        // rest is sent.
+        let (_fabric, lanes, arrivals) = connected(Faults::default(), config);
+        let second = rig.attempt(lanes, arrivals, 3, &first.written).await;
+        assert!(second.source_error.is_none(), "{:?}", second.source_error);
+        assert_eq!(first.written.len() + second.written.len(), rig.chunks_count(), "{faults:?}");
+        assert_eq!(rig.part(), rig.data);
+    }
+}
