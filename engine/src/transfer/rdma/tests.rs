@@ -217,19 +217,23 @@ async fn a_copy_cut_by_a_lost_completion_or_queue_pair_resumes_and_sends_only_wh
         completion_timeout: Duration::from_millis(300),
         ..PathConfig::for_chunks(64 << 10, 3)
     };
-    let lost_completion = Faults { lose_write: Some(5), ..Faults::default() };
-    let lost_queue_pair = Faults { lose_qp_at_write: Some(8), ..Faults::default() };
-    for faults in [lost_completion, lost_queue_pair] {
+    // The first write (always a frame: credits only follow frames) vanishes with its
+    // completion; on one lane, the source stalls on its credit four frames later. From the
+    // eighth write on (frames and credits), every queue pair is lost.
+    let lost_completion = (Faults { lose_write: Some(1), ..Faults::default() }, 1);
+    let lost_queue_pair = (Faults { lose_qp_at_write: Some(8), ..Faults::default() }, 3);
+    for (faults, lanes_count) in [lost_completion, lost_queue_pair] {
+        let config = PathConfig { lanes_count, ..config };
         let rig = Rig::new();
         let (_fabric, lanes, arrivals) = connected(faults.clone(), config);
-        let first = rig.attempt(lanes, arrivals, 3, &[]).await;
+        let first = rig.attempt(lanes, arrivals, lanes_count as usize, &[]).await;
         let err = first.source_error.expect("the fault failed the attempt");
         assert!(err.is_retryable(), "{faults:?}: {err}");
         assert!(first.written.len() < rig.chunks_count(), "{faults:?}: nothing was missing");
         // A new attempt on a new path: the target's accept lists what it holds, and only the
         // rest is sent.
         let (_fabric, lanes, arrivals) = connected(Faults::default(), config);
-        let second = rig.attempt(lanes, arrivals, 3, &first.written).await;
+        let second = rig.attempt(lanes, arrivals, lanes_count as usize, &first.written).await;
         assert!(second.source_error.is_none(), "{:?}", second.source_error);
         assert_eq!(first.written.len() + second.written.len(), rig.chunks_count(), "{faults:?}");
         assert_eq!(rig.part(), rig.data);
