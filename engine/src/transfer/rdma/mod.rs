@@ -67,6 +67,7 @@ pub(crate) fn count_u32(count: usize) -> u32 {
 }
 
 /// A length inside a region as `usize` (regions are allocated, so they fit).
+#[cfg(any(test, feature = "testkit", feature = "rdma"))]
 pub(crate) fn len_usize(len_bytes: u64) -> Result<usize, VerbsError> {
     usize::try_from(len_bytes).map_err(|_| VerbsError::Device(format!("{len_bytes} bytes do not fit this machine")))
 }
