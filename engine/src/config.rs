@@ -18,6 +18,8 @@ use serde::Deserialize;
 
 use ferry_wire::NodeId;
 
+use crate::transfer::rdma::select::{RdmaSettings, TransportSetting};
+
 /// Settings of one node daemon.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -58,6 +60,17 @@ pub struct NodeConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Log lines on stderr as `text` or `json` (the global `--log-format` flag wins).
     pub log_format: LogFormatSetting,
+    /// The chunk transport asked for: `quic`, or `rdma` (needs the `rdma` build and a device
+    /// with an active port; otherwise QUIC, said loudly, or an error with `require_rdma`).
+    pub transport: TransportSetting,
+    /// The RDMA device (`mlx5_0`); none: the first with an active port.
+    pub rdma_device: Option<String>,
+    /// The device's port.
+    pub rdma_port: u8,
+    /// The GID table index (RoCE v2 is usually not 0).
+    pub rdma_gid_index: u8,
+    /// Fail the daemon's start instead of falling back to QUIC.
+    pub require_rdma: bool,
 }
 
 /// The daemon's log format.
@@ -89,6 +102,11 @@ impl Default for NodeConfig {
             check_free_space: true,
             metrics_addr: None,
             log_format: LogFormatSetting::Text,
+            transport: TransportSetting::Quic,
+            rdma_device: None,
+            rdma_port: 1,
+            rdma_gid_index: 0,
+            require_rdma: false,
         }
     }
 }
@@ -106,6 +124,16 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
+    /// The RDMA settings, for `transfer::rdma::select`.
+    pub fn rdma_settings(&self) -> RdmaSettings {
+        RdmaSettings {
+            device: self.rdma_device.clone(),
+            port: self.rdma_port,
+            gid_index: self.rdma_gid_index,
+            require: self.require_rdma,
+        }
+    }
+
     /// The control socket path in force.
     pub fn control_socket_path(&self) -> PathBuf {
         self.control_socket.clone().unwrap_or_else(|| self.data_dir.join("control").join("ferry.sock"))
@@ -184,7 +212,15 @@ impl NodeConfig {
              # Serve Prometheus metrics on this address (GET /metrics); unset: no metrics endpoint.\n\
              # metrics_addr = \"127.0.0.1:9464\"\n\
              # Log lines on stderr: \"text\" or \"json\" (the --log-format flag wins).\n\
-             log_format = \"text\"\n",
+             log_format = \"text\"\n\
+             # Chunk transport: \"quic\", or \"rdma\" (an rdma build and a device with an active port;\n\
+             # otherwise QUIC with a loud warning, or a failed start with require_rdma).\n\
+             transport = \"quic\"\n\
+             # RDMA device (e.g. \"mlx5_0\"); unset: the first with an active port.\n\
+             # rdma_device = \"mlx5_0\"\n\
+             rdma_port = {}\n\
+             rdma_gid_index = {}\n\
+             require_rdma = {}\n",
             d.node_id,
             d.data_dir.display().to_string(),
             d.listen,
@@ -197,6 +233,9 @@ impl NodeConfig {
             d.abort_timeout_secs,
             d.retry_deadline_secs,
             d.check_free_space,
+            d.rdma_port,
+            d.rdma_gid_index,
+            d.require_rdma,
         )
     }
 }
@@ -225,6 +264,7 @@ mod tests {
             ("allowed_peers = [\"a_b\"]", "allowed_peers"),
             ("[[[", "valid"),
             ("log_format = \"xml\"", "log_format"),
+            ("transport = \"tcp\"", "transport"),
         ] {
             let err = NodeConfig::parse(text, Path::new("n.toml")).unwrap_err().to_string();
             assert!(err.contains(needle) && err.contains("n.toml"), "{text}: {err}");

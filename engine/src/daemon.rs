@@ -32,6 +32,7 @@ use tokio::sync::broadcast;
 
 use crate::control::{CallFuture, Handler, Reply, Subscription};
 use crate::outbound::{Outbound, OutboundError};
+use crate::transfer::rdma::select::TransportStatus;
 use crate::transfer::target::{InboundStatus, TargetContext};
 use crate::transfer::TransferError;
 use ferry_wire::proto::inbound::{InboundError, InboundState};
@@ -50,6 +51,8 @@ pub struct Daemon {
     ctx: Arc<TargetContext>,
     outbound: Arc<Outbound>,
     events: broadcast::Sender<Value>,
+    /// The chunk transport chosen at start, for `node.info`.
+    transport: Arc<TransportStatus>,
 }
 
 /// An inbound migration as `migration.status` shows it.
@@ -134,9 +137,22 @@ fn not_found(id: &MigrationId) -> RpcError {
 }
 
 impl Daemon {
-    pub fn new(node_id: NodeId, quic_addr: SocketAddr, ctx: Arc<TargetContext>, outbound: Arc<Outbound>) -> Self {
+    pub fn new(
+        node_id: NodeId,
+        quic_addr: SocketAddr,
+        ctx: Arc<TargetContext>,
+        outbound: Arc<Outbound>,
+        transport: TransportStatus,
+    ) -> Self {
         let (events, _) = broadcast::channel(EVENT_QUEUE_MAX_COUNT);
-        Self { node_id, quic_addr, ctx, outbound, events }
+        Self { node_id, quic_addr, ctx, outbound, events, transport: Arc::new(transport) }
+    }
+
+    /// Publishes that RDMA was asked for and QUIC is used (a `transport` event), if so.
+    pub fn announce_transport(&self) {
+        if let Some(reason) = &self.transport.fallback_reason {
+            let _ = self.events.send(json!({ "event": "transport", "note": "rdma_fallback", "reason": reason }));
+        }
     }
 
     /// Every migration on this node, both roles.
@@ -227,8 +243,9 @@ impl Daemon {
             "version": env!("CARGO_PKG_VERSION"),
             "protocol_version": PROTOCOL_VERSION,
             "quic_address": self.quic_addr.to_string(),
-            "features": { "rdma": false },
-            "devices": [],
+            "features": { "rdma": self.transport.rdma_compiled },
+            "devices": serde_json::to_value(&self.transport.devices).unwrap_or(Value::Null),
+            "transport": serde_json::to_value(&*self.transport).unwrap_or(Value::Null),
             "roles": ["source", "target"],
         })
     }

@@ -87,6 +87,13 @@ pub fn render(statuses: &[MigrationStatus], bytes_received_total: u64) -> String
     let _ = writeln!(out, "# HELP ferry_bytes_sent_total Chunk bytes sent by this process as a source.");
     let _ = writeln!(out, "# TYPE ferry_bytes_sent_total counter");
     let _ = writeln!(out, "ferry_bytes_sent_total {}", BYTES_SENT_TOTAL.load(Ordering::Relaxed));
+    let _ = writeln!(
+        out,
+        "# HELP ferry_rdma_fallbacks_total Times transport = \"rdma\" was configured and QUIC used instead."
+    );
+    let _ = writeln!(out, "# TYPE ferry_rdma_fallbacks_total counter");
+    let fallbacks = crate::transfer::rdma::select::FALLBACKS_TOTAL.load(Ordering::Relaxed);
+    let _ = writeln!(out, "ferry_rdma_fallbacks_total {fallbacks}");
     let _ = writeln!(out, "# HELP ferry_bytes_received_total Chunk bytes received by this process as a target (migrations it still lists).");
     let _ = writeln!(out, "# TYPE ferry_bytes_received_total counter");
     let _ = writeln!(out, "ferry_bytes_received_total {bytes_received_total}");

@@ -66,6 +66,7 @@ impl RunningNode {
             .map(NodeId::new)
             .collect::<Result<_, _>>()
             .context("invalid allowed peer")?;
+        let transport = crate::transfer::rdma::select::settle(config.transport, &config.rdma_settings())?;
         let identity = Arc::new(NodeIdentity::from_dir(&config.certs_dir, &node_id)?);
         let crypto = crate::tls::server_crypto(&identity, &allowed)?;
         std::fs::create_dir_all(&config.data_dir)
@@ -81,8 +82,9 @@ impl RunningNode {
         ctx.load_existing();
         let server = tokio::spawn(target::serve(endpoint.clone(), ctx.clone()));
         let outbound = Outbound::new(outbound_config(config), identity.clone(), storage);
-        let daemon = Daemon::new(node_id.clone(), quic_addr, ctx.clone(), outbound.clone());
+        let daemon = Daemon::new(node_id.clone(), quic_addr, ctx.clone(), outbound.clone(), transport);
         let events = daemon.spawn_events();
+        daemon.announce_transport();
         let recovered = outbound.recover().await;
         for (id, outcome) in &recovered {
             tracing::info!(migration = %id, "recovery: {outcome}");

@@ -7,9 +7,11 @@
 //! What it does not: run in the plain test run (`cargo test`): machines without the hardware
 //! would only ever skip, which proves nothing. Bare-metal CI runs the binary.
 //!
-//! Today: probes for NVMe controllers and RDMA devices, and an O_DIRECT io_uring read of a
-//! file on a chosen NVMe-backed folder (`FERRY_HW_NVME_DIR`). RDMA transfer tests come with
-//! the `rdma` feature.
+//! Today: probes for NVMe controllers and RDMA devices, an O_DIRECT io_uring read of a file on
+//! a chosen NVMe-backed folder (`FERRY_HW_NVME_DIR`), and, when asked (`FERRY_HW=rdma`, built
+//! with `--features rdma`), an RDMA loopback: the engine's RDMA lanes between two queue pairs
+//! of one device (`FERRY_HW_RDMA_DEVICE`, `FERRY_HW_RDMA_PORT`, `FERRY_HW_RDMA_GID_INDEX`),
+//! 256 chunks of 1 MiB written and each checked by its CRC32C (see [`rdma`]).
 //!
 //! Invariants: a test whose hardware is missing is reported as skipped with the reason, never
 //! counted as passed.
@@ -92,26 +94,60 @@ fn run_direct_read(dir: &Path) -> anyhow::Result<String> {
     Ok(format!("64 MiB read with io_uring O_DIRECT and checked in {secs:.3} s ({:.0} MB/s)", 64.0 * 1.048576 / secs))
 }
 
-/// RDMA: the transfer path does not exist yet; the probe says what a run would use.
-pub fn rdma_transfer(probe: &Probe) -> Outcome {
-    if probe.rdma_devices.is_empty() {
-        return Outcome::Skipped("no RDMA device under /sys/class/infiniband".into());
-    }
-    Outcome::Failed(format!(
-        "RDMA devices {:?} present, but ferry has no RDMA transfer path yet (the `rdma` feature is not built): nothing to test",
-        probe.rdma_devices
-    ))
+/// Whether `FERRY_HW` (a comma-separated list: `nvme,rdma`) asks for `what`.
+pub fn requested(what: &str) -> bool {
+    std::env::var("FERRY_HW").is_ok_and(|list| list.split(',').any(|w| w.trim() == what))
 }
+
+/// RDMA loopback over the engine's lanes: skipped when not requested; when requested, fails
+/// naming what is missing (the build's feature, a device) or runs.
+pub fn rdma_transfer(probe: &Probe, requested: bool) -> Outcome {
+    if !requested {
+        return Outcome::Skipped(format!(
+            "not requested: set FERRY_HW=rdma (and FERRY_HW_RDMA_DEVICE) and build with --features rdma (devices seen: {:?})",
+            probe.rdma_devices
+        ));
+    }
+    if !cfg!(feature = "rdma") {
+        return Outcome::Failed("FERRY_HW=rdma was set, but this binary was built without --features rdma".into());
+    }
+    if probe.rdma_devices.is_empty() {
+        return Outcome::Failed(
+            "FERRY_HW=rdma was set, but there is no RDMA device under /sys/class/infiniband".into(),
+        );
+    }
+    run_rdma()
+}
+
+#[cfg(feature = "rdma")]
+fn run_rdma() -> Outcome {
+    match rdma::loopback(&rdma::LoopbackConfig::from_env()) {
+        Ok(summary) => Outcome::Passed(summary),
+        Err(e) => Outcome::Failed(format!("{e:#}")),
+    }
+}
+
+#[cfg(not(feature = "rdma"))]
+fn run_rdma() -> Outcome {
+    Outcome::Failed("built without --features rdma".into())
+}
+
+#[cfg(feature = "rdma")]
+pub mod rdma;
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::panic)]
     use super::*;
 
     #[test]
     fn probing_never_fails_and_missing_hardware_skips_with_a_reason() {
         let probe = Probe::default();
         assert!(matches!(nvme_direct_read(&probe), Outcome::Skipped(reason) if reason.contains("FERRY_HW_NVME_DIR")));
-        assert!(matches!(rdma_transfer(&probe), Outcome::Skipped(_)));
+        assert!(matches!(rdma_transfer(&probe, false), Outcome::Skipped(reason) if reason.contains("FERRY_HW=rdma")));
+        // Requested where it cannot run: a failure that names what is missing.
+        let Outcome::Failed(reason) = rdma_transfer(&probe, true) else { panic!("a requested test skipped") };
+        assert!(reason.contains("--features rdma") || reason.contains("no RDMA device"), "{reason}");
         let _ = super::probe();
     }
 }

@@ -30,6 +30,7 @@ pub mod plant;
 pub mod proto;
 pub mod quote;
 pub mod rate;
+pub mod rdma;
 pub mod retry;
 pub mod session;
 pub mod slots;

@@ -31,6 +31,7 @@ pub mod framing;
 pub mod inbound;
 mod manifests;
 mod rate;
+pub mod rdma;
 pub mod request;
 mod ship;
 pub mod source;

@@ -5,8 +5,8 @@
 //! target ([`ChunkLanes::open`]) and sends chunk frames on each, in order ([`ChunkLane`]); a
 //! target accepts lanes ([`ChunkArrivals::accept`]) and reads frames off each
 //! ([`IncomingLane`]). QUIC implements them here (a lane is a uni stream, a connection opens
-//! and accepts them); an RDMA path implements the same four later (a lane a queue pair's
-//! share of registered buffers). `memory` implements them in memory, for tests that run
+//! and accepts them); the RDMA path (`super::rdma`) implements the same four (a lane a
+//! reliable-connected queue pair writing into the target's registered slots). `memory` implements them in memory, for tests that run
 //! both ends' chunk streams with no network (built only for tests and with the `testkit`
 //! feature: it is not in the production library).
 //!
