@@ -97,7 +97,7 @@ async fn the_source_never_has_more_frames_in_flight_than_the_target_has_slots() 
     // The third waits for a credit the target never gives: it times out, retryably.
     let (header, body) = frame(2);
     let err = lane.send(&header, body).await.unwrap_err();
-    assert!(matches!(err, TransferError::Timeout(_)) && err.is_retryable(), "{err}");
+    assert!(matches!(err, TransferError::Timeout(_)) && err.is_transient(), "{err}");
     // Once the target reads one, a slot is free again.
     let header = incoming.next_header().await.unwrap().unwrap();
     incoming.read_body(&header, &mut BodyPieces::default()).await.unwrap();
@@ -158,9 +158,9 @@ async fn a_completion_in_error_fails_both_ends_retryably() {
         }
     }
     let failed = failed.expect("the source saw the failed completion");
-    assert!(failed.is_retryable(), "{failed}");
+    assert!(failed.is_transient(), "{failed}");
     let target = receiver.await.unwrap().unwrap_err();
-    assert!(target.is_retryable(), "{target}");
+    assert!(target.is_transient(), "{target}");
 }
 
 #[tokio::test]
@@ -182,7 +182,7 @@ async fn a_lost_write_times_out_and_a_lost_queue_pair_fails_at_once() {
     let (header, body) = frame(1);
     let err = lane.send(&header, body).await.unwrap_err();
     assert!(matches!(err, TransferError::Connection(_)) && err.to_string().contains("lost"), "{err}");
-    assert!(receiver.await.unwrap().unwrap_err().is_retryable());
+    assert!(receiver.await.unwrap().unwrap_err().is_transient());
     arrivals.close();
     assert!(arrivals.accept().await.is_err(), "a closed path accepts no lane");
 }
@@ -228,7 +228,7 @@ async fn a_copy_cut_by_a_lost_completion_or_queue_pair_resumes_and_sends_only_wh
         let (_fabric, lanes, arrivals) = connected(faults.clone(), config);
         let first = rig.attempt(lanes, arrivals, lanes_count as usize, &[]).await;
         let err = first.source_error.expect("the fault failed the attempt");
-        assert!(err.is_retryable(), "{faults:?}: {err}");
+        assert!(err.is_transient(), "{faults:?}: {err}");
         assert!(first.written.len() < rig.chunks_count(), "{faults:?}: nothing was missing");
         // A new attempt on a new path: the target's accept lists what it holds, and only the
         // rest is sent.
