@@ -12,8 +12,8 @@
 //!
 //! What it does not: delay datagrams by a fixed time, or forget a sender.
 //!
-//! Invariants: at most [`SENDERS_MAX_COUNT`] senders get an upstream socket (datagrams of more
-//! are dropped and counted); a datagram is at most [`DATAGRAM_LEN_MAX_BYTES`]; every task the
+//! Invariants: at most [`SENDERS_MAX_COUNT`] senders have an upstream socket at once (a new
+//! one takes the place of the one heard from least recently); a datagram is at most [`DATAGRAM_LEN_MAX_BYTES`]; every task the
 //! relay spawns ends when it is dropped.
 
 use std::collections::HashMap;
@@ -196,8 +196,10 @@ impl Drop for Relay {
 
 /// Receives from senders; forwards each datagram through that sender's upstream socket.
 async fn front_loop(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Shared>) {
-    let mut senders: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    // Each sender's upstream socket, the task relaying its answers, and when it last sent.
+    let mut senders: HashMap<SocketAddr, (Arc<UdpSocket>, tokio::task::AbortHandle, u64)> = HashMap::new();
     let mut back_tasks = JoinSet::new();
+    let mut sent_count = 0u64;
     let mut buf = vec![0u8; DATAGRAM_LEN_MAX_BYTES];
     let mut outs: HashMap<SocketAddr, Sender> = HashMap::new();
     loop {
@@ -210,20 +212,31 @@ async fn front_loop(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Sha
         if fate == Fate::Drop {
             continue;
         }
-        let socket = match senders.get(&sender) {
-            Some(socket) => socket.clone(),
-            None if senders.len() >= SENDERS_MAX_COUNT => {
-                shared.dropped_count.fetch_add(1, Ordering::Relaxed);
-                continue;
+        sent_count += 1;
+        let socket = match senders.get_mut(&sender) {
+            Some((socket, _, last)) => {
+                *last = sent_count;
+                socket.clone()
             }
             None => {
+                if senders.len() >= SENDERS_MAX_COUNT {
+                    // The sender heard from least recently gives way (a client that retries
+                    // from new ports must not find the relay full).
+                    let oldest = senders.iter().min_by_key(|(_, (_, _, last))| *last).map(|(addr, _)| *addr);
+                    if let Some((_, task, _)) = oldest.and_then(|addr| senders.remove(&addr)) {
+                        task.abort();
+                    }
+                    if let Some(addr) = oldest {
+                        outs.remove(&addr);
+                    }
+                }
                 let Ok(socket) = connected(upstream).await else {
                     shared.dropped_count.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
                 let socket = Arc::new(socket);
-                senders.insert(sender, socket.clone());
-                back_tasks.spawn(back_loop(socket.clone(), front.clone(), sender, shared.clone()));
+                let task = back_tasks.spawn(back_loop(socket.clone(), front.clone(), sender, shared.clone()));
+                senders.insert(sender, (socket.clone(), task, sent_count));
                 socket
             }
         };

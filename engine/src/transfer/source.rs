@@ -53,6 +53,11 @@ const JOIN_LOST_GRACE: Duration = Duration::from_secs(1);
 /// How long to wait for the target to answer the handshake and hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(CONNECT_TIMEOUT_MS);
 const CONNECT_TIMEOUT_MS: u64 = 15_000;
+/// How long one QUIC handshake attempt may take before a fresh one starts (within the retry
+/// deadline). QUIC backs its retransmissions off (1 s, 2 s, 4 s, ...), so an attempt whose first
+/// packets fell into a black hole would wait long after the path came back; a fresh attempt
+/// starts over at 1 s. Found by `tests/tests/lossy.rs` (5 s black holes every 7 s).
+const HANDSHAKE_ATTEMPT_MS: u64 = 4_000;
 /// What a handshake that got no answer timed out waiting for.
 const HANDSHAKE: &str = "the target's handshake";
 
@@ -166,7 +171,7 @@ pub async fn copy(
     let mut reconnects_count = 0u32;
     let outcome = loop {
         let before = progress.borrow().bytes_transferred;
-        let handshake = Duration::from_millis(retries.attempt_budget_ms(monotonic_ms(), CONNECT_TIMEOUT_MS));
+        let handshake = Duration::from_millis(retries.attempt_budget_ms(monotonic_ms(), HANDSHAKE_ATTEMPT_MS));
         let result = attempt(identity, tuning, &request, &offer, &snapshot, &reader, &progress, &rate, handshake).await;
         let e = match result {
             Ok(outcome) => break outcome,
