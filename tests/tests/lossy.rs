@@ -111,5 +111,5 @@ async fn handshakes_through_thirty_percent_loss_complete() {
 async fn a_copy_through_recurring_black_holes_ends_byte_identical() {
     let faults = Faults { seed: seed() ^ 2, ..Faults::default() };
     let holes = Some((Duration::from_secs(5), Duration::from_secs(2)));
-    copy_with_holes(faults, &[8 << 20, 4 << 20], "black holes 5 s on, 2 s off", holes, 2 << 20).await;
+    copy_with_holes(faults, &[8 << 20, 4 << 20], "black holes 5 s on, 2 s off", holes, 1 << 20).await;
 }
