@@ -44,7 +44,7 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use crate::api::{Phase, PhaseRecord, StartParams};
-use crate::checkpoint::{self, LogRecord, LOG_HEADER_LEN_BYTES, LOG_RECORD_LEN_BYTES};
+use crate::checkpoint::{self, LOG_HEADER_LEN_BYTES, LOG_RECORD_LEN_BYTES};
 use crate::frame::{self, Decoded, FrameHeader};
 use crate::manifest::StagingManifest;
 use crate::wal::{check_record, encode_record, Layout, Preamble, RecordHeader, PREAMBLE_LEN_BYTES};
@@ -187,12 +187,7 @@ fn manifest_campaign(rng: &mut Rng, count: usize) -> Tally {
 fn chunk_log() -> Vec<u8> {
     let mut log = checkpoint::encode_header(0x5eed).to_vec();
     for i in 0..12u64 {
-        let record = match i % 3 {
-            0 => LogRecord::Receiving { file_index: (i % 2) as u32, chunk_index: i / 3, len_bytes: 4096 },
-            1 => LogRecord::Verified { file_index: (i % 2) as u32, chunk_index: i / 3, crc32c: i as u32 * 31 },
-            _ => LogRecord::Staged { file_index: (i % 4) as u32, crc32c: 0xfeed },
-        };
-        log.extend_from_slice(&record.encode());
+        log.extend_from_slice(&super::seeds::chunk_log_record(i).encode());
     }
     log
 }

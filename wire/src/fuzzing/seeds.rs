@@ -229,6 +229,15 @@ fn wal_batches() -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The `i`th record of a sample chunk log: receiving, verified and staged records in turn.
+pub(super) fn chunk_log_record(i: u64) -> LogRecord {
+    match i % 3 {
+        0 => LogRecord::Receiving { file_index: (i % 2) as u32, chunk_index: i / 3, len_bytes: 4096 },
+        1 => LogRecord::Verified { file_index: (i % 2) as u32, chunk_index: i / 3, crc32c: i as u32 * 31 },
+        _ => LogRecord::Staged { file_index: (i % 4) as u32, crc32c: 0xfeed },
+    }
+}
+
 fn chunk_logs() -> Vec<Vec<u8>> {
     let offer = source_offer(false);
     let digest = checkpoint::offer_digest(&offer);
@@ -237,12 +246,7 @@ fn chunk_logs() -> Vec<Vec<u8>> {
             let mut log = vec![0u8];
             log.extend_from_slice(&checkpoint::encode_header(digest));
             for i in 0..n {
-                let record = match i % 3 {
-                    0 => LogRecord::Receiving { file_index: (i % 2) as u32, chunk_index: i / 3, len_bytes: 4096 },
-                    1 => LogRecord::Verified { file_index: (i % 2) as u32, chunk_index: i / 3, crc32c: i as u32 * 31 },
-                    _ => LogRecord::Staged { file_index: (i % 4) as u32, crc32c: 0xfeed },
-                };
-                log.extend_from_slice(&record.encode());
+                log.extend_from_slice(&chunk_log_record(i).encode());
             }
             if n % 5 == 4 {
                 log.extend_from_slice(&[1, 0, 0]); // a torn tail
