@@ -22,7 +22,7 @@ use ferry_wire::frame::{FrameHeader, FrameKind, HEADER_LEN_BYTES};
 
 use super::pool::PooledBuffer;
 use super::verbs::{Completion, CompletionKind, Device, QueuePair, RemoteBuffer, WriteImm};
-use super::{count_u32, seq_distance, verbs_error, Backoff, FINISH_BIT, SEQ_MASK};
+use super::{count_u32, poll_completions, seq_distance, verbs_error, Backoff, FINISH_BIT, SEQ_MASK};
 use crate::transfer::framing::BodyPieces;
 use crate::transfer::transport::{ChunkArrivals, IncomingLane};
 use crate::transfer::TransferError;
@@ -51,13 +51,16 @@ pub struct RdmaIncoming<D: Device> {
 
 impl<D: Device> RdmaIncoming<D> {
     fn take_completions(&mut self) -> Result<usize, TransferError> {
-        self.completions.clear();
-        self.qp.poll(&mut self.completions).map_err(verbs_error)?;
-        let count = self.completions.len();
-        for completion in std::mem::take(&mut self.completions) {
-            if let Some(error) = completion.error {
-                return Err(TransferError::Connection(format!("rdma lane: a completion failed: {error}")));
-            }
+        // Taken out while `self` records the arrivals, then put back for its capacity.
+        let mut completions = std::mem::take(&mut self.completions);
+        let taken = self.record_arrivals(&mut completions);
+        self.completions = completions;
+        taken
+    }
+
+    fn record_arrivals(&mut self, completions: &mut Vec<Completion>) -> Result<usize, TransferError> {
+        poll_completions(&mut self.qp, completions)?;
+        for completion in completions.iter() {
             // Credits' own completions need nothing: they carry no buffer.
             let CompletionKind::RecvImm { imm, len_bytes } = completion.kind else { continue };
             let seq = imm & SEQ_MASK;
@@ -72,7 +75,7 @@ impl<D: Device> RdmaIncoming<D> {
                 )));
             }
         }
-        Ok(count)
+        Ok(completions.len())
     }
 
     fn slot(&self, seq: u32) -> Result<&PooledBuffer<D::Region>, TransferError> {

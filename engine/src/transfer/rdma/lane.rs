@@ -24,7 +24,7 @@ use ferry_wire::rdma::RemoteSlot;
 
 use super::pool::{Pool, PooledBuffer};
 use super::verbs::{Completion, CompletionKind, Device, QueuePair, RemoteBuffer, WriteImm};
-use super::{count_u32, seq_distance, verbs_error, Backoff, FINISH_BIT, SEQ_MASK};
+use super::{count_u32, poll_completions, seq_distance, verbs_error, Backoff, FINISH_BIT, SEQ_MASK};
 use crate::transfer::transport::{ChunkLane, ChunkLanes};
 use crate::transfer::TransferError;
 
@@ -52,13 +52,16 @@ impl<D: Device> RdmaLane<D> {
 
     /// Takes in what completed: frees staging buffers, moves the credit; an error ends the lane.
     fn take_completions(&mut self) -> Result<usize, TransferError> {
-        self.completions.clear();
-        self.qp.poll(&mut self.completions).map_err(verbs_error)?;
-        let count = self.completions.len();
-        for completion in std::mem::take(&mut self.completions) {
-            if let Some(error) = completion.error {
-                return Err(TransferError::Connection(format!("rdma lane: a completion failed: {error}")));
-            }
+        // Taken out while `self` records them, then put back for its capacity.
+        let mut completions = std::mem::take(&mut self.completions);
+        let taken = self.record_completions(&mut completions);
+        self.completions = completions;
+        taken
+    }
+
+    fn record_completions(&mut self, completions: &mut Vec<Completion>) -> Result<usize, TransferError> {
+        poll_completions(&mut self.qp, completions)?;
+        for completion in completions.iter() {
             match completion.kind {
                 CompletionKind::WriteDone => self.in_flight.retain(|(wr_id, _)| *wr_id != completion.wr_id),
                 CompletionKind::RecvImm { imm, .. } => {
@@ -78,7 +81,7 @@ impl<D: Device> RdmaLane<D> {
                 }
             }
         }
-        Ok(count)
+        Ok(completions.len())
     }
 
     /// Polls until `ready` holds, or fails at the lane's timeout.

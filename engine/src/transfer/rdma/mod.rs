@@ -82,6 +82,20 @@ pub(crate) fn verbs_error(e: VerbsError) -> TransferError {
     TransferError::Connection(e.to_string())
 }
 
+/// Polls `qp` into `out` (cleared first; the caller keeps it to reuse its capacity). A
+/// failed completion ends the lane, as a lost connection does.
+pub(crate) fn poll_completions<Q: verbs::QueuePair>(
+    qp: &mut Q,
+    out: &mut Vec<verbs::Completion>,
+) -> Result<(), TransferError> {
+    out.clear();
+    qp.poll(out).map_err(verbs_error)?;
+    match out.iter().find_map(|c| c.error.as_deref()) {
+        Some(error) => Err(TransferError::Connection(format!("rdma lane: a completion failed: {error}"))),
+        None => Ok(()),
+    }
+}
+
 /// Waiting between empty polls: a few yields (a completion is usually microseconds away),
 /// then sleeps of a millisecond, until a deadline.
 #[derive(Debug)]
