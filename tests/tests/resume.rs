@@ -49,8 +49,10 @@ async fn twenty_dropped_connections_resend_at_most_one_chunk_per_stream_each() {
     req.rate_limit_bytes_per_sec = 48 << 20;
     let streams = u64::from(req.streams_count);
     let total = 64u64 << 20;
-    let mut points: Vec<u64> = (0..20).map(|_| next(&mut rng) % (total - (4 << 20))).collect();
-    points.sort_unstable();
+    // Twenty points at least 2 MiB apart (60 MiB / 20 = 3 MiB each, the place in each drawn), so
+    // that each drop falls after the copy has reconnected from the one before.
+    let slot = (total - (4 << 20)) / 20;
+    let points: Vec<u64> = (0..20).map(|i| i * slot + next(&mut rng) % (slot - (2 << 20))).collect();
     let certs = Arc::new(certs);
     let copy_task = {
         let certs = certs.clone();
@@ -59,11 +61,18 @@ async fn twenty_dropped_connections_resend_at_most_one_chunk_per_stream_each() {
     let mut drops = 0;
     for point in points {
         wait_verified(&target, "drops", point).await;
-        if target.ctx.drop_connections() > 0 {
-            drops += 1;
+        // The copy may still be between a drop and its reconnection (its back-off): wait for
+        // a connection to cut, unless the copy has finished.
+        while !copy_task.is_finished() {
+            if target.ctx.drop_connections() > 0 {
+                drops += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     let report = copy_task.await.unwrap().unwrap();
+    eprintln!("{drops} drops, {} reconnects, {} bytes resent", report.reconnects_count, report.bytes_resent);
     assert!(drops >= 15, "only {drops} drops happened");
     assert!(report.reconnects_count >= drops, "{} reconnects for {drops} drops", report.reconnects_count);
     let bound = drops as u64 * streams * u64::from(chunk_len);
