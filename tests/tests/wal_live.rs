@@ -49,6 +49,16 @@ fn append(writer: &mut WalWriter, i: u64, out: &mut Written) {
     }
 }
 
+/// Waits (30 s at most) until ferry holds links to WAL segments in `held`.
+fn wait_for_hold(held: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_dir(held).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(std::time::Instant::now() < deadline, "ferry never held the WAL in {}", held.display());
+        // Polling a folder the copy task fills, not a timed assertion.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn staged_records(dir: &Path) -> Vec<(Lsn, u32, u32, Vec<u8>)> {
     let config = CursorConfig { layout: LayoutChoice::Auto, alignment_bytes: 4096, mode: Mode::Staged };
     let mut tail = FolderTail::new(dir, config, None).unwrap();
@@ -110,7 +120,11 @@ async fn live_copy(layout: Layout, preamble: bool, truncate: bool, drops: usize)
                 std::thread::sleep(Duration::from_millis(20));
                 if truncate {
                     // The database drops segments it considers old, as it may during a long
-                    // base copy: all but the newest two.
+                    // base copy: all but the newest two. It does so once ferry holds the WAL
+                    // from the base on (before that, a truncation past the base fails the
+                    // migration, as it should, and on a loaded machine the copy may not have
+                    // started yet).
+                    wait_for_hold(&wal_path.join(".ferry-held/live"));
                     let mut names: Vec<_> = std::fs::read_dir(&wal_path)
                         .unwrap()
                         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
