@@ -42,7 +42,10 @@ pub struct QuicTuning {
     pub send_window_bytes: u64,
     pub socket_buffer_bytes: usize,
     pub uni_streams_max_count: u32,
+    /// A connection with nothing heard from the peer for this long is closed (QUIC's idle
+    /// timeout, the smaller of both ends' wins).
     pub idle_timeout_ms: u32,
+    /// A PING after this long without sending, so a healthy idle connection never times out.
     pub keep_alive_ms: u64,
     /// The largest UDP payload path MTU discovery probes for on bulk connections (chunks);
     /// connections that carry latency-sensitive traffic keep quinn's 1452 (see
@@ -58,8 +61,11 @@ impl Default for QuicTuning {
             send_window_bytes: 32 << 20,
             socket_buffer_bytes: 8 << 20,
             uni_streams_max_count: 64,
-            idle_timeout_ms: 30_000,
-            keep_alive_ms: 5_000,
+            // A peer that vanishes without a close (killed, its host gone, a cut cable) is
+            // seen after this long: 5 keep-alives missed. At 30 s a killed target cost a
+            // running copy 30 s before it reconnected (tests/tests/cert_rotation.rs measured it).
+            idle_timeout_ms: 5_000,
+            keep_alive_ms: 1_000,
             mtu_upper_bound_bytes: MTU_UPPER_BOUND_DEFAULT_BYTES,
         }
     }

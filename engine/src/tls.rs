@@ -1,7 +1,9 @@
 //! Mutual TLS for the data plane: a node's identity and the rustls configs quinn runs on.
 //!
 //! What it does: loads a [`NodeIdentity`] (the pinned cluster CA, the node's certificate and
-//! key, as [`crate::certs`] writes them) and builds the QUIC server and client crypto configs:
+//! key, as [`crate::certs`] writes them; `ca.pem` may hold several CAs, each trusted, so a CA
+//! rotates with an overlap: trust old and new, swap node certificates, drop the old, each step
+//! a SIGHUP) and builds the QUIC server and client crypto configs:
 //! TLS 1.3 only, the `ring` provider built explicitly, AES-128-GCM first, ALPN `ferry/1` on both
 //! sides. The server requires a client certificate that chains to the pinned CA and, when an
 //! allow-list is given, names an allowed node; the client requires a server certificate that
@@ -14,7 +16,7 @@
 //! - Every refusal happens inside the TLS handshake, so quinn never hands the server a
 //!   connection from a peer it would refuse: no certificate, another CA, expired, a node not in
 //!   the allow-list, another ALPN.
-//! - Only the cluster CA is trusted; the system's roots are never consulted.
+//! - Only the cluster CAs in `ca.pem` are trusted; the system's roots are never consulted.
 //! - Every connection is a full handshake (no session resumption, no 0-RTT), so every
 //!   connection's certificates are checked against the clock and the allow-list.
 //! - A node id is the first DNS subject alternative name of its certificate that is a valid
@@ -41,9 +43,13 @@ use crate::certs;
 /// by peers that do not speak it.
 pub const ALPN: &[u8] = b"ferry/1";
 
-/// A node's TLS identity: the pinned cluster CA, its certificate chain and its private key.
+/// CAs `ca.pem` may hold: two during a rotation; a few more leave room for a staged one.
+pub const CA_CERTS_MAX_COUNT: usize = 8;
+
+/// A node's TLS identity: the pinned cluster CAs, its certificate chain and its private key.
 pub struct NodeIdentity {
-    ca_cert: CertificateDer<'static>,
+    /// Every CA in `ca.pem`, in file order (at least one).
+    ca_certs: Vec<CertificateDer<'static>>,
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     node_id: NodeId,
@@ -124,21 +130,17 @@ impl NodeIdentity {
     pub fn verify(&self) -> Result<(), TlsError> {
         let leaf = self.cert_chain.first().ok_or_else(|| TlsError::Unusable { reason: "no certificate".into() })?;
         let unusable = |e: webpki::Error| TlsError::Unusable { reason: format!("{e:?}") };
-        let anchor = webpki::anchor_from_trusted_cert(&self.ca_cert).map_err(unusable)?;
+        let anchors = self
+            .ca_certs
+            .iter()
+            .map(|ca| webpki::anchor_from_trusted_cert(ca).map_err(unusable))
+            .collect::<Result<Vec<_>, _>>()?;
         let cert = webpki::EndEntityCert::try_from(leaf).map_err(unusable)?;
         let intermediates = self.cert_chain.get(1..).unwrap_or_default();
         let algs = crypto_provider().signature_verification_algorithms.all;
         for usage in [webpki::KeyUsage::server_auth(), webpki::KeyUsage::client_auth()] {
-            cert.verify_for_usage(
-                algs,
-                std::slice::from_ref(&anchor),
-                intermediates,
-                UnixTime::now(),
-                usage,
-                None,
-                None,
-            )
-            .map_err(unusable)?;
+            cert.verify_for_usage(algs, &anchors, intermediates, UnixTime::now(), usage, None, None)
+                .map_err(unusable)?;
         }
         Ok(())
     }
@@ -151,10 +153,20 @@ impl NodeIdentity {
         node_hint: &str,
     ) -> Result<Self, TlsError> {
         let ca_pem = read("CA certificate", ca_cert, ca_hint)?;
-        let ca_cert_der = CertificateDer::from_pem_slice(&ca_pem)
+        let ca_certs = CertificateDer::pem_slice_iter(&ca_pem)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad_file("CA certificate", ca_cert, e.to_string(), ca_hint))?;
-        webpki::anchor_from_trusted_cert(&ca_cert_der)
-            .map_err(|e| bad_file("CA certificate", ca_cert, format!("{e:?}"), ca_hint))?;
+        if ca_certs.is_empty() {
+            return Err(bad_file("CA certificate", ca_cert, "no certificate in it".into(), ca_hint));
+        }
+        if ca_certs.len() > CA_CERTS_MAX_COUNT {
+            let reason = format!("{} certificates, at most {CA_CERTS_MAX_COUNT}", ca_certs.len());
+            return Err(bad_file("CA certificate", ca_cert, reason, ca_hint));
+        }
+        for ca in &ca_certs {
+            webpki::anchor_from_trusted_cert(ca)
+                .map_err(|e| bad_file("CA certificate", ca_cert, format!("{e:?}"), ca_hint))?;
+        }
 
         let cert_pem = read("node certificate", node_cert, node_hint)?;
         let cert_chain = CertificateDer::pem_slice_iter(&cert_pem)
@@ -169,7 +181,7 @@ impl NodeIdentity {
         let key_pem = read("node key", node_key, node_hint)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|e| bad_file("node key", node_key, e.to_string(), node_hint))?;
-        Ok(Self { ca_cert: ca_cert_der, cert_chain, key, node_id })
+        Ok(Self { ca_certs, cert_chain, key, node_id })
     }
 
     /// The node id this identity's certificate names.
@@ -177,9 +189,9 @@ impl NodeIdentity {
         &self.node_id
     }
 
-    /// The pinned cluster CA certificate.
-    pub fn ca_cert(&self) -> &CertificateDer<'static> {
-        &self.ca_cert
+    /// The pinned cluster CA certificates (several while a CA rotates).
+    pub fn ca_certs(&self) -> &[CertificateDer<'static>] {
+        &self.ca_certs
     }
 
     /// This node's certificate chain, leaf first.
@@ -189,7 +201,9 @@ impl NodeIdentity {
 
     fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
         let mut roots = RootCertStore::empty();
-        roots.add(self.ca_cert.clone())?;
+        for ca in &self.ca_certs {
+            roots.add(ca.clone())?;
+        }
         Ok(Arc::new(roots))
     }
 }
@@ -447,6 +461,35 @@ mod tests {
         let identity = NodeIdentity::load(&tmp.path().join(certs::CA_CERT_FILE), &foreign.cert, &foreign.key).unwrap();
         let err = identity.verify().unwrap_err();
         assert!(matches!(err, TlsError::Unusable { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_ca_bundle_trusts_each_of_its_cas_and_only_those() {
+        let old = tempfile::tempdir().unwrap();
+        let new = tempfile::tempdir().unwrap();
+        let stranger = tempfile::tempdir().unwrap();
+        for dir in [&old, &new, &stranger] {
+            init_ca(dir.path(), false).unwrap();
+        }
+        let from_old = issue(old.path(), &node("node-a"), &IssueOptions::default()).unwrap();
+        let from_new = issue(new.path(), &node("node-a"), &IssueOptions::default()).unwrap();
+        let from_stranger = issue(stranger.path(), &node("node-a"), &IssueOptions::default()).unwrap();
+        let bundle = old.path().join("bundle.pem");
+        let pems: Vec<u8> =
+            [&old, &new].iter().flat_map(|d| std::fs::read(d.path().join(certs::CA_CERT_FILE)).unwrap()).collect();
+        std::fs::write(&bundle, pems).unwrap();
+        for trusted in [&from_old, &from_new] {
+            let identity = NodeIdentity::load(&bundle, &trusted.cert, &trusted.key).unwrap();
+            assert_eq!(identity.ca_certs().len(), 2);
+            identity.verify().unwrap();
+            // Each CA of the bundle is a root of the peer verifiers.
+            assert_eq!(identity.roots().unwrap().len(), 2);
+        }
+        let err = NodeIdentity::load(&bundle, &from_stranger.cert, &from_stranger.key).unwrap().verify().unwrap_err();
+        assert!(matches!(err, TlsError::Unusable { .. }), "{err}");
+        std::fs::write(&bundle, b"").unwrap();
+        let err = NodeIdentity::load(&bundle, &from_old.cert, &from_old.key).unwrap_err();
+        assert!(err.to_string().contains("no certificate in it"), "{err}");
     }
 
     #[test]

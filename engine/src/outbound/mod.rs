@@ -353,8 +353,8 @@ impl Outbound {
                 }
             }
         });
-        let identity = self.identity();
-        let result = source::copy(&identity, &self.config.tuning, request, progress, rate).await;
+        // The identity is read again at each reconnection: a SIGHUP reload reaches a running copy.
+        let result = source::copy_with_identity(|| self.identity(), &self.config.tuning, request, progress, rate).await;
         watcher.abort();
         match result {
             Ok(report) if report.committed => {

@@ -142,6 +142,24 @@ pub async fn copy(
     progress: watch::Sender<Progress>,
     rate: RateHandle,
 ) -> Result<CopyReport, TransferError> {
+    copy_with_identity(|| identity, tuning, request, progress, rate).await
+}
+
+/// [`copy`], taking the node's identity from `current` at each connection attempt: the daemon
+/// passes its current one, so the attempt after a SIGHUP reload (a rotated cluster CA, renewed
+/// node certificates) handshakes with the new certificates, and a copy that started under the
+/// old ones still completes.
+pub async fn copy_with_identity<F, I>(
+    current: F,
+    tuning: &QuicTuning,
+    request: CopyRequest,
+    progress: watch::Sender<Progress>,
+    rate: RateHandle,
+) -> Result<CopyReport, TransferError>
+where
+    F: Fn() -> I,
+    I: std::ops::Deref<Target = NodeIdentity>,
+{
     let started = Instant::now();
     let snapshot = {
         let (root, id, files) = (request.segments_root.clone(), request.migration_id.clone(), request.files.clone());
@@ -172,7 +190,10 @@ pub async fn copy(
     let outcome = loop {
         let before = progress.borrow().bytes_transferred;
         let handshake = Duration::from_millis(retries.attempt_budget_ms(monotonic_ms(), HANDSHAKE_ATTEMPT_MS));
-        let result = attempt(identity, tuning, &request, &offer, &snapshot, &reader, &progress, &rate, handshake).await;
+        let identity = current();
+        let result =
+            attempt(&identity, tuning, &request, &offer, &snapshot, &reader, &progress, &rate, handshake).await;
+        drop(identity);
         let e = match result {
             Ok(outcome) => break outcome,
             Err(e) if e.is_transient() => e,
