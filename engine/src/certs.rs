@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime};
 
 use ferry_wire::ids::NodeId;
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, DnsName};
@@ -163,7 +163,7 @@ pub fn issue(dir: &Path, name: &NodeId, opts: &IssueOptions) -> Result<NodePaths
         }
     }
     let (not_before, not_after) = validity(opts)?;
-    let (issuer, issuer_key) = load_issuer(dir)?;
+    let issuer = load_issuer(dir)?;
 
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|source| CertError::Generate { what: "node key", cause: source })?;
@@ -180,7 +180,7 @@ pub fn issue(dir: &Path, name: &NodeId, opts: &IssueOptions) -> Result<NodePaths
     params.not_before = to_datetime(not_before)?;
     params.not_after = to_datetime(not_after)?;
     let cert = params
-        .signed_by(&key, &issuer, &issuer_key)
+        .signed_by(&key, &issuer)
         .map_err(|source| CertError::Generate { what: "node certificate", cause: source })?;
 
     let paths = NodePaths { cert: dir.join(node_cert_file(name)), key: dir.join(node_key_file(name)) };
@@ -193,7 +193,7 @@ pub fn issue(dir: &Path, name: &NodeId, opts: &IssueOptions) -> Result<NodePaths
 /// The CA's parameters, all derived from its key: the subject carries a fingerprint of the
 /// public key, so two development CAs never share a name and `issue` can rebuild the issuer.
 fn ca_params(key: &KeyPair) -> CertificateParams {
-    let digest = Sha256::digest(key.public_key_der());
+    let digest = Sha256::digest(key.subject_public_key_info());
     let fingerprint: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "ferry");
@@ -207,7 +207,7 @@ fn ca_params(key: &KeyPair) -> CertificateParams {
 
 /// Loads `ca-key.pem`, rebuilds the issuer from it and checks that `ca.pem` has the same
 /// subject and public key, so what we sign chains to the CA that peers pin.
-fn load_issuer(dir: &Path) -> Result<(Certificate, KeyPair), CertError> {
+fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, CertError> {
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
     let key_pem = read_ca_file(dir, &key_path)?;
@@ -219,16 +219,17 @@ fn load_issuer(dir: &Path) -> Result<(Certificate, KeyPair), CertError> {
     let on_disk = webpki::EndEntityCert::try_from(&on_disk)
         .map_err(|e| bad_pem(dir, &cert_path, "certificate", &e.to_string()))?;
 
-    let issuer =
-        ca_params(&key).self_signed(&key).map_err(|source| CertError::Generate { what: "CA issuer", cause: source })?;
-    let rebuilt = webpki::EndEntityCert::try_from(issuer.der())
+    let params = ca_params(&key);
+    let rebuilt =
+        params.self_signed(&key).map_err(|source| CertError::Generate { what: "CA issuer", cause: source })?;
+    let rebuilt = webpki::EndEntityCert::try_from(rebuilt.der())
         .map_err(|e| bad_pem(dir, &cert_path, "certificate", &e.to_string()))?;
     let same = on_disk.subject() == rebuilt.subject()
         && on_disk.subject_public_key_info().as_ref() == rebuilt.subject_public_key_info().as_ref();
     if !same {
         return Err(CertError::CaMismatch { cert: cert_path, key: key_path, dir: dir.to_owned() });
     }
-    Ok((issuer, key))
+    Ok(Issuer::new(params, key))
 }
 
 fn read_ca_file(dir: &Path, path: &Path) -> Result<Vec<u8>, CertError> {
@@ -252,8 +253,8 @@ fn parse_san(san: &str) -> Result<SanType, CertError> {
     Ok(SanType::DnsName(ia5(san)?))
 }
 
-fn ia5(name: &str) -> Result<rcgen::Ia5String, CertError> {
-    rcgen::Ia5String::try_from(name).map_err(|_| CertError::BadSan { san: name.to_owned() })
+fn ia5(name: &str) -> Result<rcgen::string::Ia5String, CertError> {
+    rcgen::string::Ia5String::try_from(name).map_err(|_| CertError::BadSan { san: name.to_owned() })
 }
 
 /// The validity window `opts` asks for, checked to be non-empty.

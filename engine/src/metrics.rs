@@ -1,35 +1,45 @@
 //! Prometheus metrics of a node daemon, served on `metrics_addr` (`GET /metrics`).
 //!
 //! What it does: keeps this process's counters (chunk bytes sent, migrations failed by error
-//! kind), renders them with gauges read from the daemon at scrape time (migrations by role and
-//! phase, bytes received, WAL lag and held WAL bytes per migration) in the Prometheus text
-//! format, and serves them over a minimal HTTP/1.1 endpoint.
-//!
-//! It also keeps a histogram of the write pauses of this node's released cut-overs
-//! (`ferry_fence_pause_us`, fixed buckets from 100 us to 10 s).
+//! kind) and a histogram of the write pauses of this node's released cut-overs
+//! (`ferry_fence_pause_us`, fixed buckets from 100 us to 10 s) as `prometheus-client` metrics,
+//! and at each scrape builds a [`Scrape`]: those metrics plus gauges read from the daemon then
+//! (migrations by role and phase, bytes received, WAL lag and held WAL bytes per migration).
+//! A scrape is encoded as OpenMetrics or as the Prometheus text format (0.0.4), whichever the
+//! scraper asks for; [`endpoint`] serves it over hyper.
 //!
 //! What it does not: push to anyone, or keep history.
 //!
-//! Bounds: a request head is read up to [`REQUEST_HEAD_MAX_BYTES`] within
-//! [`REQUEST_TIMEOUT`]; at most [`CONNECTIONS_MAX_COUNT`] scrapes are served at once, others
-//! wait in the kernel's backlog. Bad requests get 400/404 and never disturb the daemon.
+//! Exported series names (what Prometheus stores and the Grafana dashboard queries) are the
+//! same in both formats: a counter registered as `ferry_x` is the series `ferry_x_total`, a
+//! histogram `ferry_x` is `ferry_x_bucket`, `ferry_x_sum` and `ferry_x_count`.
 //!
-//! Invariants: a scrape reads the daemon's state and changes nothing.
+//! Bounds: every label set is bounded. Error kinds are the fixed [`ERROR_KINDS`] (anything else
+//! counts as `other`); role and phase are enums; `migration_id` series are rebuilt at each
+//! scrape from the daemon's running source migrations, so finished migrations leave nothing.
+//!
+//! Invariants: a scrape reads the daemon's state and changes nothing. The process-wide metrics
+//! live in one lazily built [`ProcessMetrics`] because the transfer code counts into them
+//! through free functions; two counters stay plain atomics owned by the modules that count
+//! ([`BYTES_SENT_TOTAL`] here, `transfer::rdma::select::FALLBACKS_TOTAL`) and are read at each
+//! scrape.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::net::SocketAddr;
+mod endpoint;
+
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::LazyLock;
 
 use ferry_wire::api::{MigrationStatus, Phase, Role};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
-pub const REQUEST_HEAD_MAX_BYTES: usize = 8 << 10;
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-pub const CONNECTIONS_MAX_COUNT: usize = 16;
+pub use endpoint::{serve, start};
 
 /// Chunk bytes this process wrote to QUIC streams as a source (resent bytes included).
 pub static BYTES_SENT_TOTAL: AtomicU64 = AtomicU64::new(0);
@@ -38,25 +48,42 @@ pub static BYTES_SENT_TOTAL: AtomicU64 = AtomicU64::new(0);
 pub const PAUSE_BUCKETS_US: [u64; 12] =
     [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 500_000, 10_000_000];
 
-/// Counts per bucket (the last is `+Inf`), then the sum and count.
-static PAUSES: Mutex<([u64; 13], u64, u64)> = Mutex::new(([0; 13], 0, 0));
+/// The `kind` label values of `ferry_errors_total`: every kind [`error_kind_of`] and the
+/// transfer errors' `metric_kind` name. Each is exported from the start, at 0.
+pub const ERROR_KINDS: [&str; 8] =
+    ["aborted", "checksum", "connection", "other", "protocol", "refused", "source_changed", "storage"];
+
+type KindLabel = [(&'static str, &'static str); 1];
+
+/// This process's own metrics. Clones of a `prometheus-client` metric share its value, so
+/// each scrape registers clones of these.
+#[derive(Debug)]
+struct ProcessMetrics {
+    fence_pauses_us: Histogram,
+    errors: Family<KindLabel, Counter>,
+}
+
+static PROCESS: LazyLock<ProcessMetrics> = LazyLock::new(|| {
+    #[allow(clippy::cast_precision_loss)] // bucket bounds are at most 1e7: exact in an f64
+    let fence_pauses_us = Histogram::new(PAUSE_BUCKETS_US.iter().map(|bound| *bound as f64));
+    let errors = Family::default();
+    for kind in ERROR_KINDS {
+        let _ = errors.get_or_create(&[("kind", kind)]);
+    }
+    ProcessMetrics { fence_pauses_us, errors }
+});
 
 /// Records one released cut-over's write pause.
 pub fn observe_pause_us(pause_us: u64) {
-    let mut pauses = PAUSES.lock().unwrap_or_else(|e| e.into_inner());
-    let bucket = PAUSE_BUCKETS_US.iter().position(|bound| pause_us <= *bound).unwrap_or(PAUSE_BUCKETS_US.len());
-    if let Some(count) = pauses.0.get_mut(bucket) {
-        *count += 1;
-    }
-    pauses.1 = pauses.1.saturating_add(pause_us);
-    pauses.2 += 1;
+    #[allow(clippy::cast_precision_loss)] // pauses are far below 2^53 us
+    PROCESS.fence_pauses_us.observe(pause_us as f64);
 }
 
-static ERRORS: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
-
-/// Counts one failed migration (either role) under `kind`.
+/// Counts one failed migration (either role) under `kind`; a kind outside [`ERROR_KINDS`]
+/// counts as `other`, so the label set stays bounded.
 pub fn count_error(kind: &'static str) {
-    *ERRORS.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default() += 1;
+    let kind = ERROR_KINDS.iter().copied().find(|known| *known == kind).unwrap_or("other");
+    PROCESS.errors.get_or_create(&[("kind", kind)]).inc();
 }
 
 /// A failure reason's kind, for the errors metric: a small fixed set, never the free text.
@@ -79,68 +106,111 @@ pub fn error_kind_of(reason: &str) -> &'static str {
     }
 }
 
+/// One scrape's metrics: this process's metrics and the daemon's state when it was taken.
+#[derive(Debug)]
+pub struct Scrape {
+    registry: Registry,
+}
+
+impl Scrape {
+    /// The OpenMetrics 1.0 text (ends with `# EOF`).
+    pub fn openmetrics(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+
+    /// The Prometheus text format, version 0.0.4 (for scrapers that do not ask for OpenMetrics).
+    pub fn prometheus_text(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// The daemon's metrics now: `statuses` are its migrations, `bytes_received_total` the chunk
+/// bytes it received as a target.
+pub fn render(statuses: &[MigrationStatus], bytes_received_total: u64) -> Scrape {
+    let mut registry = Registry::default();
+    registry.register(
+        "ferry_bytes_sent",
+        "Chunk bytes sent by this process as a source.",
+        ConstCounter::new(BYTES_SENT_TOTAL.load(Ordering::Relaxed)),
+    );
+    registry.register(
+        "ferry_rdma_fallbacks",
+        "Times transport = \"rdma\" was configured and QUIC used instead.",
+        ConstCounter::new(crate::transfer::rdma::select::FALLBACKS_TOTAL.load(Ordering::Relaxed)),
+    );
+    registry.register(
+        "ferry_bytes_received",
+        "Chunk bytes received by this process as a target (migrations it still lists).",
+        ConstCounter::new(bytes_received_total),
+    );
+    registry.register_collector(Box::new(DaemonState::of(statuses)));
+    registry.register(
+        "ferry_fence_pause_us",
+        "Write pauses of released cut-overs, in microseconds.",
+        PROCESS.fence_pauses_us.clone(),
+    );
+    registry.register("ferry_errors", "Failed migrations by error kind.", PROCESS.errors.clone());
+    Scrape { registry }
+}
+
+/// The daemon's gauges at one scrape, copied out of its statuses.
+#[derive(Debug)]
+struct DaemonState {
+    /// (role, phase, count) for every role and phase, zeros included.
+    migrations: Vec<(&'static str, &'static str, u64)>,
+    /// (migration id, WAL lag in LSN units if known, held WAL bytes) per running source migration.
+    sources: Vec<(String, Option<u64>, u64)>,
+}
+
 const PHASES: [Phase; 5] = [Phase::BaseCopy, Phase::WalCatchUp, Phase::AtomicCutOver, Phase::Completed, Phase::Failed];
 
-/// The metrics text for the daemon's migrations now.
-pub fn render(statuses: &[MigrationStatus], bytes_received_total: u64) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP ferry_bytes_sent_total Chunk bytes sent by this process as a source.");
-    let _ = writeln!(out, "# TYPE ferry_bytes_sent_total counter");
-    let _ = writeln!(out, "ferry_bytes_sent_total {}", BYTES_SENT_TOTAL.load(Ordering::Relaxed));
-    let _ = writeln!(
-        out,
-        "# HELP ferry_rdma_fallbacks_total Times transport = \"rdma\" was configured and QUIC used instead."
-    );
-    let _ = writeln!(out, "# TYPE ferry_rdma_fallbacks_total counter");
-    let fallbacks = crate::transfer::rdma::select::FALLBACKS_TOTAL.load(Ordering::Relaxed);
-    let _ = writeln!(out, "ferry_rdma_fallbacks_total {fallbacks}");
-    let _ = writeln!(out, "# HELP ferry_bytes_received_total Chunk bytes received by this process as a target (migrations it still lists).");
-    let _ = writeln!(out, "# TYPE ferry_bytes_received_total counter");
-    let _ = writeln!(out, "ferry_bytes_received_total {bytes_received_total}");
-    let _ = writeln!(out, "# HELP ferry_migrations Migrations on this node by role and phase.");
-    let _ = writeln!(out, "# TYPE ferry_migrations gauge");
-    for role in [Role::Source, Role::Target] {
-        for phase in PHASES {
-            let count = statuses.iter().filter(|s| s.role == role && s.phase == phase).count();
-            let _ = writeln!(out, "ferry_migrations{{role=\"{}\",phase=\"{phase:?}\"}} {count}", role_name(role));
+impl DaemonState {
+    fn of(statuses: &[MigrationStatus]) -> Self {
+        let mut migrations = Vec::with_capacity(2 * PHASES.len());
+        for role in [Role::Source, Role::Target] {
+            for phase in PHASES {
+                let count = statuses.iter().filter(|s| s.role == role && s.phase == phase).count();
+                migrations.push((role_name(role), phase_name(phase), u64::try_from(count).unwrap_or(u64::MAX)));
+            }
         }
+        let sources = statuses
+            .iter()
+            .filter(|s| s.role == Role::Source && !s.phase.is_final())
+            .map(|s| (s.migration_id.clone(), s.wal.lag_lsn(), s.wal.held_bytes))
+            .collect();
+        Self { migrations, sources }
     }
-    let _ = writeln!(
-        out,
-        "# HELP ferry_wal_lag_lsn Source tip LSN minus the target's durable LSN, per running source migration."
-    );
-    let _ = writeln!(out, "# TYPE ferry_wal_lag_lsn gauge");
-    let _ = writeln!(
-        out,
-        "# HELP ferry_held_wal_bytes Bytes of WAL segments held (hard-linked) per running source migration."
-    );
-    let _ = writeln!(out, "# TYPE ferry_held_wal_bytes gauge");
-    for s in statuses.iter().filter(|s| s.role == Role::Source && !s.phase.is_final()) {
-        let id = escape(&s.migration_id);
-        if let Some(lag) = s.wal.lag_lsn() {
-            let _ = writeln!(out, "ferry_wal_lag_lsn{{migration_id=\"{id}\"}} {lag}");
+}
+
+impl Collector for DaemonState {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        {
+            let help = "Migrations on this node by role and phase.";
+            let mut family = encoder.encode_descriptor("ferry_migrations", help, None, MetricType::Gauge)?;
+            for (role, phase, count) in &self.migrations {
+                ConstGauge::new(*count).encode(family.encode_family(&[("role", *role), ("phase", *phase)])?)?;
+            }
         }
-        let _ = writeln!(out, "ferry_held_wal_bytes{{migration_id=\"{id}\"}} {}", s.wal.held_bytes);
-    }
-    let _ = writeln!(out, "# HELP ferry_fence_pause_us Write pauses of released cut-overs, in microseconds.");
-    let _ = writeln!(out, "# TYPE ferry_fence_pause_us histogram");
-    {
-        let pauses = *PAUSES.lock().unwrap_or_else(|e| e.into_inner());
-        let mut cumulative = 0u64;
-        for (index, count) in pauses.0.iter().enumerate() {
-            cumulative += count;
-            let bound = PAUSE_BUCKETS_US.get(index).map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-            let _ = writeln!(out, "ferry_fence_pause_us_bucket{{le=\"{bound}\"}} {cumulative}");
+        {
+            let help = "Source tip LSN minus the target's durable LSN, per running source migration.";
+            let mut family = encoder.encode_descriptor("ferry_wal_lag_lsn", help, None, MetricType::Gauge)?;
+            for (id, lag, _) in &self.sources {
+                if let Some(lag) = lag {
+                    ConstGauge::new(*lag).encode(family.encode_family(&[("migration_id", id.as_str())])?)?;
+                }
+            }
         }
-        let _ = writeln!(out, "ferry_fence_pause_us_sum {}", pauses.1);
-        let _ = writeln!(out, "ferry_fence_pause_us_count {}", pauses.2);
+        let help = "Bytes of WAL segments held (hard-linked) per running source migration.";
+        let mut family = encoder.encode_descriptor("ferry_held_wal_bytes", help, None, MetricType::Gauge)?;
+        for (id, _, held_bytes) in &self.sources {
+            ConstGauge::new(*held_bytes).encode(family.encode_family(&[("migration_id", id.as_str())])?)?;
+        }
+        Ok(())
     }
-    let _ = writeln!(out, "# HELP ferry_errors_total Failed migrations by error kind.");
-    let _ = writeln!(out, "# TYPE ferry_errors_total counter");
-    for (kind, count) in ERRORS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-        let _ = writeln!(out, "ferry_errors_total{{kind=\"{kind}\"}} {count}");
-    }
-    out
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -150,73 +220,20 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
-/// A label value with `\`, `"` and newlines escaped (migration ids cannot hold them today).
-fn escape(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-/// Serves `GET /metrics` on `listener` until the runtime stops; `scrape` renders the body.
-pub async fn serve(listener: TcpListener, scrape: Arc<dyn Fn() -> String + Send + Sync>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX_COUNT));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let scrape = scrape.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let answer = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
-                Ok(Some(head)) if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") => {
-                    response("200 OK", "text/plain; version=0.0.4; charset=utf-8", &scrape())
-                }
-                Ok(Some(head)) if head.starts_with(b"GET ") => {
-                    response("404 Not Found", "text/plain", "ferry serves only /metrics here\n")
-                }
-                Ok(_) => response("400 Bad Request", "text/plain", "expected GET /metrics\n"),
-                Err(_) => return,
-            };
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(answer.as_bytes())).await;
-            let _ = stream.shutdown().await;
-        });
+/// The `phase` label: the phase as the control socket names it.
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::BaseCopy => "BaseCopy",
+        Phase::WalCatchUp => "WalCatchUp",
+        Phase::AtomicCutOver => "AtomicCutOver",
+        Phase::Completed => "Completed",
+        Phase::Failed => "Failed",
     }
-}
-
-/// Binds `addr` and serves metrics on it; returns the bound address.
-pub async fn start(addr: SocketAddr, scrape: Arc<dyn Fn() -> String + Send + Sync>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(serve(listener, scrape));
-    Ok(bound)
-}
-
-/// Reads up to the end of the request head; `None` when it is over the limit or cut short.
-async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut buf).await.ok()?;
-        if n == 0 {
-            return (!head.is_empty()).then_some(head);
-        }
-        head.extend_from_slice(buf.get(..n)?);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            return Some(head);
-        }
-        if head.len() > REQUEST_HEAD_MAX_BYTES {
-            return None;
-        }
-    }
-}
-
-fn response(status: &str, content_type: &str, body: &str) -> String {
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use ferry_wire::api::WalProgress;
 
@@ -246,10 +263,22 @@ mod tests {
         }
     }
 
+    /// The sample lines of an exposition: (series name, labels, value).
+    fn samples(text: &str) -> Vec<(String, String, f64)> {
+        let mut samples = Vec::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let value = value.parse::<f64>().unwrap_or_else(|_| panic!("not a sample line: {line}"));
+            samples.push((name.to_owned(), labels.trim_end_matches('}').to_owned(), value));
+        }
+        samples
+    }
+
     #[test]
     fn the_text_counts_phases_and_reports_lag_and_held_bytes() {
         count_error("aborted");
-        let text = render(
+        let scrape = render(
             &[
                 status("m1", Role::Source, Phase::WalCatchUp),
                 status("m2", Role::Source, Phase::Completed),
@@ -257,32 +286,81 @@ mod tests {
             ],
             77,
         );
-        assert!(text.contains("ferry_migrations{role=\"source\",phase=\"WalCatchUp\"} 1"), "{text}");
-        assert!(text.contains("ferry_migrations{role=\"source\",phase=\"Completed\"} 1"));
-        assert!(text.contains("ferry_migrations{role=\"target\",phase=\"BaseCopy\"} 1"));
-        assert!(text.contains("ferry_migrations{role=\"target\",phase=\"Failed\"} 0"));
-        assert!(text.contains("ferry_wal_lag_lsn{migration_id=\"m1\"} 10"));
-        assert!(text.contains("ferry_held_wal_bytes{migration_id=\"m1\"} 4096"));
-        assert!(!text.contains("migration_id=\"m2\""), "final migrations have no lag gauge");
-        assert!(text.contains("ferry_bytes_received_total 77"));
-        assert!(text.contains("ferry_errors_total{kind=\"aborted\"}"));
+        for text in [scrape.prometheus_text().unwrap(), scrape.openmetrics().unwrap()] {
+            assert!(text.contains("ferry_migrations{role=\"source\",phase=\"WalCatchUp\"} 1"), "{text}");
+            assert!(text.contains("ferry_migrations{role=\"source\",phase=\"Completed\"} 1"));
+            assert!(text.contains("ferry_migrations{role=\"target\",phase=\"BaseCopy\"} 1"));
+            assert!(text.contains("ferry_migrations{role=\"target\",phase=\"Failed\"} 0"));
+            assert!(text.contains("ferry_wal_lag_lsn{migration_id=\"m1\"} 10"));
+            assert!(text.contains("ferry_held_wal_bytes{migration_id=\"m1\"} 4096"));
+            assert!(!text.contains("migration_id=\"m2\""), "final migrations have no lag gauge");
+            assert!(text.contains("ferry_bytes_received_total 77"));
+            let aborted = samples(&text)
+                .into_iter()
+                .find(|(name, labels, _)| name == "ferry_errors_total" && labels == "kind=\"aborted\"")
+                .unwrap();
+            assert!(aborted.2 >= 1.0, "{text}");
+        }
         observe_pause_us(300);
-        let text = render(&[], 0);
+        let scrape = render(&[], 0);
+        let text = scrape.prometheus_text().unwrap();
         assert!(text.contains("ferry_fence_pause_us_bucket{le=\"250\"}"), "{text}");
+        assert!(text.contains("ferry_fence_pause_us_bucket{le=\"500\"}"), "{text}");
         assert!(text.contains("ferry_fence_pause_us_bucket{le=\"+Inf\"}"), "{text}");
         assert!(!text.contains("ferry_fence_pause_us_count 0"), "{text}");
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let value = line.rsplit(' ').next().unwrap();
-            assert!(value.parse::<u64>().is_ok(), "not a sample line: {line}");
+        let text = scrape.openmetrics().unwrap();
+        assert!(text.contains("ferry_fence_pause_us_bucket{le=\"250.0\"}"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(!text.contains("ferry_fence_pause_us_count 0"), "{text}");
+    }
+
+    /// Both formats export the same series (names and labels, `le` aside: OpenMetrics writes
+    /// its bounds as floats), so the format a scraper picks changes nothing it stores.
+    #[test]
+    fn both_formats_export_the_same_series() {
+        let scrape = render(&[status("m1", Role::Source, Phase::BaseCopy)], 5);
+        let series = |text: &str| {
+            let mut series: Vec<_> = samples(text)
+                .into_iter()
+                .filter(|(name, _, _)| !name.ends_with("_bucket"))
+                .map(|(name, labels, _)| format!("{name}{{{labels}}}"))
+                .collect();
+            series.sort();
+            series
+        };
+        let text = series(&scrape.prometheus_text().unwrap());
+        assert_eq!(text, series(&scrape.openmetrics().unwrap()));
+        for name in ["ferry_bytes_sent_total{}", "ferry_rdma_fallbacks_total{}", "ferry_fence_pause_us_sum{}"] {
+            assert!(text.iter().any(|s| s == name), "{name} not in {text:?}");
+        }
+    }
+
+    #[test]
+    fn error_kinds_are_a_fixed_set() {
+        count_error("a kind nobody listed");
+        let text = render(&[], 0).prometheus_text().unwrap();
+        let kinds: Vec<_> =
+            samples(&text).into_iter().filter(|(name, _, _)| name == "ferry_errors_total").map(|(_, l, _)| l).collect();
+        assert_eq!(kinds.len(), ERROR_KINDS.len(), "{text}");
+        for kind in ERROR_KINDS {
+            assert!(kinds.contains(&format!("kind=\"{kind}\"")), "{kind} missing: {text}");
+        }
+    }
+
+    #[test]
+    fn phase_labels_are_the_phase_names() {
+        for phase in PHASES {
+            assert_eq!(phase_name(phase), format!("{phase:?}"));
         }
     }
 
     /// Every metric the Grafana dashboard (`engine/dist/grafana/ferry.json`) queries is one
-    /// this module exports (a `# TYPE` line of what the daemon serves; a histogram's
-    /// `_bucket`, `_sum` and `_count` series with it), and every exported metric is shown.
+    /// this module exports (a `# TYPE` line of the Prometheus text the daemon serves, which
+    /// names counters with their `_total`; a histogram's `_bucket`, `_sum` and `_count` series
+    /// with it), and every exported metric is shown.
     #[test]
     fn the_dashboard_queries_only_exported_metrics() {
-        let text = render(&[], 0);
+        let text = render(&[], 0).prometheus_text().unwrap();
         let mut exported = std::collections::BTreeSet::new();
         for line in text.lines() {
             let mut words = line.split_whitespace();
@@ -335,24 +413,5 @@ mod tests {
         assert_eq!(error_kind_of("the peer failed the transfer (Refused): target x is at capacity"), "refused");
         assert_eq!(error_kind_of("chunk 0 arrived with CRC32C 0x1"), "checksum");
         assert_eq!(error_kind_of("something new"), "other");
-    }
-
-    #[tokio::test]
-    async fn the_endpoint_answers_scrapes_and_refuses_anything_else() {
-        let addr = start("127.0.0.1:0".parse().unwrap(), Arc::new(|| "ferry_up 1\n".to_owned())).await.unwrap();
-        let ask = |request: Vec<u8>| async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let _ = s.write_all(&request).await;
-            let mut answer = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
-            String::from_utf8_lossy(&answer).into_owned()
-        };
-        let ok = ask(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
-        assert!(ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("ferry_up 1\n"), "{ok}");
-        assert!(ask(b"GET / HTTP/1.1\r\n\r\n".to_vec()).await.starts_with("HTTP/1.1 404"));
-        assert!(ask(b"\xff\x00garbage\r\n\r\n".to_vec()).await.starts_with("HTTP/1.1 400"));
-        assert!(ask(vec![b'G'; 20_000]).await.starts_with("HTTP/1.1 400"));
-        // Still serving after all that.
-        assert!(ask(b"GET /metrics HTTP/1.0\r\n\r\n".to_vec()).await.starts_with("HTTP/1.1 200 OK"));
     }
 }
