@@ -223,7 +223,9 @@ async fn assert_good_client(cluster: &Cluster, server: &mut Server) {
 
 fn rustls_client(cluster: &Cluster) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(cluster.identity("node-b").ca_cert().clone()).unwrap();
+    for ca in cluster.identity("node-b").ca_certs() {
+        roots.add(ca.clone()).unwrap();
+    }
     rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
