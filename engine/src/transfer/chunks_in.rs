@@ -103,7 +103,7 @@ pub(super) async fn accept_chunk_streams<A: ChunkArrivals>(
 
 /// Takes the chunks of a connection that carries them: its uni streams and, when the source
 /// offers an RDMA path on a bidirectional stream, that path's lanes (answered from
-/// `transport`: without lanes when this node has no RDMA). Runs until the path ends.
+/// `transport`: without lanes when this node has no RDMA). Runs until the connection ends.
 pub(super) async fn carry_chunks(
     conn: Connection,
     transport: ChunkTransport,
@@ -124,7 +124,14 @@ pub(super) async fn carry_chunks(
             }
         }
     };
-    tokio::join!(accept_chunk_streams(conn, inbound, events), rdma);
+    let quic = accept_chunk_streams(conn, inbound, events);
+    tokio::pin!(quic);
+    tokio::select! {
+        // The connection is gone (its streams' accept failed): its RDMA path goes with it.
+        () = &mut quic => {}
+        // Answered without lanes, or the lanes failed (the control loop has the error).
+        () = rdma => quic.await,
+    }
 }
 
 async fn receive_chunks<I: IncomingLane>(
