@@ -74,14 +74,20 @@ impl RunningNode {
         let endpoint = crate::quic::server_endpoint(config.listen, crypto, &QuicTuning::default())
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let quic_addr = endpoint.local_addr()?;
-        let ctx = Arc::new(TargetContext::new(node_id.clone(), config.data_dir.clone(), storage.clone()));
+        let chunk_transport = crate::transfer::rdma::attach::for_node(&transport, &config.rdma_settings());
+        let ctx = Arc::new(
+            TargetContext::new(node_id.clone(), config.data_dir.clone(), storage.clone())
+                .with_chunk_transport(chunk_transport.clone()),
+        );
         ctx.set_limits(TargetLimits {
             max_inbound_count: config.max_inbound_migrations,
             check_free_space: config.check_free_space,
         });
         ctx.load_existing();
         let server = tokio::spawn(target::serve(endpoint.clone(), ctx.clone()));
-        let outbound = Outbound::new(outbound_config(config), identity.clone(), storage);
+        let mut outbound_settings = outbound_config(config);
+        outbound_settings.tuning.chunk_transport = chunk_transport;
+        let outbound = Outbound::new(outbound_settings, identity.clone(), storage);
         let daemon = Daemon::new(node_id.clone(), quic_addr, ctx.clone(), outbound.clone(), transport);
         let events = daemon.spawn_events();
         daemon.announce_transport();

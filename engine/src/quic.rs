@@ -51,6 +51,9 @@ pub struct QuicTuning {
     /// connections that carry latency-sensitive traffic keep quinn's 1452 (see
     /// [`QuicTuning::transport`]).
     pub mtu_upper_bound_bytes: u16,
+    /// What a copy's chunks go on: QUIC uni streams (the default), or RDMA lanes negotiated
+    /// over the copy's connections. Here because every copy is given its node's tuning.
+    pub chunk_transport: crate::transfer::rdma::attach::ChunkTransport,
 }
 
 impl Default for QuicTuning {
@@ -67,6 +70,7 @@ impl Default for QuicTuning {
             idle_timeout_ms: 5_000,
             keep_alive_ms: 1_000,
             mtu_upper_bound_bytes: MTU_UPPER_BOUND_DEFAULT_BYTES,
+            chunk_transport: crate::transfer::rdma::attach::ChunkTransport::quic(),
         }
     }
 }

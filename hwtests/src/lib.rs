@@ -11,7 +11,9 @@
 //! a chosen NVMe-backed folder (`FERRY_HW_NVME_DIR`), and, when asked (`FERRY_HW=rdma`, built
 //! with `--features rdma`), an RDMA loopback: the engine's RDMA lanes between two queue pairs
 //! of one device (`FERRY_HW_RDMA_DEVICE`, `FERRY_HW_RDMA_PORT`, `FERRY_HW_RDMA_GID_INDEX`),
-//! 256 chunks of 1 MiB written and each checked by its CRC32C (see [`rdma`]).
+//! 256 chunks of 1 MiB written and each checked by its CRC32C (see [`rdma`]), and a base copy
+//! between the source and target drivers of `ferry serve` over RDMA on that device (see
+//! [`rdma_copy`]).
 //!
 //! Invariants: a test whose hardware is missing is reported as skipped with the reason, never
 //! counted as passed.
@@ -102,38 +104,65 @@ pub fn requested(what: &str) -> bool {
 /// RDMA loopback over the engine's lanes: skipped when not requested; when requested, fails
 /// naming what is missing (the build's feature, a device) or runs.
 pub fn rdma_transfer(probe: &Probe, requested: bool) -> Outcome {
+    rdma_gate(probe, requested).unwrap_or_else(|| run_rdma(RdmaTest::Loopback))
+}
+
+/// A base copy between the source and target drivers of `ferry serve` over RDMA: gated as
+/// [`rdma_transfer`].
+pub fn rdma_copy(probe: &Probe, requested: bool) -> Outcome {
+    rdma_gate(probe, requested).unwrap_or_else(|| run_rdma(RdmaTest::Copy))
+}
+
+/// Which RDMA test to run.
+#[derive(Debug, Clone, Copy)]
+enum RdmaTest {
+    Loopback,
+    Copy,
+}
+
+/// The outcome of an RDMA test that cannot run here (not requested, or hardware missing).
+fn rdma_gate(probe: &Probe, requested: bool) -> Option<Outcome> {
     if !requested {
-        return Outcome::Skipped(format!(
+        return Some(Outcome::Skipped(format!(
             "not requested: set FERRY_HW=rdma (and FERRY_HW_RDMA_DEVICE) and build with --features rdma (devices seen: {:?})",
             probe.rdma_devices
-        ));
+        )));
     }
     if !cfg!(feature = "rdma") {
-        return Outcome::Failed("FERRY_HW=rdma was set, but this binary was built without --features rdma".into());
+        return Some(Outcome::Failed(
+            "FERRY_HW=rdma was set, but this binary was built without --features rdma".into(),
+        ));
     }
     if probe.rdma_devices.is_empty() {
-        return Outcome::Failed(
+        return Some(Outcome::Failed(
             "FERRY_HW=rdma was set, but there is no RDMA device under /sys/class/infiniband".into(),
-        );
+        ));
     }
-    run_rdma()
+    None
 }
 
 #[cfg(feature = "rdma")]
-fn run_rdma() -> Outcome {
-    match rdma::loopback(&rdma::LoopbackConfig::from_env()) {
+fn run_rdma(test: RdmaTest) -> Outcome {
+    let config = rdma::LoopbackConfig::from_env();
+    let result = match test {
+        RdmaTest::Loopback => rdma::loopback(&config),
+        RdmaTest::Copy => rdma_copy::copy(&config),
+    };
+    match result {
         Ok(summary) => Outcome::Passed(summary),
         Err(e) => Outcome::Failed(format!("{e:#}")),
     }
 }
 
 #[cfg(not(feature = "rdma"))]
-fn run_rdma() -> Outcome {
+fn run_rdma(_test: RdmaTest) -> Outcome {
     Outcome::Failed("built without --features rdma".into())
 }
 
 #[cfg(feature = "rdma")]
 pub mod rdma;
+#[cfg(feature = "rdma")]
+pub mod rdma_copy;
 
 #[cfg(test)]
 mod tests {

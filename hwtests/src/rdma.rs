@@ -5,7 +5,7 @@
 //! register, create and connect RC queue pairs, WRITE with immediate, receives, polling), and
 //! chunk frames cross whole: every body's CRC32C is checked against the one the header carries.
 //!
-//! What it does not: run two daemons (`ferry serve` does not ship chunks over RDMA yet) or
+//! What it does not: run a copy between daemons (`rdma_copy` does) or
 //! compare with `ib_write_bw` (the README's performance section gives that method).
 
 use std::time::Instant;

@@ -1,6 +1,7 @@
 //! The target's chunk streams: chunk frames in, verified writes out.
 //!
-//! What it does: accepts a connection's uni streams ([`accept_chunk_streams`]); on each, reads
+//! What it does: accepts a connection's uni streams ([`accept_chunk_streams`]), and the lanes
+//! of an RDMA path when the source offers one on it ([`carry_chunks`]); on each, reads
 //! chunk frames, checks each header against the transfer's conversation
 //! ([`ferry_wire::proto::target::TargetConversation::check_chunk`]) and each body against its
 //! CRC32C, writes the body at its offset in its part file with one gathered write, logs it in
@@ -21,10 +22,12 @@ use ferry_wire::frame::FrameKind;
 use ferry_wire::message::ChunkRef;
 use ferry_wire::proto::target::{ChunkEvent, TargetConversation};
 use ferry_wire::session::ChunkVerdict;
+use quinn::Connection;
 use tokio::sync::mpsc;
 
 use super::chunklog::ChunkLog;
 use super::framing::BodyPieces;
+use super::rdma::attach::{self, ChunkTransport};
 use super::task::blocking;
 use super::transport::{ChunkArrivals, IncomingLane};
 use super::TransferError;
@@ -48,6 +51,8 @@ pub(super) struct Inbound {
     pub(super) storage: Arc<dyn Storage>,
     pub(super) log: Arc<ChunkLog>,
     pub(super) received: Arc<AtomicU64>,
+    /// The offer's chunk length: an RDMA path's slots hold one chunk frame.
+    pub(super) chunk_len_bytes: u32,
 }
 
 impl Inbound {
@@ -93,6 +98,39 @@ pub(super) async fn accept_chunk_streams<A: ChunkArrivals>(
                 return;
             }
         }
+    }
+}
+
+/// Takes the chunks of a connection that carries them: its uni streams and, when the source
+/// offers an RDMA path on a bidirectional stream, that path's lanes (answered from
+/// `transport`: without lanes when this node has no RDMA). Runs until the connection ends.
+pub(super) async fn carry_chunks(
+    conn: Connection,
+    transport: ChunkTransport,
+    inbound: Arc<Inbound>,
+    events: mpsc::Sender<Event>,
+) {
+    let rdma = {
+        let (conn, inbound, events) = (conn.clone(), inbound.clone(), events.clone());
+        async move {
+            // A source that ships over QUIC never opens this stream.
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
+            match attach::answer_path(&transport, &mut send, &mut recv, inbound.chunk_len_bytes).await {
+                Ok(Some(arrivals)) => accept_chunk_streams(arrivals, inbound, events).await,
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = events.send(Err(e)).await;
+                }
+            }
+        }
+    };
+    let quic = accept_chunk_streams(conn, inbound, events);
+    tokio::pin!(quic);
+    tokio::select! {
+        // The connection is gone (its streams' accept failed): its RDMA path goes with it.
+        () = &mut quic => {}
+        // Answered without lanes, or the lanes failed (the control loop has the error).
+        () = rdma => quic.await,
     }
 }
 

@@ -29,6 +29,7 @@ use ferry_wire::{Lsn, MigrationId, NodeId};
 use quinn::{Connection, VarInt};
 
 use super::manifests::{self, Manifests};
+use super::rdma::attach::ChunkTransport;
 use super::walrecv::WalStages;
 use super::TransferError;
 use crate::staging::{self, StagingError, StagingLayout};
@@ -75,6 +76,8 @@ pub struct TargetContext {
     pub(crate) applied: tokio::sync::Notify,
     /// Woken when a staged WAL's durable LSN moves (a fence waits for its `through_lsn`).
     pub(crate) wal_durable: tokio::sync::Notify,
+    /// What this node answers a source's RDMA offer with (QUIC by default: no lanes).
+    pub(crate) chunk_transport: ChunkTransport,
 }
 
 impl std::fmt::Debug for TargetContext {
@@ -123,7 +126,15 @@ impl TargetContext {
             claims_changed: tokio::sync::Notify::new(),
             applied: tokio::sync::Notify::new(),
             wal_durable: tokio::sync::Notify::new(),
+            chunk_transport: ChunkTransport::quic(),
         }
+    }
+
+    /// Answers sources' RDMA offers from `transport` (a node whose `settle` chose RDMA).
+    #[must_use]
+    pub fn with_chunk_transport(mut self, transport: ChunkTransport) -> Self {
+        self.chunk_transport = transport;
+        self
     }
 
     /// Sets the admission limits (from the daemon's configuration).

@@ -3,7 +3,8 @@
 //! What it does: [`recheck`] reads the chunks the target holds already so each file's CRC32C
 //! is still built from the source's bytes; [`ship`] runs `streams_count` uni streams per
 //! connection, each taking its next chunk from the copy's machine
-//! ([`ferry_wire::proto::source`]), reading it with the [`ChunkReader`] and honouring the
+//! ([`ferry_wire::proto::source`]) and sending it on the connection's chunk path (QUIC
+//! streams or RDMA lanes, see [`super::rdma::attach`]), reading it with the [`ChunkReader`] and honouring the
 //! copy's [`RateHandle`], and announces each file the machine says is read in full, after
 //! checking the file did not change since it was pinned.
 //!
@@ -28,6 +29,7 @@ use tokio::task::JoinSet;
 
 use super::framing::{received, write_control};
 use super::rate::{since, RateHandle};
+use super::rdma::attach::Lanes;
 use super::transport::{ChunkLane, ChunkLanes};
 use super::walrun::{Messages, WalRun};
 use super::TransferError;
@@ -78,11 +80,12 @@ pub(super) struct ShipPlan {
     pub(super) chunk_len_bytes: u32,
 }
 
-/// Ships the chunks on `conns` and announces each file read in full, until the machine hands
+/// Ships the chunks on `lanes` (the paths of `conns`: their QUIC streams or RDMA lanes) and announces each file read in full, until the machine hands
 /// back an action that is not an announcement (the base is staged); returns it.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn ship(
     conns: &[Connection],
+    lanes: &[Lanes],
     request: &ShipPlan,
     snapshot: &Snapshot,
     reader: &Arc<ChunkReader>,
@@ -102,11 +105,11 @@ pub(super) async fn ship(
     let files = Arc::new(files);
     let chunk_read = Arc::new(Notify::new());
     let mut streams = JoinSet::new();
-    for conn in conns {
+    for path in lanes {
         for _ in 0..request.streams_count.max(1) {
-            let (conn, files, reader, machine, chunk_read, rate) =
-                (conn.clone(), files.clone(), reader.clone(), machine.clone(), chunk_read.clone(), rate.clone());
-            streams.spawn(async move { send_stream(conn, files, reader, machine, chunk_read, rate, origin).await });
+            let (path, files, reader, machine, chunk_read, rate) =
+                (path.clone(), files.clone(), reader.clone(), machine.clone(), chunk_read.clone(), rate.clone());
+            streams.spawn(async move { send_stream(path, files, reader, machine, chunk_read, rate, origin).await });
         }
     }
     let mut streams_left = streams.len();

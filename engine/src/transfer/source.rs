@@ -7,7 +7,10 @@
 //! target's messages and each chunk's CRC32C. Chunks go on `streams_count` uni streams per
 //! connection, each taking its next chunk from the machine, reading it with the
 //! [`ChunkReader`] (zero-copy `Bytes`) and honouring a [`TokenBucket`] rate limit that can
-//! change while the copy runs. A file is announced only after checking it did not change. A
+//! change while the copy runs. With `tuning.chunk_transport` set to RDMA, each chunk
+//! connection first negotiates RDMA lanes ([`super::rdma::attach`]) that carry the chunks
+//! instead, falling back to QUIC loudly when the target cannot (an error under
+//! `require_rdma`). A file is announced only after checking it did not change. A
 //! lost connection is reconnected and the copy resumes from what the target holds, under the
 //! retry policy ([`ferry_wire::retry`]): a transient error ([`TransferError::is_transient`]) is
 //! retried until the deadline passes without progress, a permanent one fails the copy at once.
@@ -36,6 +39,8 @@ use tokio::sync::{mpsc, watch};
 use super::fence_source::CutOver;
 use super::framing::{read_control, received, write_control, SMALL_CONTROL_BODY_MAX_BYTES};
 pub use super::rate::RateHandle;
+use super::rdma::attach::attach_source;
+use super::rdma::select::TransportSetting;
 use super::ship::{self, lock, publish, ShipPlan};
 use super::walrun::{publish_wal, start_wal, Messages, WalRun};
 use super::walsend::{self, WalSourceConfig};
@@ -117,6 +122,10 @@ pub struct CopyReport {
     /// Bytes the target already held when the last (successful) attempt began: what
     /// resumption did not send again.
     pub bytes_resumed: u64,
+    /// What the last attempt's chunks went on (none: it sent no chunks).
+    pub chunk_transport: Option<TransportSetting>,
+    /// RDMA was asked for and the last attempt's chunks went over QUIC: why.
+    pub rdma_fallback_reason: Option<String>,
 }
 
 /// The error a copy fails with once its retry deadline passed: a target that never answered
@@ -231,6 +240,8 @@ where
         connections_count: request.connections_count.max(1),
         reconnects_count,
         bytes_resumed: outcome.bytes_resumed,
+        chunk_transport: outcome.chunk_transport,
+        rdma_fallback_reason: outcome.rdma_fallback_reason,
     })
 }
 
@@ -242,6 +253,8 @@ struct Outcome {
     fenced: bool,
     bytes_resumed: u64,
     final_lsn: Lsn,
+    chunk_transport: Option<TransportSetting>,
+    rdma_fallback_reason: Option<String>,
 }
 
 /// A connection on its own endpoint (so its QUIC work runs on its own task).
@@ -334,6 +347,7 @@ async fn run(
     // An action a nested driver (the chunk shipping, the cut-over) handed back undone.
     let mut pending: Option<SourceAction> = None;
     let (mut already_staged, mut bytes_resumed, mut bytes_resent) = (false, 0u64, 0u64);
+    let (mut chunk_transport, mut rdma_fallback_reason) = (None, None);
     let (final_lsn, committed, fenced) = loop {
         let next = match pending.take() {
             Some(action) => Some(action),
@@ -360,8 +374,14 @@ async fn run(
             SourceAction::SendChunks => {
                 let conns = chunk_connections(conn, extra, identity, tuning, request).await?;
                 let plan = ship_plan(request);
+                let attached =
+                    attach_source(&tuning.chunk_transport, &conns, plan.streams_count.max(1), plan.chunk_len_bytes)
+                        .await?;
+                chunk_transport = Some(attached.in_use);
+                rdma_fallback_reason = attached.fallback_reason;
                 let shipped = ship::ship(
                     &conns,
+                    &attached.lanes,
                     &plan,
                     snapshot,
                     reader,
@@ -405,7 +425,16 @@ async fn run(
             walsend::Holder::remove_all(&config.dir, &request.migration_id);
         }
     }
-    Ok(Outcome { already_staged, bytes_resent, committed, fenced, bytes_resumed, final_lsn })
+    Ok(Outcome {
+        already_staged,
+        bytes_resent,
+        committed,
+        fenced,
+        bytes_resumed,
+        final_lsn,
+        chunk_transport,
+        rdma_fallback_reason,
+    })
 }
 
 /// How the chunk streams ship: the request's streams, rate and chunk length.

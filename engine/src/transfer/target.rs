@@ -27,7 +27,7 @@ use ferry_wire::{Lsn, MigrationId};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 
-use super::chunks_in::{accept_chunk_streams, Event, Inbound};
+use super::chunks_in::{accept_chunk_streams, carry_chunks, Event, Inbound};
 use super::framing::{read_control, spawn_control_reader, write_control, Messages, SMALL_CONTROL_BODY_MAX_BYTES};
 use super::inbound::{now_unix_ms, ClaimGuard};
 pub use super::inbound::{InboundStatus, TargetContext, TargetLimits};
@@ -283,7 +283,8 @@ impl Driver<'_> {
                     match action {
                         TargetAction::Send(message) => write_control(self.send, &message).await?,
                         TargetAction::CarryChunks => {
-                            accept_chunk_streams(self.conn.clone(), inbound, events).await;
+                            let transport = self.ctx.chunk_transport.clone();
+                            carry_chunks(self.conn.clone(), transport, inbound, events).await;
                             return Ok(Flow::Done);
                         }
                         other => return Err(TransferError::Local(format!("{other:?} after a join"))),
@@ -375,19 +376,28 @@ impl Driver<'_> {
                     storage: ctx.storage.clone(),
                     log,
                     received: ctx.received_counter(&id),
+                    chunk_len_bytes: offer.chunk_len_bytes,
                 });
                 let (events_tx, events) = mpsc::channel(EVENT_QUEUE_MAX_COUNT);
                 let conn_id = claim.conn();
                 let joinable = Joinable { conn: conn_id, inbound: inbound.clone(), events: events_tx.clone() };
                 self.joins.open(&id, joinable);
-                let acceptor = accept_chunk_streams(self.conn.clone(), inbound.clone(), events_tx.clone());
+                // A live copy's first connection carries the WAL stream, not chunks (and its
+                // next bidirectional stream is the WAL's): only the QUIC streams are taken.
+                let (conn, chunks) = (self.conn.clone(), (inbound.clone(), events_tx.clone()));
+                let acceptor = if offer.wal {
+                    AbortOnDrop(tokio::spawn(accept_chunk_streams(conn, chunks.0, chunks.1)))
+                } else {
+                    let transport = ctx.chunk_transport.clone();
+                    AbortOnDrop(tokio::spawn(carry_chunks(conn, transport, chunks.0, chunks.1)))
+                };
                 self.receive = Some(Receive {
                     id: id.clone(),
                     layout: layout.clone(),
                     inbound,
                     events,
                     _events_tx: events_tx,
-                    _acceptor: AbortOnDrop(tokio::spawn(acceptor)),
+                    _acceptor: acceptor,
                     _joins_closed: JoinsClosed { joins: self.joins.clone(), id: id.clone(), conn: conn_id },
                 });
             }

@@ -143,6 +143,7 @@ impl Rig {
             storage: self.storage.clone(),
             log: self.log.clone(),
             received: Arc::new(AtomicU64::new(0)),
+            chunk_len_bytes: CHUNK,
         });
 
         let (events_tx, mut events) = mpsc::channel(64);

@@ -32,6 +32,7 @@
 //! frame is handed on only whole, its header's own CRC32C checked, its length equal to the
 //! write's.
 
+pub mod attach;
 #[cfg(any(test, feature = "testkit"))]
 pub mod fake;
 pub mod incoming;

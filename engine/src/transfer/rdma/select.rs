@@ -130,11 +130,11 @@ pub fn choose(
     Ok(Choice::QuicFallback { reason })
 }
 
-/// Whether `ferry serve` ships a transfer's chunks over the RDMA lanes. Not yet: the lanes,
-/// the handshake and the adapter exist and run in tests (fake device) and `hwtests` (real
-/// device), but the daemon's copy still opens QUIC streams only; a usable device is reported,
-/// and the daemon falls back to QUIC saying so.
-pub const DAEMON_SHIPS_RDMA: bool = false;
+/// Whether `ferry serve` ships a transfer's chunks over the RDMA lanes: yes, when this
+/// decision chose RDMA (built with `rdma`, a usable device), the node's copies and inbound
+/// transfers negotiate RDMA lanes on their chunk connections ([`super::attach`]) and fall
+/// back to QUIC per transfer, loudly, where the peer cannot take them.
+pub const DAEMON_SHIPS_RDMA: bool = true;
 
 /// What a node runs with, as `node.info` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -143,6 +143,8 @@ pub struct TransportStatus {
     pub in_use: TransportSetting,
     /// Why RDMA was asked for and QUIC is used.
     pub fallback_reason: Option<String>,
+    /// The device the node's RDMA lanes use, when RDMA is in use.
+    pub rdma_device: Option<String>,
     pub rdma_compiled: bool,
     pub devices: Vec<DeviceStatus>,
 }
@@ -165,15 +167,15 @@ pub fn settle(want: TransportSetting, settings: &RdmaSettings) -> Result<Transpo
         }
         other => other,
     };
-    let (in_use, fallback_reason) = match choice {
-        Choice::Quic => (TransportSetting::Quic, None),
-        Choice::Rdma { .. } => (TransportSetting::Rdma, None),
+    let (in_use, fallback_reason, rdma_device) = match choice {
+        Choice::Quic => (TransportSetting::Quic, None, None),
+        Choice::Rdma { device } => (TransportSetting::Rdma, None, Some(device)),
         Choice::QuicFallback { reason } => {
             report_fallback(&reason);
-            (TransportSetting::Quic, Some(reason))
+            (TransportSetting::Quic, Some(reason), None)
         }
     };
-    Ok(TransportStatus { configured: want, in_use, fallback_reason, rdma_compiled: COMPILED, devices })
+    Ok(TransportStatus { configured: want, in_use, fallback_reason, rdma_device, rdma_compiled: COMPILED, devices })
 }
 
 /// Says loudly that RDMA was asked for and QUIC is used: a warning and the fallback metric
