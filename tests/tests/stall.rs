@@ -20,7 +20,6 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
 
 use ferry_engine::control::typed::{EventKind, MigrationEvent};
 use ferry_engine::control::ControlClient;
@@ -168,16 +167,23 @@ fn pty() -> (std::fs::File, OwnedFd) {
         libc::openpty(&mut controller, &mut terminal, std::ptr::null_mut(), std::ptr::null(), std::ptr::null())
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [controller, terminal] {
+        // SAFETY: fcntl(2) on a descriptor just opened. Close-on-exec, so that no other child
+        // (the daemons of a test running beside this one) keeps the terminal open.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) }, 0);
+    }
     // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
     unsafe { (std::fs::File::from_raw_fd(controller), OwnedFd::from_raw_fd(terminal)) }
 }
 
 /// Runs `command` with stderr on a terminal and `TERM` set (indicatif draws only then):
 /// its output, and what it drew on the terminal.
-fn on_terminal(command: &mut Command) -> (Output, String) {
+fn on_terminal(mut command: Command) -> (Output, String) {
     let (mut controller, terminal) = pty();
     let child = command.env("TERM", "xterm").env("FERRY_LOG", "warn").stderr(Stdio::from(terminal)).spawn().unwrap();
-    // The terminal's end is the child's alone now: the controller reads until it exits.
+    // The command holds our copy of the terminal's end: dropped, the end is the child's alone,
+    // and the controller reads until it exits.
+    drop(command);
     let drawn = std::thread::spawn(move || {
         let mut bytes = Vec::new();
         // EIO once the child closed its end: the end of what it drew.
@@ -219,7 +225,11 @@ fn json_on_stdout_is_untouched_by_the_bars_on_a_terminal() {
     let source = start_node(&source_config);
 
     // --json: the report alone on stdout, exactly as serde_json writes it; nothing drawn.
-    let (out, drawn) = on_terminal(migrate(&source.socket, &root, &target.addr, "m-json").arg("--json"));
+    let (out, drawn) = on_terminal({
+        let mut command = migrate(&source.socket, &root, &target.addr, "m-json");
+        command.arg("--json");
+        command
+    });
     assert!(out.status.success(), "{drawn}");
     let stdout = String::from_utf8(out.stdout).unwrap();
     let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout:?}"));
@@ -230,14 +240,13 @@ fn json_on_stdout_is_untouched_by_the_bars_on_a_terminal() {
     let nested = serde_json::to_string_pretty(&status).unwrap().replace('\n', "\n  ");
     let expected = format!("{{\n  \"migration_id\": \"m-json\",\n  \"created\": true,\n  \"status\": {nested}\n}}\n");
     assert_eq!(stdout, expected);
-    assert!(!drawn.contains("ETA"), "bars drawn with --json: {drawn:?}");
+    // Progress is a plain line per change (as in a log), never a bar redrawn in place.
+    let bar_drawn = drawn.contains('\x1b') || drawn.contains("[#") || drawn.contains("[-");
+    assert!(!bar_drawn && drawn.contains("m-json source -> target Completed"), "with --json: {drawn:?}");
 
-    let (out, drawn) = on_terminal(
-        Command::new(ferry_bin())
-            .args(["status", "m-json", "--json", "--socket"])
-            .arg(&source.socket)
-            .stdout(Stdio::piped()),
-    );
+    let mut status_json = Command::new(ferry_bin());
+    status_json.args(["status", "m-json", "--json", "--socket"]).arg(&source.socket).stdout(Stdio::piped());
+    let (out, drawn) = on_terminal(status_json);
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
     let shown: MigrationStatus = serde_json::from_str(&stdout).unwrap();
@@ -246,9 +255,9 @@ fn json_on_stdout_is_untouched_by_the_bars_on_a_terminal() {
     assert!(drawn.is_empty(), "{drawn:?}");
 
     // Without --json the bars are on the terminal, and stdout has the report's text only.
-    let (out, drawn) = on_terminal(&mut migrate(&source.socket, &root, &target.addr, "m-bars"));
+    let (out, drawn) = on_terminal(migrate(&source.socket, &root, &target.addr, "m-bars"));
     assert!(out.status.success(), "{drawn}");
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(stdout.starts_with("m-bars") && !stdout.contains('\x1b'), "{stdout:?}");
+    assert!(stdout.starts_with("migration m-bars Completed") && !stdout.contains('\x1b'), "{stdout:?}");
     assert!(drawn.contains("m-bars source") && drawn.contains("ETA") && drawn.contains("Completed"), "{drawn:?}");
 }

@@ -80,10 +80,14 @@ impl Bars {
         let bar = match found {
             Some(i) => self.bars[i].2.clone(),
             None => {
-                let bar = self.multi.add(ProgressBar::new(status.bytes_total));
-                bar.set_prefix(format!("{} {}", status.migration_id, role_text(status.role)));
+                // Styled and placed before it is added: its first frame is already this status.
+                let bar = ProgressBar::hidden()
+                    .with_style(style(TEMPLATE))
+                    .with_prefix(format!("{} {}", status.migration_id, role_text(status.role)))
+                    .with_position(status.bytes_transferred);
+                bar.set_length(status.bytes_total);
+                let bar = self.multi.add(bar);
                 // Joining a copy half way is not a burst of speed: the rate starts from here.
-                bar.set_position(status.bytes_transferred);
                 bar.tick();
                 bar.reset_eta();
                 self.bars.push((status.migration_id.clone(), status.role, bar.clone()));
