@@ -6,7 +6,9 @@
 //! `node.info`; `migration.list` / `migration.status` over both roles (a node that is source
 //! and target of one migration lists it twice, once per role; `status` prefers the source);
 //! `events.subscribe` streaming a `migration.event` on every change (phase changes at once,
-//! progress at most every 250 ms).
+//! progress at most every 250 ms), and `stalled` / `progressing` once each time a migration's
+//! `no_progress_for_s` flag rises or clears ([`crate::outbound::stall`]; the source's flag is
+//! kept by its registry, the target's here).
 //!
 //! The cut-over: `migration.prepare_cutover`, `fence` and `release` on the source
 //! ([`crate::outbound`]), `migration.applied` on the target (the database's ingest progress,
@@ -20,8 +22,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ferry_wire::api::{FenceParams, MigrationStatus, Phase, Role, StartParams, WalProgress};
 use ferry_wire::control::{ErrorCode, RpcError};
@@ -31,6 +33,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::control::{CallFuture, Handler, Reply, Subscription};
+use crate::outbound::stall::StallClock;
 use crate::outbound::{Outbound, OutboundError};
 use crate::transfer::rdma::select::TransportStatus;
 use crate::transfer::target::{InboundStatus, TargetContext};
@@ -53,6 +56,8 @@ pub struct Daemon {
     events: broadcast::Sender<Value>,
     /// The chunk transport chosen at start, for `node.info`.
     transport: Arc<TransportStatus>,
+    /// When each inbound migration's progress last moved (its `no_progress_for_s`).
+    inbound_stalls: Arc<Mutex<BTreeMap<MigrationId, StallClock>>>,
 }
 
 /// An inbound migration as `migration.status` shows it.
@@ -92,7 +97,27 @@ pub fn inbound_status(id: &MigrationId, s: &InboundStatus) -> MigrationStatus {
         staging_state: Some(staging_state.to_owned()),
         started_at_unix_ms: m.started_at_unix_ms,
         updated_at_unix_ms: 0,
+        no_progress_for_s: None,
     }
+}
+
+/// The events a migration's new status makes, given the one published before: `phase` or
+/// `progress` when anything but the stall flag's count changed (a stalled migration does not
+/// send a `progress` event every second), then `stalled` when the flag rose and `progressing`
+/// when it cleared while the migration goes on (a final phase's `phase` event ends a stall).
+fn event_kinds(before: Option<&MigrationStatus>, status: &MigrationStatus) -> Vec<&'static str> {
+    let mut kinds = Vec::new();
+    let without_flag = |s: &MigrationStatus| MigrationStatus { no_progress_for_s: None, ..s.clone() };
+    if before.is_none_or(|b| without_flag(b) != without_flag(status)) {
+        kinds.push(if before.is_none_or(|b| b.phase != status.phase) { "phase" } else { "progress" });
+    }
+    let was_stalled = before.is_some_and(|b| b.no_progress_for_s.is_some());
+    match (was_stalled, status.no_progress_for_s.is_some()) {
+        (false, true) => kinds.push("stalled"),
+        (true, false) if !status.phase.is_final() => kinds.push("progressing"),
+        _ => {}
+    }
+    kinds
 }
 
 fn to_value(status: &MigrationStatus) -> Value {
@@ -145,7 +170,31 @@ impl Daemon {
         transport: TransportStatus,
     ) -> Self {
         let (events, _) = broadcast::channel(EVENT_QUEUE_MAX_COUNT);
-        Self { node_id, quic_addr, ctx, outbound, events, transport: Arc::new(transport) }
+        Self {
+            node_id,
+            quic_addr,
+            ctx,
+            outbound,
+            events,
+            transport: Arc::new(transport),
+            inbound_stalls: Arc::new(Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    /// How long a migration with work left may make no progress before its status (both
+    /// roles) says so, and a `stalled` event goes out; zero: never.
+    pub fn set_stall_after(&self, threshold: Duration) {
+        self.outbound.set_stall_after(threshold);
+    }
+
+    /// An inbound migration's status with its stall flag, read now.
+    fn inbound_flagged(&self, id: &MigrationId, s: &InboundStatus) -> MigrationStatus {
+        let mut status = inbound_status(id, s);
+        let now = Instant::now();
+        let mut clocks = self.inbound_stalls.lock().unwrap_or_else(|e| e.into_inner());
+        let clock = clocks.entry(id.clone()).or_insert_with(|| StallClock::new(now));
+        status.no_progress_for_s = clock.observe(&status, now, self.outbound.stall_after());
+        status
     }
 
     /// Publishes that RDMA was asked for and QUIC is used (a `transport` event), if so.
@@ -158,7 +207,10 @@ impl Daemon {
     /// Every migration on this node, both roles.
     pub fn statuses(&self) -> Vec<MigrationStatus> {
         let mut all = self.outbound.statuses();
-        all.extend(self.ctx.inbound().iter().map(|(id, s)| inbound_status(id, s)));
+        let inbound = self.ctx.inbound();
+        // Forgotten migrations' clocks go with them.
+        self.inbound_stalls.lock().unwrap_or_else(|e| e.into_inner()).retain(|id, _| inbound.contains_key(id));
+        all.extend(inbound.iter().map(|(id, s)| self.inbound_flagged(id, s)));
         all
     }
 
@@ -175,9 +227,7 @@ impl Daemon {
                 let mut now = BTreeMap::new();
                 for status in daemon.statuses() {
                     let key = (status.migration_id.clone(), status.role == Role::Source);
-                    let before = last.get(&key);
-                    if before != Some(&status) {
-                        let kind = if before.is_none_or(|b| b.phase != status.phase) { "phase" } else { "progress" };
+                    for kind in event_kinds(last.get(&key), &status) {
                         let mut event = to_value(&status);
                         event["event"] = json!(kind);
                         // No subscriber is not an error.
@@ -210,7 +260,7 @@ impl Daemon {
     }
 
     fn status(&self, id: &MigrationId) -> Option<MigrationStatus> {
-        self.outbound.status(id).or_else(|| self.ctx.inbound().get(id).map(|s| inbound_status(id, s)))
+        self.outbound.status(id).or_else(|| self.ctx.inbound().get(id).map(|s| self.inbound_flagged(id, s)))
     }
 
     async fn call_async(self, method: String, params: Value) -> Result<Reply, RpcError> {
@@ -403,5 +453,38 @@ fn migration_id(params: &Value) -> Result<MigrationId, RpcError> {
 impl Handler for Daemon {
     fn call(&self, method: String, params: Value) -> CallFuture {
         Box::pin(self.clone().call_async(method, params))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn status(phase: &str, bytes: u64, stalled_s: Option<u64>) -> MigrationStatus {
+        serde_json::from_value(json!({
+            "migration_id": "m-1", "role": "source", "phase": phase, "vshard_id": 1, "peer_node": "b",
+            "bytes_transferred": bytes, "bytes_total": 1000, "bytes_resent": 0, "files_staged": 0,
+            "files_total": 1, "wal": {"start_lsn": null, "current_lsn": null, "source_lsn": null},
+            "no_progress_for_s": stalled_s,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_stall_is_announced_once_and_its_end_once() {
+        let first = status("BaseCopy", 10, None);
+        assert_eq!(event_kinds(None, &first), ["phase"]);
+        assert!(event_kinds(Some(&first), &first).is_empty());
+        let moved = status("BaseCopy", 20, None);
+        assert_eq!(event_kinds(Some(&first), &moved), ["progress"]);
+        let stalled = status("BaseCopy", 20, Some(2));
+        assert_eq!(event_kinds(Some(&moved), &stalled), ["stalled"]);
+        // The count going up is not news.
+        assert!(event_kinds(Some(&stalled), &status("BaseCopy", 20, Some(3))).is_empty());
+        assert_eq!(event_kinds(Some(&stalled), &status("BaseCopy", 30, None)), ["progress", "progressing"]);
+        assert_eq!(event_kinds(Some(&stalled), &status("Failed", 20, None)), ["phase"]);
+        // A migration first seen stalled (a daemon restarted, a new subscriber's daemon) says so.
+        assert_eq!(event_kinds(None, &stalled), ["phase", "stalled"]);
     }
 }

@@ -260,6 +260,7 @@ mod tests {
             staging_state: None,
             started_at_unix_ms: 0,
             updated_at_unix_ms: 0,
+            no_progress_for_s: None,
         }
     }
 

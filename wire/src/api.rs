@@ -310,6 +310,12 @@ pub struct MigrationStatus {
     pub started_at_unix_ms: u64,
     #[serde(default)]
     pub updated_at_unix_ms: u64,
+    /// Set once a migration with work left (a base to copy, a WAL lag to close) has made no
+    /// progress (bytes verified, WAL LSN made durable, phase) for the daemon's stall threshold:
+    /// whole seconds since it last did. Null while it progresses, waits on its coordinator
+    /// (a cut-over) or is final. Measured by the daemon that reports it.
+    #[serde(default)]
+    pub no_progress_for_s: Option<u64>,
 }
 
 impl MigrationStatus {

@@ -98,6 +98,11 @@ pub enum EventKind {
     Phase,
     /// Its progress moved.
     Progress,
+    /// It has work left and made no progress for the daemon's stall threshold: the status's
+    /// `no_progress_for_s` is set. Sent once per stall.
+    Stalled,
+    /// A stalled migration moved again (`no_progress_for_s` is null). Sent once per stall.
+    Progressing,
     /// A kind this client version does not know (the contract lets kinds grow).
     Other(String),
 }
@@ -107,6 +112,8 @@ impl EventKind {
         match text {
             "phase" => Self::Phase,
             "progress" => Self::Progress,
+            "stalled" => Self::Stalled,
+            "progressing" => Self::Progressing,
             other => Self::Other(other.to_owned()),
         }
     }
@@ -315,5 +322,27 @@ impl ControlClient {
     /// connection into their typed stream. Open another connection for calls.
     pub async fn migration_events(self, migration_id: Option<&MigrationId>) -> Result<MigrationEvents, ClientError> {
         Ok(self.subscribe(migration_id.map(MigrationId::as_str)).await?.into())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stall_events_parse_with_their_flag() {
+        let mut params = json!({
+            "migration_id": "m-1", "role": "target", "phase": "BaseCopy", "vshard_id": 1,
+            "peer_node": "a", "bytes_transferred": 5, "bytes_total": 9, "bytes_resent": 0,
+            "files_staged": 0, "files_total": 1, "wal": {"start_lsn": null, "current_lsn": null,
+            "source_lsn": null}, "no_progress_for_s": 12, "event": "stalled",
+        });
+        let MigrationEvent::Status { kind, status } = parse_event(params.clone()).unwrap() else { panic!() };
+        assert_eq!((kind, status.no_progress_for_s), (EventKind::Stalled, Some(12)));
+        params["event"] = json!("progressing");
+        params["no_progress_for_s"] = Value::Null;
+        let MigrationEvent::Status { kind, status } = parse_event(params).unwrap() else { panic!() };
+        assert_eq!((kind, status.no_progress_for_s), (EventKind::Progressing, None));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! What it does: with `--offline` (a shard nobody writes to), builds `migration.start`'s
 //! parameters from flags that mirror `ferry copy`'s, subscribes to the migration's events,
-//! starts it, prints status lines on stderr until it is Completed or Failed, then prints a
+//! starts it, shows its progress on stderr (live bars on a terminal without `--json`, a line
+//! per change otherwise) until it is Completed or Failed, then prints a
 //! final report (text or `--json`) and exits non-zero if it failed. Running the same command
 //! again is idempotent (the daemon answers `created: false`) and follows the same migration.
 //!
@@ -20,7 +21,6 @@
 //! checked with [`StartParams::validate`] before anything is sent; only the source role's
 //! status decides the end (a loopback daemon also reports the target role).
 
-use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +32,7 @@ use ferry_wire::MigrationId;
 use serde::Serialize;
 
 use super::addr::parse_socket_addr;
+use super::bars::{Bars, Draw};
 use super::coordinator::{CutOverOptions, CutOverOutcome, ShellWrites};
 use super::ops::{self, SocketArgs, Tracked};
 use super::out::{errln, outln};
@@ -42,7 +43,9 @@ use crate::control::ErrorCode;
 const MIGRATE_HELP: &str = "\
 Talks to the SOURCE node's daemon (--socket or --config of the source node). The daemon copies
 the shard's files (and with --wal-dir its WAL records above --base-lsn, up to --until-lsn) to
-the target daemon over QUIC and releases the target's staging. Status lines go to stderr; the
+the target daemon over QUIC and releases the target's staging. Progress goes to stderr (live
+bars with bytes, rate, ETA, WAL lag and \"no progress for N s\" on a terminal without --json, a
+line per change otherwise); the
 final report (migration id, files and bytes copied, resent bytes, duration, average rate, WAL
 durable LSN, staging state) goes to stdout, as JSON with --json. Exits non-zero if the
 migration fails, with its reason. Running the same command again follows the same migration.
@@ -274,7 +277,8 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
     super::copy::check_not_empty(Path::new(&params.segments_root), params.files.is_some(), args.allow_empty)?;
     let socket = args.connect.socket_path()?;
     let json = args.connect.json;
-    let (created, status, cut) = super::runtime()?.block_on(coordinate(&socket, &params, live.as_mut()))?;
+    let draw = Draw::for_output(json);
+    let (created, status, cut) = super::runtime()?.block_on(coordinate(&socket, &params, live.as_mut(), draw))?;
     if json {
         let report = Report { migration_id: &status.migration_id, created, status: &status, cut_over: cut.as_ref() };
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
@@ -300,6 +304,7 @@ async fn coordinate(
     socket: &Path,
     params: &StartParams,
     mut live: Option<&mut (ShellWrites, CutOverOptions)>,
+    draw: Draw,
 ) -> anyhow::Result<(bool, MigrationStatus, Option<CutOverOutcome>)> {
     let mut cut = None;
     let id = params.migration_id()?;
@@ -322,7 +327,7 @@ async fn coordinate(
         params.target_node_id,
         params.target_address,
     );
-    let terminal = std::io::stderr().is_terminal();
+    let mut bars = Bars::new(draw);
     let mut tracked = Tracked::default();
     let mut tick = tokio::time::interval(ops::POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -335,7 +340,7 @@ async fn coordinate(
                     "the source daemon closed the event stream; {id} may still be running: `ferry status {id}`"
                 ),
                 Err(e) => {
-                    errln!("ferry migrate: warning: {e}");
+                    bars.suspend(|| errln!("ferry migrate: warning: {e}"));
                     None
                 }
             },
@@ -346,26 +351,24 @@ async fn coordinate(
             ),
         };
         let Some(status) = update.filter(|s| s.role == Role::Source) else { continue };
-        if tracked.update(status.clone()) {
-            let mut err = std::io::stderr().lock();
-            let line = render_line(&status);
-            let _ = if terminal { write!(err, "\r\x1b[K{line}") } else { writeln!(err, "{line}") };
-            let _ = err.flush();
+        bars.show(&status);
+        if tracked.update(status.clone()) && !bars.shown() {
+            errln!("{}", render_line(&status));
         }
         if status.phase.is_final() {
-            if terminal {
-                errln!();
-            }
+            bars.finish();
             return Ok((started.created, status, cut));
         }
         if status.phase == Phase::WalCatchUp && cut.is_none() {
             if let Some((writes, options)) = live.as_deref_mut() {
-                if terminal {
-                    errln!();
-                }
-                errln!("ferry migrate: {id} is catching up; cutting over (budget {} us)", params.write_pause_budget_us);
+                bars.suspend(|| {
+                    errln!(
+                        "ferry migrate: {id} is catching up; cutting over (budget {} us)",
+                        params.write_pause_budget_us
+                    )
+                });
                 let outcome = super::coordinator::cut_over(&mut calls, &id, writes, *options).await?;
-                errln!("ferry migrate: {}", cut_over_report(&outcome));
+                bars.suspend(|| errln!("ferry migrate: {}", cut_over_report(&outcome)));
                 cut = Some(outcome);
             }
         }
@@ -607,7 +610,8 @@ mod tests {
             let _ = stopped.await;
         }));
         let params = start_params(&offline(&["--segments-root", "/seg"])).unwrap();
-        let result = coordinate(&socket, &params, None).await.map(|(created, status, _)| (created, status));
+        let result =
+            coordinate(&socket, &params, None, Draw::Hidden).await.map(|(created, status, _)| (created, status));
         let calls = handler.calls.lock().unwrap().clone();
         (result, calls)
     }

@@ -9,6 +9,7 @@
 //! progress, warnings and errors to stderr (`out`), so a `--json` reader gets only JSON.
 
 mod addr;
+mod bars;
 mod certs_cmd;
 pub mod coordinator;
 mod copy;

@@ -4,8 +4,9 @@
 //! What it does: finds the control socket (`--socket`, `--config`, `$FERRY_SOCKET`, the default
 //! configuration's), calls the typed client ([`crate::control::typed`]), and prints either
 //! text for people (progress bars, rate, ETA, WAL lag, held WAL) or JSON for scripts.
-//! `status --watch` follows `migration.event`s and re-reads the status every 500 ms, redrawing
-//! in place on a terminal and printing one line per change otherwise.
+//! `status --watch` follows `migration.event`s and re-reads the status every 500 ms, with live
+//! bars on stderr when it is a terminal ([`super::bars`]) and one line (or JSON object) per
+//! change on stdout when the bars are not shown or stdout is not a terminal.
 //!
 //! What it does not: decide anything about a migration; the daemon does. Rendering is in
 //! [`super::render`], pure and tested without a daemon or a clock.
@@ -22,8 +23,9 @@ use clap::Args;
 use ferry_wire::api::{MigrationStatus, Phase};
 use ferry_wire::MigrationId;
 
-use super::out::{errln, is_closed_reader, outln, stdout_closed};
-use super::render::{format_rate_limit, parse_byte_size, render_block, render_line, render_table, Screen};
+use super::bars::{Bars, Draw};
+use super::out::{errln, outln, stdout_closed};
+use super::render::{format_rate_limit, parse_byte_size, render_block, render_line, render_table};
 use crate::config::NodeConfig;
 use crate::control::typed::MigrationEvent;
 use crate::control::ControlClient;
@@ -87,8 +89,10 @@ Fields:
   wal lag     LSNs between the source's tip and the target's durable LSN (source - current)
   held        bytes of WAL segments the source holds (hard-linked) for this migration
   rate limit  in force for this migration (0: unlimited; change it with `ferry set-rate`)
-With --watch the view is redrawn on every event and every 500 ms until the migration is final
-(or Ctrl-C); when stdout is not a terminal one line is printed per change. --watch on one
+  no progress for N s  work is left and nothing moved for the daemon's stall threshold
+With --watch, live bars on stderr (a terminal, without --json) follow every event and a status
+every 500 ms until the migration is final (or Ctrl-C); without them, or when stdout is not a
+terminal, one line is printed on stdout per change. --watch on one
 migration exits non-zero if it ends Failed. --json prints the status (with --watch, one JSON
 object per line per change).
 
@@ -317,9 +321,23 @@ async fn watch(socket: &Path, id: Option<MigrationId>, json: bool) -> anyhow::Re
     // Subscribe before the first read so no change falls between them.
     let mut events = connect(socket).await?.migration_events(id.as_ref()).await?;
     let mut calls = connect(socket).await?;
-    let terminal = std::io::stdout().is_terminal() && !json;
+    let mut bars = Bars::new(Draw::for_output(json));
+    // With bars on the terminal, stdout carries lines only when it goes elsewhere.
+    let lines = !bars.shown() || !std::io::stdout().is_terminal();
+    let result = follow(&mut events, &mut calls, id.as_ref(), json, lines, &mut bars).await;
+    bars.finish();
+    result
+}
+
+async fn follow(
+    events: &mut crate::control::typed::MigrationEvents,
+    calls: &mut ControlClient,
+    id: Option<&MigrationId>,
+    json: bool,
+    lines: bool,
+    bars: &mut Bars,
+) -> anyhow::Result<()> {
     let mut tracked = Tracked::default();
-    let mut screen = Screen::default();
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut changed: Vec<MigrationStatus> = Vec::new();
@@ -331,20 +349,22 @@ async fn watch(socket: &Path, id: Option<MigrationId>, json: bool) -> anyhow::Re
                 // Lost events are caught up by the next poll.
                 Ok(Some(MigrationEvent::Dropped { .. })) => {}
                 Ok(None) => anyhow::bail!("the daemon closed the event stream; it may have stopped"),
-                Err(e) => errln!("ferry: warning: {e}"),
+                Err(e) => bars.suspend(|| errln!("ferry: warning: {e}")),
             },
-            _ = tick.tick() => match &id {
+            _ = tick.tick() => match id {
                 Some(id) => changed.push(calls.status(id).await?),
                 None => {
                     let listed = calls.list().await?;
                     tracked.keep_only(&listed);
+                    bars.keep_only(&listed);
                     changed.extend(listed);
                 }
             },
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
         for status in changed.drain(..) {
-            if tracked.update(status.clone()) && !terminal {
+            bars.show(&status);
+            if tracked.update(status.clone()) && lines {
                 if json {
                     outln!("{}", serde_json::to_string(&status)?)?;
                 } else {
@@ -352,22 +372,14 @@ async fn watch(socket: &Path, id: Option<MigrationId>, json: bool) -> anyhow::Re
                 }
             }
         }
-        if terminal {
-            let lines: Vec<String> = if tracked.statuses.is_empty() {
-                vec!["no migrations on this node (waiting; Ctrl-C to stop)".to_owned()]
-            } else {
-                tracked.statuses.iter().flat_map(render_block).collect()
-            };
-            match screen.redraw(&mut std::io::stdout().lock(), &lines) {
-                Err(e) if is_closed_reader(&e) => return Ok(()),
-                other => other?,
-            }
+        if tracked.statuses.is_empty() {
+            bars.show_waiting("no migrations on this node (waiting; Ctrl-C to stop)");
         }
         // Nobody reads what is watched any more (`ferry status --watch | head -3`).
         if stdout_closed() {
             return Ok(());
         }
-        if let Some(id) = &id {
+        if let Some(id) = id {
             if tracked.all_final() {
                 if let Some(failed) = tracked.statuses.iter().find(|s| s.phase == Phase::Failed) {
                     anyhow::bail!("migration {id} failed: {}", failed.reason.as_deref().unwrap_or("no reason given"));

@@ -1,6 +1,7 @@
-//! How the control commands show a migration to people: byte sizes, bars, ETA, WAL lag,
-//! one-line and multi-line statuses, the `ferry list` table, and an in-place terminal redraw.
-//! Also parses byte sizes given on the command line (`100MB`, `1GiB`).
+//! How the control commands show a migration to people as text: byte sizes, a text bar, ETA,
+//! WAL lag, the stall flag, one-line and multi-line statuses, the `ferry list` table. Also
+//! parses byte sizes given on the command line (`100MB`, `1GiB`). Live bars redrawn on a
+//! terminal are [`super::bars`] (indicatif).
 //!
 //! What it does not: talk to a daemon or read a clock: status in, text out, so every function
 //! here is tested on fixed statuses.
@@ -8,31 +9,9 @@
 //! Invariants: nothing here panics on any status a daemon sends (arithmetic is saturating or
 //! widened to u128); every number shown comes from the status.
 
-use std::io::Write;
-
 use ferry_wire::api::{MigrationStatus, Phase, Role};
 
 const BAR_WIDTH: usize = 24;
-
-/// Redraws a block of lines in place on a terminal.
-#[derive(Debug, Default)]
-pub struct Screen {
-    drawn_lines: usize,
-}
-
-impl Screen {
-    pub fn redraw(&mut self, out: &mut impl Write, lines: &[String]) -> std::io::Result<()> {
-        if self.drawn_lines > 0 {
-            // Up to the first line drawn, then clear to the end of the screen.
-            write!(out, "\x1b[{}A\r\x1b[J", self.drawn_lines)?;
-        }
-        for line in lines {
-            writeln!(out, "{line}")?;
-        }
-        self.drawn_lines = lines.len();
-        out.flush()
-    }
-}
 
 /// Formats a byte count with binary units: `512 B`, `1.5 KiB`, `4.0 GiB`.
 pub fn format_bytes(bytes: u64) -> String {
@@ -236,12 +215,23 @@ fn wal_text(status: &MigrationStatus) -> String {
     )
 }
 
+/// `"  no progress for 12 s"` when the daemon flags the migration as stalled, else nothing.
+pub fn stall_text(status: &MigrationStatus) -> String {
+    status.no_progress_for_s.map(|s| format!("  no progress for {s} s")).unwrap_or_default()
+}
+
 /// A status as a few lines for a terminal.
 pub fn render_block(status: &MigrationStatus) -> Vec<String> {
     let vshard = status.vshard_id.map_or("-".to_owned(), |v| v.to_string());
     let staging = status.staging_state.as_deref().map(|s| format!("  staging {s}")).unwrap_or_default();
     vec![
-        format!("{}  {}  vshard {vshard}  {}{staging}", status.migration_id, role_and_peer(status), phase_text(status)),
+        format!(
+            "{}  {}  vshard {vshard}  {}{staging}{}",
+            status.migration_id,
+            role_and_peer(status),
+            phase_text(status),
+            stall_text(status)
+        ),
         format!(
             "  base {} {}  {} / {}  files {}/{}  {}/s  {}  resent {}",
             if sizing(status) {
@@ -265,7 +255,7 @@ pub fn render_block(status: &MigrationStatus) -> Vec<String> {
 /// A status as one line (logs, pipes, `ferry migrate`'s stderr).
 pub fn render_line(status: &MigrationStatus) -> String {
     format!(
-        "{} {} {} {} {}/{} files {}/{} {}/s {} {}",
+        "{} {} {} {} {}/{} files {}/{} {}/s {} {}{}",
         status.migration_id,
         role_and_peer(status),
         phase_text(status),
@@ -277,6 +267,7 @@ pub fn render_line(status: &MigrationStatus) -> String {
         format_bytes(status.throughput_bytes_per_sec),
         eta_text(status),
         wal_text(status),
+        stall_text(status),
     )
 }
 
@@ -457,6 +448,12 @@ pub(crate) mod tests {
         assert!(block.contains("[------------------------]   --%") && block.contains("ETA --"), "{block}");
         assert!(!render_line(&unsized_base).contains("100.0%"));
 
+        let mut stalled = status();
+        stalled.no_progress_for_s = Some(12);
+        assert!(render_block(&stalled)[0].ends_with("staging copying  no progress for 12 s"));
+        assert!(render_line(&stalled).ends_with("  no progress for 12 s"), "{}", render_line(&stalled));
+        assert!(!render_line(&status()).contains("no progress"));
+
         let mut done = status();
         done.phase = Phase::Completed;
         done.pause_duration_us = Some(1500);
@@ -474,16 +471,5 @@ pub(crate) mod tests {
         assert_eq!(column(&lines[0], "PHASE"), column(&lines[1], "BaseCopy"));
         assert_eq!(column(&lines[0], "PHASE"), column(&lines[2], "WalCatchUp"));
         assert_eq!(column(&lines[0], "WAL LAG"), column(&lines[1], "10 "));
-    }
-
-    #[test]
-    fn the_screen_moves_up_over_what_it_drew() {
-        let mut screen = Screen::default();
-        let mut out = Vec::new();
-        screen.redraw(&mut out, &["a".into(), "b".into()]).unwrap();
-        assert_eq!(out, b"a\nb\n");
-        out.clear();
-        screen.redraw(&mut out, &["c".into()]).unwrap();
-        assert_eq!(out, b"\x1b[2A\r\x1b[Jc\n");
     }
 }

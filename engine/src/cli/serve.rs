@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// <data-dir>/control/ferry.sock. Try: socat - UNIX-CONNECT:PATH, then {"jsonrpc":"2.0","id":1,"method":"node.info"}
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
+    /// A migration with work left that makes no progress for this many seconds is flagged
+    /// stalled: its status's no_progress_for_s is set and a `stalled` event goes out (0: never).
+    #[arg(long, default_value_t = crate::outbound::stall::STALL_AFTER_DEFAULT.as_secs())]
+    pub stall_after_secs: u64,
 }
 
 /// Where a setting in force came from, for the log and for error messages.
@@ -155,6 +159,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         out!("{}", NodeConfig::default_toml())?;
         return Ok(());
     }
+    let stall_after = std::time::Duration::from_secs(args.stall_after_secs);
     let resolved = resolve(args)?;
     if resolved.node_id_from == Origin::Default {
         tracing::warn!(
@@ -171,6 +176,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // daemon cleanly, not kill it with the default action.
         let shutdown = shutdown_signal()?;
         let node = RunningNode::start(&config).await?;
+        node.daemon.set_stall_after(stall_after);
         tracing::info!(
             node = %node.node_id,
             node_id_from = %node_id_from,

@@ -21,6 +21,7 @@
 mod fence_calls;
 pub use fence_calls::RELEASE_PENDING_OUTCOME;
 pub mod record;
+pub mod stall;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -111,6 +112,8 @@ struct Entry {
     estimate_us: Option<u64>,
     /// The slowest MANIFEST commit the target reported in this migration's fences.
     manifest_commit_us: u64,
+    /// When its progress last moved (the status's `no_progress_for_s`).
+    stall: stall::StallClock,
 }
 
 /// The daemon's outbound migrations.
@@ -123,6 +126,8 @@ pub struct Outbound {
     /// Serializes phase record writes (each builds its record under it, so a newer state is
     /// never overwritten by an older one).
     record_lock: tokio::sync::Mutex<()>,
+    /// How long a migration with work left may make no progress before its status says so.
+    stall_after: Mutex<Duration>,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -153,7 +158,18 @@ impl Outbound {
             global_rate,
             entries: Mutex::new(BTreeMap::new()),
             record_lock: tokio::sync::Mutex::new(()),
+            stall_after: Mutex::new(stall::STALL_AFTER_DEFAULT),
         })
+    }
+
+    /// The stall threshold in force (zero: statuses never say a migration is stalled).
+    pub fn stall_after(&self) -> Duration {
+        *self.stall_after.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the stall threshold, for this node's outbound and inbound statuses.
+    pub fn set_stall_after(&self, threshold: Duration) {
+        *self.stall_after.lock().unwrap_or_else(|e| e.into_inner()) = threshold;
     }
 
     fn entries(&self) -> MutexGuard<'_, BTreeMap<MigrationId, Entry>> {
@@ -275,6 +291,7 @@ impl Outbound {
                 stream,
                 estimate_us: None,
                 manifest_commit_us: 0,
+                stall: stall::StallClock::new(Instant::now()),
             },
         );
     }
@@ -552,6 +569,7 @@ impl Outbound {
                 stream: crate::transfer::fence_source::StreamFigures::default(),
                 estimate_us: None,
                 manifest_commit_us: 0,
+                stall: stall::StallClock::new(Instant::now()),
             },
         );
     }
@@ -661,11 +679,13 @@ impl Outbound {
 
     /// Every outbound migration's status.
     pub fn statuses(&self) -> Vec<MigrationStatus> {
-        self.entries().iter_mut().map(|(id, e)| status_of(id, e)).collect()
+        let stall_after = self.stall_after();
+        self.entries().iter_mut().map(|(id, e)| status_of(id, e, stall_after)).collect()
     }
 
     pub fn status(&self, id: &MigrationId) -> Option<MigrationStatus> {
-        self.entries().get_mut(id).map(|e| status_of(id, e))
+        let stall_after = self.stall_after();
+        self.entries().get_mut(id).map(|e| status_of(id, e, stall_after))
     }
 }
 
@@ -698,7 +718,7 @@ fn refusal(id: &MigrationId, e: OutboundRefusal) -> OutboundError {
 /// Throughput is measured over windows of at least this long (statuses are read every 250 ms).
 const THROUGHPUT_WINDOW: Duration = Duration::from_secs(1);
 
-fn status_of(id: &MigrationId, e: &mut Entry) -> MigrationStatus {
+fn status_of(id: &MigrationId, e: &mut Entry, stall_after: Duration) -> MigrationStatus {
     let p = *e.progress.borrow();
     let (at, bytes_then, mut rate) = e.sample;
     let window = at.elapsed();
@@ -711,7 +731,7 @@ fn status_of(id: &MigrationId, e: &mut Entry) -> MigrationStatus {
         rate = per_second(p.bytes_transferred.saturating_sub(e.bytes_at_run_start), elapsed_s);
     }
     let has_wal = e.params.wal_dir.is_some();
-    MigrationStatus {
+    let mut status = MigrationStatus {
         migration_id: id.as_str().to_owned(),
         role: Role::Source,
         phase: e.life.phase(),
@@ -739,7 +759,10 @@ fn status_of(id: &MigrationId, e: &mut Entry) -> MigrationStatus {
         staging_state: e.staging_state.clone(),
         started_at_unix_ms: e.started_at_unix_ms,
         updated_at_unix_ms: e.updated_at_unix_ms,
-    }
+        no_progress_for_s: None,
+    };
+    status.no_progress_for_s = e.stall.observe(&status, Instant::now(), stall_after);
+    status
 }
 
 /// `bytes / seconds`, rounded down, saturating.

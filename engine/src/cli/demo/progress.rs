@@ -1,18 +1,21 @@
 //! `ferry demo`'s progress on stderr: one line per phase (base copy, WAL catch-up, cut-over),
-//! redrawn in place on a terminal, printed about once a second otherwise.
+//! redrawn in place on a terminal (by `indicatif`), printed about once a second otherwise.
 //!
 //! What it does: [`ProgressLine`] draws; the `*_line` functions turn a status (and the demo's
-//! own elapsed time) into text, so they are tested on fixed statuses.
+//! own elapsed time) into text, so they are tested on fixed statuses. The same text is the
+//! terminal's line and the log's: that is why the base copy's bar is drawn here as text
+//! ([`bar`]) rather than by indicatif's bar, whose glyphs only reach a terminal.
 //!
 //! What it does not: poll the daemon or read a clock (the caller passes elapsed times).
 //!
 //! Invariants: nothing here panics on any status a daemon sends (arithmetic is saturating or
 //! widened); each phase ends with a line of its own, whatever the output is.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use ferry_wire::api::MigrationStatus;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cli::coordinator::CutOverOutcome;
 use crate::cli::render::{bar, format_bytes};
@@ -26,32 +29,47 @@ const BAR_WIDTH: usize = 24;
 /// The current phase's line on stderr.
 #[derive(Debug)]
 pub(super) struct ProgressLine {
+    /// Whether stderr is a terminal indicatif draws on.
     terminal: bool,
+    /// The phase's line, redrawn by indicatif, once the phase showed something.
+    live: Option<ProgressBar>,
     last_printed: Option<Instant>,
 }
 
 impl ProgressLine {
     pub(super) fn new() -> Self {
-        Self { terminal: std::io::stderr().is_terminal(), last_printed: None }
+        // indicatif hides a target that is not a terminal (or whose TERM is dumb).
+        let terminal = !ProgressDrawTarget::stderr().is_hidden();
+        Self { terminal, live: None, last_printed: None }
+    }
+
+    fn phase_line() -> ProgressBar {
+        let line = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        line.set_style(ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+        line
     }
 
     /// Shows `line` as the phase's current progress.
     pub(super) fn show(&mut self, line: &str) {
-        let mut err = std::io::stderr().lock();
         if self.terminal {
-            let _ = write!(err, "\r\x1b[K{line}");
+            self.live.get_or_insert_with(Self::phase_line).set_message(line.to_owned());
         } else if self.last_printed.is_none_or(|at| at.elapsed() >= LINE_EVERY_OFF_TERMINAL) {
+            let mut err = std::io::stderr().lock();
             let _ = writeln!(err, "{line}");
+            let _ = err.flush();
             self.last_printed = Some(Instant::now());
         }
-        let _ = err.flush();
     }
 
-    /// Ends the phase with `line`.
+    /// Ends the phase with `line` (left on the terminal; the next phase gets a line of its own).
     pub(super) fn finish(&mut self, line: &str) {
-        let mut err = std::io::stderr().lock();
-        let _ = if self.terminal { writeln!(err, "\r\x1b[K{line}") } else { writeln!(err, "{line}") };
-        let _ = err.flush();
+        if self.terminal {
+            self.live.take().unwrap_or_else(Self::phase_line).finish_with_message(line.to_owned());
+        } else {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{line}");
+            let _ = err.flush();
+        }
         self.last_printed = None;
     }
 }
