@@ -59,8 +59,15 @@ pub fn write_config(dir: &Path, name: &str, certs: &Certs, data_dir: &Path, list
 
 impl Node {
     pub fn start(config: &Path) -> Node {
+        Node::start_with(config, &[])
+    }
+
+    /// `ferry serve ARGS --config CONFIG`: flags beside the config file.
+    pub fn start_with(config: &Path, args: &[&str]) -> Node {
         let mut child = Command::new(ferry_bin())
-            .args(["serve", "--config"])
+            .arg("serve")
+            .args(args)
+            .arg("--config")
             .arg(config)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

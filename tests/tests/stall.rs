@@ -15,7 +15,7 @@
 //! check the copied bytes (daemon_migrations.rs does).
 #![allow(clippy::unwrap_used, clippy::panic)]
 
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -23,31 +23,29 @@ use std::sync::mpsc;
 
 use ferry_engine::control::typed::{EventKind, MigrationEvent};
 use ferry_engine::control::ControlClient;
-use ferry_tests::daemons::{phase_is, read_banner, write_config, Node, WAIT};
+use ferry_tests::daemons::{phase_is, write_config, Node, WAIT};
 use ferry_tests::{ferry_bin, write_file, Certs};
 use ferry_wire::api::MigrationStatus;
 use ferry_wire::MigrationId;
 use serde_json::{json, Value};
 
-/// `ferry serve --config CONFIG --stall-after-secs 1`.
+/// `ferry serve --stall-after-secs 1 --config CONFIG`.
 fn start_node(config: &Path) -> Node {
-    let mut child = Command::new(ferry_bin())
-        .args(["serve", "--stall-after-secs", "1", "--config"])
-        .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (addr, socket) = read_banner(&mut out).unwrap_or_else(|line| panic!("{line:?}"));
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in out.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    Node { child: Some(child), addr, socket, config: config.to_path_buf(), lines }
+    Node::start_with(config, &["--stall-after-secs", "1"])
+}
+
+/// A source and a target daemon (stall threshold 1 s) over a shard of `files` (name, size).
+fn two_nodes(dir: &Path, certs: &Certs, files: &[(&str, usize)]) -> (Node, Node, std::path::PathBuf) {
+    let root = dir.join("shard");
+    for (i, (name, size)) in files.iter().enumerate() {
+        write_file(&root, name, *size, i as u64 + 1);
+    }
+    let source_config = write_config(dir, "source", certs, &dir.join("s"), "127.0.0.1:0", "");
+    let target_config =
+        write_config(dir, "target", certs, &dir.join("t"), "127.0.0.1:0", "allowed_peers = [\"source\"]");
+    let target = start_node(&target_config);
+    let source = start_node(&source_config);
+    (source, target, root)
 }
 
 fn signal(node: &Node, signal: libc::c_int) {
@@ -102,20 +100,7 @@ fn moving_again(before: u64) -> impl Fn(&Value) -> bool {
 fn a_frozen_peer_is_flagged_on_the_waiting_side_and_cleared_when_it_moves() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new().unwrap();
-    let root = dir.path().join("shard");
-    write_file(&root, "a.seg", 4 << 20, 1);
-    write_file(&root, "b.seg", 4 << 20, 2);
-    let source_config = write_config(dir.path(), "source", &certs, &dir.path().join("s"), "127.0.0.1:0", "");
-    let target_config = write_config(
-        dir.path(),
-        "target",
-        &certs,
-        &dir.path().join("t"),
-        "127.0.0.1:0",
-        "allowed_peers = [\"source\"]",
-    );
-    let target = start_node(&target_config);
-    let source = start_node(&source_config);
+    let (source, target, root) = two_nodes(dir.path(), &certs, &[("a.seg", 4 << 20), ("b.seg", 4 << 20)]);
     let source_events = events(&source.socket, "m-stall");
     let target_events = events(&target.socket, "m-stall");
 
@@ -210,19 +195,7 @@ fn migrate(socket: &Path, root: &Path, target: &str, id: &str) -> Command {
 fn json_on_stdout_is_untouched_by_the_bars_on_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let certs = Certs::new().unwrap();
-    let root = dir.path().join("shard");
-    write_file(&root, "a.seg", 2 << 20, 1);
-    let source_config = write_config(dir.path(), "source", &certs, &dir.path().join("s"), "127.0.0.1:0", "");
-    let target_config = write_config(
-        dir.path(),
-        "target",
-        &certs,
-        &dir.path().join("t"),
-        "127.0.0.1:0",
-        "allowed_peers = [\"source\"]",
-    );
-    let target = start_node(&target_config);
-    let source = start_node(&source_config);
+    let (source, target, root) = two_nodes(dir.path(), &certs, &[("a.seg", 2 << 20)]);
 
     // --json: the report alone on stdout, exactly as serde_json writes it; nothing drawn.
     let (out, drawn) = on_terminal({
