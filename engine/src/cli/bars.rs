@@ -76,9 +76,9 @@ impl Bars {
             waiting.finish_and_clear();
             self.multi.remove(&waiting);
         }
-        let found = self.bars.iter().position(|(id, role, _)| *id == status.migration_id && *role == status.role);
+        let found = self.bars.iter().find(|(id, role, _)| *id == status.migration_id && *role == status.role);
         let bar = match found {
-            Some(i) => self.bars[i].2.clone(),
+            Some((_, _, bar)) => bar.clone(),
             None => {
                 // Styled and placed before it is added: its first frame is already this status.
                 let bar = ProgressBar::hidden()
