@@ -297,15 +297,26 @@ pub async fn attach_source(
 async fn offer_paths(rdma: &RdmaUse, conns: &[Connection], config: PathConfig) -> Result<Vec<Lanes>, Refusal> {
     let device =
         rdma.provider.open().map_err(|e| Refusal::Fallback(format!("this node cannot open its device: {e}")))?;
+    // The device kind is matched once, outside the loop: a build without any kind (neither
+    // `rdma` nor `testkit`) then has no arm at all, rather than a loop that cannot loop.
+    match device {
+        #[cfg(feature = "rdma")]
+        AnyDevice::Sideway(ref device) => offer_paths_on(device, conns, config, Lanes::Sideway).await,
+        #[cfg(any(test, feature = "testkit"))]
+        AnyDevice::Fake(ref device) => offer_paths_on(device, conns, config, Lanes::Fake).await,
+    }
+}
+
+/// An RDMA path on each of `conns`, offered with `device`; `wrap` names the device kind.
+async fn offer_paths_on<D: Device>(
+    device: &D,
+    conns: &[Connection],
+    config: PathConfig,
+    wrap: fn(RdmaLanes<D>) -> Lanes,
+) -> Result<Vec<Lanes>, Refusal> {
     let mut lanes = Vec::with_capacity(conns.len());
     for conn in conns {
-        let path = match device {
-            #[cfg(feature = "rdma")]
-            AnyDevice::Sideway(ref device) => Lanes::Sideway(offer_path(device, conn, config).await?),
-            #[cfg(any(test, feature = "testkit"))]
-            AnyDevice::Fake(ref device) => Lanes::Fake(offer_path(device, conn, config).await?),
-        };
-        lanes.push(path);
+        lanes.push(wrap(offer_path(device, conn, config).await?));
     }
     Ok(lanes)
 }
