@@ -58,7 +58,7 @@ pub fn writer_options(layout: Layout) -> WriterOptions {
 }
 
 fn spec_for(index: u64, selected_every: u64) -> RecordSpec {
-    let vshard = if index % selected_every.max(1) == 0 { VSHARD } else { VShardId(20 + (index % 5) as u32) };
+    let vshard = if index.is_multiple_of(selected_every.max(1)) { VSHARD } else { VShardId(20 + (index % 5) as u32) };
     RecordSpec { tenant_id: 1, database_id: 3, ..RecordSpec::new(0x8000 | 1, vshard) }
 }
 

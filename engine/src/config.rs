@@ -54,6 +54,9 @@ pub struct NodeConfig {
     /// An outbound migration whose target keeps failing transiently (no answer, a lost
     /// connection) fails after this long without progress; permanent failures fail at once.
     pub retry_deadline_secs: u64,
+    /// A migration with work left that makes no progress for this many seconds is flagged
+    /// stalled (`no_progress_for_s`, a `stalled` event, `ferry_migrations_stalled`); 0: never.
+    pub stall_after_secs: u64,
     /// Refuse an inbound migration whose base does not fit in the data folder's free space.
     pub check_free_space: bool,
     /// Serve Prometheus metrics on this address (`GET /metrics`); none: no metrics endpoint.
@@ -99,6 +102,7 @@ impl Default for NodeConfig {
             max_held_wal_bytes: 4 << 30,
             abort_timeout_secs: 3600,
             retry_deadline_secs: ferry_wire::retry::RETRY_DEADLINE_DEFAULT_MS / 1000,
+            stall_after_secs: crate::outbound::stall::STALL_AFTER_DEFAULT.as_secs(),
             check_free_space: true,
             metrics_addr: None,
             log_format: LogFormatSetting::Text,
@@ -207,6 +211,8 @@ impl NodeConfig {
              # An outbound migration whose target keeps failing transiently (no answer, a lost link) fails\n\
              # after this long without progress; a refused certificate, allow-list or offer fails at once.\n\
              retry_deadline_secs = {}\n\
+             # A migration with work left and no progress for this long is flagged stalled (0: never).\n\
+             stall_after_secs = {}\n\
              # Refuse an inbound migration whose base does not fit in the data folder's free space.\n\
              check_free_space = {}\n\
              # Serve Prometheus metrics on this address (GET /metrics); unset: no metrics endpoint.\n\
@@ -232,6 +238,7 @@ impl NodeConfig {
             d.max_held_wal_bytes,
             d.abort_timeout_secs,
             d.retry_deadline_secs,
+            d.stall_after_secs,
             d.check_free_space,
             d.rdma_port,
             d.rdma_gid_index,

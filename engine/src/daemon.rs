@@ -65,7 +65,9 @@ pub fn inbound_status(id: &MigrationId, s: &InboundStatus) -> MigrationStatus {
     let m = &s.migration;
     let (phase, staging_state) = match m.state {
         InboundState::Receiving | InboundState::Interrupted => (Phase::BaseCopy, "copying"),
-        InboundState::BaseStaged => (Phase::WalCatchUp, "copying"),
+        // An offline copy's staged base waits only for its commit: no WAL catch-up.
+        InboundState::BaseStaged if m.wal_follows => (Phase::WalCatchUp, "copying"),
+        InboundState::BaseStaged => (Phase::BaseCopy, "copying"),
         InboundState::Fenced { .. } => (Phase::AtomicCutOver, "fenced"),
         InboundState::Released { .. } => (Phase::Completed, "released"),
         InboundState::Aborted { .. } => (Phase::Failed, "aborted"),
@@ -469,6 +471,35 @@ mod tests {
             "no_progress_for_s": stalled_s,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_staged_base_is_in_wal_catch_up_only_when_a_wal_stream_follows() {
+        let inbound = |wal_follows| InboundStatus {
+            migration: ferry_wire::proto::inbound::Inbound {
+                state: InboundState::BaseStaged,
+                source_node: Some("a".into()),
+                vshard_id: None,
+                started_at_unix_ms: 7,
+                wal_follows,
+                bytes_verified: 10,
+                bytes_total: 10,
+                bytes_resent: 0,
+                files_staged_count: 1,
+                files_total_count: 1,
+                wal_durable_lsn: None,
+                applied_lsn: None,
+            },
+            bytes_received_in_process: 10,
+        };
+        let id = MigrationId::new("m-1").unwrap();
+        assert_eq!(inbound_status(&id, &inbound(true)).phase, Phase::WalCatchUp);
+        let offline = inbound_status(&id, &inbound(false));
+        assert_eq!(
+            (offline.phase, offline.started_at_unix_ms),
+            (Phase::BaseCopy, 7),
+            "an offline copy has no catch-up"
+        );
     }
 
     #[test]

@@ -162,6 +162,8 @@ pub fn render(statuses: &[MigrationStatus], bytes_received_total: u64) -> Scrape
 struct DaemonState {
     /// (role, phase, count) for every role and phase, zeros included.
     migrations: Vec<(&'static str, &'static str, u64)>,
+    /// (role, count) of migrations flagged stalled (`no_progress_for_s` set), zeros included.
+    stalled: Vec<(&'static str, u64)>,
     /// (migration id, WAL lag in LSN units if known, held WAL bytes) per running source migration.
     sources: Vec<(String, Option<u64>, u64)>,
 }
@@ -171,7 +173,10 @@ const PHASES: [Phase; 5] = [Phase::BaseCopy, Phase::WalCatchUp, Phase::AtomicCut
 impl DaemonState {
     fn of(statuses: &[MigrationStatus]) -> Self {
         let mut migrations = Vec::with_capacity(2 * PHASES.len());
+        let mut stalled = Vec::with_capacity(2);
         for role in [Role::Source, Role::Target] {
+            let count = statuses.iter().filter(|s| s.role == role && s.no_progress_for_s.is_some()).count();
+            stalled.push((role_name(role), u64::try_from(count).unwrap_or(u64::MAX)));
             for phase in PHASES {
                 let count = statuses.iter().filter(|s| s.role == role && s.phase == phase).count();
                 migrations.push((role_name(role), phase_name(phase), u64::try_from(count).unwrap_or(u64::MAX)));
@@ -182,7 +187,7 @@ impl DaemonState {
             .filter(|s| s.role == Role::Source && !s.phase.is_final())
             .map(|s| (s.migration_id.clone(), s.wal.lag_lsn(), s.wal.held_bytes))
             .collect();
-        Self { migrations, sources }
+        Self { migrations, stalled, sources }
     }
 }
 
@@ -193,6 +198,14 @@ impl Collector for DaemonState {
             let mut family = encoder.encode_descriptor("ferry_migrations", help, None, MetricType::Gauge)?;
             for (role, phase, count) in &self.migrations {
                 ConstGauge::new(*count).encode(family.encode_family(&[("role", *role), ("phase", *phase)])?)?;
+            }
+        }
+        {
+            let help =
+                "Migrations on this node flagged stalled (no progress for ferry serve's --stall-after-secs), by role.";
+            let mut family = encoder.encode_descriptor("ferry_migrations_stalled", help, None, MetricType::Gauge)?;
+            for (role, count) in &self.stalled {
+                ConstGauge::new(*count).encode(family.encode_family(&[("role", *role)])?)?;
             }
         }
         {
@@ -284,13 +297,16 @@ mod tests {
                 status("m1", Role::Source, Phase::WalCatchUp),
                 status("m2", Role::Source, Phase::Completed),
                 status("m3", Role::Target, Phase::BaseCopy),
+                MigrationStatus { no_progress_for_s: Some(12), ..status("m4", Role::Target, Phase::BaseCopy) },
             ],
             77,
         );
         for text in [scrape.prometheus_text().unwrap(), scrape.openmetrics().unwrap()] {
             assert!(text.contains("ferry_migrations{role=\"source\",phase=\"WalCatchUp\"} 1"), "{text}");
             assert!(text.contains("ferry_migrations{role=\"source\",phase=\"Completed\"} 1"));
-            assert!(text.contains("ferry_migrations{role=\"target\",phase=\"BaseCopy\"} 1"));
+            assert!(text.contains("ferry_migrations{role=\"target\",phase=\"BaseCopy\"} 2"));
+            assert!(text.contains("ferry_migrations_stalled{role=\"target\"} 1"), "{text}");
+            assert!(text.contains("ferry_migrations_stalled{role=\"source\"} 0"));
             assert!(text.contains("ferry_migrations{role=\"target\",phase=\"Failed\"} 0"));
             assert!(text.contains("ferry_wal_lag_lsn{migration_id=\"m1\"} 10"));
             assert!(text.contains("ferry_held_wal_bytes{migration_id=\"m1\"} 4096"));

@@ -89,6 +89,7 @@ impl RunningNode {
         outbound_settings.tuning.chunk_transport = chunk_transport;
         let outbound = Outbound::new(outbound_settings, identity.clone(), storage);
         let daemon = Daemon::new(node_id.clone(), quic_addr, ctx.clone(), outbound.clone(), transport);
+        daemon.set_stall_after(std::time::Duration::from_secs(config.stall_after_secs));
         let events = daemon.spawn_events();
         daemon.announce_transport();
         let recovered = outbound.recover().await;

@@ -334,6 +334,8 @@ mod tests {
             segments: Vec::new(),
             wal_segments: Vec::new(),
             source_node: None,
+            started_at_unix_ms: None,
+            wal_follows: None,
         }
     }
 

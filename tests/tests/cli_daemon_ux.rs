@@ -69,7 +69,7 @@ fn migrate_refuses_an_empty_shard_unless_allowed_and_a_target_keeps_its_status_o
     let after = c.target.status("m-files");
     assert_eq!((after["phase"].as_str(), after["staging_state"].as_str()), (Some("Completed"), Some("released")));
     assert_eq!((after["vshard_id"].as_u64(), after["peer_node"].as_str()), (Some(7), Some("source")), "{after}");
-    for field in ["bytes_total", "bytes_transferred", "files_total", "files_staged"] {
+    for field in ["bytes_total", "bytes_transferred", "files_total", "files_staged", "started_at_unix_ms"] {
         assert_eq!(after[field], before[field], "{field} after the restart: {after}");
     }
     let out = Command::new(ferry_bin()).arg("list").arg("--socket").arg(&c.target.socket).output().unwrap();

@@ -81,7 +81,7 @@ impl Writer {
                     parked.store(false, Ordering::Release);
                     let mut batch = Vec::new();
                     for _ in 0..4 {
-                        let vshard = if seq % 3 == 0 { VSHARD } else { 3 };
+                        let vshard = if seq.is_multiple_of(3) { VSHARD } else { 3 };
                         let payload = [seq.to_le_bytes(), seq.to_le_bytes()].concat();
                         let lsn = wal.append(&RecordSpec::new(0x8001, VShardId(vshard)), &payload).unwrap();
                         batch.push((lsn.0, vshard));

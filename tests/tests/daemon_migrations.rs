@@ -347,7 +347,7 @@ fn a_sigkilled_source_daemon_resumes_its_wal_tail_without_loss_or_duplicates() {
     let options = WriterOptions { layout: Layout::A, roll_size_bytes: 64 << 10, ..WriterOptions::default() };
     let mut writer = WalWriter::create(&wal_dir, options, Lsn(1)).unwrap();
     let record = |i: u64| -> (u32, Vec<u8>) {
-        let vshard = if i % 2 == 0 { VSHARD } else { 30 };
+        let vshard = if i.is_multiple_of(2) { VSHARD } else { 30 };
         (vshard, (0..(i % 300)).map(|b| (b ^ i) as u8).collect())
     };
     let mut written = Vec::new();

@@ -148,7 +148,7 @@ fn sigkill_of_the_target_during_wal_catch_up_loses_and_duplicates_nothing() {
     let wal_dir = tempfile::tempdir().unwrap();
     let options = WriterOptions { layout: Layout::A, roll_size_bytes: 1 << 20, ..WriterOptions::default() };
     let mut writer = WalWriter::create(wal_dir.path(), options, Lsn(1)).unwrap();
-    let spec = |i: u64| RecordSpec::new(0x8001, VShardId(if i % 2 == 0 { 1 } else { 2 }));
+    let spec = |i: u64| RecordSpec::new(0x8001, VShardId(if i.is_multiple_of(2) { 1 } else { 2 }));
     for i in 0..100u64 {
         writer.append(&spec(i), &i.to_le_bytes()).unwrap();
     }

@@ -29,22 +29,19 @@ use ferry_wire::api::MigrationStatus;
 use ferry_wire::MigrationId;
 use serde_json::{json, Value};
 
-/// `ferry serve --stall-after-secs 1 --config CONFIG`.
-fn start_node(config: &Path) -> Node {
-    Node::start_with(config, &["--stall-after-secs", "1"])
-}
-
 /// A source and a target daemon (stall threshold 1 s) over a shard of `files` (name, size).
+/// The source takes the threshold from its config file (`stall_after_secs`), the target from
+/// the `--stall-after-secs` flag, which wins over its file's 30.
 fn two_nodes(dir: &Path, certs: &Certs, files: &[(&str, usize)]) -> (Node, Node, std::path::PathBuf) {
     let root = dir.join("shard");
     for (i, (name, size)) in files.iter().enumerate() {
         write_file(&root, name, *size, i as u64 + 1);
     }
-    let source_config = write_config(dir, "source", certs, &dir.join("s"), "127.0.0.1:0", "");
-    let target_config =
-        write_config(dir, "target", certs, &dir.join("t"), "127.0.0.1:0", "allowed_peers = [\"source\"]");
-    let target = start_node(&target_config);
-    let source = start_node(&source_config);
+    let source_config = write_config(dir, "source", certs, &dir.join("s"), "127.0.0.1:0", "stall_after_secs = 1");
+    let target_extra = "allowed_peers = [\"source\"]\nstall_after_secs = 30";
+    let target_config = write_config(dir, "target", certs, &dir.join("t"), "127.0.0.1:0", target_extra);
+    let target = Node::start_with(&target_config, &["--stall-after-secs", "1"]);
+    let source = Node::start(&source_config);
     (source, target, root)
 }
 

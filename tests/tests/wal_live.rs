@@ -34,7 +34,7 @@ fn payload(i: u64) -> Vec<u8> {
 }
 
 fn append(writer: &mut WalWriter, i: u64, out: &mut Written) {
-    let vshard = if i % 3 == 0 { VSHARD } else { (i % 5) as u32 + 20 };
+    let vshard = if i.is_multiple_of(3) { VSHARD } else { (i % 5) as u32 + 20 };
     // Some records carry the encrypted flag (bit 14) or an unknown kind: passed through opaque.
     let record_type = match i % 11 {
         0 => 0x8000 | 0x4000 | 3,
@@ -44,7 +44,7 @@ fn append(writer: &mut WalWriter, i: u64, out: &mut Written) {
     let data = payload(i);
     let lsn = writer.append(&RecordSpec::new(record_type, VShardId(vshard)), &data).unwrap();
     out.push((lsn, vshard, record_type, data));
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         writer.flush().unwrap();
     }
 }

@@ -32,7 +32,7 @@ fn vshard_of(lsn: u64) -> u32 {
 }
 
 fn payload(lsn: u64) -> Vec<u8> {
-    let len = if lsn % 17 == 0 { 0 } else { 64 + (lsn % 200) as usize };
+    let len = if lsn.is_multiple_of(17) { 0 } else { 64 + (lsn % 200) as usize };
     lsn.to_le_bytes().iter().copied().cycle().take(len).collect()
 }
 
@@ -40,7 +40,7 @@ fn append(writer: &mut WalWriter, count: u64) {
     for _ in 0..count {
         let lsn = writer.next_lsn().0;
         writer.append(&RecordSpec::new(0x8001, VShardId(vshard_of(lsn))), &payload(lsn)).unwrap();
-        if lsn % 8 == 0 {
+        if lsn.is_multiple_of(8) {
             writer.flush().unwrap();
         }
     }

@@ -66,10 +66,10 @@ fn run(opts: WriterOptions, seed: u64) {
             spec.record_type |= FLAG_ENCRYPTED;
         }
         // Payload: the LSN, so the tail can check it; sometimes big enough to span blocks.
-        let reps = if g.next() % 50 == 0 { 700 } else { 4 };
+        let reps = if g.next().is_multiple_of(50) { 700 } else { 4 };
         let lsn = writer.append(&spec, &i.to_le_bytes().repeat(reps)).unwrap();
         assert_eq!(lsn, Lsn(i));
-        if g.next() % 4 == 0 {
+        if g.next().is_multiple_of(4) {
             writer.flush().unwrap();
         }
         // Give the tail a chance to catch up mid-write, so it really follows a growing WAL (a

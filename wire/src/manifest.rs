@@ -90,6 +90,15 @@ pub struct StagingManifest {
     /// that never started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_node: Option<NodeId>,
+    /// When the target began receiving the migration (Unix milliseconds), so a restarted
+    /// target still reports it. Absent in manifests of earlier ferry versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_unix_ms: Option<u64>,
+    /// Whether a WAL stream follows the base (the offer's `wal`), so a restarted target tells
+    /// a staged offline copy from a live one waiting for its WAL. Absent in manifests of
+    /// earlier ferry versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_follows: Option<bool>,
 }
 
 /// The opening of a manifest with its own checksum, up to the checksum's digits.
@@ -235,6 +244,8 @@ mod tests {
             segments: vec![StagedSegment { path: RelPath::new("L1/a.seg").unwrap(), size_bytes: 4096, crc32c: 1 }],
             wal_segments: vec![],
             source_node: None,
+            started_at_unix_ms: None,
+            wal_follows: None,
         }
     }
 

@@ -157,7 +157,10 @@ mod tests {
         assert!(quoted.len() < QUOTE_LEN_MAX_BYTES + 40, "{}", quoted.len());
         assert!(quoted.starts_with("\"\\\\\\\\"), "{quoted}");
         let inner = quoted.strip_prefix('"').and_then(|q| q.strip_suffix("\"... (3600000 bytes)")).unwrap();
-        assert!(inner.len() % 2 == 0 && inner.bytes().all(|b| b == b'\\'), "a cut never splits an escape: {quoted}");
+        assert!(
+            inner.len().is_multiple_of(2) && inner.bytes().all(|b| b == b'\\'),
+            "a cut never splits an escape: {quoted}"
+        );
     }
 
     #[test]

@@ -396,7 +396,7 @@ impl TargetSession {
     ) -> Result<ChunkVerdict, SessionError> {
         let chunk_len = u64::from(self.chunk_len_bytes);
         let file = self.file(file_index)?;
-        if offset_bytes % chunk_len != 0 {
+        if !offset_bytes.is_multiple_of(chunk_len) {
             return Err(SessionError::Misaligned { file_index, offset_bytes });
         }
         let chunk_index = offset_bytes / chunk_len;

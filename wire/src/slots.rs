@@ -88,8 +88,8 @@ fn decode_slot(slot: &[u8]) -> Option<(u64, &[u8])> {
 
 fn slot_len_of(file_len_bytes: usize) -> Result<usize, SlotsError> {
     let slot_len = file_len_bytes / 2;
-    let valid =
-        file_len_bytes % (2 * SLOT_ALIGN_BYTES) == 0 && (SLOT_ALIGN_BYTES..=SLOT_LEN_MAX_BYTES).contains(&slot_len);
+    let valid = file_len_bytes.is_multiple_of(2 * SLOT_ALIGN_BYTES)
+        && (SLOT_ALIGN_BYTES..=SLOT_LEN_MAX_BYTES).contains(&slot_len);
     valid.then_some(slot_len).ok_or(SlotsError::Size(file_len_bytes))
 }
 

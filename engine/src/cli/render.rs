@@ -1,6 +1,8 @@
 //! How the control commands show a migration to people as text: byte sizes, a text bar, ETA,
 //! WAL lag, the stall flag, one-line and multi-line statuses, the `ferry list` table. Also
-//! parses byte sizes given on the command line (`100MB`, `1GiB`). Live bars redrawn on a
+//! parses byte sizes given on the command line (`100MB`, `1GiB`): by hand, not with
+//! `bytesize`'s parser, because a CLI flag must refuse `500M` (MB or MiB?) with a message that
+//! says which to write, and a rate takes `unlimited` and `/s`. Live bars redrawn on a
 //! terminal are [`super::bars`] (indicatif).
 //!
 //! What it does not: talk to a daemon or read a clock: status in, text out, so every function
@@ -13,22 +15,10 @@ use ferry_wire::api::{MigrationStatus, Phase, Role};
 
 const BAR_WIDTH: usize = 24;
 
-/// Formats a byte count with binary units: `512 B`, `1.5 KiB`, `4.0 GiB`.
+/// Formats a byte count with binary units: `512 B`, `1.5 KiB`, `4.0 GiB` (the `bytesize`
+/// crate's IEC display).
 pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = UNITS[0];
-    for next in &UNITS[1..] {
-        if value < 1024.0 {
-            break;
-        }
-        value /= 1024.0;
-        unit = next;
-    }
-    format!("{value:.1} {unit}")
+    bytesize::ByteSize::b(bytes).display().iec().to_string()
 }
 
 /// A rate limit as shown: `unlimited` for 0.

@@ -53,9 +53,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub control_socket: Option<PathBuf>,
     /// A migration with work left that makes no progress for this many seconds is flagged
-    /// stalled: its status's no_progress_for_s is set and a `stalled` event goes out (0: never).
-    #[arg(long, default_value_t = crate::outbound::stall::STALL_AFTER_DEFAULT.as_secs())]
-    pub stall_after_secs: u64,
+    /// stalled: its status's no_progress_for_s is set and a `stalled` event goes out (0: never;
+    /// default: stall_after_secs in the --config file, else 10).
+    #[arg(long)]
+    pub stall_after_secs: Option<u64>,
 }
 
 /// Where a setting in force came from, for the log and for error messages.
@@ -127,6 +128,9 @@ fn resolve(args: ServeArgs) -> anyhow::Result<Resolved> {
     if !args.allow_peers.is_empty() {
         config.allowed_peers = args.allow_peers;
     }
+    if let Some(v) = args.stall_after_secs {
+        config.stall_after_secs = v;
+    }
     if let Some(v) = args.progress_interval_ms {
         config.progress_interval_ms = v;
     }
@@ -159,7 +163,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         out!("{}", NodeConfig::default_toml())?;
         return Ok(());
     }
-    let stall_after = std::time::Duration::from_secs(args.stall_after_secs);
     let resolved = resolve(args)?;
     if resolved.node_id_from == Origin::Default {
         tracing::warn!(
@@ -176,7 +179,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // daemon cleanly, not kill it with the default action.
         let shutdown = shutdown_signal()?;
         let node = RunningNode::start(&config).await?;
-        node.daemon.set_stall_after(stall_after);
         tracing::info!(
             node = %node.node_id,
             node_id_from = %node_id_from,

@@ -341,7 +341,7 @@ impl InFlight {
             self.free.push(slot);
             return request.finish(Ok(()));
         }
-        let unaligned = request.direct && request.filled_bytes as usize % ALIGN_BYTES != 0;
+        let unaligned = request.direct && !(request.filled_bytes as usize).is_multiple_of(ALIGN_BYTES);
         if got == 0 || unaligned || request.filled_bytes >= request.read_len_bytes {
             // End of file before the chunk's end: the file shrank.
             self.free.push(slot);

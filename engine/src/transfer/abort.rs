@@ -76,6 +76,8 @@ pub async fn abort_staging(ctx: &Arc<TargetContext>, id: &MigrationId, reason: &
         segments: Vec::new(),
         wal_segments: Vec::new(),
         source_node: existing.as_ref().and_then(|m| m.source_node.clone()),
+        started_at_unix_ms: existing.as_ref().and_then(|m| m.started_at_unix_ms),
+        wal_follows: existing.as_ref().and_then(|m| m.wal_follows),
     };
     let (storage, ctx_owned) = (ctx.storage.clone(), ctx.clone());
     ctx.forget_manifest(id);

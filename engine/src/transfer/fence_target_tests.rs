@@ -49,6 +49,8 @@ fn scene() -> Scene {
         segments: Vec::new(),
         wal_segments: Vec::new(),
         source_node: None,
+        started_at_unix_ms: None,
+        wal_follows: None,
     };
     staging::prepare_fresh(&*storage, &layout).unwrap();
     staging::write_manifest(&*storage, &layout, &manifest).unwrap();

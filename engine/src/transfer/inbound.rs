@@ -102,6 +102,7 @@ pub fn summary(offer: &Offer) -> OfferSummary {
         vshard_id: offer.vshard_id,
         bytes_total: offer.bytes_total(),
         files_count: offer.files.len() as u64,
+        wal: offer.wal,
     }
 }
 

@@ -95,6 +95,8 @@ impl Manifests {
         let kept = self.kept();
         let Some(manifest) = kept.get(id) else { return };
         inbound.vshard_id = Some(manifest.vshard_id);
+        inbound.started_at_unix_ms = manifest.started_at_unix_ms.unwrap_or(inbound.started_at_unix_ms);
+        inbound.wal_follows = manifest.wal_follows.unwrap_or(!manifest.wal_segments.is_empty());
         inbound.files_total_count = manifest.segments.len() as u64;
         inbound.bytes_total = manifest.segments.iter().map(|s| s.size_bytes).fold(0, u64::saturating_add);
         if manifest.base_complete {
@@ -133,6 +135,8 @@ mod tests {
             segments: Vec::new(),
             wal_segments: Vec::new(),
             source_node: None,
+            started_at_unix_ms: None,
+            wal_follows: None,
         }
     }
 

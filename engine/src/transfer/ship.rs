@@ -16,7 +16,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ferry_wire::frame::FrameHeader;
 use ferry_wire::message::Message;
@@ -196,10 +196,7 @@ pub(super) async fn send_stream<L: ChunkLanes>(
         let crc = ferry_wire::crc32c(&data);
         lock(&machine).handle_chunk_read(&span, crc)?;
         chunk_read.notify_one();
-        let wait_ns = rate.take(u64::from(span.len_bytes));
-        if wait_ns > 0 {
-            tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
-        }
+        rate.pace(u64::from(span.len_bytes)).await;
         let header = FrameHeader::chunk(span.chunk.file_index, span.offset_bytes, data.len(), crc)?;
         let len_bytes = data.len() as u64;
         lane.send(&header, data).await?;

@@ -18,7 +18,7 @@ use ferry_wire::checkpoint::LogRecord;
 use ferry_wire::manifest::{StagedSegment, StagingManifest, StagingState, MANIFEST_FORMAT_VERSION};
 use ferry_wire::message::{ChunkRef, Offer};
 use ferry_wire::path::RelPath;
-use ferry_wire::proto::inbound::{Begin, ConnId};
+use ferry_wire::proto::inbound::{Begin, ConnId, Inbound};
 use ferry_wire::session::{FileDone, TargetSession};
 use ferry_wire::{Lsn, MigrationId, NodeId};
 
@@ -152,9 +152,10 @@ pub fn finalize_file(
     Ok(())
 }
 
-/// The `MANIFEST.json` of a staged base: `copying`, one CRC32C per offered file, and the node
-/// that alone may release, abort or join it (also after a restart).
-pub fn base_manifest(offer: &Offer, segment_crcs: Vec<u32>, source_node: Option<NodeId>) -> StagingManifest {
+/// The `MANIFEST.json` of a staged base: `copying`, one CRC32C per offered file, and from
+/// the machine's record of it (`recorded`), the node that alone may release, abort or join it
+/// (also after a restart) and when it started.
+pub fn base_manifest(offer: &Offer, segment_crcs: Vec<u32>, recorded: Option<&Inbound>) -> StagingManifest {
     StagingManifest {
         format_version: MANIFEST_FORMAT_VERSION,
         migration_id: offer.migration_id.clone(),
@@ -171,7 +172,9 @@ pub fn base_manifest(offer: &Offer, segment_crcs: Vec<u32>, source_node: Option<
             .map(|(f, crc32c)| StagedSegment { path: f.path.clone(), size_bytes: f.size_bytes, crc32c })
             .collect(),
         wal_segments: Vec::new(),
-        source_node,
+        source_node: recorded.and_then(|m| m.source_node.as_deref()).and_then(|n| NodeId::new(n).ok()),
+        started_at_unix_ms: recorded.map(|m| m.started_at_unix_ms).filter(|&ms| ms != 0),
+        wal_follows: Some(offer.wal),
     }
 }
 

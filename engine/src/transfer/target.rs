@@ -432,14 +432,8 @@ impl Driver<'_> {
         let (offer, layout) = self.admitted()?;
         let id = offer.migration_id.clone();
         self.joins.close(&id, self.claim.as_ref().map_or(ConnId(0), ClaimGuard::conn));
-        // Only this node may release, abort or join it, also after a restart.
-        let source_node = self
-            .ctx
-            .machine()
-            .get(&id)
-            .and_then(|m| m.source_node.as_deref())
-            .and_then(|n| ferry_wire::NodeId::new(n).ok());
-        let manifest = super::steps::base_manifest(offer, segment_crcs, source_node);
+        // Only its source node may release, abort or join it, also after a restart.
+        let manifest = super::steps::base_manifest(offer, segment_crcs, self.ctx.machine().get(&id));
         let (ctx, layout, offer) = (self.ctx.clone(), layout.clone(), offer.clone());
         blocking(move || {
             inbound.sync()?;

@@ -28,7 +28,7 @@ fn append(writer: &mut WalWriter, count: u64, payload_len: usize) {
         let lsn = writer.next_lsn();
         let payload: Vec<u8> = lsn.0.to_le_bytes().iter().copied().cycle().take(payload_len).collect();
         assert_eq!(writer.append(&RecordSpec::new(0x8001, VShardId(vshard_of(lsn.0))), &payload).unwrap(), lsn);
-        if lsn.0 % 10 == 0 {
+        if lsn.0.is_multiple_of(10) {
             writer.flush().unwrap();
         }
     }

@@ -178,12 +178,7 @@ impl TargetEnd {
                 let receive = self.receive.take().ok_or_else(|| TransferError::Local("not receiving".into()))?;
                 let parts: Vec<_> = receive.parts.iter().map(|(i, p)| (*i, p.clone())).collect();
                 steps::sync_parts(&receive.layout, &parts, &receive.log)?;
-                let source_node = ctx
-                    .machine()
-                    .get(&receive.id)
-                    .and_then(|m| m.source_node.as_deref())
-                    .and_then(|n| NodeId::new(n).ok());
-                let manifest = steps::base_manifest(&receive.offer, segment_crcs, source_node);
+                let manifest = steps::base_manifest(&receive.offer, segment_crcs, ctx.machine().get(&receive.id));
                 steps::write_base_manifest(ctx, &receive.layout, &receive.offer, &manifest)?;
                 ctx.machine().base_staged(&receive.id, bytes_resent)?;
                 let bytes_resent = ctx.machine().get(&receive.id).map_or(0, |m| m.bytes_resent);

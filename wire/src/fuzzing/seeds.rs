@@ -164,6 +164,8 @@ fn manifests() -> Vec<Vec<u8>> {
                         vec![]
                     },
                     source_node: (segments_count == 1).then(|| node("source")),
+                    started_at_unix_ms: (segments_count == 2).then_some(1_796_000_000_000),
+                    wal_follows: (segments_count > 0).then_some(wal),
                 };
                 seeds.push(manifest.encode());
             }

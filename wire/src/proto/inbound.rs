@@ -104,9 +104,13 @@ pub struct Inbound {
     pub state: InboundState,
     pub source_node: Option<String>,
     pub vshard_id: Option<VShardId>,
-    /// When this node began receiving it (Unix milliseconds, from the engine's clock); 0 for a
-    /// migration found on disk at start-up.
+    /// When this node began receiving it (Unix milliseconds, from the engine's clock): the
+    /// first `begin`, kept when the source resumes; 0 while unknown (a migration found on
+    /// disk whose manifest does not record it).
     pub started_at_unix_ms: u64,
+    /// Whether a WAL stream follows the base (the offer's `wal`): `false` for an offline copy
+    /// without one, and while unknown.
+    pub wal_follows: bool,
     pub bytes_verified: u64,
     pub bytes_total: u64,
     pub bytes_resent: u64,
@@ -125,6 +129,7 @@ impl Inbound {
             source_node: None,
             vshard_id: None,
             started_at_unix_ms: 0,
+            wal_follows: false,
             bytes_verified: 0,
             bytes_total: 0,
             bytes_resent: 0,
@@ -169,6 +174,8 @@ pub struct OfferSummary {
     pub vshard_id: VShardId,
     pub bytes_total: u64,
     pub files_count: u64,
+    /// Whether a WAL stream follows the base.
+    pub wal: bool,
 }
 
 /// What the engine measured for an admission.
@@ -430,10 +437,12 @@ impl Inbounds {
         };
         let entry = self.migrations.entry(id.clone()).or_insert_with(|| Inbound::new(InboundState::Receiving));
         let kept = (entry.wal_durable_lsn, entry.applied_lsn);
+        let started_at_unix_ms = if entry.started_at_unix_ms == 0 { now_unix_ms } else { entry.started_at_unix_ms };
         *entry = Inbound {
             source_node: peer,
             vshard_id: Some(offer.vshard_id),
-            started_at_unix_ms: now_unix_ms,
+            started_at_unix_ms,
+            wal_follows: offer.wal,
             bytes_total: offer.bytes_total,
             files_total_count: offer.files_count,
             wal_durable_lsn: kept.0,

@@ -9,7 +9,7 @@ fn id(name: &str) -> MigrationId {
 }
 
 fn offer(name: &str) -> OfferSummary {
-    OfferSummary { migration_id: id(name), vshard_id: VShardId(7), bytes_total: 1000, files_count: 2 }
+    OfferSummary { migration_id: id(name), vshard_id: VShardId(7), bytes_total: 1000, files_count: 2, wal: true }
 }
 
 const NEW: Disk = Disk { staging_exists: false, free_bytes: None };
@@ -68,6 +68,18 @@ fn a_resumed_migration_is_not_counted_twice_nor_checked_against_the_limit() {
     assert_eq!(machine.claim(&offer("m1"), B, Some("node-a"), EXISTING), Ok(Claimed::Taken));
     machine.begin(&offer("m1"), B, Begin::Receive, 6).expect("resume");
     assert_eq!(state(&machine, "m1"), Some(InboundState::Receiving));
+    assert_eq!(machine.get(&id("m1")).map(|m| m.started_at_unix_ms), Some(5), "a resume keeps the start time");
+}
+
+#[test]
+fn a_begin_records_whether_a_wal_stream_follows() {
+    let mut machine = Inbounds::default();
+    let offline = OfferSummary { wal: false, ..offer("m1") };
+    assert_eq!(machine.claim(&offline, A, Some("node-a"), NEW), Ok(Claimed::Taken));
+    machine.begin(&offline, A, Begin::Receive, 5).expect("begin");
+    assert_eq!(machine.get(&id("m1")).map(|m| m.wal_follows), Some(false));
+    receiving(&mut machine, "m2", B);
+    assert_eq!(machine.get(&id("m2")).map(|m| m.wal_follows), Some(true));
 }
 
 #[test]
