@@ -262,7 +262,30 @@ mod tests {
         assert!(landed, "nothing crossed the link after it came back up");
         let (name, veth) = (host.name.clone(), host.veth.clone());
         drop(host);
-        assert!(!ip_cmd(&["netns", "list"]).unwrap().contains(&name), "{name} is left");
+        assert!(!namespace_exists(&name), "{name} is left");
         assert!(ip_cmd(&["link", "show", &veth]).is_err(), "{veth} is left");
+    }
+
+    fn namespace_exists(name: &str) -> bool {
+        ip_cmd(&["netns", "list"]).unwrap().lines().any(|l| l.split_whitespace().next() == Some(name))
+    }
+
+    /// A test that panics with a host and a process inside it leaves neither behind.
+    #[test]
+    fn a_panicking_test_leaves_no_namespace_and_no_process() {
+        let Some(mut hosts) = hosts_or_skip(1, "netns") else { return };
+        let host = hosts.pop().unwrap();
+        let name = host.name.clone();
+        let mut sleeper = host.command("sleep").arg("600").spawn().unwrap();
+        let inside = || ip_cmd(&["netns", "pids", &name]).unwrap().split_whitespace().count();
+        crate::wait_until_blocking("the sleeper inside", std::time::Duration::from_secs(10), || inside() == 1).unwrap();
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _host = host;
+            panic!("the test fails");
+        }));
+        assert!(failed.is_err());
+        assert!(!namespace_exists(&name), "{name} is left");
+        let status = sleeper.wait().unwrap();
+        assert!(!status.success(), "the process inside was not killed: {status}");
     }
 }

@@ -16,8 +16,10 @@
 //!   random offsets: each resends at most one chunk per stream.
 //!
 //! What it does not: skip under `CI=true` (no root or no iproute2 fails there); delay
-//! datagrams; run the long variants by default (`FERRY_MULTIHOST_BASE_MIB=256` and
-//! `FERRY_MULTIHOST_DROPS=100`, see tests/README.md).
+//! datagrams; run the 100 cuts of issue 18 by default (6 run; `FERRY_MULTIHOST_DROPS=100` is
+//! the documented long run, see tests/README.md; `FERRY_MULTIHOST_BASE_MIB` sizes the live
+//! scenario's base, 256 MiB by default); see a cut sooner than QUIC's idle timeout (5 s, not
+//! configurable in the daemon), which is why each cut lasts longer than it.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
 
 use std::net::SocketAddr;
@@ -58,6 +60,8 @@ struct Scene {
     _certs: Certs,
     dir: tempfile::TempDir,
     target_data: PathBuf,
+    /// The source's metrics endpoint, then the target's (reached over their veths).
+    metrics_addrs: [String; 2],
 }
 
 /// The scene, or `None` when namespaces cannot be made here (printed; a failure in CI).
@@ -67,20 +71,45 @@ fn scene(test: &str) -> Option<Scene> {
     let certs = Certs::new().unwrap();
     let target_data = dir.path().join("target-data");
     let config = |name: &str, data: &std::path::Path, host: &Host, extra: &str| {
-        write_config(dir.path(), name, &certs, data, &format!("{}:0", host.ip), extra)
+        let extra = format!("metrics_addr = \"{}:0\"\n{extra}", host.ip);
+        write_config(dir.path(), name, &certs, data, &format!("{}:0", host.ip), &extra)
     };
     let target_config = config("target", &target_data, &hosts[1], "allowed_peers = [\"source\"]");
     let source_config = config("source", &dir.path().join("source-data"), &hosts[0], "");
     let target = Node::start_via(&hosts[1].exec_prefix(), &target_config, &[]);
     let source = Node::start_via(&hosts[0].exec_prefix(), &source_config, &[]);
+    let metrics =
+        |node: &Node| node.line("metrics at http://").trim_start_matches("metrics at http://").replace("/metrics", "");
+    let metrics_addrs = [metrics(&source), metrics(&target)];
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let upstream: SocketAddr = target.addr.parse().unwrap();
     let front = SocketAddr::from((hosts[0].host_ip, 0));
     let relay = Arc::new(runtime.block_on(Relay::start_at(front, upstream)).unwrap());
-    Some(Scene { source, _target: target, relay, _runtime: runtime, hosts, _certs: certs, dir, target_data })
+    Some(Scene {
+        source,
+        _target: target,
+        relay,
+        _runtime: runtime,
+        hosts,
+        _certs: certs,
+        dir,
+        target_data,
+        metrics_addrs,
+    })
 }
 
 impl Scene {
+    /// The counter `name` (`ferry_bytes_sent_total`, ...) of the source (`0`) or target (`1`).
+    fn counter(&self, which: usize, name: &str) -> u64 {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.metrics_addrs[which]).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let line = text.lines().find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '));
+        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
     fn root(&self) -> PathBuf {
         self.dir.path().join("shard")
     }
@@ -129,7 +158,7 @@ fn announce(what: &str, shard_bytes: u64, budget: Duration, faults: &Faults) {
 /// write of the vShard arrives exactly once and the segments are byte-identical.
 #[test]
 fn loss_and_corruption_during_a_base_copy_and_a_live_tail_lose_nothing() {
-    let base_bytes = env_u64("FERRY_MULTIHOST_BASE_MIB", 32) << 20;
+    let base_bytes = env_u64("FERRY_MULTIHOST_BASE_MIB", 256) << 20;
     let budget = Duration::from_secs(180 + (base_bytes >> 20));
     let faults =
         Faults { seed: seed(), drop_per_10k: 200, corrupt_per_10k: 200, duplicate_per_10k: 100, reorder_per_10k: 100 };
@@ -233,9 +262,10 @@ fn a_copy_through_recurring_black_holes_ends_byte_identical() {
     let budget = Duration::from_secs(150);
     let faults = Faults { seed: seed() ^ 2, ..Faults::default() };
     let Some(s) = scene("black holes") else { return };
-    announce("black holes 5 s on, 2 s off", 12 << 20, budget, &faults);
-    write_file(&s.root(), "L1/a.seg", 8 << 20, faults.seed);
-    write_file(&s.root(), "L1/b.seg", 4 << 20, faults.seed + 1);
+    // 6 MiB at 1 MiB/s: more than two open windows of 2 s each.
+    announce("black holes 5 s on, 2 s off", 6 << 20, budget, &faults);
+    write_file(&s.root(), "L1/a.seg", 4 << 20, faults.seed);
+    write_file(&s.root(), "L1/b.seg", 2 << 20, faults.seed + 1);
     let (stop, holes_count) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU32::new(0)));
     let holing = {
         let (relay, stop, holes_count) = (s.relay.clone(), stop.clone(), holes_count.clone());
@@ -295,6 +325,10 @@ fn link_cuts_at_random_offsets_resend_at_most_one_chunk_per_stream_each() {
         });
         assert_ne!(st["phase"], "Completed", "the copy ended before cut {i}: {st}");
         let host = &s.hosts[(next(&mut rng) % 2) as usize];
+        println!(
+            "cut {i}: {} of {} bytes copied, the veth of {} down",
+            st["bytes_transferred"], total_bytes, host.name
+        );
         host.set_link(false).unwrap();
         // The cut's length (past the idle timeout), not a wait for an event.
         std::thread::sleep(down);
@@ -308,7 +342,15 @@ fn link_cuts_at_random_offsets_resend_at_most_one_chunk_per_stream_each() {
     let resent = done["bytes_resent"].as_u64().unwrap();
     println!("done in {:?}; {cuts_count} cuts, {resent} bytes resent; relay {counts:?}", started.elapsed());
     let bound = cuts_count * streams * CHUNK_LEN_BYTES;
+    let sent = s.counter(0, "ferry_bytes_sent_total");
+    let received = s.counter(1, "ferry_bytes_received_total");
+    // Sent counts what went into connections that then died (up to a flow-control window a
+    // cut): printed, not bounded. What the target received is what DESIGN bounds.
+    println!("{sent} chunk bytes sent, {received} received, for {total_bytes}; bound {bound} over it");
     assert!(resent <= bound, "resent {resent} bytes over {cuts_count} cuts, bound {bound}");
+    // The same bound on what the target daemon really received (its own counter, read apart
+    // from the source's report).
+    assert!(received <= total_bytes + bound, "received {received} bytes for {total_bytes}, bound {bound} over it");
     // Each connection opens a UDP socket of its own: a cut that killed its connection brought a
     // new sender to the relay.
     assert!(
