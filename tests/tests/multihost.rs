@@ -240,7 +240,9 @@ fn fence_and_release(s: &Scene, id: &str, writer: &RefWriter, budget: Duration) 
 /// connection until they pass, and the copy completes byte-identical.
 #[test]
 fn handshakes_through_thirty_percent_loss_complete() {
-    let budget = Duration::from_secs(120);
+    // Measured 6 to 98 s (QUIC's backoff under this loss, and a handshake the target timed out
+    // now and then, retried by the source).
+    let budget = Duration::from_secs(240);
     let faults = Faults { seed: seed() ^ 1, drop_per_10k: 3_000, ..Faults::default() };
     let Some(s) = scene("30% loss") else { return };
     announce("30% loss through the handshakes", (1 << 20) + 300_000, budget, &faults);
