@@ -64,7 +64,21 @@ impl Node {
 
     /// `ferry serve ARGS --config CONFIG`: flags beside the config file.
     pub fn start_with(config: &Path, args: &[&str]) -> Node {
-        let mut child = Command::new(ferry_bin())
+        Node::start_via(&[], config, args)
+    }
+
+    /// [`Node::start_with`] run by the command `prefix` (its words; empty: none), for example
+    /// `ip netns exec NAME` to run the daemon on a host of its own ([`crate::netns`]).
+    pub fn start_via(prefix: &[&str], config: &Path, args: &[&str]) -> Node {
+        let mut command = match prefix.split_first() {
+            Some((program, words)) => {
+                let mut command = Command::new(program);
+                command.args(words).arg(ferry_bin());
+                command
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let mut child = command
             .arg("serve")
             .args(args)
             .arg("--config")
@@ -114,6 +128,11 @@ impl Node {
 
     /// Waits until the migration's status satisfies `done`; fails the test at the deadline.
     pub fn wait_for(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for_within(id, what, WAIT, done)
+    }
+
+    /// [`Node::wait_for`] with a deadline of `within` instead of [`WAIT`].
+    pub fn wait_for_within(&self, id: &str, what: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
         let mut status = Value::Null;
         let reached = || {
             // Not there yet (an inbound migration appears when its source connects) is waited for.
@@ -124,7 +143,7 @@ impl Node {
             };
             done(&status)
         };
-        wait_until_blocking(what, WAIT, reached).unwrap_or_else(|e| panic!("{e}: {status}"));
+        wait_until_blocking(what, within, reached).unwrap_or_else(|e| panic!("{e}: {status}"));
         status
     }
 

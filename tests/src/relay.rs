@@ -3,9 +3,12 @@
 //!
 //! What it does: [`Relay::start`] binds a loopback socket (give its address to the client side
 //! as the peer's address; the TLS name is checked apart from the address, so the handshake
-//! still passes) and forwards every datagram it receives to `upstream`. Each distinct sender
-//! gets an upstream socket of its own, so the upstream's answers go back to that sender, as a
-//! NAT does. [`Relay::set_dropping`] drops every datagram in both directions until switched
+//! still passes) and forwards every datagram it receives to `upstream`; [`Relay::start_at`]
+//! binds a given address instead (the test side of a network namespace's veth, see
+//! [`crate::netns`]). Each distinct sender gets an upstream socket of its own, so the
+//! upstream's answers go back to that sender, as a NAT does; [`RelayCounts::senders_count`]
+//! counts them (a QUIC client opens a new UDP socket for each connection, so this counts
+//! connections that reached the relay). [`Relay::set_dropping`] drops every datagram in both directions until switched
 //! back; [`Relay::set_faults`] makes it drop, corrupt (one bit flipped), duplicate or
 //! reorder (held back behind the next datagram) a share of the datagrams each way, drawn from
 //! a seed; [`Relay::counts`] says how many were forwarded, dropped and damaged.
@@ -56,6 +59,7 @@ struct Shared {
     corrupted_count: AtomicU64,
     duplicated_count: AtomicU64,
     reordered_count: AtomicU64,
+    senders_count: AtomicU64,
 }
 
 impl Shared {
@@ -115,6 +119,8 @@ pub struct RelayCounts {
     pub corrupted_count: u64,
     pub duplicated_count: u64,
     pub reordered_count: u64,
+    /// Distinct senders (source addresses) heard from so far.
+    pub senders_count: u64,
 }
 
 /// Sends one datagram as its fate says; a datagram held back (`hold`) goes out after the next
@@ -158,7 +164,12 @@ pub struct Relay {
 impl Relay {
     /// Binds a loopback port and relays it to `upstream` (forwarding, not dropping).
     pub async fn start(upstream: SocketAddr) -> std::io::Result<Relay> {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+        Relay::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), upstream).await
+    }
+
+    /// Binds `front` (port 0: any) and relays it to `upstream`, forwarding.
+    pub async fn start_at(front: SocketAddr, upstream: SocketAddr) -> std::io::Result<Relay> {
+        let front = Arc::new(UdpSocket::bind(front).await?);
         let addr = front.local_addr()?;
         let shared = Arc::new(Shared::default());
         let task = tokio::spawn(front_loop(front, upstream, shared.clone()));
@@ -183,6 +194,7 @@ impl Relay {
             corrupted_count: load(&self.shared.corrupted_count),
             duplicated_count: load(&self.shared.duplicated_count),
             reordered_count: load(&self.shared.reordered_count),
+            senders_count: load(&self.shared.senders_count),
         }
     }
 }
@@ -234,6 +246,7 @@ async fn front_loop(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Sha
                     shared.dropped_count.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
+                shared.senders_count.fetch_add(1, Ordering::Relaxed);
                 let socket = Arc::new(socket);
                 let task = back_tasks.spawn(back_loop(socket.clone(), front.clone(), sender, shared.clone()));
                 senders.insert(sender, (socket.clone(), task, sent_count));
@@ -249,8 +262,16 @@ async fn front_loop(front: Arc<UdpSocket>, upstream: SocketAddr, shared: Arc<Sha
     }
 }
 
+/// A socket connected to `upstream`: on loopback when the upstream is, else on any address
+/// (the kernel picks the one on the upstream's route, a veth's in [`crate::netns`]).
 async fn connected(upstream: SocketAddr) -> std::io::Result<UdpSocket> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let local: SocketAddr = match upstream {
+        SocketAddr::V4(a) if a.ip().is_loopback() => ([127, 0, 0, 1], 0).into(),
+        SocketAddr::V6(a) if a.ip().is_loopback() => (std::net::Ipv6Addr::LOCALHOST, 0).into(),
+        SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).await?;
     socket.connect(upstream).await?;
     Ok(socket)
 }
@@ -298,7 +319,7 @@ mod tests {
         let quiet = tokio::time::timeout(Duration::from_millis(100), client.recv_from(&mut buf)).await;
         assert!(quiet.is_err(), "a dropped answer arrived");
         let counts = relay.counts();
-        assert_eq!((counts.forwarded_count, counts.dropped_count), (2, 2));
+        assert_eq!((counts.forwarded_count, counts.dropped_count, counts.senders_count), (2, 2, 1));
 
         relay.set_dropping(false);
         client.send_to(b"again", relay.addr).await.unwrap();

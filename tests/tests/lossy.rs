@@ -6,9 +6,9 @@
 //!
 //! And a path that black-holes for 5 s every 7 s during a copy.
 //!
-//! What it does not: run between network namespaces (issue 18's multi-host harness), delay
-//! datagrams, or stream a WAL tail under loss (the cut-over scenarios run through a relay
-//! that partitions, `cutover_abort.rs` and `release_recovery.rs`).
+//! What it does not: run between network namespaces with real daemons, or stream a WAL tail
+//! under loss (`multihost.rs` does both, as root), delay datagrams. These run without root,
+//! in-process on loopback.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::sync::Arc;
