@@ -20,6 +20,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 pub mod daemons;
+pub mod live;
 pub mod relay;
 pub mod sim;
 
