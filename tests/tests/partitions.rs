@@ -49,7 +49,8 @@ fn partitioned_scene(id: &str) -> (Cluster, tokio::runtime::Runtime, Relay, Live
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let relay = runtime.block_on(Relay::start(c.target.addr.parse().unwrap())).unwrap();
     let mut rng = Rng(seed("FERRY_PARTITIONS_SEED", "partitions"));
-    let options = LiveOptions { budget_us: BUDGET_US, writes_per_sec: 1_000 + rng.below(3_000), ..LiveOptions::default() };
+    let options =
+        LiveOptions { budget_us: BUDGET_US, writes_per_sec: 1_000 + rng.below(3_000), ..LiveOptions::default() };
     eprintln!("{id}: {options:?}");
     let live = Live::start(&c.source, c._dir.path(), id, 7, (&relay.addr.to_string(), "target"), &options);
     c.source.wait_for(id, "WalCatchUp", phase_is("WalCatchUp"));
@@ -108,7 +109,8 @@ fn a_partition_during_the_fence_cancels_it_within_its_budget_and_the_source_stay
 
     relay.set_dropping(false);
     let tip = live.writer.acked_lsn();
-    let caught_up = c.source.wait_for(id, "the tail past the partition", |s| s["wal"]["current_lsn"].as_u64() >= Some(tip.0));
+    let caught_up =
+        c.source.wait_for(id, "the tail past the partition", |s| s["wal"]["current_lsn"].as_u64() >= Some(tip.0));
     assert_eq!(caught_up["phase"], "WalCatchUp", "{caught_up}");
     let (final_lsn, _) = live.fence(&c.source, 5);
     assert!(cancelled_lsns.iter().all(|lsn| final_lsn > *lsn), "{final_lsn} {cancelled_lsns:?}");

@@ -65,7 +65,8 @@ fn eight_concurrent_live_migrations_in_both_directions_under_a_node_rate_limit_a
         .zip(&data)
         .map(|(name, data_dir)| {
             let peers: Vec<String> = names.iter().filter(|n| *n != name).map(|n| format!("\"{n}\"")).collect();
-            let extra = format!("allowed_peers = [{}]\nrate_limit_bytes_per_sec = {rate_bytes_per_sec}", peers.join(", "));
+            let extra =
+                format!("allowed_peers = [{}]\nrate_limit_bytes_per_sec = {rate_bytes_per_sec}", peers.join(", "));
             Node::start(&write_config(dir.path(), name, &certs, data_dir, "127.0.0.1:0", &extra))
         })
         .collect();
@@ -108,7 +109,8 @@ fn eight_concurrent_live_migrations_in_both_directions_under_a_node_rate_limit_a
             .filter(|k| ends(*k).0 == s)
             .map(|k| nodes[s].status(&lives[k].id)["bytes_total"].as_u64().unwrap())
             .sum();
-        let allowed = Duration::from_secs_f64(bytes.saturating_sub(NODE_BURST_BYTES) as f64 / rate_bytes_per_sec as f64);
+        let allowed =
+            Duration::from_secs_f64(bytes.saturating_sub(NODE_BURST_BYTES) as f64 / rate_bytes_per_sec as f64);
         let floor = allowed.mul_f64(0.8);
         eprintln!("{}: {bytes} bytes staged in {took:?} (the limit allows no less than {allowed:?})", names[s]);
         assert!(took >= floor, "{}: {bytes} bytes in {took:?}, over the node's {rate_bytes_per_sec} bytes/s", names[s]);
@@ -130,7 +132,10 @@ fn eight_concurrent_live_migrations_in_both_directions_under_a_node_rate_limit_a
                     let released = live.resume_and_release(source, &node_wal).unwrap_or_else(|e| panic!("{e:?}"));
                     assert_eq!(released["final_lsn"], final_lsn.0, "{released}");
                     let staged = manifest(target_data, &live.id);
-                    assert_eq!((staged["state"].as_str(), staged["final_lsn"].as_u64()), (Some("released"), Some(final_lsn.0)));
+                    assert_eq!(
+                        (staged["state"].as_str(), staged["final_lsn"].as_u64()),
+                        (Some("released"), Some(final_lsn.0))
+                    );
                     let staging = target_data.join("migrations").join(&live.id);
                     let id = live.id.clone();
                     let count = live.verify(final_lsn, &staging, &node_wal);
