@@ -33,8 +33,8 @@ pub struct Node {
     pub addr: String,
     pub socket: PathBuf,
     pub config: PathBuf,
-    /// Later stdout lines of the daemon.
-    pub lines: std::sync::mpsc::Receiver<String>,
+    /// Later stdout lines of the daemon (behind a lock, so a `&Node` can go to other threads).
+    pub lines: std::sync::Mutex<std::sync::mpsc::Receiver<String>>,
 }
 
 impl Drop for Node {
@@ -96,7 +96,7 @@ impl Node {
                 let _ = tx.send(line);
             }
         });
-        Node { child: Some(child), addr, socket, config: config.to_path_buf(), lines }
+        Node { child: Some(child), addr, socket, config: config.to_path_buf(), lines: std::sync::Mutex::new(lines) }
     }
 
     /// The next stdout line starting with `prefix` (others are skipped).
@@ -104,7 +104,8 @@ impl Node {
         let deadline = Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.lines.recv_timeout(left).unwrap_or_else(|e| panic!("no line {prefix:?}: {e}"));
+            let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+            let line = lines.recv_timeout(left).unwrap_or_else(|e| panic!("no line {prefix:?}: {e}"));
             if line.starts_with(prefix) {
                 return line;
             }

@@ -8,8 +8,10 @@
 //! [`wait_for_writes`] for the reference writer's acks, [`wait_for_status`],
 //! [`wait_for_phase`] and [`wait_for_tail_across_rolls`] for a migration over a control
 //! socket); reads a staging's `MANIFEST.json` as plain JSON ([`manifest_json`]); [`relay`] puts
-//! a UDP relay that can drop every datagram between two QUIC endpoints; [`netns`] makes network
-//! namespaces joined by veths, so daemons run as separate hosts.
+//! a UDP relay that can drop every datagram between two QUIC endpoints; [`daemons`] runs real
+//! `ferry serve` processes and [`live`] a live migration between them (writer, fence,
+//! release, verification); [`netns`] makes network namespaces joined by veths, so daemons run
+//! as separate hosts.
 //!
 //! What it does not: assert. Scenarios in `tests/` do; helpers return errors. Nor sleep for a
 //! fixed time to let something happen: a wait names its event and fails at its deadline. The
@@ -21,6 +23,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 pub mod daemons;
+pub mod live;
 pub mod netns;
 pub mod relay;
 pub mod sim;

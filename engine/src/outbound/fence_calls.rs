@@ -10,7 +10,9 @@
 //! times; a cancelled or violated fence puts the migration back in `WalCatchUp`. `release`
 //! computes the pause and its parts ([`PauseStamps::report`]), records `Completed` durably (the
 //! point of no return), then tells the target (a connection of its own); a release the target
-//! did not confirm is told again at the next `release` call and at daemon start.
+//! did not confirm is told again in the background until it confirms (started at daemon start
+//! and by the failed release itself, one loop at a time: [`RetellGate`]), and at the next
+//! `release` call.
 //!
 //! What it does not: pause or resume writers (the coordinator does), or wait for the catch-up.
 //!
@@ -238,8 +240,11 @@ impl Outbound {
                 crate::metrics::observe_pause_us(pause.pause_duration_us);
             }
             self.tell_release(id, final_lsn).await.map_err(|e| {
+                // Told again in the background once the target is reachable (a partition that
+                // heals), not only at the next call or the next daemon start.
+                tokio::spawn(self.clone().tell_pending_releases());
                 OutboundError::Local(format!(
-                    "the release is recorded on the source (the migration is Completed), but the target could not be told: {e}; call migration.release again (a restarted daemon also tells it, in the background)"
+                    "the release is recorded on the source (the migration is Completed), but the target could not be told: {e}; it is told again in the background once reachable (or call migration.release again)"
                 ))
             })?;
         }
@@ -266,18 +271,22 @@ impl Outbound {
         Ok(ReleaseResult { final_lsn: final_lsn.0, pause_duration_us: pause.pause_duration_us, pause })
     }
 
-    /// Tells the target of every release it has not confirmed (found at daemon start), again
-    /// and again with a growing wait while it cannot be reached; returns once all are told (a
-    /// `migration.release` call or `migration.forget` meanwhile also settles one).
+    /// Tells the target of every release it has not confirmed (found at daemon start, or a
+    /// release call that could not tell it), again and again with a growing wait while it
+    /// cannot be reached; returns once all are told (a `migration.release` call or
+    /// `migration.forget` meanwhile also settles one). Returns at once if another such loop
+    /// runs: that one tells them.
     pub async fn tell_pending_releases(self: Arc<Self>) {
+        if !self.retelling.enter() {
+            return;
+        }
         let mut wait = RETELL_WAIT_MIN;
         loop {
-            let pending: Vec<(MigrationId, Lsn)> = self
-                .entries()
-                .iter()
-                .filter_map(|(id, e)| e.life.release_pending().map(|lsn| (id.clone(), lsn)))
-                .collect();
+            let pending = self.pending_releases();
             if pending.is_empty() {
+                if self.retelling.leave(|| !self.pending_releases().is_empty()) {
+                    continue;
+                }
                 return;
             }
             for (id, final_lsn) in pending {
@@ -295,6 +304,11 @@ impl Outbound {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(RETELL_WAIT_MAX);
         }
+    }
+
+    /// The released migrations whose target has not confirmed, with their `final_lsn`.
+    fn pending_releases(&self) -> Vec<(MigrationId, Lsn)> {
+        self.entries().iter().filter_map(|(id, e)| e.life.release_pending().map(|lsn| (id.clone(), lsn))).collect()
     }
 
     /// Tells the target that `id` is released, records that it knows, and drops what the
@@ -344,4 +358,47 @@ fn cutover_possible(id: &MigrationId, life: &Lifecycle, live: bool) -> Result<()
         )));
     }
     life.check_cutover().map_err(|e| refusal(id, e))
+}
+
+/// Lets one loop at a time tell targets of the releases they missed
+/// ([`Outbound::tell_pending_releases`]): one starts at daemon start, another with each release
+/// the target could not be told of; a second would only double the connections.
+#[derive(Debug, Default)]
+pub(super) struct RetellGate(std::sync::atomic::AtomicBool);
+
+impl RetellGate {
+    /// Whether the caller may run the loop (none runs).
+    fn enter(&self) -> bool {
+        !self.0.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// For the running loop, which found nothing pending: it leaves, but goes on (returns
+    /// true) when `pending` finds a release that failed meanwhile (its caller saw the gate
+    /// held and left the release to this loop) and no other loop entered since.
+    fn leave(&self, pending: impl Fn() -> bool) -> bool {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+        pending() && self.enter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RetellGate;
+
+    #[test]
+    fn one_retell_loop_at_a_time_and_none_missed_while_leaving() {
+        let gate = RetellGate::default();
+        assert!(gate.enter(), "the first loop runs");
+        assert!(!gate.enter(), "a second one while it runs does not");
+        // Nothing pending: the loop leaves, and the next failed release starts a new one.
+        assert!(!gate.leave(|| false));
+        assert!(gate.enter());
+        // A release that failed while the loop was leaving: the loop goes on, holding the gate.
+        assert!(gate.leave(|| true));
+        assert!(!gate.enter());
+        // ...unless another loop entered between its leaving and its look.
+        let raced = RetellGate::default();
+        assert!(raced.enter());
+        assert!(!raced.leave(|| raced.enter()), "the loop that entered meanwhile tells it");
+    }
 }

@@ -128,6 +128,8 @@ pub struct Outbound {
     record_lock: tokio::sync::Mutex<()>,
     /// How long a migration with work left may make no progress before its status says so.
     stall_after: Mutex<Duration>,
+    /// One loop at a time tells targets of the releases they missed.
+    retelling: fence_calls::RetellGate,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -159,6 +161,7 @@ impl Outbound {
             entries: Mutex::new(BTreeMap::new()),
             record_lock: tokio::sync::Mutex::new(()),
             stall_after: Mutex::new(stall::STALL_AFTER_DEFAULT),
+            retelling: fence_calls::RetellGate::default(),
         })
     }
 
