@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ferry_wire::frame::FrameKind;
 use ferry_wire::proto::target::{check_wal_start, wal_durable};
@@ -45,6 +46,34 @@ pub const READ_AHEAD_MAX_BYTES: usize = 16 << 20;
 pub const FRAMES_QUEUED_MAX_COUNT: usize = 1024;
 /// Groups up to this size are committed on the receiving thread (see `serve_stream`).
 const INLINE_GROUP_MAX_BYTES: usize = 16 << 10;
+
+/// A small group's commit that took at most this long lets the next one run on the worker
+/// thread itself, without `block_in_place`'s hand-off: about the cost of the hand-off (a
+/// thread wake-up, 25 to 50 us on this kind of host, `engine/src/inline.rs`). tmpfs commits
+/// take a few microseconds; a disk's fdatasync takes hundreds, and keeps the hand-off.
+const DIRECT_COMMIT_MAX: Duration = Duration::from_micros(50);
+
+/// How the last small group's commit went: whether the next runs directly on the worker.
+#[derive(Debug, Default)]
+struct SmallCommits {
+    /// The last small commit took longer than [`DIRECT_COMMIT_MAX`] (or none was timed yet).
+    slow: bool,
+    timed: bool,
+}
+
+impl SmallCommits {
+    /// Whether the next small group's commit runs on the worker thread directly: only after
+    /// a small commit that was timed, and quick. A slow one (a disk's sync, a busy device)
+    /// sends the next back to `block_in_place`, which times it again.
+    fn direct(&self) -> bool {
+        self.timed && !self.slow
+    }
+
+    fn took(&mut self, elapsed: Duration) {
+        self.timed = true;
+        self.slow = elapsed > DIRECT_COMMIT_MAX;
+    }
+}
 
 /// The staged WALs open on this node, by migration.
 #[derive(Debug, Default)]
@@ -111,6 +140,7 @@ pub async fn serve_stream(
     let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));
     let _reader = AbortOnDrop(tokio::spawn(read_frames(recv, frames_tx, budget)));
     let mut held: Option<Frame> = None;
+    let mut commits = SmallCommits::default();
     loop {
         let first = match held.take() {
             Some(frame) => frame,
@@ -121,19 +151,33 @@ pub async fn serve_stream(
             },
         };
         let (group, failed) = take_group(first, &mut frames, &mut held, GROUP_MAX_BYTES);
-        let (wal, before_group) = (wal.clone(), before_group.clone());
         let group_bytes: usize = group.iter().map(|f| f.body.len()).sum();
-        let stage = move || stage_group(&wal, &group, &*before_group);
         // A small group is a live tail's: its commit is on the path of the writer's next
         // acknowledgement and of the fence's drain, so it runs on this thread (two thread
         // wake-ups fewer). A large one is catch-up, where the blocking pool costs less CPU.
         // Frames keep being read by their own task either way.
-        let staged = if group_bytes <= INLINE_GROUP_MAX_BYTES {
-            crate::inline::run(stage).await
+        let durable = if group_bytes <= INLINE_GROUP_MAX_BYTES && commits.direct() {
+            // The last small commits were quicker than handing this worker's other tasks to
+            // another thread (tmpfs, a fast device): no hand-off at all.
+            let started = Instant::now();
+            let durable = stage_group(&wal, &group, &*before_group);
+            commits.took(started.elapsed());
+            durable?
+        } else if group_bytes <= INLINE_GROUP_MAX_BYTES {
+            let (wal, before_group) = (wal.clone(), before_group.clone());
+            let staged = crate::inline::run(move || {
+                let started = Instant::now();
+                stage_group(&wal, &group, &*before_group).map(|durable| (durable, started.elapsed()))
+            })
+            .await;
+            let (durable, took) = staged.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
+            commits.took(took);
+            durable
         } else {
-            tokio::task::spawn_blocking(stage).await
+            let (wal, before_group) = (wal.clone(), before_group.clone());
+            let staged = tokio::task::spawn_blocking(move || stage_group(&wal, &group, &*before_group)).await;
+            staged.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??
         };
-        let durable = staged.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
         on_durable(durable);
         write_control(&mut send, &wal_durable(durable)).await?;
         if let Some(e) = failed {
