@@ -8,7 +8,10 @@
 //! appends all their records through [`StagedWal`] as one batch (one fdatasync per segment
 //! file written, via the storage seam) and answers `WalDurable` once for the group. While a
 //! group is being synced the reader goes on reading, so a slow disk makes groups larger
-//! instead of making the source wait. One [`StagedWal`] per migration lives in the
+//! instead of making the source wait. A small group (a live tail's) commits on the receiving
+//! thread: with `block_in_place`, or, while its small commits take under
+//! `DIRECT_COMMIT_MAX` (tmpfs), directly, without handing the worker's other tasks to
+//! another thread; a large one on the blocking pool. One [`StagedWal`] per migration lives in the
 //! [`WalStages`] table, so a reconnecting source continues the same staged WAL.
 //!
 //! What it does not: check that the records belong to the vShard (the source selects) or
@@ -170,7 +173,8 @@ pub async fn serve_stream(
                 stage_group(&wal, &group, &*before_group).map(|durable| (durable, started.elapsed()))
             })
             .await;
-            let (durable, took) = staged.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
+            let (durable, took) =
+                staged.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
             commits.took(took);
             durable
         } else {
@@ -389,6 +393,20 @@ mod tests {
         let wal = staged_wal(&fs);
         assert_eq!(stage_group(&wal, &group, &|_| Ok(())).unwrap(), Lsn(2));
         assert_eq!(stage_group(&wal, &group2, &|_| Ok(())).unwrap(), Lsn(3));
+    }
+
+    /// Small commits run on the worker only after a timed, quick one; a slow one sends the
+    /// next back to the hand-off, which times it again.
+    #[test]
+    fn only_quick_small_commits_skip_the_hand_off() {
+        let mut commits = SmallCommits::default();
+        assert!(!commits.direct(), "the first small commit is timed under the hand-off");
+        commits.took(Duration::from_micros(5));
+        assert!(commits.direct());
+        commits.took(DIRECT_COMMIT_MAX + Duration::from_micros(1));
+        assert!(!commits.direct());
+        commits.took(DIRECT_COMMIT_MAX);
+        assert!(commits.direct());
     }
 
     /// A sync that fails fails the group: nothing is reported durable, and after the crash

@@ -352,6 +352,40 @@ mod tests {
         out
     }
 
+    /// The segment buffer keeps its length from a longer segment read before: a refresh
+    /// reads the new file from where the cursor is and reports how far it is valid, so the
+    /// stale bytes past it are never handed to the cursor.
+    #[test]
+    fn a_reused_segment_buffer_reads_only_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal-00000000000000000001.seg");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let seg = OpenSegment {
+            first_lsn: Lsn(1),
+            name: "wal-00000000000000000001.seg".into(),
+            path: path.clone(),
+            file: File::open(&path).unwrap(),
+            sealed: false,
+            reread: true,
+        };
+        let mut bytes = vec![0xee; 64];
+        assert_eq!(refresh(&seg, &mut bytes, 0, 0).unwrap(), 10);
+        assert_eq!(bytes.len(), 64, "the buffer is not cut or zeroed again");
+        assert_eq!(&bytes[..10], b"0123456789");
+        // The file grows: only what follows the cursor's offset is read again.
+        std::fs::write(&path, b"0123456789abcdef").unwrap();
+        bytes[..4].copy_from_slice(b"XXXX");
+        assert_eq!(refresh(&seg, &mut bytes, 10, 4).unwrap(), 16);
+        assert_eq!(&bytes[..16], b"XXXX456789abcdef");
+        // A file longer than the buffer grows it; a file shorter than the cursor's offset
+        // leaves the cursor's bytes as they were (the cursor reports the truncation).
+        std::fs::write(&path, vec![b'z'; 100]).unwrap();
+        assert_eq!(refresh(&seg, &mut bytes, 16, 16).unwrap(), 100);
+        assert_eq!(bytes.len(), 100);
+        std::fs::write(&path, b"short").unwrap();
+        assert_eq!(refresh(&seg, &mut bytes, 100, 50).unwrap(), 50);
+    }
+
     /// A first record larger than the probe prefix is read by its header's length; a torn
     /// one, garbage or an empty file is not a first record.
     #[test]
