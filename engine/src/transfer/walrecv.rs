@@ -9,7 +9,7 @@
 //! file written, via the storage seam) and answers `WalDurable` once for the group. While a
 //! group is being synced the reader goes on reading, so a slow disk makes groups larger
 //! instead of making the source wait. A small group (a live tail's) commits on the receiving
-//! thread: with `block_in_place`, or, while its small commits take under
+//! thread: with `block_in_place`, or, after a run of small commits that each took under
 //! `DIRECT_COMMIT_MAX` (tmpfs), directly, without handing the worker's other tasks to
 //! another thread; a large one on the blocking pool. One [`StagedWal`] per migration lives in the
 //! [`WalStages`] table, so a reconnecting source continues the same staged WAL.
@@ -50,31 +50,33 @@ pub const FRAMES_QUEUED_MAX_COUNT: usize = 1024;
 /// Groups up to this size are committed on the receiving thread (see `serve_stream`).
 const INLINE_GROUP_MAX_BYTES: usize = 16 << 10;
 
-/// A small group's commit that took at most this long lets the next one run on the worker
-/// thread itself, without `block_in_place`'s hand-off: about the cost of the hand-off (a
-/// thread wake-up, 25 to 50 us on this kind of host, `engine/src/inline.rs`). tmpfs commits
-/// take a few microseconds; a disk's fdatasync takes hundreds, and keeps the hand-off.
-const DIRECT_COMMIT_MAX: Duration = Duration::from_micros(50);
+/// A small group's commit that took at most this long counts as quick: tmpfs commits take a
+/// few microseconds, a disk's fdatasync tens to hundreds (a device with a write cache can
+/// answer in tens now and then, so one quick commit proves nothing).
+const DIRECT_COMMIT_MAX: Duration = Duration::from_micros(20);
+/// Quick small commits in a row after which the next runs on the worker thread itself,
+/// without `block_in_place`'s hand-off (a thread wake-up, 25 to 50 us on this kind of host,
+/// `engine/src/inline.rs`). One slow commit starts the count again.
+const DIRECT_AFTER_QUICK_COUNT: u32 = 16;
 
-/// How the last small group's commit went: whether the next runs directly on the worker.
+/// How the last small groups' commits went: whether the next runs directly on the worker.
 #[derive(Debug, Default)]
 struct SmallCommits {
-    /// The last small commit took longer than [`DIRECT_COMMIT_MAX`] (or none was timed yet).
-    slow: bool,
-    timed: bool,
+    /// Quick small commits in a row, up to [`DIRECT_AFTER_QUICK_COUNT`].
+    quick_in_a_row: u32,
 }
 
 impl SmallCommits {
     /// Whether the next small group's commit runs on the worker thread directly: only after
-    /// a small commit that was timed, and quick. A slow one (a disk's sync, a busy device)
-    /// sends the next back to `block_in_place`, which times it again.
+    /// [`DIRECT_AFTER_QUICK_COUNT`] quick ones in a row. A slow one (a disk's sync, a busy
+    /// device) sends the next back to `block_in_place`.
     fn direct(&self) -> bool {
-        self.timed && !self.slow
+        self.quick_in_a_row >= DIRECT_AFTER_QUICK_COUNT
     }
 
     fn took(&mut self, elapsed: Duration) {
-        self.timed = true;
-        self.slow = elapsed > DIRECT_COMMIT_MAX;
+        self.quick_in_a_row =
+            if elapsed <= DIRECT_COMMIT_MAX { (self.quick_in_a_row + 1).min(DIRECT_AFTER_QUICK_COUNT) } else { 0 };
     }
 }
 
@@ -395,18 +397,22 @@ mod tests {
         assert_eq!(stage_group(&wal, &group2, &|_| Ok(())).unwrap(), Lsn(3));
     }
 
-    /// Small commits run on the worker only after a timed, quick one; a slow one sends the
-    /// next back to the hand-off, which times it again.
+    /// Small commits run on the worker only after a run of quick ones; one slow commit sends
+    /// the next back to the hand-off and starts the count again.
     #[test]
-    fn only_quick_small_commits_skip_the_hand_off() {
+    fn only_a_run_of_quick_small_commits_skips_the_hand_off() {
         let mut commits = SmallCommits::default();
-        assert!(!commits.direct(), "the first small commit is timed under the hand-off");
-        commits.took(Duration::from_micros(5));
-        assert!(commits.direct());
-        commits.took(DIRECT_COMMIT_MAX + Duration::from_micros(1));
+        assert!(!commits.direct(), "the first small commits are timed under the hand-off");
+        for _ in 1..DIRECT_AFTER_QUICK_COUNT {
+            commits.took(Duration::from_micros(5));
+        }
         assert!(!commits.direct());
         commits.took(DIRECT_COMMIT_MAX);
         assert!(commits.direct());
+        commits.took(DIRECT_COMMIT_MAX + Duration::from_micros(1));
+        assert!(!commits.direct());
+        commits.took(Duration::from_micros(5));
+        assert!(!commits.direct());
     }
 
     /// A sync that fails fails the group: nothing is reported durable, and after the crash
