@@ -8,7 +8,10 @@
 //! appends all their records through [`StagedWal`] as one batch (one fdatasync per segment
 //! file written, via the storage seam) and answers `WalDurable` once for the group. While a
 //! group is being synced the reader goes on reading, so a slow disk makes groups larger
-//! instead of making the source wait. One [`StagedWal`] per migration lives in the
+//! instead of making the source wait. A small group (a live tail's) commits on the receiving
+//! thread: with `block_in_place`, or, after a run of small commits that each took under
+//! `DIRECT_COMMIT_MAX` (tmpfs), directly, without handing the worker's other tasks to
+//! another thread; a large one on the blocking pool. One [`StagedWal`] per migration lives in the
 //! [`WalStages`] table, so a reconnecting source continues the same staged WAL.
 //!
 //! What it does not: check that the records belong to the vShard (the source selects) or
@@ -21,6 +24,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ferry_wire::frame::FrameKind;
 use ferry_wire::proto::target::{check_wal_start, wal_durable};
@@ -45,6 +49,36 @@ pub const READ_AHEAD_MAX_BYTES: usize = 16 << 20;
 pub const FRAMES_QUEUED_MAX_COUNT: usize = 1024;
 /// Groups up to this size are committed on the receiving thread (see `serve_stream`).
 const INLINE_GROUP_MAX_BYTES: usize = 16 << 10;
+
+/// A small group's commit that took at most this long counts as quick: tmpfs commits take a
+/// few microseconds, a disk's fdatasync tens to hundreds (a device with a write cache can
+/// answer in tens now and then, so one quick commit proves nothing).
+const DIRECT_COMMIT_MAX: Duration = Duration::from_micros(20);
+/// Quick small commits in a row after which the next runs on the worker thread itself,
+/// without `block_in_place`'s hand-off (a thread wake-up, 25 to 50 us on this kind of host,
+/// `engine/src/inline.rs`). One slow commit starts the count again.
+const DIRECT_AFTER_QUICK_COUNT: u32 = 16;
+
+/// How the last small groups' commits went: whether the next runs directly on the worker.
+#[derive(Debug, Default)]
+struct SmallCommits {
+    /// Quick small commits in a row, up to [`DIRECT_AFTER_QUICK_COUNT`].
+    quick_in_a_row: u32,
+}
+
+impl SmallCommits {
+    /// Whether the next small group's commit runs on the worker thread directly: only after
+    /// [`DIRECT_AFTER_QUICK_COUNT`] quick ones in a row. A slow one (a disk's sync, a busy
+    /// device) sends the next back to `block_in_place`.
+    fn direct(&self) -> bool {
+        self.quick_in_a_row >= DIRECT_AFTER_QUICK_COUNT
+    }
+
+    fn took(&mut self, elapsed: Duration) {
+        self.quick_in_a_row =
+            if elapsed <= DIRECT_COMMIT_MAX { (self.quick_in_a_row + 1).min(DIRECT_AFTER_QUICK_COUNT) } else { 0 };
+    }
+}
 
 /// The staged WALs open on this node, by migration.
 #[derive(Debug, Default)]
@@ -111,6 +145,7 @@ pub async fn serve_stream(
     let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));
     let _reader = AbortOnDrop(tokio::spawn(read_frames(recv, frames_tx, budget)));
     let mut held: Option<Frame> = None;
+    let mut commits = SmallCommits::default();
     loop {
         let first = match held.take() {
             Some(frame) => frame,
@@ -121,19 +156,34 @@ pub async fn serve_stream(
             },
         };
         let (group, failed) = take_group(first, &mut frames, &mut held, GROUP_MAX_BYTES);
-        let (wal, before_group) = (wal.clone(), before_group.clone());
         let group_bytes: usize = group.iter().map(|f| f.body.len()).sum();
-        let stage = move || stage_group(&wal, &group, &*before_group);
         // A small group is a live tail's: its commit is on the path of the writer's next
         // acknowledgement and of the fence's drain, so it runs on this thread (two thread
         // wake-ups fewer). A large one is catch-up, where the blocking pool costs less CPU.
         // Frames keep being read by their own task either way.
-        let staged = if group_bytes <= INLINE_GROUP_MAX_BYTES {
-            crate::inline::run(stage).await
+        let durable = if group_bytes <= INLINE_GROUP_MAX_BYTES && commits.direct() {
+            // The last small commits were quicker than handing this worker's other tasks to
+            // another thread (tmpfs, a fast device): no hand-off at all.
+            let started = Instant::now();
+            let durable = stage_group(&wal, &group, &*before_group);
+            commits.took(started.elapsed());
+            durable?
+        } else if group_bytes <= INLINE_GROUP_MAX_BYTES {
+            let (wal, before_group) = (wal.clone(), before_group.clone());
+            let staged = crate::inline::run(move || {
+                let started = Instant::now();
+                stage_group(&wal, &group, &*before_group).map(|durable| (durable, started.elapsed()))
+            })
+            .await;
+            let (durable, took) =
+                staged.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
+            commits.took(took);
+            durable
         } else {
-            tokio::task::spawn_blocking(stage).await
+            let (wal, before_group) = (wal.clone(), before_group.clone());
+            let staged = tokio::task::spawn_blocking(move || stage_group(&wal, &group, &*before_group)).await;
+            staged.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??
         };
-        let durable = staged.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")))??;
         on_durable(durable);
         write_control(&mut send, &wal_durable(durable)).await?;
         if let Some(e) = failed {
@@ -345,6 +395,24 @@ mod tests {
         let wal = staged_wal(&fs);
         assert_eq!(stage_group(&wal, &group, &|_| Ok(())).unwrap(), Lsn(2));
         assert_eq!(stage_group(&wal, &group2, &|_| Ok(())).unwrap(), Lsn(3));
+    }
+
+    /// Small commits run on the worker only after a run of quick ones; one slow commit sends
+    /// the next back to the hand-off and starts the count again.
+    #[test]
+    fn only_a_run_of_quick_small_commits_skips_the_hand_off() {
+        let mut commits = SmallCommits::default();
+        assert!(!commits.direct(), "the first small commits are timed under the hand-off");
+        for _ in 1..DIRECT_AFTER_QUICK_COUNT {
+            commits.took(Duration::from_micros(5));
+        }
+        assert!(!commits.direct());
+        commits.took(DIRECT_COMMIT_MAX);
+        assert!(commits.direct());
+        commits.took(DIRECT_COMMIT_MAX + Duration::from_micros(1));
+        assert!(!commits.direct());
+        commits.took(Duration::from_micros(5));
+        assert!(!commits.direct());
     }
 
     /// A sync that fails fails the group: nothing is reported durable, and after the crash

@@ -115,8 +115,10 @@ pub struct FolderTail {
     start_lsn: Option<Lsn>,
     cursor: Cursor,
     current: Option<OpenSegment>,
-    /// The open segment's bytes from offset 0, as far as read; reused across segments.
+    /// The open segment's bytes from offset 0 in `bytes[..filled_bytes]`; reused across
+    /// segments. Bytes past `filled_bytes` are left over from an earlier read (never looked at).
     bytes: Vec<u8>,
+    filled_bytes: usize,
     /// The first record of a newer segment, for the sealing test; reused.
     probe: Vec<u8>,
 }
@@ -130,6 +132,7 @@ impl FolderTail {
             cursor: Cursor::new(config, start_lsn)?,
             current: None,
             bytes: Vec::new(),
+            filled_bytes: 0,
             probe: Vec::new(),
         })
     }
@@ -163,7 +166,7 @@ impl FolderTail {
             header: record.header,
             segment: seg.name.as_str(),
             offset_bytes: record.offset_bytes as u64,
-            bytes: self.bytes.get(record.record_range()).unwrap_or(&[]),
+            bytes: self.bytes.get(..self.filled_bytes).and_then(|b| b.get(record.record_range())).unwrap_or(&[]),
             preamble: self.cursor.preamble(),
         }))
     }
@@ -182,10 +185,11 @@ impl FolderTail {
             }
             let Some(seg) = self.current.as_mut() else { return Ok(None) };
             if seg.reread {
-                refresh(seg, &mut self.bytes, self.cursor.offset_bytes())?;
+                self.filled_bytes = refresh(seg, &mut self.bytes, self.filled_bytes, self.cursor.offset_bytes())?;
                 seg.reread = false;
             }
-            match self.cursor.poll(&self.bytes, seg.sealed)? {
+            let filled = self.bytes.get(..self.filled_bytes).unwrap_or(&[]);
+            match self.cursor.poll(filled, seg.sealed)? {
                 Step::Record(record) => return Ok(Some(record)),
                 Step::Wait { .. } => {
                     seg.reread = true;
@@ -216,15 +220,17 @@ impl FolderTail {
         let path = self.dir.join(&name);
         let file = File::open(&path).map_err(|source| TailError::Io { path: path.clone(), cause: source })?;
         self.cursor.open_segment(first_lsn)?;
-        self.bytes.clear();
+        self.filled_bytes = 0;
         self.current = Some(OpenSegment { first_lsn, name, path, file, sealed: false, reread: true });
         Ok(())
     }
 }
 
 /// Re-reads the segment from `from_bytes` (the cursor's offset) to the end of the file into
-/// `bytes` (the segment from offset 0).
-fn refresh(seg: &OpenSegment, bytes: &mut Vec<u8>, from_bytes: u64) -> Result<(), TailError> {
+/// `bytes` (the segment from offset 0, valid up to `filled_bytes`); returns the new valid
+/// length. `bytes` only grows (zero-filled past its old length): its length is a high-water
+/// mark over the segments read, at most [`SEGMENT_LEN_MAX_BYTES`].
+fn refresh(seg: &OpenSegment, bytes: &mut Vec<u8>, filled_bytes: usize, from_bytes: u64) -> Result<usize, TailError> {
     let io_err = |source| TailError::Io { path: seg.path.clone(), cause: source };
     let len_bytes = seg.file.metadata().map_err(io_err)?.len();
     if len_bytes > SEGMENT_LEN_MAX_BYTES {
@@ -232,29 +238,35 @@ fn refresh(seg: &OpenSegment, bytes: &mut Vec<u8>, from_bytes: u64) -> Result<()
     }
     // Both are at most SEGMENT_LEN_MAX_BYTES (1 GiB): they fit a usize.
     let len = usize::try_from(len_bytes).unwrap_or(usize::MAX);
-    let from = usize::try_from(from_bytes).unwrap_or(usize::MAX).min(bytes.len());
-    bytes.truncate(from);
+    let from = usize::try_from(from_bytes).unwrap_or(usize::MAX).min(filled_bytes);
     if len <= from {
-        return Ok(());
+        return Ok(from);
     }
-    let done = read_into(&seg.file, bytes, from, len).map_err(io_err)?;
-    bytes.truncate(done);
-    Ok(())
+    if bytes.len() < len {
+        bytes.resize(len, 0);
+    }
+    read_into(&seg.file, bytes.get_mut(..len).unwrap_or(&mut []), from).map_err(io_err)
 }
 
-/// Preads `file[from..len]` into `bytes[from..len]` (growing it to `len`); returns how far
-/// the file really went (it may be shorter than its size said a moment ago).
-fn read_into(file: &File, bytes: &mut Vec<u8>, from: usize, len: usize) -> io::Result<usize> {
-    bytes.resize(len, 0);
+/// Preads `file[from..buf.len()]` into `buf[from..]`; returns how far the file really went
+/// (it may be shorter than its size said a moment ago).
+fn read_into(file: &File, buf: &mut [u8], from: usize) -> io::Result<usize> {
     let mut done = from;
-    while done < len {
-        let buf = bytes.get_mut(done..len).unwrap_or(&mut []);
-        let n = file.read_at(buf, done as u64)?;
+    while let Some(rest) = buf.get_mut(done..).filter(|rest| !rest.is_empty()) {
+        let n = file.read_at(rest, done as u64)?;
         if n == 0 {
             break;
         }
         done += n;
     }
+    Ok(done)
+}
+
+/// [`read_into`] for a buffer that grows to `len` first and is cut to what was read.
+fn read_into_vec(file: &File, bytes: &mut Vec<u8>, from: usize, len: usize) -> io::Result<usize> {
+    bytes.resize(len, 0);
+    let done = read_into(file, bytes, from)?;
+    bytes.truncate(done);
     Ok(done)
 }
 
@@ -279,8 +291,7 @@ fn has_first_record(path: &Path, probe: &mut Vec<u8>) -> Result<bool, TailError>
     // At most SEGMENT_LEN_MAX_BYTES (1 GiB): fits a usize.
     let len = usize::try_from(len_bytes).unwrap_or(usize::MAX);
     probe.clear();
-    let done = read_into(&file, probe, 0, len.min(FIRST_RECORD_PROBE_BYTES)).map_err(io_err)?;
-    probe.truncate(done);
+    read_into_vec(&file, probe, 0, len.min(FIRST_RECORD_PROBE_BYTES)).map_err(io_err)?;
     if first_record(probe).is_some() {
         return Ok(true);
     }
@@ -289,8 +300,7 @@ fn has_first_record(path: &Path, probe: &mut Vec<u8>) -> Result<bool, TailError>
     match first_record_len_bytes(probe).map(|need| need.min(len)) {
         Some(need) if need > probe.len() => {
             let have = probe.len();
-            let done = read_into(&file, probe, have, need).map_err(io_err)?;
-            probe.truncate(done);
+            read_into_vec(&file, probe, have, need).map_err(io_err)?;
             Ok(first_record(probe).is_some())
         }
         _ => Ok(false),
@@ -340,6 +350,40 @@ mod tests {
         let mut out = Vec::new();
         encode_record(&header, &vec![0x5a; payload_len], &mut out).unwrap();
         out
+    }
+
+    /// The segment buffer keeps its length from a longer segment read before: a refresh
+    /// reads the new file from where the cursor is and reports how far it is valid, so the
+    /// stale bytes past it are never handed to the cursor.
+    #[test]
+    fn a_reused_segment_buffer_reads_only_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal-00000000000000000001.seg");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let seg = OpenSegment {
+            first_lsn: Lsn(1),
+            name: "wal-00000000000000000001.seg".into(),
+            path: path.clone(),
+            file: File::open(&path).unwrap(),
+            sealed: false,
+            reread: true,
+        };
+        let mut bytes = vec![0xee; 64];
+        assert_eq!(refresh(&seg, &mut bytes, 0, 0).unwrap(), 10);
+        assert_eq!(bytes.len(), 64, "the buffer is not cut or zeroed again");
+        assert_eq!(&bytes[..10], b"0123456789");
+        // The file grows: only what follows the cursor's offset is read again.
+        std::fs::write(&path, b"0123456789abcdef").unwrap();
+        bytes[..4].copy_from_slice(b"XXXX");
+        assert_eq!(refresh(&seg, &mut bytes, 10, 4).unwrap(), 16);
+        assert_eq!(&bytes[..16], b"XXXX456789abcdef");
+        // A file longer than the buffer grows it; a file shorter than the cursor's offset
+        // leaves the cursor's bytes as they were (the cursor reports the truncation).
+        std::fs::write(&path, vec![b'z'; 100]).unwrap();
+        assert_eq!(refresh(&seg, &mut bytes, 16, 16).unwrap(), 100);
+        assert_eq!(bytes.len(), 100);
+        std::fs::write(&path, b"short").unwrap();
+        assert_eq!(refresh(&seg, &mut bytes, 100, 50).unwrap(), 50);
     }
 
     /// A first record larger than the probe prefix is read by its header's length; a torn

@@ -554,16 +554,13 @@ fn probe(bytes: &[u8], offset: usize, layouts: &[Layout]) -> Probe {
 }
 
 /// Whether `rest` could be (the start of) a record: the bytes that are there agree with the
-/// magic, the version and the payload limit.
+/// magic, the version and the payload limit. Compared byte by byte on fixed arrays (the
+/// tail calls it for every record; a slice comparison is a `memcmp` call).
 fn plausible_prefix(rest: &[u8]) -> bool {
-    let magic = MAGIC.to_le_bytes();
-    let n = rest.len().min(4);
-    if rest.get(..n) != magic.get(..n) {
-        return false;
-    }
-    let version = FORMAT_VERSION.to_le_bytes();
-    let n = rest.len().min(6);
-    if n > 4 && rest.get(4..n) != version.get(..n - 4) {
+    let mut expected = [0u8; 6];
+    expected[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    expected[4..].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    if rest.iter().zip(expected.iter()).any(|(got, want)| got != want) {
         return false;
     }
     if let Some(len) = rest.get(30..34) {

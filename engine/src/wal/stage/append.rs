@@ -9,19 +9,26 @@
 //! moves only after every sync of the batch returned; a failed write or sync poisons the
 //! value (module docs of `stage`).
 
+use std::io::IoSlice;
 use std::sync::Arc;
 
 use ferry_wire::wal::{check_record, segment_name, FormatError, Layout, Preamble, RecordHeader, PREAMBLE_LEN_BYTES};
 use ferry_wire::{crc32c_append, Lsn};
 
 use super::{io_err, Place, Segment, StageError, StagedRecord, StagedWal, WRITE_COALESCE_MAX_BYTES, ZEROS_PIECE_BYTES};
+
+/// Most slices gathered for one vectored write (the storage splits them by `IOV_MAX` anyway;
+/// this bounds the list a batch of many small records builds).
+const IOV_PENDING_MAX_COUNT: usize = 8192;
 use crate::storage::StorageFile;
 
-/// Bytes gathered for one write call at `start` of the open segment.
+/// Bytes gathered for one write call at `start` of the open segment: slices of the caller's
+/// records (and of their preambles), written with one vectored write, never copied here.
 #[derive(Debug, Default)]
-struct Pending {
+struct Pending<'a> {
     start: u64,
-    bytes: Vec<u8>,
+    slices: Vec<IoSlice<'a>>,
+    len_bytes: usize,
 }
 
 impl StagedWal {
@@ -38,7 +45,11 @@ impl StagedWal {
         self.failed = true;
         let mut touched: Vec<(String, Arc<dyn StorageFile>)> = Vec::new();
         let mut created = false;
-        let mut pending = Pending { start: self.segments.last().map_or(0, |s| s.len_bytes), bytes: Vec::new() };
+        let mut pending = Pending {
+            start: self.segments.last().map_or(0, |s| s.len_bytes),
+            slices: Vec::with_capacity(records.len().saturating_add(1).min(IOV_PENDING_MAX_COUNT)),
+            len_bytes: 0,
+        };
         for (record, layout) in records.iter().zip(layouts) {
             let len_bytes = record.bytes.len() as u64;
             match self.place(record.lsn, len_bytes, record.source_preamble, layout) {
@@ -69,8 +80,8 @@ impl StagedWal {
                         records_count: 0,
                     });
                     pending.start = 0;
-                    if let Some(preamble) = record.source_preamble {
-                        self.stage_bytes(&mut pending, &preamble)?;
+                    if let Some(preamble) = record.source_preamble.as_ref() {
+                        self.stage_bytes(&mut pending, preamble)?;
                     }
                 }
                 Place::Append => {
@@ -160,18 +171,16 @@ impl StagedWal {
         }
     }
 
-    /// Adds `bytes` to the open segment: gathered in `pending`, or written straight away when
-    /// large.
-    fn stage_bytes(&mut self, pending: &mut Pending, bytes: &[u8]) -> Result<(), StageError> {
-        if pending.bytes.len().saturating_add(bytes.len()) > WRITE_COALESCE_MAX_BYTES {
+    /// Adds `bytes` to the open segment: gathered in `pending` (by reference), written once
+    /// `pending` holds [`WRITE_COALESCE_MAX_BYTES`] or [`IOV_PENDING_MAX_COUNT`] slices.
+    fn stage_bytes<'a>(&mut self, pending: &mut Pending<'a>, bytes: &'a [u8]) -> Result<(), StageError> {
+        if pending.len_bytes.saturating_add(bytes.len()) > WRITE_COALESCE_MAX_BYTES
+            || pending.slices.len() >= IOV_PENDING_MAX_COUNT
+        {
             self.write_pending(pending)?;
         }
-        if bytes.len() >= WRITE_COALESCE_MAX_BYTES {
-            self.write_at(bytes, pending.start)?;
-            pending.start = pending.start.saturating_add(bytes.len() as u64);
-        } else {
-            pending.bytes.extend_from_slice(bytes);
-        }
+        pending.slices.push(IoSlice::new(bytes));
+        pending.len_bytes = pending.len_bytes.saturating_add(bytes.len());
         if let Some(seg) = self.segments.last_mut() {
             seg.len_bytes = seg.len_bytes.saturating_add(bytes.len() as u64);
             seg.crc32c = crc32c_append(seg.crc32c, bytes);
@@ -222,22 +231,19 @@ impl StagedWal {
         Ok(())
     }
 
-    fn write_pending(&mut self, pending: &mut Pending) -> Result<(), StageError> {
-        if pending.bytes.is_empty() {
+    fn write_pending(&mut self, pending: &mut Pending<'_>) -> Result<(), StageError> {
+        if pending.slices.is_empty() {
             return Ok(());
         }
-        self.write_at(&pending.bytes, pending.start)?;
-        pending.start = pending.start.saturating_add(pending.bytes.len() as u64);
-        pending.bytes.clear();
-        Ok(())
-    }
-
-    fn write_at(&self, bytes: &[u8], offset_bytes: u64) -> Result<(), StageError> {
         let (Some(seg), Some(file)) = (self.segments.last(), self.open_file.as_ref()) else {
             return Err(StageError::Misuse("write without an open segment"));
         };
         let path = self.dir.join(&seg.name);
-        file.write_at(bytes, offset_bytes).map_err(io_err("write", &path))
+        file.write_all_vectored_at(&pending.slices, pending.start).map_err(io_err("write", &path))?;
+        pending.start = pending.start.saturating_add(pending.len_bytes as u64);
+        pending.slices.clear();
+        pending.len_bytes = 0;
+        Ok(())
     }
 }
 

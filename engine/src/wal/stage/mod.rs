@@ -62,7 +62,8 @@
 //!
 //! Invariants: the staged folder always reads back in staged mode; LSNs on disk strictly
 //! increase and are all above `base_lsn`; the returned durable LSN is on disk under a durable
-//! name; memory held per batch is at most [`WRITE_COALESCE_MAX_BYTES`] beyond the records.
+//! name; memory held per batch beyond the records is a list of slices into them (one
+//! vectored write per [`WRITE_COALESCE_MAX_BYTES`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -79,8 +80,8 @@ mod recovery;
 #[cfg(test)]
 mod tests;
 
-/// Most bytes gathered in memory before one write call; a record at least this large is
-/// written straight from the caller's buffer.
+/// Most record bytes gathered for one vectored write call. Records are gathered by
+/// reference (slices of the caller's buffers, the frame bodies they arrived in), never copied.
 pub const WRITE_COALESCE_MAX_BYTES: usize = 4 << 20;
 
 /// How a staged WAL is laid out.
