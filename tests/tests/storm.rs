@@ -41,7 +41,8 @@ fn env_u64(var: &str, default: u64) -> u64 {
 /// Migration `k`: from node k/2 to its next (k even) or previous (k odd) node on the ring.
 fn ends(k: usize) -> (usize, usize) {
     let source = k / 2;
-    let target = if k % 2 == 0 { (source + 1) % NODES_COUNT } else { (source + NODES_COUNT - 1) % NODES_COUNT };
+    let target =
+        if k.is_multiple_of(2) { (source + 1) % NODES_COUNT } else { (source + NODES_COUNT - 1) % NODES_COUNT };
     (source, target)
 }
 
