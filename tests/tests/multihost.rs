@@ -347,7 +347,7 @@ fn link_cuts_at_random_offsets_resend_at_most_one_chunk_per_stream_each() {
     let sent = s.counter(0, "ferry_bytes_sent_total");
     let received = s.counter(1, "ferry_bytes_received_total");
     // Sent counts what went into connections that then died (up to a flow-control window a
-    // cut): printed, not bounded. What the target received is what DESIGN bounds.
+    // cut): printed, not bounded. What the target received is what DESIGN section 8 bounds.
     println!("{sent} chunk bytes sent, {received} received, for {total_bytes}; bound {bound} over it");
     assert!(resent <= bound, "resent {resent} bytes over {cuts_count} cuts, bound {bound}");
     // The same bound on what the target daemon really received (its own counter, read apart
