@@ -48,7 +48,7 @@ fn partitioned_scene(id: &str) -> (Cluster, tokio::runtime::Runtime, Relay, Live
     let c = cluster("", "", &[]);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let relay = runtime.block_on(Relay::start(c.target.addr.parse().unwrap())).unwrap();
-    let mut rng = Rng(seed("FERRY_PARTITIONS_SEED", "partitions"));
+    let mut rng = Rng::new(seed("FERRY_PARTITIONS_SEED", "partitions"));
     let options =
         LiveOptions { budget_us: BUDGET_US, writes_per_sec: 1_000 + rng.below(3_000), ..LiveOptions::default() };
     eprintln!("{id}: {options:?}");

@@ -240,7 +240,7 @@ fn randomized_rounds() {
     if rounds == 0 {
         return;
     }
-    let mut rng = Rng(seed("FERRY_PHASE_KILLS_SEED", "phase_kills -- randomized_rounds"));
+    let mut rng = Rng::new(seed("FERRY_PHASE_KILLS_SEED", "phase_kills -- randomized_rounds"));
     for round in 0..rounds {
         let daemon = if rng.below(2) == 0 { Daemon::Source } else { Daemon::Target };
         let boundary = BOUNDARIES[rng.below(BOUNDARIES.len() as u64) as usize];

@@ -51,7 +51,7 @@ fn eight_concurrent_live_migrations_in_both_directions_under_a_node_rate_limit_a
     let base_bytes = env_u64("FERRY_STORM_BASE_MIB", 12) << 20;
     let rate_bytes_per_sec = env_u64("FERRY_STORM_RATE_MIB", 4) << 20;
     let writes_per_sec = env_u64("FERRY_STORM_WRITES", 1_000);
-    let mut rng = Rng(seed("FERRY_STORM_SEED", "storm"));
+    let mut rng = Rng::new(seed("FERRY_STORM_SEED", "storm"));
     eprintln!("{MIGRATIONS_COUNT} migrations of {base_bytes} bytes, {rate_bytes_per_sec} bytes/s per node");
 
     let dir = tempfile::tempdir().unwrap();
