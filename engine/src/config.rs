@@ -57,6 +57,10 @@ pub struct NodeConfig {
     /// A migration with work left that makes no progress for this many seconds is flagged
     /// stalled (`no_progress_for_s`, a `stalled` event, `ferry_migrations_stalled`); 0: never.
     pub stall_after_secs: u64,
+    /// A peer heard nothing from for this long is taken as gone: its connections close and an
+    /// outbound migration reconnects. A keep-alive goes out every fifth of it. The smaller of
+    /// both ends' values governs a connection.
+    pub quic_idle_timeout_ms: u32,
     /// Refuse an inbound migration whose base does not fit in the data folder's free space.
     pub check_free_space: bool,
     /// Serve Prometheus metrics on this address (`GET /metrics`); none: no metrics endpoint.
@@ -103,6 +107,7 @@ impl Default for NodeConfig {
             abort_timeout_secs: 3600,
             retry_deadline_secs: ferry_wire::retry::RETRY_DEADLINE_DEFAULT_MS / 1000,
             stall_after_secs: crate::outbound::stall::STALL_AFTER_DEFAULT.as_secs(),
+            quic_idle_timeout_ms: crate::quic::IDLE_TIMEOUT_DEFAULT_MS,
             check_free_space: true,
             metrics_addr: None,
             log_format: LogFormatSetting::Text,
@@ -173,6 +178,15 @@ impl NodeConfig {
         for peer in &self.allowed_peers {
             NodeId::new(peer.clone()).map_err(|e| invalid(format!("allowed_peers: {e}")))?;
         }
+        let idle_range = crate::quic::IDLE_TIMEOUT_MIN_MS..=crate::quic::IDLE_TIMEOUT_MAX_MS;
+        if !idle_range.contains(&self.quic_idle_timeout_ms) {
+            return Err(invalid(format!(
+                "quic_idle_timeout_ms = {} is outside {}..={} (milliseconds)",
+                self.quic_idle_timeout_ms,
+                idle_range.start(),
+                idle_range.end()
+            )));
+        }
         Ok(())
     }
 
@@ -213,6 +227,11 @@ impl NodeConfig {
              retry_deadline_secs = {}\n\
              # A migration with work left and no progress for this long is flagged stalled (0: never).\n\
              stall_after_secs = {}\n\
+             # A peer heard nothing from for this long (milliseconds) is taken as gone: its connections close\n\
+             # and outbound migrations reconnect. A keep-alive goes out every fifth of it. Both ends' smaller\n\
+             # value governs a connection. Lower detects a cut link sooner; too low closes connections of a\n\
+             # node stalled by load.\n\
+             quic_idle_timeout_ms = {}\n\
              # Refuse an inbound migration whose base does not fit in the data folder's free space.\n\
              check_free_space = {}\n\
              # Serve Prometheus metrics on this address (GET /metrics); unset: no metrics endpoint.\n\
@@ -239,6 +258,7 @@ impl NodeConfig {
             d.abort_timeout_secs,
             d.retry_deadline_secs,
             d.stall_after_secs,
+            d.quic_idle_timeout_ms,
             d.check_free_space,
             d.rdma_port,
             d.rdma_gid_index,
@@ -272,10 +292,22 @@ mod tests {
             ("[[[", "valid"),
             ("log_format = \"xml\"", "log_format"),
             ("transport = \"tcp\"", "transport"),
+            ("quic_idle_timeout_ms = 100", "quic_idle_timeout_ms = 100 is outside 200..=600000"),
+            ("quic_idle_timeout_ms = 600001", "quic_idle_timeout_ms"),
+            ("quic_idle_timeout_ms = -1", "quic_idle_timeout_ms"),
         ] {
             let err = NodeConfig::parse(text, Path::new("n.toml")).unwrap_err().to_string();
             assert!(err.contains(needle) && err.contains("n.toml"), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn the_idle_timeout_sets_a_keep_alive_at_a_fifth_of_it() {
+        let config = NodeConfig::parse("quic_idle_timeout_ms = 1000\n", Path::new("n.toml")).unwrap();
+        let tuning = crate::quic::QuicTuning::with_idle_timeout_ms(config.quic_idle_timeout_ms);
+        assert_eq!((tuning.idle_timeout_ms, tuning.keep_alive_ms), (1000, 200));
+        let default = crate::quic::QuicTuning::default();
+        assert_eq!((default.idle_timeout_ms, default.keep_alive_ms), (5000, 1000));
     }
 
     #[test]

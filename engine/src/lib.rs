@@ -21,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod failpoint;
 pub mod inline;
 pub mod metrics;
 pub mod node;

@@ -71,8 +71,12 @@ impl RunningNode {
         let crypto = crate::tls::server_crypto(&identity, &allowed)?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data folder {}", config.data_dir.display()))?;
-        let endpoint = crate::quic::server_endpoint(config.listen, crypto, &QuicTuning::default())
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let endpoint = crate::quic::server_endpoint(
+            config.listen,
+            crypto,
+            &QuicTuning::with_idle_timeout_ms(config.quic_idle_timeout_ms),
+        )
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
         let quic_addr = endpoint.local_addr()?;
         let chunk_transport = crate::transfer::rdma::attach::for_node(&transport, &config.rdma_settings());
         let ctx = Arc::new(
@@ -165,7 +169,7 @@ fn outbound_config(config: &NodeConfig) -> OutboundConfig {
         global_rate_limit_bytes_per_sec: config.rate_limit_bytes_per_sec,
         max_held_wal_bytes: config.max_held_wal_bytes,
         abort_timeout: Duration::from_secs(config.abort_timeout_secs),
-        tuning: QuicTuning::default(),
+        tuning: QuicTuning::with_idle_timeout_ms(config.quic_idle_timeout_ms),
         retry: ferry_wire::retry::RetryPolicy::with_deadline_ms(config.retry_deadline_secs.saturating_mul(1000)),
     }
 }

@@ -34,6 +34,17 @@ pub const MTU_UPPER_BOUND_MAX_BYTES: u16 = 6400;
 /// QUIC's minimum UDP payload (RFC 9000 section 14).
 const MTU_MIN_BYTES: u16 = 1200;
 
+/// The default QUIC idle timeout: a peer that vanishes without a close (killed, its host gone,
+/// a cut cable) is seen after this long, 5 keep-alives missed. At 30 s a killed target cost a
+/// running copy 30 s before it reconnected (tests/tests/cert_rotation.rs measured it); lower
+/// values are the operator's choice (`quic_idle_timeout_ms`): the multi-host tests run at
+/// 1 s, but on a loaded node a connection whose peer cannot send for that long is closed.
+pub const IDLE_TIMEOUT_DEFAULT_MS: u32 = 5_000;
+/// The smallest idle timeout the configuration accepts (a keep-alive every 40 ms).
+pub const IDLE_TIMEOUT_MIN_MS: u32 = 200;
+/// The largest idle timeout the configuration accepts (10 minutes).
+pub const IDLE_TIMEOUT_MAX_MS: u32 = 600_000;
+
 /// Tuning of one QUIC endpoint.
 #[derive(Debug, Clone)]
 pub struct QuicTuning {
@@ -64,11 +75,8 @@ impl Default for QuicTuning {
             send_window_bytes: 32 << 20,
             socket_buffer_bytes: 8 << 20,
             uni_streams_max_count: 64,
-            // A peer that vanishes without a close (killed, its host gone, a cut cable) is
-            // seen after this long: 5 keep-alives missed. At 30 s a killed target cost a
-            // running copy 30 s before it reconnected (tests/tests/cert_rotation.rs measured it).
-            idle_timeout_ms: 5_000,
-            keep_alive_ms: 1_000,
+            idle_timeout_ms: IDLE_TIMEOUT_DEFAULT_MS,
+            keep_alive_ms: u64::from(IDLE_TIMEOUT_DEFAULT_MS / 5),
             mtu_upper_bound_bytes: MTU_UPPER_BOUND_DEFAULT_BYTES,
             chunk_transport: crate::transfer::rdma::attach::ChunkTransport::quic(),
         }
@@ -76,6 +84,11 @@ impl Default for QuicTuning {
 }
 
 impl QuicTuning {
+    /// The defaults with the idle timeout `idle_timeout_ms` and a keep-alive every fifth of it.
+    pub fn with_idle_timeout_ms(idle_timeout_ms: u32) -> Self {
+        Self { idle_timeout_ms, keep_alive_ms: u64::from(idle_timeout_ms / 5).max(1), ..Self::default() }
+    }
+
     /// The endpoint: it accepts UDP payloads up to the MTU bound (quinn's default, 1472,
     /// would cap what the peer's discovery may use).
     pub fn endpoint(&self) -> EndpointConfig {

@@ -11,9 +11,11 @@
 //! connections that reached the relay). [`Relay::set_dropping`] drops every datagram in both directions until switched
 //! back; [`Relay::set_faults`] makes it drop, corrupt (one bit flipped), duplicate or
 //! reorder (held back behind the next datagram) a share of the datagrams each way, drawn from
-//! a seed; [`Relay::counts`] says how many were forwarded, dropped and damaged.
+//! a seed; [`Relay::set_answer_delay`] holds every answer (upstream to sender) for a fixed
+//! time, deciding only when it goes out whether it is dropped (a lost reply); [`Relay::counts`]
+//! says how many were forwarded, dropped and damaged.
 //!
-//! What it does not: delay datagrams by a fixed time, or forget a sender.
+//! What it does not: delay requests (sender to upstream), or forget a sender.
 //!
 //! Invariants: at most [`SENDERS_MAX_COUNT`] senders have an upstream socket at once (a new
 //! one takes the place of the one heard from least recently); a datagram is at most [`DATAGRAM_LEN_MAX_BYTES`]; every task the
@@ -53,6 +55,9 @@ enum Fate {
 #[derive(Debug, Default)]
 struct Shared {
     dropping: AtomicBool,
+    /// Answers (upstream to sender) wait this long, in milliseconds, before they go out
+    /// (0: at once); whether one is dropped is decided when it goes out.
+    answer_delay_ms: AtomicU64,
     faults: std::sync::Mutex<Option<(Faults, u64)>>,
     forwarded_count: AtomicU64,
     dropped_count: AtomicU64,
@@ -181,6 +186,15 @@ impl Relay {
         self.shared.dropping.store(dropping, Ordering::Release);
     }
 
+    /// Delays every answer (upstream to sender) by `delay` from now on (zero: none). Whether a
+    /// delayed answer is dropped ([`Relay::set_dropping`]) is decided when it goes out, so a
+    /// test can lose a reply whose request it has seen take effect: delay, wait for the effect,
+    /// drop.
+    pub fn set_answer_delay(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.shared.answer_delay_ms.store(ms, Ordering::Release);
+    }
+
     /// Damages datagrams as `faults` says from now on (`None`: relays them intact).
     pub fn set_faults(&self, faults: Option<Faults>) {
         *self.shared.faults.lock().unwrap_or_else(|e| e.into_inner()) = faults.map(|f| (f, f.seed));
@@ -287,6 +301,19 @@ async fn back_loop(socket: Arc<UdpSocket>, front: Arc<UdpSocket>, sender: Socket
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
             Err(_) => return,
         };
+        let delay_ms = shared.answer_delay_ms.load(Ordering::Acquire);
+        if delay_ms > 0 {
+            let (datagram, front, shared) =
+                (buf.get(..len).unwrap_or_default().to_vec(), front.clone(), shared.clone());
+            // Bounded by the upstream's sending rate times the delay: tests delay light traffic.
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                if shared.pass() {
+                    let _ = front.send_to(&datagram, sender).await;
+                }
+            });
+            continue;
+        }
         for datagram in out.plan(buf.get(..len).unwrap_or_default(), shared.fate(len)) {
             let _ = front.send_to(&datagram, sender).await;
         }
@@ -325,6 +352,27 @@ mod tests {
         client.send_to(b"again", relay.addr).await.unwrap();
         let (len, _) = server.recv_from(&mut buf).await.unwrap();
         assert_eq!(&buf[..len], b"again");
+    }
+
+    #[tokio::test]
+    async fn a_delayed_answer_is_dropped_when_dropping_starts_before_it_goes_out() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay::start(server.local_addr().unwrap()).await.unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = [0u8; 64];
+        relay.set_answer_delay(Duration::from_millis(200));
+        client.send_to(b"request", relay.addr).await.unwrap();
+        let (_, from) = server.recv_from(&mut buf).await.unwrap();
+        server.send_to(b"late", from).await.unwrap();
+        let started = std::time::Instant::now();
+        let (len, _) = client.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..len], b"late");
+        assert!(started.elapsed() >= Duration::from_millis(150), "{:?}", started.elapsed());
+        server.send_to(b"lost", from).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        relay.set_dropping(true);
+        let quiet = tokio::time::timeout(Duration::from_millis(400), client.recv_from(&mut buf)).await;
+        assert!(quiet.is_err(), "an answer delayed past the start of dropping arrived");
     }
 
     /// Damage is drawn from the seed: a duplicated datagram arrives twice, a corrupted one with

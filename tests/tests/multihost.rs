@@ -18,8 +18,9 @@
 //! What it does not: skip under `CI=true` (no root or no iproute2 fails there); delay
 //! datagrams; run the 100 cuts of issue 18 by default (6 run; `FERRY_MULTIHOST_DROPS=100` is
 //! the documented long run, see tests/README.md; `FERRY_MULTIHOST_BASE_MIB` sizes the live
-//! scenario's base, 256 MiB by default); see a cut sooner than QUIC's idle timeout (5 s, not
-//! configurable in the daemon), which is why each cut lasts longer than it.
+//! scenario's base, 256 MiB by default). Both daemons run with a QUIC idle timeout of 1 s
+//! (`quic_idle_timeout_ms`, a keep-alive every 200 ms), so a silent peer is seen within 1 s;
+//! each cut lasts 1 s longer than that, so every cut kills its connections (asserted).
 #![allow(clippy::unwrap_used, clippy::panic, clippy::cast_possible_truncation)]
 
 use std::net::SocketAddr;
@@ -28,7 +29,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_engine::quic::QuicTuning;
 use ferry_refnode::{export_base, generate_bulk, verify, RefWriter, RefWriterConfig, VerifyInput};
 use ferry_tests::daemons::{write_config, Node};
 use ferry_tests::netns::{hosts_or_skip, Host};
@@ -39,6 +39,8 @@ use serde_json::{json, Value};
 
 const VSHARD: u32 = 7;
 const CHUNK_LEN_BYTES: u64 = 256 << 10;
+/// Both daemons' `quic_idle_timeout_ms`: a dropped link is seen within 1 s (issue 18).
+const IDLE_TIMEOUT_MS: u32 = 1_000;
 
 fn seed() -> u64 {
     std::env::var("FERRY_MULTIHOST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5EED_0118)
@@ -71,7 +73,7 @@ fn scene(test: &str) -> Option<Scene> {
     let certs = Certs::new().unwrap();
     let target_data = dir.path().join("target-data");
     let config = |name: &str, data: &std::path::Path, host: &Host, extra: &str| {
-        let extra = format!("metrics_addr = \"{}:0\"\n{extra}", host.ip);
+        let extra = format!("metrics_addr = \"{}:0\"\nquic_idle_timeout_ms = {IDLE_TIMEOUT_MS}\n{extra}", host.ip);
         write_config(dir.path(), name, &certs, data, &format!("{}:0", host.ip), &extra)
     };
     let target_config = config("target", &target_data, &hosts[1], "allowed_peers = [\"source\"]");
@@ -300,7 +302,7 @@ fn a_copy_through_recurring_black_holes_ends_byte_identical() {
 fn link_cuts_at_random_offsets_resend_at_most_one_chunk_per_stream_each() {
     let cuts_count = env_u64("FERRY_MULTIHOST_DROPS", 6);
     let streams = 2u64;
-    let down = Duration::from_millis(u64::from(QuicTuning::default().idle_timeout_ms) + 1_500);
+    let down = Duration::from_millis(u64::from(IDLE_TIMEOUT_MS) + 1_000);
     // Each cut: the link down, then a reconnection and a slot of copying.
     let budget = Duration::from_secs(60) + (down + Duration::from_secs(6)) * cuts_count as u32;
     let mut rng = seed() ^ 3;

@@ -16,7 +16,12 @@
 //!   target could not be told; healed, the running source daemon tells the target by itself on
 //!   reconnect (no second `migration.release`, no restart: `release_recovery.rs` covers those
 //!   two): the staging becomes `released` at the fenced `final_lsn` and both daemons report
-//!   `Completed`.
+//!   `Completed`;
+//! - a release whose reply is lost (the relay holds the target's answers for 1 s and, once the
+//!   target's staging is `released`, drops everything, the held reply included): the source
+//!   could not hear it and says so; healed,
+//!   the source tells the target again, the target answers the repeated release with the same
+//!   `final_lsn`, and both daemons report `Completed` and `released`.
 //!
 //! What it does not: partition during the base copy (`lossy.rs` black-holes the path then), or
 //! kill daemons (`phase_kills.rs`, `daemon_fences.rs`).
@@ -40,6 +45,9 @@ const BUDGET_US: u64 = 300_000;
 const FENCE_ANSWER_DEADLINE: Duration = Duration::from_secs(3);
 /// How long the writer goes on on the source while the partition lasts.
 const PARTITION_WRITES_FOR: Duration = Duration::from_secs(3);
+/// How long the relay holds the target's answers while a release's reply is to be lost: far
+/// longer than the test's poll of the target's manifest takes to see the release applied.
+const REPLY_DELAY: Duration = Duration::from_secs(1);
 /// How long the running source may take to tell a healed target of a release it missed.
 const RETELL_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -152,6 +160,49 @@ fn a_partition_right_after_the_release_completes_on_reconnect() {
     assert!(relay.counts().forwarded_count > forwarded_before, "the release did not go through the relay");
     let staged = manifest(&c.target_data, id);
     assert_eq!(staged["final_lsn"], final_lsn.0, "{staged}");
+    let inbound = c.target.wait_for(id, "the target Completed", phase_is("Completed"));
+    assert_eq!(inbound["staging_state"], "released", "{inbound}");
+    let verified = live.verify(final_lsn, &c.staged(id), &node_wal);
+    eprintln!("{id}: {verified} writes verified; {:?}", relay.counts());
+}
+
+#[test]
+fn a_release_whose_reply_is_lost_is_told_again_and_answered_the_same() {
+    let id = "p-reply";
+    let (c, _runtime, relay, live) = partitioned_scene(id);
+    let (final_lsn, _) = live.fence(&c.source, 5);
+    // Every answer of the target now waits 1 s in the relay; once the target's staging is
+    // released (the release arrived and was applied), the relay drops everything, so the
+    // release's reply, still waiting, is lost.
+    relay.set_answer_delay(REPLY_DELAY);
+    let node_wal = c.target_data.join("node-wal");
+    let released_at_target = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let seen = wait_until_blocking("the target to apply the release", WAIT, || {
+                manifest(&c.target_data, id)["state"] == "released"
+            });
+            relay.set_dropping(true);
+            seen
+        });
+        let (code, message, _) = live.resume_and_release(&c.source, &node_wal).unwrap_err();
+        eprintln!("the release with its reply lost: {code} {message}");
+        assert!(message.contains("the release is recorded on the source"), "{message}");
+        watcher.join().unwrap()
+    });
+    released_at_target.unwrap();
+    // The source never heard the answer: it still says fenced.
+    assert_eq!(c.source.status(id)["staging_state"], "fenced");
+
+    relay.set_answer_delay(Duration::ZERO);
+    relay.set_dropping(false);
+    let healed = Instant::now();
+    wait_until_blocking("the source to hear the repeated release's answer", RETELL_DEADLINE, || {
+        c.source.status(id)["staging_state"] == "released"
+    })
+    .unwrap();
+    eprintln!("the source heard the answer {:?} after the heal", healed.elapsed());
+    let staged = manifest(&c.target_data, id);
+    assert_eq!((staged["state"].as_str(), staged["final_lsn"].as_u64()), (Some("released"), Some(final_lsn.0)));
     let inbound = c.target.wait_for(id, "the target Completed", phase_is("Completed"));
     assert_eq!(inbound["staging_state"], "released", "{inbound}");
     let verified = live.verify(final_lsn, &c.staged(id), &node_wal);

@@ -248,7 +248,7 @@ async fn fenced_and_release_lost() -> Scene {
     assert_eq!(e.code(), Some(ErrorCode::Internal), "{e}");
     let message = e.to_string();
     assert!(message.contains("the release is recorded on the source"), "{message}");
-    assert!(message.contains("the target could not be told"), "{message}");
+    assert!(message.contains("the target has not confirmed it"), "{message}");
     assert!(message.contains("call migration.release again"), "{message}");
     assert!(relay.counts().dropped_count > dropped_before, "the relay dropped nothing: the release did not try");
 

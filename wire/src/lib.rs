@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod control;
 pub mod crc_combine;
 pub mod crc_table;
+pub mod damage;
 pub mod fence;
 pub mod frame;
 #[cfg(any(test, feature = "fuzzing"))]

@@ -240,7 +240,10 @@ async fn reload_on_sighup(
             .and_then(|identity| Ok((crate::tls::server_crypto(&identity, &allowed)?, identity)));
         match loaded {
             Ok((crypto, identity)) => {
-                endpoint.set_server_config(Some(crate::quic::server_config(crypto, &QuicTuning::default())));
+                endpoint.set_server_config(Some(crate::quic::server_config(
+                    crypto,
+                    &QuicTuning::with_idle_timeout_ms(config.quic_idle_timeout_ms),
+                )));
                 outbound.set_identity(Arc::new(identity));
                 tracing::info!(certs = %config.certs_dir.display(), "SIGHUP: certificates reloaded");
                 let _ = writeln!(std::io::stdout(), "certificates reloaded");

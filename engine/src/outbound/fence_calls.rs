@@ -244,7 +244,7 @@ impl Outbound {
                 // heals), not only at the next call or the next daemon start.
                 tokio::spawn(self.clone().tell_pending_releases());
                 OutboundError::Local(format!(
-                    "the release is recorded on the source (the migration is Completed), but the target could not be told: {e}; it is told again in the background once reachable (or call migration.release again)"
+                    "the release is recorded on the source (the migration is Completed), but the target has not confirmed it (it may not have received it, or its answer was lost): {e}; it is told again in the background until it answers (or call migration.release again)"
                 ))
             })?;
         }

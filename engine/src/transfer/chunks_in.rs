@@ -156,6 +156,10 @@ async fn receive_chunks<I: IncomingLane>(
         inbound.log.append(LogRecord::Receiving { file_index, chunk_index, len_bytes })?;
         inbound.received.fetch_add(u64::from(len_bytes), Ordering::Relaxed);
         reader.read_body(&header, &mut body).await?;
+        if let Some(damaged) = crate::failpoint::damage_target_chunk(body.pieces()) {
+            body.clear();
+            body.push(damaged);
+        }
         let found = body.crc32c();
         if found != header.body_crc32c {
             return Err(TransferError::ChunkChecksum { file_index, offset_bytes, expected: header.body_crc32c, found });

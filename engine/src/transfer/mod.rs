@@ -78,7 +78,7 @@ pub enum TransferError {
     Staging(#[from] StagingError),
     #[error("cannot read source file {path}: {cause}")]
     Read { path: String, cause: std::io::Error },
-    #[error("chunk {offset_bytes} of file {file_index} arrived with CRC32C {found:#010x}, the source computed {expected:#010x}")]
+    #[error("the chunk at byte {offset_bytes} of file {file_index} arrived with CRC32C {found:#010x}, the source computed {expected:#010x}: damaged in flight (a bad copy or memory at either end)")]
     ChunkChecksum { file_index: u32, offset_bytes: u64, expected: u32, found: u32 },
     #[error("the target refused the transfer: {0}")]
     Refused(String),

@@ -195,6 +195,7 @@ pub(super) async fn send_stream<L: ChunkLanes>(
         })?;
         let crc = ferry_wire::crc32c(&data);
         lock(&machine).handle_chunk_read(&span, crc)?;
+        let data = crate::failpoint::damage_source_chunk(data);
         chunk_read.notify_one();
         rate.pace(u64::from(span.len_bytes)).await;
         let header = FrameHeader::chunk(span.chunk.file_index, span.offset_bytes, data.len(), crc)?;

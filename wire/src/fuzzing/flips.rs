@@ -39,12 +39,11 @@
 
 #![allow(clippy::cast_possible_truncation)]
 
-use std::collections::BTreeMap;
-
 use serde_json::json;
 
 use crate::api::{Phase, PhaseRecord, StartParams};
 use crate::checkpoint::{self, LOG_HEADER_LEN_BYTES, LOG_RECORD_LEN_BYTES};
+use crate::damage::Flip;
 use crate::frame::{self, Decoded, FrameHeader};
 use crate::manifest::StagingManifest;
 use crate::wal::{check_record, encode_record, Layout, Preamble, RecordHeader, PREAMBLE_LEN_BYTES};
@@ -69,71 +68,6 @@ impl Rng {
     }
 }
 
-/// One damage: the bits flipped, as byte offset -> XOR mask.
-#[derive(Debug, Clone)]
-struct Flip {
-    masks: BTreeMap<usize, u8>,
-    /// From the first flipped bit to the last, inclusive: a burst's length.
-    span_bits: usize,
-}
-
-impl Flip {
-    /// A damage at a site drawn uniformly over `len` bytes (`len` > 0).
-    fn draw(rng: &mut Rng, len: usize) -> Self {
-        let site = rng.below(len);
-        let mut masks = BTreeMap::new();
-        match rng.below(3) {
-            0 => {
-                masks.insert(site, 1u8 << rng.below(8));
-            }
-            1 => {
-                let mask = (rng.next() as u8).max(1);
-                masks.insert(site, mask);
-            }
-            _ => {
-                // A burst of 33..=96 bits from a random bit of the site, cut at the end.
-                let burst_bits = 33 + rng.below(64);
-                let first_bit = site * 8 + rng.below(8);
-                for i in 0..burst_bits {
-                    let bit = first_bit + i;
-                    if bit / 8 >= len {
-                        break;
-                    }
-                    let edge = i == 0 || i == burst_bits - 1;
-                    if edge || rng.next() & 1 == 1 {
-                        *masks.entry(bit / 8).or_insert(0) ^= 1 << (bit % 8);
-                    }
-                }
-            }
-        }
-        masks.retain(|_, mask| *mask != 0);
-        let bit_at = |(at, mask): (&usize, &u8), last: bool| {
-            at * 8 + if last { 7 - mask.leading_zeros() as usize } else { mask.trailing_zeros() as usize }
-        };
-        let span_bits = match (masks.iter().next(), masks.iter().next_back()) {
-            (Some(first), Some(last)) => bit_at(last, true) + 1 - bit_at(first, false),
-            _ => 0,
-        };
-        Self { masks, span_bits }
-    }
-
-    fn apply(&self, bytes: &mut [u8], base: usize) {
-        for (at, mask) in &self.masks {
-            if let Some(byte) = bytes.get_mut(base + at) {
-                *byte ^= mask;
-            }
-        }
-    }
-
-    fn first(&self) -> usize {
-        self.masks.keys().next().copied().unwrap_or(0)
-    }
-
-    fn touches(&self, range: std::ops::Range<usize>) -> bool {
-        self.masks.keys().any(|at| range.contains(at))
-    }
-}
-
 /// What one structure's campaign counted.
 #[derive(Debug, Default)]
 struct Tally {
@@ -146,12 +80,12 @@ struct Tally {
 impl Tally {
     fn record(&mut self, flip: &Flip, caught: Result<(), String>) {
         self.flips += 1;
-        if flip.span_bits > 32 {
+        if flip.span_bits() > 32 {
             self.bursts += 1;
         }
         match caught {
             Ok(()) => self.caught += 1,
-            Err(why) => self.missed.push(format!("{why} (flip {:?})", flip.masks)),
+            Err(why) => self.missed.push(format!("{why} (flip {flip:?})")),
         }
     }
 }
@@ -172,7 +106,7 @@ fn manifest_campaign(rng: &mut Rng, count: usize) -> Tally {
     let mut tally = Tally::default();
     for _ in 0..count {
         let original = &samples[rng.below(samples.len())];
-        let flip = Flip::draw(rng, original.len());
+        let flip = Flip::draw(&mut || rng.next(), original.len());
         let mut bytes = original.clone();
         flip.apply(&mut bytes, 0);
         let caught = match StagingManifest::decode(&bytes) {
@@ -196,7 +130,7 @@ fn chunk_log_campaign(rng: &mut Rng, count: usize) -> Tally {
     let original = chunk_log();
     let mut tally = Tally::default();
     for _ in 0..count {
-        let flip = Flip::draw(rng, original.len());
+        let flip = Flip::draw(&mut || rng.next(), original.len());
         let mut bytes = original.clone();
         flip.apply(&mut bytes, 0);
         let first = flip.first();
@@ -262,7 +196,7 @@ fn phase_slots_campaign(rng: &mut Rng, count: usize) -> Tally {
         // Sites over both slots' header and payload bytes: those are the records.
         let slot_index = rng.below(2);
         let range = ranges[slot_index].clone();
-        let flip = Flip::draw(rng, range.len());
+        let flip = Flip::draw(&mut || rng.next(), range.len());
         let mut both = original.clone();
         flip.apply(&mut both, range.start);
         let payloads = [&older, &newer];
@@ -326,7 +260,7 @@ fn wal_campaign(rng: &mut Rng, count: usize) -> Tally {
     for i in 0..count {
         let layout = if i % 2 == 0 { Layout::A } else { Layout::B };
         let (original, ranges) = &samples[i % 2];
-        let flip = Flip::draw(rng, original.len());
+        let flip = Flip::draw(&mut || rng.next(), original.len());
         let mut bytes = original.clone();
         flip.apply(&mut bytes, 0);
         let damaged = ranges.iter().find(|r| flip.touches((*r).clone())).map_or(0, |r| r.start);
@@ -351,7 +285,7 @@ fn preamble_campaign(rng: &mut Rng, count: usize) -> (Tally, usize) {
     let mut tally = Tally::default();
     let mut decoder_misses = 0;
     for _ in 0..count {
-        let flip = Flip::draw(rng, PREAMBLE_LEN_BYTES);
+        let flip = Flip::draw(&mut || rng.next(), PREAMBLE_LEN_BYTES);
         let mut bytes = original.clone();
         flip.apply(&mut bytes, 0);
         let decoded = Preamble::decode(&bytes);
@@ -397,7 +331,7 @@ fn frame_campaign(rng: &mut Rng, count: usize) -> Tally {
     let (original, ranges) = frames();
     let mut tally = Tally::default();
     for _ in 0..count {
-        let flip = Flip::draw(rng, original.len());
+        let flip = Flip::draw(&mut || rng.next(), original.len());
         let mut bytes = original.clone();
         flip.apply(&mut bytes, 0);
         let damaged = ranges.iter().find(|r| flip.touches((*r).clone())).map_or(0, |r| r.start);
