@@ -108,7 +108,20 @@ enum Role {
 
 /// Each variant's extra lines in the source daemon's config file (the target keeps the
 /// defaults: it runs on its own core).
-const VARIANTS: &[(&str, &str)] = &[("default", "")];
+const VARIANTS: &[(&str, &str)] = &[
+    ("default", ""),
+    // Every bulk mechanism off: the daemon before issue 21.
+    ("off", "bulk_threads = 0\nbulk_cpu_priority = \"normal\"\nbulk_io_priority = \"normal\""),
+    ("cpu-normal", "bulk_cpu_priority = \"normal\""),
+    ("cpu-batch", "bulk_cpu_priority = \"batch\""),
+    ("io-normal", "bulk_io_priority = \"normal\""),
+    ("threads-off", "bulk_threads = 0"),
+    // Pacing: the daemon's token bucket (one chunk of burst per stream), at about 0.75 and
+    // 0.5 of this machine's unthrottled copy.
+    ("paced-400", "rate_limit_bytes_per_sec = 400000000"),
+    ("paced-250", "rate_limit_bytes_per_sec = 250000000"),
+    ("off-paced-250", "bulk_threads = 0\nbulk_cpu_priority = \"normal\"\nbulk_io_priority = \"normal\"\nrate_limit_bytes_per_sec = 250000000"),
+];
 
 fn variant_config(name: &str) -> anyhow::Result<&'static str> {
     VARIANTS.iter().find(|(n, _)| *n == name).map(|(_, c)| *c).with_context(|| {
@@ -243,7 +256,8 @@ async fn wait_base_copied(client: &mut ControlClient, id: &MigrationId) -> anyho
             _ => {}
         }
         anyhow::ensure!(Instant::now() < deadline, "{id} did not finish its base copy in 10 minutes");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Often enough to time a copy of seconds to 1%, rarely enough to cost the source little.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
