@@ -11,6 +11,8 @@
 //!   windows, ferry's rustls provider and cipher suite);
 //! - [`tcp`]: a plain TCP copy on loopback that lands the files on the staging file system;
 //! - [`scp`]: `scp` against a throwaway OpenSSH server on 127.0.0.1, when one can be started;
+//! - [`interference`]: the reference writer in a process of its own, and its ack latency per
+//!   time window (issue 21's interference benchmark);
 //! - [`daemons`]: `ferry serve` and `ferry copy` as separate processes, with [`procstat`]
 //!   sampling each one's memory and CPU time.
 //!
@@ -24,6 +26,7 @@
 pub mod certs;
 pub mod daemons;
 pub mod ferry_copy;
+pub mod interference;
 pub mod procstat;
 pub mod raw_quinn;
 pub mod scp;

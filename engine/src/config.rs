@@ -18,6 +18,9 @@ use serde::Deserialize;
 
 use ferry_wire::NodeId;
 
+use crate::priority::{
+    BulkPriority, BulkThreads, CpuPriority, IoPriority, BULK_THREADS_DEFAULT_COUNT, BULK_THREADS_MAX_COUNT,
+};
 use crate::transfer::rdma::select::{RdmaSettings, TransportSetting};
 
 /// Settings of one node daemon.
@@ -78,6 +81,15 @@ pub struct NodeConfig {
     pub rdma_gid_index: u8,
     /// Fail the daemon's start instead of falling back to QUIC.
     pub require_rdma: bool,
+    /// Threads of a source's bulk work (chunk connections, chunk reads and sends), apart from
+    /// the control, WAL and fence paths; 0: bulk work shares the daemon's threads.
+    pub bulk_threads: usize,
+    /// CPU priority of those threads and of the io_uring readers: `idle` (SCHED_IDLE),
+    /// `batch` (SCHED_BATCH at nice 10) or `normal` (the daemon's).
+    pub bulk_cpu_priority: CpuPriority,
+    /// I/O priority of the same threads: `idle` (IOPRIO_CLASS_IDLE), `low` (best effort 7) or
+    /// `normal`. Does nothing under the `none` I/O scheduler.
+    pub bulk_io_priority: IoPriority,
 }
 
 /// The daemon's log format.
@@ -116,6 +128,9 @@ impl Default for NodeConfig {
             rdma_port: 1,
             rdma_gid_index: 0,
             require_rdma: false,
+            bulk_threads: BULK_THREADS_DEFAULT_COUNT,
+            bulk_cpu_priority: CpuPriority::default(),
+            bulk_io_priority: IoPriority::default(),
         }
     }
 }
@@ -140,6 +155,14 @@ impl NodeConfig {
             port: self.rdma_port,
             gid_index: self.rdma_gid_index,
             require: self.require_rdma,
+        }
+    }
+
+    /// The threads and priority of a source's bulk work, for [`crate::priority`].
+    pub fn bulk_threads(&self) -> BulkThreads {
+        BulkThreads {
+            count: self.bulk_threads,
+            priority: BulkPriority { cpu: self.bulk_cpu_priority, io: self.bulk_io_priority },
         }
     }
 
@@ -186,6 +209,9 @@ impl NodeConfig {
                 idle_range.start(),
                 idle_range.end()
             )));
+        }
+        if self.bulk_threads > BULK_THREADS_MAX_COUNT {
+            return Err(invalid(format!("bulk_threads {}: at most {BULK_THREADS_MAX_COUNT}", self.bulk_threads)));
         }
         Ok(())
     }
@@ -245,7 +271,16 @@ impl NodeConfig {
              # rdma_device = \"mlx5_0\"\n\
              rdma_port = {}\n\
              rdma_gid_index = {}\n\
-             require_rdma = {}\n",
+             require_rdma = {}\n\
+             # Threads of a source's bulk work (chunk connections, reads, sends), apart from the control,\n\
+             # WAL and fence paths, which keep the daemon's priority; 0: bulk work shares the daemon's threads.\n\
+             bulk_threads = {}\n\
+             # CPU priority of the bulk threads and the io_uring readers: \"idle\" (SCHED_IDLE: only cores\n\
+             # nothing else wants), \"batch\" (SCHED_BATCH at nice 10) or \"normal\" (off).\n\
+             bulk_cpu_priority = \"{}\"\n\
+             # I/O priority of the same threads: \"idle\" (IOPRIO_CLASS_IDLE), \"low\" (best effort 7) or\n\
+             # \"normal\" (off). No effect under the \"none\" I/O scheduler (/sys/block/*/queue/scheduler).\n\
+             bulk_io_priority = \"{}\"\n",
             d.node_id,
             d.data_dir.display().to_string(),
             d.listen,
@@ -263,6 +298,9 @@ impl NodeConfig {
             d.rdma_port,
             d.rdma_gid_index,
             d.require_rdma,
+            d.bulk_threads,
+            d.bulk_cpu_priority.as_str(),
+            d.bulk_io_priority.as_str(),
         )
     }
 }

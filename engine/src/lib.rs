@@ -11,8 +11,9 @@
 //! engine back. Test fakes (`FakeStorage`, the in-memory chunk lanes, dropping a target's
 //! connections on purpose) are built only for tests and with the `testkit` feature.
 //!
-//! Invariants: `unsafe` is confined to the reader module (io_uring submission and mmap), each
-//! block with a `// SAFETY:` line. A failed write or fsync fails the transfer; it is never
+//! Invariants: `unsafe` is confined to the reader module (io_uring submission and mmap) and
+//! [`priority`] (three scheduling syscalls on the calling thread), each block with a
+//! `// SAFETY:` line. A failed write or fsync fails the transfer; it is never
 //! retried.
 
 pub mod certs;
@@ -26,6 +27,7 @@ pub mod inline;
 pub mod metrics;
 pub mod node;
 pub mod outbound;
+pub mod priority;
 pub mod quic;
 pub mod read;
 pub mod snapshot;

@@ -91,6 +91,7 @@ impl RunningNode {
         let server = tokio::spawn(target::serve(endpoint.clone(), ctx.clone()));
         let mut outbound_settings = outbound_config(config);
         outbound_settings.tuning.chunk_transport = chunk_transport;
+        outbound_settings.tuning.bulk = config.bulk_threads();
         let outbound = Outbound::new(outbound_settings, identity.clone(), storage);
         let daemon = Daemon::new(node_id.clone(), quic_addr, ctx.clone(), outbound.clone(), transport);
         daemon.set_stall_after(std::time::Duration::from_secs(config.stall_after_secs));

@@ -65,6 +65,10 @@ pub struct QuicTuning {
     /// What a copy's chunks go on: QUIC uni streams (the default), or RDMA lanes negotiated
     /// over the copy's connections. Here because every copy is given its node's tuning.
     pub chunk_transport: crate::transfer::rdma::attach::ChunkTransport,
+    /// The threads a copy's chunk connections and chunk streams run on, and their priority
+    /// (see [`crate::priority`]): below the control and WAL streams, which stay on the
+    /// caller's runtime.
+    pub bulk: crate::priority::BulkThreads,
 }
 
 impl Default for QuicTuning {
@@ -79,6 +83,7 @@ impl Default for QuicTuning {
             keep_alive_ms: u64::from(IDLE_TIMEOUT_DEFAULT_MS / 5),
             mtu_upper_bound_bytes: MTU_UPPER_BOUND_DEFAULT_BYTES,
             chunk_transport: crate::transfer::rdma::attach::ChunkTransport::quic(),
+            bulk: crate::priority::BulkThreads::default(),
         }
     }
 }

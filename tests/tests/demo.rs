@@ -97,6 +97,10 @@ fn a_live_run_reports_copy_catch_up_pause_and_a_clean_verification() {
     assert!(u(&writer["ack_gap_across_pause_us"]) >= pause_us, "{writer}");
     assert!(writer["ack_p99_us_without_migration"].is_u64(), "{writer}");
     assert!(writer["ack_p99_us_during_copy"].is_u64(), "{writer}");
+    // Issue 21's figure, the copy's p99 over the baseline's, in the same report.
+    let (copy, base) = (u(&writer["ack_p99_us_during_copy"]) as f64, u(&writer["ack_p99_us_without_migration"]) as f64);
+    let ratio = writer["ack_p99_ratio_copy_over_without_migration"].as_f64().unwrap_or(-1.0);
+    assert!(base == 0.0 || (ratio - copy / base).abs() <= 0.006, "{ratio} against {copy} / {base}: {writer}");
     assert!(u(&writer["target_node_wal_writes"]) > 0, "the writer wrote vShard 7 to the target after the release");
     assert_eq!(u(&writer["rate_writes_per_sec_requested"]), 5000);
 

@@ -105,11 +105,21 @@ pub struct ReaderConfig {
     pub chunk_len_max_bytes: u32,
     /// Submission queue entries of each ring (uring modes only). Default 64.
     pub ring_entries: u32,
+    /// What the io_uring reader threads lower themselves to as they start (uring modes only;
+    /// see [`crate::priority`]). Default: nothing lowered; a source's copy passes its node's
+    /// bulk priority.
+    pub priority: crate::priority::BulkPriority,
 }
 
 impl Default for ReaderConfig {
     fn default() -> Self {
-        Self { threads: 1, buffers_count: 64, chunk_len_max_bytes: 1 << 20, ring_entries: 64 }
+        Self {
+            threads: 1,
+            buffers_count: 64,
+            chunk_len_max_bytes: 1 << 20,
+            ring_entries: 64,
+            priority: crate::priority::BulkPriority::NORMAL,
+        }
     }
 }
 

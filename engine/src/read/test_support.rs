@@ -18,7 +18,13 @@ use super::{ChunkReader, ReadError, ReadMode, ReaderConfig, SourceFile};
 
 /// A config with small chunks, so tests cross many chunk boundaries.
 pub(crate) fn small_config() -> ReaderConfig {
-    ReaderConfig { threads: 1, buffers_count: 8, chunk_len_max_bytes: 64 * 1024, ring_entries: 8 }
+    ReaderConfig {
+        threads: 1,
+        buffers_count: 8,
+        chunk_len_max_bytes: 64 * 1024,
+        ring_entries: 8,
+        ..ReaderConfig::default()
+    }
 }
 
 /// Deterministic bytes that differ at every offset within a page and across pages.

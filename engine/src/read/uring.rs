@@ -121,8 +121,10 @@ impl UringReader {
             let (sender, receiver) = mpsc::channel(config.buffers_count);
             let live = Arc::clone(&live_threads);
             live.fetch_add(1, Ordering::SeqCst);
+            let priority = config.priority;
             let spawned = std::thread::Builder::new().name(format!("ferry-uring-{index}")).spawn(move || {
                 let _live = LiveGuard(live);
+                crate::priority::lower_this_thread(priority);
                 if let Err(err) = run(ring, receiver) {
                     tracing::error!(error = %err, "io_uring reader thread stopped");
                 }

@@ -78,6 +78,8 @@ pub(super) struct ShipPlan {
     pub(super) streams_count: u32,
     pub(super) rate_limit_bytes_per_sec: u64,
     pub(super) chunk_len_bytes: u32,
+    /// The threads the chunk streams run on ([`crate::priority`]).
+    pub(super) bulk: crate::priority::BulkThreads,
 }
 
 /// Ships the chunks on `lanes` (the paths of `conns`: their QUIC streams or RDMA lanes) and announces each file read in full, until the machine hands
@@ -105,11 +107,18 @@ pub(super) async fn ship(
     let files = Arc::new(files);
     let chunk_read = Arc::new(Notify::new());
     let mut streams = JoinSet::new();
+    // The chunk streams (reads, CRC32C, sends) run on the bulk threads when the node has them,
+    // below this task, which also serves the control stream.
+    let bulk = crate::priority::bulk_runtime(request.bulk);
     for path in lanes {
         for _ in 0..request.streams_count.max(1) {
             let (path, files, reader, machine, chunk_read, rate) =
                 (path.clone(), files.clone(), reader.clone(), machine.clone(), chunk_read.clone(), rate.clone());
-            streams.spawn(async move { send_stream(path, files, reader, machine, chunk_read, rate, origin).await });
+            let stream = async move { send_stream(path, files, reader, machine, chunk_read, rate, origin).await };
+            match &bulk {
+                Some(runtime) => streams.spawn_on(stream, runtime),
+                None => streams.spawn(stream),
+            };
         }
     }
     let mut streams_left = streams.len();

@@ -189,7 +189,11 @@ where
     let reader = Arc::new(
         ChunkReader::new_or_pread(
             request.read_mode,
-            ReaderConfig { chunk_len_max_bytes: request.chunk_len_bytes, ..ReaderConfig::default() },
+            ReaderConfig {
+                chunk_len_max_bytes: request.chunk_len_bytes,
+                priority: tuning.bulk.priority,
+                ..ReaderConfig::default()
+            },
         )
         .map_err(|e| TransferError::Local(format!("cannot start the chunk reader: {e}")))?,
     );
@@ -264,8 +268,11 @@ struct Link {
 }
 
 impl Link {
-    /// `bulk`: the connection carries only chunks (large MTU); otherwise it carries the control
-    /// stream and the WAL stream too, whose small messages must not wait for the pacer.
+    /// `bulk`: the connection carries only chunks (large MTU), and its endpoint runs on the
+    /// node's bulk threads when it has them ([`crate::priority::bulk_runtime`]): its packet
+    /// encryption and UDP sends run below the control and WAL streams. Otherwise it carries
+    /// the control stream and the WAL stream too, whose small messages must not wait for the
+    /// pacer, on the caller's runtime.
     async fn open(
         identity: &NodeIdentity,
         tuning: &QuicTuning,
@@ -273,22 +280,36 @@ impl Link {
         bulk: bool,
         handshake: Duration,
     ) -> Result<Self, TransferError> {
-        let endpoint = crate::quic::client_endpoint(request.target_addr, tuning)
-            .map_err(|e| TransferError::Connection(format!("cannot open a UDP socket: {e}")))?;
         let crypto = crate::tls::client_crypto(identity).map_err(|e| TransferError::Local(e.to_string()))?;
         let config = if bulk {
             crate::quic::bulk_client_config(crypto, tuning)
         } else {
             crate::quic::client_config(crypto, tuning)
         };
-        let connecting = endpoint
-            .connect_with(config, request.target_addr, request.target_node.as_str())
-            .map_err(|e| TransferError::Connection(e.to_string()))?;
-        let conn = tokio::time::timeout(handshake, connecting)
-            .await
-            .map_err(|_| TransferError::Timeout(HANDSHAKE))?
-            .map_err(|e| TransferError::from_handshake(e, request.target_addr, &request.target_node))?;
-        Ok(Self { endpoint, conn })
+        let (addr, node) = (request.target_addr, request.target_node.clone());
+        let connect = {
+            let tuning = tuning.clone();
+            // quinn drives an endpoint and its connections on the runtime they are made on.
+            async move {
+                let endpoint = crate::quic::client_endpoint(addr, &tuning)
+                    .map_err(|e| TransferError::Connection(format!("cannot open a UDP socket: {e}")))?;
+                let connecting = endpoint
+                    .connect_with(config, addr, node.as_str())
+                    .map_err(|e| TransferError::Connection(e.to_string()))?;
+                let conn = tokio::time::timeout(handshake, connecting)
+                    .await
+                    .map_err(|_| TransferError::Timeout(HANDSHAKE))?
+                    .map_err(|e| TransferError::from_handshake(e, addr, &node))?;
+                Ok(Self { endpoint, conn })
+            }
+        };
+        match crate::priority::bulk_runtime(tuning.bulk).filter(|_| bulk) {
+            Some(runtime) => runtime
+                .spawn(connect)
+                .await
+                .map_err(|e| TransferError::Local(format!("the bulk connection task failed: {e}")))?,
+            None => connect.await,
+        }
     }
 
     async fn close(self, result: &Result<Outcome, TransferError>) {
@@ -373,7 +394,7 @@ async fn run(
             SourceAction::Recheck(spans) => ship::recheck(snapshot, reader, &machine, spans).await?,
             SourceAction::SendChunks => {
                 let conns = chunk_connections(conn, extra, identity, tuning, request).await?;
-                let plan = ship_plan(request);
+                let plan = ship_plan(request, tuning);
                 let attached =
                     attach_source(&tuning.chunk_transport, &conns, plan.streams_count.max(1), plan.chunk_len_bytes)
                         .await?;
@@ -438,11 +459,12 @@ async fn run(
 }
 
 /// How the chunk streams ship: the request's streams, rate and chunk length.
-fn ship_plan(request: &CopyRequest) -> ShipPlan {
+fn ship_plan(request: &CopyRequest, tuning: &QuicTuning) -> ShipPlan {
     ShipPlan {
         streams_count: request.streams_count,
         rate_limit_bytes_per_sec: request.rate_limit_bytes_per_sec,
         chunk_len_bytes: request.chunk_len_bytes,
+        bulk: tuning.bulk,
     }
 }
 

@@ -5,6 +5,7 @@
 //! (`pause.before_fence_us`, `drain_us`, `target_durable_us`, `apply_wait_us`,
 //! `after_fence_us`), `pause.estimate_us`, `writer.longest_ack_gap_us`,
 //! `writer.ack_p99_us_during_copy`, `writer.ack_p99_us_without_migration`,
+//! `writer.ack_p99_ratio_copy_over_without_migration` (the first over the second),
 //! `writer.acks_during_pause_count`, `verification.lost_count`, `duplicate_count`,
 //! `segments_identical`; `passed` and `failures` say what [`Summary::failures`] found.
 //!
@@ -125,6 +126,8 @@ fn writer_json(args: &DemoArgs, s: &Summary) -> Value {
         "baseline_window_us": s.baseline_us,
         "ack_p99_us_without_migration": s.ack_without_migration.map(|l| l.p99_us),
         "ack_p99_us_during_copy": s.ack_during_copy.map(|l| l.p99_us),
+        // Issue 21's interference figure: the copy's p99 over the same run's no-migration p99.
+        "ack_p99_ratio_copy_over_without_migration": copy_ratio(s),
         "ack_p99_us_during_catch_up": s.ack_during_catch_up.map(|l| l.p99_us),
         "ack_p99_us_after_release": s.ack_after_release.map(|l| l.p99_us),
         "ack_without_migration": latency_json(s.ack_without_migration),
@@ -172,6 +175,13 @@ fn us_text(us: Option<u64>) -> String {
     }
 }
 
+/// The writer's ack p99 during the base copy over its p99 without a migration (same run);
+/// `None` when either window has no acks.
+fn copy_ratio(s: &Summary) -> Option<f64> {
+    let (copy, base) = (s.ack_during_copy?, s.ack_without_migration?);
+    (base.p99_us > 0).then(|| (copy.p99_us as f64 / base.p99_us as f64 * 100.0).round() / 100.0)
+}
+
 fn p99(l: Option<Latency>) -> String {
     us_text(l.map(|l| l.p99_us))
 }
@@ -208,7 +218,7 @@ ferry demo: LIVE migration of vShard {vshard} from {SOURCE_NODE} to {TARGET_NODE
                 generated in {generate:.2} s, not counted below
   writer        {writes} writes ({vwrites} to vShard {vshard}, {node_writes} of them to the target's node WAL after the release) at {rate}/s ({asked}/s asked),
                 NodeDB layout A, O_DIRECT-style flushes with stale leftovers, {flushes} group commits
-                ack p99: {p99_base} without migration (first {baseline:.1} s), {p99_copy} during the base copy, {p99_catch} during the catch-up,
+                ack p99: {p99_base} without migration (first {baseline:.1} s), {p99_copy} during the base copy ({ratio} x), {p99_catch} during the catch-up,
                 {p99_after} after the release; longest gap between acks {gap} ({gap_pause} across the pause); acks while paused: {acks_paused}
   base copy     {bytes} bytes ({bytes_h}), {files} files in {base_s:.2} s = {tput}/s over 127.0.0.1 QUIC, mutual TLS,
                 {conns} chunk connection(s) x {streams} stream(s) + 1 for control and WAL, {chunk} byte chunks; resent {resent} bytes
@@ -244,6 +254,7 @@ ferry demo: LIVE migration of vShard {vshard} from {SOURCE_NODE} to {TARGET_NODE
         p99_base = p99(s.ack_without_migration),
         baseline = secs(s.baseline_us),
         p99_copy = p99(s.ack_during_copy),
+        ratio = copy_ratio(s).map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}")),
         p99_catch = p99(s.ack_during_catch_up),
         p99_after = p99(s.ack_after_release),
         gap = us_text(s.longest_ack_gap_us),
@@ -340,6 +351,34 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("result        PASSED"), "{text}");
+    }
+
+    #[test]
+    fn the_copy_ratio_is_the_copy_p99_over_the_baseline_p99() {
+        let mut s = passing_for_tests();
+        assert_eq!(copy_ratio(&s), None, "no acks in a window: no ratio");
+        let latency = |p99_us| Some(Latency { writes_count: 10, p50_us: 1, p99_us, max_us: p99_us });
+        (s.ack_without_migration, s.ack_during_copy) = (latency(2_000), latency(2_500));
+        assert_eq!(copy_ratio(&s), Some(1.25));
+        (s.ack_without_migration, s.ack_during_copy) = (latency(3_000), latency(1_000));
+        assert_eq!(copy_ratio(&s), Some(0.33));
+        assert_eq!(copy_ratio(&Summary { ack_without_migration: latency(0), ..s }), None);
+        let json = writer_json_for_tests(&Summary {
+            ack_without_migration: latency(2_000),
+            ack_during_copy: latency(2_500),
+            ..passing_for_tests()
+        });
+        assert_eq!(json["ack_p99_ratio_copy_over_without_migration"], 1.25);
+    }
+
+    fn writer_json_for_tests(s: &Summary) -> Value {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: DemoArgs,
+        }
+        writer_json(&Wrapper::try_parse_from(["demo"]).unwrap().args, s)
     }
 
     #[test]
