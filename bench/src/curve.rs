@@ -139,7 +139,7 @@ type Series = (&'static str, &'static str, fn(&CurvePoint) -> f64);
 
 /// The curve as an SVG: one line per contender, log2 file size across, MB/s up.
 pub fn svg(points: &[CurvePoint], title: &str) -> String {
-    let (width, height, left, bottom, top, right) = (900.0, 460.0, 70.0, 60.0, 50.0, 200.0);
+    let (width, height, left, bottom, top, right) = (1000.0, 460.0, 70.0, 60.0, 50.0, 310.0);
     let plot_w = width - left - right;
     let plot_h = height - bottom - top;
     let max_rate = points.iter().flat_map(|p| [p.ferry_tmpfs, p.raw_quinn_ferry, p.tls_tcp]).fold(1.0, f64::max);
