@@ -4,8 +4,10 @@
 //! target in this process on one tokio runtime (the CLI's shape: one worker per core), with
 //! - `ferry_tmpfs`: `ferry_engine::transfer::source::copy` into an in-process target that
 //!   stages through `DiskStorage` on tmpfs (/dev/shm), 1 MiB chunks, 4 streams, committed;
-//! - `raw_quinn`: one connection, one uni stream, one static 1 MiB `Bytes` written with
-//!   `write_chunk`, a discarding receiver, quinn's default windows, ferry's rustls configs.
+//! - `raw_quinn`: the transport's ceiling: ferry's own endpoint and transport settings
+//!   (`RawSettings::FERRY_DEFAULT`: MTU bound, windows, socket buffers, 1 connection x 4 uni
+//!   streams), a static 1 MiB `Bytes` written with `write_chunk`, a discarding receiver,
+//!   ferry's rustls configs.
 //!
 //! Each sample is one whole copy (starting the target, the handshake and the commit
 //! included); the staging is removed outside the timed span. After criterion's report it
@@ -26,7 +28,7 @@ use std::time::Duration;
 use criterion::{Criterion, SamplingMode, Throughput};
 use ferry_bench::certs::BenchCerts;
 use ferry_bench::ferry_copy::{ferry_copy, FerryShape};
-use ferry_bench::raw_quinn::raw_quinn_copy;
+use ferry_bench::raw_quinn::{raw_quinn_copy, RawSettings};
 use ferry_bench::shard::Shard;
 
 const SHARD_BYTES: u64 = 256 << 20;
@@ -70,7 +72,7 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let run = runtime.block_on(raw_quinn_copy(&certs, SHARD_BYTES)).unwrap();
+                let run = runtime.block_on(raw_quinn_copy(&certs, SHARD_BYTES, RawSettings::FERRY_DEFAULT)).unwrap();
                 add_total("raw_quinn", run.bytes_total, run.elapsed);
                 total += run.elapsed;
             }

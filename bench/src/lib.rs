@@ -6,11 +6,15 @@
 //! every byte):
 //! - [`ferry_copy`]: ferry's own source and target in this process, staging through
 //!   `DiskStorage` on the folder the caller names (tmpfs or disk);
-//! - [`raw_quinn`]: the fixed-shape raw quinn baseline (one connection, one uni stream, one
-//!   static 1 MiB `Bytes` written with `write_chunk`, a receiver that discards, quinn's default
-//!   windows, ferry's rustls provider and cipher suite);
+//! - [`raw_quinn`]: the raw quinn baselines (static 1 MiB `Bytes` written with `write_chunk`,
+//!   a receiver that discards, ferry's rustls provider and cipher suite): quinn's defaults on
+//!   one stream, or ferry's exact endpoint settings and connection and stream counts;
+//! - [`tls_tcp`]: rustls (ferry's configs, AES-128-GCM) over one TCP connection, 1 MiB writes;
+//! - [`dd`]: `dd conv=fsync` of the shard to the staging disk;
+//! - [`curve`]: throughput against file size, with its same-run ceilings, drawn as an SVG;
 //! - [`tcp`]: a plain TCP copy on loopback that lands the files on the staging file system;
-//! - [`scp`]: `scp` against a throwaway OpenSSH server on 127.0.0.1, when one can be started;
+//! - [`scp`]: `scp`, and `tar | ssh` for small files, against a throwaway OpenSSH server on
+//!   127.0.0.1, when one can be started;
 //! - [`interference`]: the reference writer in a process of its own, and its ack latency per
 //!   time window (issue 21's interference benchmark);
 //! - [`daemons`]: `ferry serve` and `ferry copy` as separate processes, with [`procstat`]
@@ -24,7 +28,9 @@
 //! starts is killed and reaped when its handle drops.
 
 pub mod certs;
+pub mod curve;
 pub mod daemons;
+pub mod dd;
 pub mod ferry_copy;
 pub mod interference;
 pub mod procstat;
@@ -32,6 +38,7 @@ pub mod raw_quinn;
 pub mod scp;
 pub mod shard;
 pub mod tcp;
+pub mod tls_tcp;
 pub mod wal;
 
 use std::time::Duration;

@@ -10,6 +10,9 @@
 //! `~/.ssh`. When `sshd` is missing or will not start, [`Sshd::start`] says why and the
 //! caller skips the scp column.
 //!
+//! [`tar_ssh_copy`] runs `tar -c | ssh ... 'tar -x && sync'` of a shard's folder tree instead,
+//! the usual way to move many small files.
+//!
 //! Cipher: `scp` with no `-c` uses OpenSSH's default preference (chacha20-poly1305 first);
 //! [`scp_copy`] can also force one (e.g. `aes128-gcm@openssh.com`, ferry's cipher).
 
@@ -159,4 +162,36 @@ pub fn scp_copy(sshd: &Sshd, shard: &Shard, target_dir: &Path, cipher: Option<&s
         bytes_total += len;
     }
     Ok(RunResult { bytes_total, elapsed })
+}
+
+/// Copies the whole folder tree of `shard` with `tar -c -C <root> . | ssh ... 'tar -x -C
+/// <target_dir> && sync'` (OpenSSH's default cipher) and times it: the files are durable
+/// (`sync`) when it returns, as ferry's are at its commit. `target_dir` is created.
+pub fn tar_ssh_copy(sshd: &Sshd, shard: &Shard, target_dir: &Path) -> anyhow::Result<RunResult> {
+    std::fs::create_dir_all(target_dir)?;
+    let remote = format!("tar -x -f - -C '{}' && sync", target_dir.display());
+    let script = format!(
+        "tar -c -f - -C '{root}' . | ssh -q -p {port} -i '{key}' -o StrictHostKeyChecking=no \
+         -o UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes -o LogLevel=ERROR -o BatchMode=yes \
+         {user}@127.0.0.1 \"{remote}\"",
+        root = shard.root.display(),
+        port = sshd.port,
+        key = sshd.client_key().display(),
+        user = sshd.user,
+    );
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .args(["-o", "pipefail", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run bash")?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(
+        out.status.success(),
+        "tar | ssh failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    crate::ferry_copy::check_sizes(shard, target_dir)?;
+    Ok(RunResult { bytes_total: shard.size_bytes, elapsed })
 }

@@ -2,7 +2,8 @@
 //!
 //! What it does: writes `files_count` files whose sizes add up to exactly `size_bytes` under
 //! `<temp dir>/segments/`, filled with xorshift64* output (incompressible, every 8 bytes
-//! differ), in 1 MiB blocks so a 4 GiB shard never needs 4 GiB of memory.
+//! differ), in 1 MiB blocks so a 4 GiB shard never needs 4 GiB of memory; or
+//! ([`Shard::generate_tree`]) many equal files spread over sub-folders, the small-file shard.
 //!
 //! What it does not: look like any database's segment format; ferry treats files as opaque.
 //!
@@ -69,6 +70,46 @@ impl Shard {
         }
         Ok(Self { _dir: dir, root, files, size_bytes })
     }
+
+    /// Writes `files_count` files of `file_bytes` each, spread round-robin over
+    /// `folders_count` folders (`d00/f00000.dat`, `d01/f00001.dat`, ...), under a new temp dir
+    /// in `parent`: the small-file shard (2,000 x 16 KiB in 20 folders).
+    pub fn generate_tree(
+        parent: &Path,
+        files_count: u32,
+        file_bytes: u64,
+        folders_count: u32,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(files_count > 0 && folders_count > 0, "a shard needs at least one file and one folder");
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-bench-tree-")
+            .tempdir_in(parent)
+            .with_context(|| format!("cannot make a temp dir in {}", parent.display()))?;
+        let root = dir.path().join("segments");
+        for folder in 0..folders_count {
+            std::fs::create_dir_all(root.join(format!("d{folder:02}")))?;
+        }
+        let mut rng = XorShift::new(seed);
+        let mut block = vec![0u8; usize::try_from(file_bytes.min(BLOCK_BYTES as u64)).unwrap_or(BLOCK_BYTES)];
+        let mut files = Vec::new();
+        for index in 0..files_count {
+            let rel = format!("d{:02}/f{index:05}.dat", index % folders_count);
+            let path = root.join(&rel);
+            let mut file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+            let mut left = file_bytes;
+            while left > 0 {
+                let n = usize::try_from(left.min(block.len() as u64)).unwrap_or(block.len());
+                let part = block.get_mut(..n).context("block length")?;
+                rng.fill(part);
+                file.write_all(part).with_context(|| format!("cannot write {}", path.display()))?;
+                left -= n as u64;
+            }
+            files.push(ShardFile { rel, path, size_bytes: file_bytes });
+        }
+        let size_bytes = file_bytes * u64::from(files_count);
+        Ok(Self { _dir: dir, root, files, size_bytes })
+    }
 }
 
 /// xorshift64*: cheap, and good enough to defeat any compression on the way.
@@ -123,5 +164,17 @@ mod tests {
         let root = shard.root.clone();
         drop(shard);
         assert!(!root.exists());
+    }
+
+    #[test]
+    fn a_tree_spreads_equal_files_over_folders() {
+        let parent = tempfile::tempdir().unwrap();
+        let shard = Shard::generate_tree(parent.path(), 7, 5000, 3, 2).unwrap();
+        assert_eq!(shard.size_bytes, 35_000);
+        assert_eq!(std::fs::read_dir(&shard.root).unwrap().count(), 3);
+        for file in &shard.files {
+            assert_eq!(std::fs::metadata(shard.root.join(&file.rel)).unwrap().len(), 5000);
+        }
+        assert_eq!(shard.files[4].rel, "d01/f00004.dat");
     }
 }

@@ -56,6 +56,38 @@ async fn files_of_every_edge_size_arrive_byte_identical() {
     target.stop();
 }
 
+/// Hundreds of one-chunk files: the target finalises them in batches (several `FileDone`s
+/// taken at once, files fsynced on parallel blocking threads); every one must still arrive
+/// byte-identical, be named by the MANIFEST with its CRC, and leave no part file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_small_files_in_folders_all_arrive_and_are_named_once() {
+    let certs = Certs::new().unwrap();
+    let source = tempfile::tempdir().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let files_count = 400usize;
+    for i in 0..files_count {
+        write_file(source.path(), &format!("d{:02}/f{i:04}.seg", i % 20), 1000 + (i * 37) % 3000, 500 + i as u64);
+    }
+    let target = Target::start(&certs, target_dir.path(), Arc::new(DiskStorage)).unwrap();
+    let report = copy(&certs, request("many-small", source.path(), target.addr, 1 << 20)).await.unwrap();
+    assert_eq!(report.files_count, files_count as u64);
+    assert!(report.committed);
+    let staging = target_dir.path().join("migrations/many-small");
+    assert_eq!(tree_sha256(&staging.join("segments")).unwrap(), tree_sha256(source.path()).unwrap());
+    let manifest = StagingManifest::decode(&std::fs::read(staging.join("MANIFEST.json")).unwrap()).unwrap();
+    assert_eq!(manifest.state, StagingState::Released);
+    let mut named: Vec<&str> = manifest.segments.iter().map(|s| s.path.as_str()).collect();
+    named.sort_unstable();
+    named.dedup();
+    assert_eq!(named.len(), files_count);
+    for segment in &manifest.segments {
+        let bytes = std::fs::read(staging.join("segments").join(segment.path.as_str())).unwrap();
+        assert_eq!(ferry_wire::crc32c(&bytes), segment.crc32c, "{}", segment.path);
+    }
+    assert!(std::fs::read_dir(staging.join(".ferry/tmp")).unwrap().next().is_none());
+    target.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_chunks_and_one_stream_also_work() {
     let certs = Certs::new().unwrap();

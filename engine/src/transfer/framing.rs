@@ -298,6 +298,12 @@ impl Messages {
         self.rx.recv().await.map(|(message, _budget)| message)
     }
 
+    /// A message already read, without waiting; `None` when none is queued (also once the
+    /// reader ended: [`Messages::recv`] reports that).
+    pub fn try_recv(&mut self) -> Option<Result<Message, TransferError>> {
+        self.rx.try_recv().ok().map(|(message, _budget)| message)
+    }
+
     /// Body bytes read ahead and not yet taken (at most the budget).
     pub fn queued_bytes(&self) -> usize {
         (self.budget_bytes as usize).saturating_sub(self.budget.available_permits())

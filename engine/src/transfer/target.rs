@@ -45,6 +45,13 @@ const EVENT_QUEUE_MAX_COUNT: usize = 1024;
 const SYNC_BATCH_BYTES: u64 = 64 << 20;
 /// Chunk events a control loop takes in one go before it acks them.
 const EVENT_BATCH_MAX_COUNT: usize = 256;
+/// Files the control loop finalises at once, each on its own blocking thread: the fsyncs of
+/// many small files then share the file system's journal commits instead of waiting one after
+/// the other, and the control loop waits once per batch instead of once per file.
+const FINALIZE_BATCH_MAX_COUNT: usize = 32;
+/// `FileDone` messages already read that the control loop takes in one go, so the files they
+/// complete are finalised as one batch.
+const FILE_DONE_BATCH_MAX_COUNT: usize = 32;
 
 /// A transfer being received, as extra data connections find it.
 struct Joinable {
@@ -214,17 +221,52 @@ impl Driver<'_> {
     }
 
     async fn run(&mut self, messages: &mut Messages) -> Result<(), TransferError> {
+        // A message taken while gathering `FileDone`s that is not one: handled once the
+        // actions queued before it have run, as if it had just arrived.
+        let mut held: Option<Message> = None;
         loop {
             loop {
                 let Some(action) = self.conversation().poll_action() else { break };
+                let action = match action {
+                    TargetAction::FinalizeFile { path, done } => {
+                        // The files the machine asks to finalise next, together; the action
+                        // after them was queued before anything their finalising adds, so it
+                        // runs right after the batch, as it would have after the last file.
+                        let mut files = vec![(path, done)];
+                        let mut next = None;
+                        while files.len() < FINALIZE_BATCH_MAX_COUNT {
+                            match self.conversation().poll_action() {
+                                Some(TargetAction::FinalizeFile { path, done }) => files.push((path, done)),
+                                other => {
+                                    next = other;
+                                    break;
+                                }
+                            }
+                        }
+                        self.finalize(files).await?;
+                        match next {
+                            Some(action) => action,
+                            None => continue,
+                        }
+                    }
+                    action => action,
+                };
                 if self.execute(action).await? == Flow::Done {
                     return Ok(());
                 }
             }
+            if let Some(message) = held.take() {
+                self.conversation().handle_message(Some(message))?;
+                continue;
+            }
             tokio::select! {
                 message = messages.recv() => {
                     let message = message.transpose()?;
+                    let file_done = matches!(message, Some(Message::FileDone { .. }));
                     self.conversation().handle_message(message)?;
+                    if file_done {
+                        held = self.take_file_dones(messages)?;
+                    }
                 }
                 event = next_event(self.receive.as_mut()) => {
                     let mut batch = vec![event?];
@@ -247,6 +289,21 @@ impl Driver<'_> {
         }
     }
 
+    /// Hands the machine the `FileDone` messages already read (many small files complete
+    /// together), so their files are finalised as one batch; returns the first other message
+    /// taken, to be handled after the actions queued before it.
+    fn take_file_dones(&mut self, messages: &mut Messages) -> Result<Option<Message>, TransferError> {
+        for _ in 0..FILE_DONE_BATCH_MAX_COUNT {
+            match messages.try_recv() {
+                Some(Ok(message @ Message::FileDone { .. })) => self.conversation().handle_message(Some(message))?,
+                Some(Ok(other)) => return Ok(Some(other)),
+                Some(Err(e)) => return Err(e),
+                None => break,
+            }
+        }
+        Ok(None)
+    }
+
     async fn execute(&mut self, action: TargetAction) -> Result<Flow, TransferError> {
         match action {
             TargetAction::Send(message) => write_control(self.send, &message).await?,
@@ -255,7 +312,7 @@ impl Driver<'_> {
                 let inbound = self.receiving()?.inbound.clone();
                 blocking(move || inbound.sync()).await?;
             }
-            TargetAction::FinalizeFile { path, done } => self.finalize(path, done).await?,
+            TargetAction::FinalizeFile { path, done } => self.finalize(vec![(path, done)]).await?,
             TargetAction::StageBase { segment_crcs, bytes_resent } => {
                 self.stage_base(segment_crcs, bytes_resent).await?
             }
@@ -407,17 +464,46 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// Renames a verified file into `segments/`, durably, and logs it staged.
-    async fn finalize(&mut self, path: ferry_wire::path::RelPath, done: FileDone) -> Result<(), TransferError> {
+    /// Finalises verified files (each: fsync, re-read and check, rename into `segments/`, log
+    /// it staged), each on its own blocking thread, and tells the machine once all are done, in
+    /// the order it asked. A file is reported staged only after its own finalising returned.
+    async fn finalize(&mut self, files: Vec<(ferry_wire::path::RelPath, FileDone)>) -> Result<(), TransferError> {
         let receive = self.receiving()?;
-        let (layout, log) = (receive.layout.clone(), receive.inbound.log.clone());
-        locked(&receive.inbound.parts).remove(&done.file_index);
-        let ctx = self.ctx.clone();
-        blocking(move || super::steps::finalize_file(&ctx, &layout, &log, &path, done)).await?;
+        {
+            let mut parts = locked(&receive.inbound.parts);
+            for (_, done) in &files {
+                parts.remove(&done.file_index);
+            }
+        }
+        let mut running = Vec::with_capacity(files.len());
+        for (path, done) in files {
+            let (ctx, layout, log) = (self.ctx.clone(), receive.layout.clone(), receive.inbound.log.clone());
+            let handle =
+                tokio::task::spawn_blocking(move || super::steps::finalize_file(&ctx, &layout, &log, &path, done));
+            running.push((done.file_index, handle));
+        }
+        // Every one is awaited, also after a failure: a blocking task cannot be cancelled, and
+        // the transfer fails only once none of its files is still being written.
+        let mut first_error = None;
+        let mut finalized = Vec::with_capacity(running.len());
+        for (file_index, handle) in running {
+            let result = handle.await.map_err(|e| TransferError::Local(format!("a blocking task failed: {e}")));
+            match result.and_then(|r| r) {
+                Ok(()) => finalized.push(file_index),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
         let id = receive.id.clone();
         let staged = {
             let mut conversation = self.conversation();
-            conversation.handle_file_finalized(done.file_index)?;
+            for file_index in finalized {
+                conversation.handle_file_finalized(file_index)?;
+            }
             conversation.files_staged_count()
         };
         self.ctx.machine().files_staged(&id, staged)?;
