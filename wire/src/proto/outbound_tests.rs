@@ -108,16 +108,16 @@ fn a_fence_recovered_after_a_restart_is_released_only_once_the_target_confirms()
 #[test]
 fn records_are_read_back_into_states() {
     let pause = PauseReport { pause_duration_us: 5, ..PauseReport::default() };
-    let pending = Lifecycle::of_record(Phase::Completed, None, Some(Lsn(9)), Some(pause), false);
+    let pending = Lifecycle::of_record(Phase::Completed, None, Some(Lsn(9)), Some(pause), false, Some(Lsn(8)));
     assert_eq!(pending.release_pending(), Some(Lsn(9)));
-    let offline = Lifecycle::of_record(Phase::Completed, None, None, None, false);
+    let offline = Lifecycle::of_record(Phase::Completed, None, None, None, false, None);
     assert_eq!((offline.release_pending(), offline.pause()), (None, None));
-    let failed = Lifecycle::of_record(Phase::Failed, Some("x".into()), Some(Lsn(4)), None, false);
+    let failed = Lifecycle::of_record(Phase::Failed, Some("x".into()), Some(Lsn(4)), None, false, None);
     assert_eq!(
         (failed.reason(), failed.record_final_lsn(), failed.status_final_lsn()),
         (Some("x"), Some(Lsn(4)), Some(Lsn(4)))
     );
-    let mut stale = Lifecycle::of_record(Phase::AtomicCutOver, None, Some(Lsn(4)), None, false);
+    let mut stale = Lifecycle::of_record(Phase::AtomicCutOver, None, Some(Lsn(4)), None, false, None);
     assert!(stale.check_abort().is_ok());
     assert!(stale.fail(Some("aborted".into())));
     assert_eq!(stale.record_final_lsn(), Some(Lsn(4)));
