@@ -400,8 +400,8 @@ pub struct FenceResult {
     pub target_durable_lsn: u64,
     /// Records up to final_lsn read and sent.
     pub drain_us: u64,
-    /// The target's staged WAL fdatasync of the last records, its MANIFEST commit and the
-    /// round trip to it.
+    /// The target's staged WAL fdatasync of the last records (the one flush on the pause's
+    /// path; its MANIFEST commit follows its answer) and the round trip to it.
     pub target_durable_us: u64,
     pub apply_wait_us: u64,
     /// Writes paused to this answer.

@@ -22,7 +22,7 @@
 //!                     T: BaseStaged      (MANIFEST.json written, state copying)
 //! S: Commit           T: Committed       (offline copy: MANIFEST.json state released)
 //! S: Fence            T: Fenced          (live: every selected record <= final_lsn is durable;
-//!                                         MANIFEST.json state fenced)
+//!                                         MANIFEST.json state fenced follows the answer)
 //! ```
 //! An abort runs on a connection of its own: `S: Hello, T: Hello, S: Abort, T: Aborted`; so does
 //! a release: `S: Hello, T: Hello, S: Release, T: Released`.
@@ -82,9 +82,9 @@ pub enum Message {
     /// the last of the vShard's among them (sent on the WAL stream, which may arrive after this
     /// message). The target waits up to `wal_wait_max_us` for its staged WAL to be durable up
     /// to `through_lsn` (`None`: it does not wait: the source knew it durable already), checks
-    /// that it holds nothing above `final_lsn`, marks the staging `fenced` (MANIFEST commit)
-    /// and, when its database acknowledges ingest (`migration.applied`), waits up to
-    /// `apply_wait_max_us` for the applied LSN to reach `final_lsn`.
+    /// that it holds nothing above `final_lsn`, marks the staging fenced (its MANIFEST commit
+    /// follows the answer) and, when its database acknowledges ingest (`migration.applied`),
+    /// waits up to `apply_wait_max_us` for the applied LSN to reach `final_lsn`.
     Fence {
         final_lsn: Lsn,
         apply_wait_max_us: u64,
