@@ -90,7 +90,8 @@ fn started(fs: FakeStorage) -> Scene {
 
 fn record(lsn: u64) -> Vec<u8> {
     let mut out = Vec::new();
-    encode_record(&RecordHeader::new(Layout::B, 1, Lsn(lsn), VShardId(7)), &[lsn as u8; 40], &mut out).unwrap();
+    encode_record(&RecordHeader::new(Layout::B, 1, Lsn(lsn), VShardId(7)), &[lsn.to_le_bytes()[0]; 40], &mut out)
+        .unwrap();
     out
 }
 
