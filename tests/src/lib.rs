@@ -434,6 +434,21 @@ pub fn manifest_json(target_data_dir: &Path, id: &str) -> anyhow::Result<serde_j
     serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
 }
 
+/// [`manifest_json`] once its `state` is `state`, waiting up to 10 s for it: the target's
+/// `fenced` MANIFEST commit follows its answer to the fence (DESIGN section 8), so a fence call
+/// may return before it is on disk. Returns the last manifest read when it never gets there.
+pub fn manifest_json_when(target_data_dir: &Path, id: &str, state: &str) -> anyhow::Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let manifest = manifest_json(target_data_dir, id);
+        let reached = manifest.as_ref().is_ok_and(|m| m["state"] == state);
+        if reached || std::time::Instant::now() >= deadline {
+            return manifest;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -246,7 +246,8 @@ fn prepare_fence_release_complete_a_live_migration_with_its_pause_measured() {
         assert_eq!(fenced.final_lsn, final_lsn);
         assert_eq!(fenced.estimate_us, prepared.estimated_pause_us);
         assert_eq!(pair.status(&pair.source, "live-1").await["phase"], "AtomicCutOver");
-        assert_eq!(pair.manifest("live-1")["state"], "fenced");
+        let target_data = pair.dir.path().join("target");
+        assert_eq!(ferry_tests::manifest_json_when(&target_data, "live-1", "fenced").unwrap()["state"], "fenced");
         // Idempotent for the same final_lsn.
         assert_eq!(client.fence(&id, final_lsn, Some(paused_at)).await.unwrap(), fenced);
         let resumed_at = writer.resume();
@@ -342,7 +343,8 @@ fn a_drain_that_cannot_finish_is_cancelled_and_the_retry_completes_then_abort_of
         // flip failed): the target staging goes, the source stays authoritative.
         let (final_lsn, paused_at) = writer.pause();
         client.fence(&id, final_lsn, Some(paused_at)).await.unwrap();
-        assert_eq!(pair.manifest("cancel")["state"], "fenced");
+        let target_data = pair.dir.path().join("target");
+        assert_eq!(ferry_tests::manifest_json_when(&target_data, "cancel", "fenced").unwrap()["state"], "fenced");
         assert_eq!(pair.staged_lsns("cancel"), writer.vshard_lsns(0, final_lsn));
         writer.resume();
         client.abort(&id, Some("routing flip failed")).await.unwrap();

@@ -78,7 +78,7 @@ fn finish_and_verify(c: &Cluster, id: &str, writer: std::sync::Arc<RefWriter>, r
         }
     };
     assert!(fenced["final_lsn"].as_u64().is_some(), "{fenced}");
-    assert_eq!(c.manifest_state(id), "fenced");
+    assert_eq!(ferry_tests::manifest_json_when(&c.target_data, id, "fenced").unwrap()["state"], "fenced");
     let node_wal = c.target_data.join("node-wal");
     let resumed = writer.resume_on_target(&node_wal).unwrap();
     let released =
@@ -161,7 +161,7 @@ fn a_release_after_the_source_daemon_restarted_completes_a_fence_that_completed(
     let ticket = writer.pause().unwrap();
     let params = json!({ "migration_id": "m-kill-rel", "final_lsn": ticket.last_acked_lsn.0, "writes_paused_at_ns": ticket.paused_at_ns });
     c.source.call("migration.fence", params).unwrap();
-    assert_eq!(c.manifest_state("m-kill-rel"), "fenced");
+    assert_eq!(ferry_tests::manifest_json_when(&c.target_data, "m-kill-rel", "fenced").unwrap()["state"], "fenced");
     let node_wal = c.target_data.join("node-wal");
     let resumed = writer.resume_on_target(&node_wal).unwrap();
     c.source.signal(libc::SIGKILL);

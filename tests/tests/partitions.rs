@@ -136,7 +136,7 @@ fn a_partition_right_after_the_release_completes_on_reconnect() {
     let id = "p-release";
     let (c, _runtime, relay, live) = partitioned_scene(id);
     let (final_lsn, _) = live.fence(&c.source, 5);
-    assert_eq!(manifest(&c.target_data, id)["state"], "fenced");
+    assert_eq!(ferry_tests::manifest_json_when(&c.target_data, id, "fenced").unwrap()["state"], "fenced");
     relay.set_dropping(true);
     let node_wal = c.target_data.join("node-wal");
     let (code, message, _) = live.resume_and_release(&c.source, &node_wal).unwrap_err();

@@ -81,3 +81,8 @@ fn catches_a_release_from_copying() {
 fn catches_an_ack_before_its_group_commit_sync() {
     seeds_to_catch(Bug::AckBeforeSync);
 }
+
+#[test]
+fn catches_a_fence_answered_before_its_wal_is_durable() {
+    seeds_to_catch(Bug::FenceWithoutWalWait);
+}

@@ -53,7 +53,7 @@ impl Scene {
     async fn release_as(&self, certs: &Certs, who: &str) -> Result<(), TransferError> {
         let id = MigrationId::new("theirs").unwrap();
         let tuning = QuicTuning::default();
-        request_release(&certs.identity(who), &tuning, self.addr, &node("target"), &id, Lsn(42)).await
+        request_release(&certs.identity(who), &tuning, self.addr, &node("target"), &id, Lsn(42), None).await
     }
 }
 

@@ -359,6 +359,11 @@ pub struct PhaseRecord {
     /// receipt), so a release after a restart still measures the pause.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence_stamps: Option<PauseStamps>,
+    /// Written at release (phase `Completed`): the durable LSN the target answered the fence
+    /// with, told again with every retold release, so a target that lost its `fenced` MANIFEST
+    /// commit (DESIGN section 8) can still derive the fence (absent in earlier records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_durable_lsn: Option<u64>,
 }
 
 /// `migration.prepare_cutover`'s result.
@@ -395,8 +400,8 @@ pub struct FenceResult {
     pub target_durable_lsn: u64,
     /// Records up to final_lsn read and sent.
     pub drain_us: u64,
-    /// The target's staged WAL fdatasync of the last records, its MANIFEST commit and the
-    /// round trip to it.
+    /// The target's staged WAL fdatasync of the last records (the one flush on the pause's
+    /// path; its MANIFEST commit follows its answer) and the round trip to it.
     pub target_durable_us: u64,
     pub apply_wait_us: u64,
     /// Writes paused to this answer.
@@ -544,6 +549,7 @@ mod tests {
             pause: None,
             target_released: false,
             fence_stamps: None,
+            fenced_durable_lsn: None,
         };
         let bytes = record.encode();
         assert_eq!(PhaseRecord::decode(&bytes).unwrap(), record);

@@ -22,7 +22,7 @@
 //!                     T: BaseStaged      (MANIFEST.json written, state copying)
 //! S: Commit           T: Committed       (offline copy: MANIFEST.json state released)
 //! S: Fence            T: Fenced          (live: every selected record <= final_lsn is durable;
-//!                                         MANIFEST.json state fenced)
+//!                                         MANIFEST.json state fenced follows the answer)
 //! ```
 //! An abort runs on a connection of its own: `S: Hello, T: Hello, S: Abort, T: Aborted`; so does
 //! a release: `S: Hello, T: Hello, S: Release, T: Released`.
@@ -82,9 +82,9 @@ pub enum Message {
     /// the last of the vShard's among them (sent on the WAL stream, which may arrive after this
     /// message). The target waits up to `wal_wait_max_us` for its staged WAL to be durable up
     /// to `through_lsn` (`None`: it does not wait: the source knew it durable already), checks
-    /// that it holds nothing above `final_lsn`, marks the staging `fenced` (MANIFEST commit)
-    /// and, when its database acknowledges ingest (`migration.applied`), waits up to
-    /// `apply_wait_max_us` for the applied LSN to reach `final_lsn`.
+    /// that it holds nothing above `final_lsn`, marks the staging fenced (its MANIFEST commit
+    /// follows the answer) and, when its database acknowledges ingest (`migration.applied`),
+    /// waits up to `apply_wait_max_us` for the applied LSN to reach `final_lsn`.
     Fence {
         final_lsn: Lsn,
         apply_wait_max_us: u64,
@@ -96,12 +96,24 @@ pub enum Message {
     /// The target did not complete the fence (its database's ingest did not reach `final_lsn`
     /// in time, or its staged WAL holds records above it); the staging stays as it was.
     FenceCancelled { reason: String },
-    /// The staging is `fenced` at `final_lsn`; `commit_us` is what the MANIFEST commit took,
-    /// `apply_wait_us` how long the target waited for its database's ingest.
+    /// The staging is `fenced` at `final_lsn`: its staged WAL is durable up to `durable_lsn`
+    /// (the last selected record up to `final_lsn`) and holds nothing above `final_lsn`.
+    /// `commit_us` is the target's own check on the pause's path (the `fenced` MANIFEST commit
+    /// follows this answer, DESIGN section 8), `apply_wait_us` how long the target waited for
+    /// its database's ingest.
     Fenced { durable_lsn: Lsn, commit_us: u64, apply_wait_us: u64 },
     /// Instead of an offer: the source recorded the release of a fenced migration; the
     /// target marks its staging `released` (the point of no return: the database imports it).
-    Release { migration_id: MigrationId, final_lsn: Lsn },
+    /// `fenced_durable_lsn` is the `durable_lsn` of the target's `Fenced` answer, when the
+    /// source has it: a target that lost its `fenced` MANIFEST commit (a crash right after its
+    /// answer) derives the fence from its staged WAL with it (`None`: an earlier ferry, or a
+    /// fence recovered after a source restart, whose answer the source never took).
+    Release {
+        migration_id: MigrationId,
+        final_lsn: Lsn,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fenced_durable_lsn: Option<Lsn>,
+    },
     /// The staging is `released` (or already was, at the same `final_lsn`).
     Released,
     /// Instead of an offer: the source's coordinator aborted the migration; the target removes

@@ -19,6 +19,10 @@ pub enum Bug {
     /// The staged WAL reports a group of records durable (so the target acknowledges it with
     /// `WalDurable`) without its fdatasync: a power loss then loses acknowledged records.
     AckBeforeSync,
+    /// The target answers a fence without waiting for its staged WAL to be durable up to the
+    /// last record the source selected (`through_lsn`): the flush the fence's answer stands
+    /// on, the only one on its path.
+    FenceWithoutWalWait,
 }
 
 #[cfg(feature = "testkit")]

@@ -222,7 +222,7 @@ impl Outbound {
         };
         // Whether this call completes the migration (a repeated call must not count the pause
         // again).
-        let (Released { final_lsn, pause }, completes) = match step {
+        let (Released { final_lsn, pause, fenced_durable_lsn }, completes) = match step {
             ReleaseStep::ConfirmRecovered(released) => return self.release_recovered(id, released).await,
             ReleaseStep::Record(released) => (released, true),
             ReleaseStep::Already(released) => (released, false),
@@ -239,7 +239,7 @@ impl Outbound {
             if completes {
                 crate::metrics::observe_pause_us(pause.pause_duration_us);
             }
-            self.tell_release(id, final_lsn).await.map_err(|e| {
+            self.tell_release(id, final_lsn, fenced_durable_lsn).await.map_err(|e| {
                 // Told again in the background once the target is reachable (a partition that
                 // heals), not only at the next call or the next daemon start.
                 tokio::spawn(self.clone().tell_pending_releases());
@@ -255,8 +255,8 @@ impl Outbound {
     /// only a staging fenced at exactly this `final_lsn`); once it confirms, the source records
     /// the release.
     async fn release_recovered(&self, id: &MigrationId, released: Released) -> Result<ReleaseResult, OutboundError> {
-        let Released { final_lsn, pause } = released;
-        self.tell_release(id, final_lsn).await.map_err(|e| {
+        let Released { final_lsn, pause, fenced_durable_lsn } = released;
+        self.tell_release(id, final_lsn, fenced_durable_lsn).await.map_err(|e| {
             OutboundError::Refused(format!(
                 "migration {id} was in a cut-over at final_lsn {final_lsn} when this daemon restarted, and the target does not confirm that fence ({e}): fence it again"
             ))
@@ -289,8 +289,8 @@ impl Outbound {
                 }
                 return;
             }
-            for (id, final_lsn) in pending {
-                match self.tell_release(&id, final_lsn).await {
+            for (id, Released { final_lsn, fenced_durable_lsn, .. }) in pending {
+                match self.tell_release(&id, final_lsn, fenced_durable_lsn).await {
                     Ok(()) => {
                         tracing::info!(migration = %id, %final_lsn, "the target confirmed a release it had missed")
                     }
@@ -306,14 +306,20 @@ impl Outbound {
         }
     }
 
-    /// The released migrations whose target has not confirmed, with their `final_lsn`.
-    fn pending_releases(&self) -> Vec<(MigrationId, Lsn)> {
-        self.entries().iter().filter_map(|(id, e)| e.life.release_pending().map(|lsn| (id.clone(), lsn))).collect()
+    /// The released migrations whose target has not confirmed, with their release.
+    fn pending_releases(&self) -> Vec<(MigrationId, Released)> {
+        self.entries().iter().filter_map(|(id, e)| e.life.release_pending_whole().map(|r| (id.clone(), r))).collect()
     }
 
-    /// Tells the target that `id` is released, records that it knows, and drops what the
-    /// source held for the copy (its task, the held WAL links).
-    pub(super) async fn tell_release(&self, id: &MigrationId, final_lsn: Lsn) -> Result<(), String> {
+    /// Tells the target that `id` is released (with the durable LSN of the fence's answer,
+    /// when known), records that it knows, and drops what the source held for the copy (its
+    /// task, the held WAL links).
+    pub(super) async fn tell_release(
+        &self,
+        id: &MigrationId,
+        final_lsn: Lsn,
+        fenced_durable_lsn: Option<Lsn>,
+    ) -> Result<(), String> {
         let params = {
             let entries = self.entries();
             let entry = entries.get(id).ok_or_else(|| format!("no outbound migration {id}"))?;
@@ -321,7 +327,8 @@ impl Outbound {
         };
         let addr: std::net::SocketAddr = params.target_address.parse().map_err(|e| format!("target_address: {e}"))?;
         let node = params.target_node().map_err(|e| e.to_string())?;
-        crate::transfer::request::request_release(&self.identity(), &self.config.tuning, addr, &node, id, final_lsn)
+        let (identity, tuning) = (self.identity(), &self.config.tuning);
+        crate::transfer::request::request_release(&identity, tuning, addr, &node, id, final_lsn, fenced_durable_lsn)
             .await
             .map_err(|e| e.to_string())?;
         {

@@ -228,6 +228,7 @@ impl Outbound {
             pause: None,
             target_released: false,
             fence_stamps: None,
+            fenced_durable_lsn: None,
         };
         self.write_record(&id, record).await?;
         // Another start of the same id may have raced us to here: the registry decides.
@@ -552,6 +553,7 @@ impl Outbound {
                     record.final_lsn.map(Lsn),
                     record.pause,
                     record.target_released,
+                    record.fenced_durable_lsn.map(Lsn),
                 ),
                 progress,
                 rate: RateHandle::new(record.params.rate_limit_bytes_per_sec, 1 << 20),
@@ -706,6 +708,7 @@ fn record_of(entry: &Entry) -> PhaseRecord {
         pause: entry.life.pause(),
         target_released: entry.life.target_told(),
         fence_stamps: entry.life.record_fence_stamps(),
+        fenced_durable_lsn: entry.life.release().and_then(|r| r.fenced_durable_lsn).map(|l| l.0),
     }
 }
 

@@ -142,6 +142,7 @@ mod tests {
             pause: None,
             target_released: false,
             fence_stamps: None,
+            fenced_durable_lsn: None,
         }
     }
 

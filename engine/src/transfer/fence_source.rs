@@ -5,8 +5,9 @@
 //! tail has read every record up to `final_lsn`, [`ferry_wire::fence::drain_check`]), then has
 //! the copy's machine ([`ferry_wire::proto::source`]) ask the target to mark the staging
 //! `fenced` once its staged WAL is durable up to the last selected record (`Fence` with
-//! `through_lsn` on the control stream: the target's WAL fdatasync and MANIFEST commit, without
-//! a round trip back to the source between them), feeds the machine the target's answer and
+//! `through_lsn` on the control stream: the target's WAL fdatasync is the one flush before its
+//! answer, without a round trip back to the source first; its MANIFEST commit follows the
+//! answer), feeds the machine the target's answer and
 //! the fence's deadline timer, and answers the daemon with the stamps of each step. A drain or a target answer that is not done by the deadline is cancelled
 //! ([`FenceFailure::Cancelled`]) and a vShard record above `final_lsn` is a violation
 //! ([`FenceFailure::Violated`]): either way the copy goes on streaming (the migration is back in

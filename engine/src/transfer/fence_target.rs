@@ -1,29 +1,34 @@
-//! The target's side of the cut-over: `fenced`, then `released` (DESIGN sections 2 and 3).
+//! The target's side of the cut-over: `fenced`, then `released` (DESIGN sections 2, 3 and 8).
 //!
 //! What it does: [`fence_staging`] answers the source's `Fence{final_lsn, through_lsn}`: it
 //! waits for the staged WAL to be durable up to `through_lsn` (the last record of the vShard
-//! the source read up to `final_lsn`; its group's fdatasync is the staged WAL's flush on the
-//! fence's path, and the source does not wait for its acknowledgement before it asks), checks
-//! that the staged WAL holds nothing above `final_lsn`, writes `MANIFEST.json` in state
-//! `fenced` with `final_lsn` and the staged WAL's segments (one MANIFEST commit: temp file,
-//! fsync, rename, folder fsync, into a temp file prepared when the base was staged so its
-//! flush has no allocation to journal, [`staging::prepare_manifest_commit`]), and, when the
-//! target's
-//! database acknowledges ingest (`migration.applied`), waits within the fence's time for the
-//! applied LSN to reach `final_lsn`. [`unfence_hook`] puts a staging fenced by a fence the source then cancelled (its answer came
-//! too late) back to `copying` when records above its `final_lsn` arrive. [`release_staging`]
-//! answers a `Release` (a connection of its own): a staging `fenced` at exactly that
-//! `final_lsn` becomes `released`; a repeated release is idempotent. [`set_applied`] records
-//! `migration.applied`.
+//! the source read up to `final_lsn`; its group's fdatasync is the only flush on the fence's
+//! path, and the source does not wait for its acknowledgement before it asks), checks under
+//! the staged WAL's lock that the staged WAL holds nothing above `final_lsn`, marks the
+//! migration fenced in memory and, when the target's database acknowledges ingest
+//! (`migration.applied`), waits within the fence's time for the applied LSN to reach
+//! `final_lsn`. [`commit_fenced`] runs after the `Fenced` answer is out, off the pause: the
+//! MANIFEST commit of state `fenced` with `final_lsn` and the staged WAL's segments (temp file,
+//! fsync, rename, folder fsync, into the temp file prepared when the base was staged,
+//! [`staging::prepare_manifest_commit`]). [`unfence_hook`] puts a staging fenced by a fence the
+//! source then cancelled (its answer came too late) back to `copying` when records above its
+//! `final_lsn` arrive. [`release_staging`] answers a `Release` (a connection of its own): a
+//! staging fenced at exactly that `final_lsn` becomes `released`; so does a base-staged one
+//! whose `fenced` commit was lost (a crash between the answer and the commit), when the release
+//! names the durable LSN the fence was answered with and the staged WAL is durable from it to
+//! at most `final_lsn` (derived from the durable staged WAL); a repeated release is idempotent.
+//! [`set_applied`] records `migration.applied`.
 //!
 //! What it does not: decide to fence or release (the source's daemon does, for its
 //! coordinator), or import anything (the database does, from a `released` staging).
 //!
-//! Invariants: a staging is released only from `fenced` at the same `final_lsn`, and only when
-//! its staged WAL holds no record above it: the database never imports a staging whose WAL
-//! disagrees with the fence it was released at. The fence's check and MANIFEST commit and the
-//! unfence hook run under the staged WAL's lock, so a staging is never left `fenced` below a
-//! record it holds.
+//! Invariants: a staging is released only at a fence the target answered (fenced in memory or
+//! on disk at the same `final_lsn`, or derived as above), and only when its staged WAL holds
+//! no record above `final_lsn` and every record the fence made durable: the database never
+//! imports a staging whose WAL disagrees with the fence it was released at. The fence's check,
+//! the `fenced` commit, the release and the unfence hook run under the staged WAL's lock, so a
+//! staging is never left `fenced` below a record it holds, and a late `fenced` commit never
+//! overwrites a release or an unfence.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,14 +67,14 @@ pub struct FenceWaits {
     pub apply_wait_max_us: u64,
 }
 
-/// Marks the staging of `offer` `fenced` at `final_lsn` once its staged WAL is durable up to
-/// `waits.through_lsn`; answers `Fenced` or `FenceCancelled` (the WAL or, when it is awaited,
-/// the database's ingest not there within its wait). An I/O failure fails the transfer (never
-/// retried).
+/// Marks the staging of `offer` fenced at `final_lsn` (in memory) once its staged WAL is
+/// durable up to `waits.through_lsn`; answers `Fenced` or `FenceCancelled` (the WAL or, when it
+/// is awaited, the database's ingest not there within its wait). Writes nothing: the flush on
+/// the fence's path is the staged WAL's group commit it waits for, and the `fenced` MANIFEST
+/// commit follows the answer ([`commit_fenced`], DESIGN section 8).
 pub async fn fence_staging(
     ctx: &Arc<TargetContext>,
     offer: &Offer,
-    layout: &StagingLayout,
     final_lsn: Lsn,
     waits: FenceWaits,
 ) -> Result<FenceAnswer, TransferError> {
@@ -79,36 +84,30 @@ pub async fn fence_staging(
     let Some(wal) = ctx.wal_stages.get(id) else {
         return Ok(FenceAnswer::Cancelled { reason: "the WAL stream of this migration was never opened".into() });
     };
-    if let Some(through_lsn) = waits.through_lsn {
+    // Planted bug `FenceWithoutWalWait`: the fence answers without its last records durable.
+    let wait_for_wal = !ferry_wire::plant::planted(ferry_wire::plant::Bug::FenceWithoutWalWait);
+    if let Some(through_lsn) = waits.through_lsn.filter(|_| wait_for_wal) {
         let wal_deadline = arrived + Duration::from_micros(waits.wal_wait_max_us);
         if let Some(reason) = wait_wal_durable(ctx, id, through_lsn, wal_deadline).await {
             return Ok(FenceAnswer::Cancelled { reason });
         }
     }
     let started = Instant::now();
-    let (ctx_owned, layout_owned, id_owned) = (ctx.clone(), layout.clone(), id.clone());
-    let committed = inline(move || {
-        // Under the staged WAL's lock: no group is staged between the check and the commit, so
+    let (ctx_owned, id_owned) = (ctx.clone(), id.clone());
+    let checked = inline(move || {
+        // Under the staged WAL's lock: no group is staged between the check and the mark, so
         // a staging is never fenced below a record it holds (see `unfence_hook`).
         let wal = wal.lock().unwrap_or_else(|e| e.into_inner());
-        let (segments, durable) = (wal.segments(), wal.durable_lsn());
-        if let Some(above) = segments.iter().map(|s| s.last_lsn).filter(|l| *l > final_lsn).max() {
+        let (last_lsn, durable) = (wal.segments().iter().map(|s| s.last_lsn).max(), wal.durable_lsn());
+        if let Some(above) = last_lsn.filter(|l| *l > final_lsn) {
             return Ok(Err(above));
         }
-        ctx_owned.machine().check_fence(&id_owned)?;
-        let mut manifest = ctx_owned
-            .manifest(&layout_owned, &id_owned)?
-            .ok_or_else(|| TransferError::Local("MANIFEST.json vanished before the fence".into()))?;
-        manifest.state = StagingState::Fenced;
-        manifest.final_lsn = Some(final_lsn);
-        manifest.wal_segments = segments;
-        ctx_owned.write_manifest_prepared(&layout_owned, &manifest)?;
         // Still under the lock, so a group staged next sees the staging fenced.
         ctx_owned.machine().fenced(&id_owned, final_lsn)?;
         Ok(Ok(durable))
     })
     .await?;
-    let durable = match committed {
+    let durable = match checked {
         Ok(durable) => durable,
         Err(above) => {
             return Ok(FenceAnswer::Cancelled {
@@ -129,6 +128,43 @@ pub async fn fence_staging(
     }
     tracing::info!(migration = %id, %final_lsn, commit_us, apply_wait_us, "staging fenced");
     Ok(FenceAnswer::Fenced { durable_lsn: durable, commit_us, apply_wait_us })
+}
+
+/// After the `Fenced` answer is out: makes the staging's `fenced` state durable, off the
+/// pause (one MANIFEST commit through the prepared temp file: `fenced`, `final_lsn`, the
+/// staged WAL's segments). Returns whether it wrote: a staging no longer fenced at `final_lsn`
+/// in memory (unfenced, released, aborted since) or already committed is left alone. A failed
+/// commit is not retried (DESIGN section 8): the staging goes back to base staged in memory, as
+/// a crash there would leave it, and the error is returned; a release then derives the fence
+/// from the durable staged WAL. Blocking.
+pub fn commit_fenced(
+    ctx: &TargetContext,
+    layout: &StagingLayout,
+    id: &MigrationId,
+    final_lsn: Lsn,
+) -> Result<bool, TransferError> {
+    let Some(wal) = ctx.wal_stages.get(id) else { return Ok(false) };
+    let wal = wal.lock().unwrap_or_else(|e| e.into_inner());
+    if ctx.fenced_at(id) != Some(final_lsn.0) {
+        return Ok(false);
+    }
+    let Some(mut manifest) = ctx.manifest(layout, id)? else {
+        return Err(TransferError::Local(format!("the staging of {id} lost its MANIFEST.json while fenced")));
+    };
+    if manifest.state == StagingState::Fenced && manifest.final_lsn == Some(final_lsn) {
+        return Ok(false);
+    }
+    manifest.state = StagingState::Fenced;
+    manifest.final_lsn = Some(final_lsn);
+    manifest.wal_segments = wal.segments();
+    if let Err(e) = ctx.write_manifest_prepared(layout, &manifest) {
+        if let Err(refused) = ctx.machine().unfenced(id) {
+            tracing::debug!(migration = %id, "not unfenced: {refused}");
+        }
+        return Err(e.into());
+    }
+    tracing::debug!(migration = %id, %final_lsn, "the fence is durable in MANIFEST.json");
+    Ok(true)
 }
 
 /// The staged WAL's hook before each group: records above the `final_lsn` a staging is fenced
@@ -216,48 +252,72 @@ pub fn set_applied(ctx: &TargetContext, id: &MigrationId, applied_lsn: Lsn) -> R
     Ok(now.0)
 }
 
-/// Marks the staging of `id`, fenced at `final_lsn`, `released`. Idempotent.
-pub async fn release_staging(ctx: &Arc<TargetContext>, id: &MigrationId, final_lsn: Lsn) -> Result<(), TransferError> {
+/// Marks the staging of `id`, fenced at `final_lsn`, `released`. Idempotent. A staging that
+/// is base staged, not fenced (its `fenced` commit lost after the fence's answer), is released
+/// when `fenced_durable_lsn` (the durable LSN the fence was answered with) is given and its
+/// staged WAL is durable from it to at most `final_lsn`. See [`release_now`].
+pub async fn release_staging(
+    ctx: &Arc<TargetContext>,
+    id: &MigrationId,
+    final_lsn: Lsn,
+    fenced_durable_lsn: Option<Lsn>,
+) -> Result<(), TransferError> {
+    let (ctx_owned, id_owned) = (ctx.clone(), id.clone());
+    blocking(move || release_now(&ctx_owned, &id_owned, final_lsn, fenced_durable_lsn).map(|_| ())).await
+}
+
+/// [`release_staging`], blocking: the check and the write run under the staged WAL's lock (the
+/// `fenced` commit or the unfence hook may run meanwhile). Returns how it released (`None`:
+/// released already).
+pub fn release_now(
+    ctx: &TargetContext,
+    id: &MigrationId,
+    final_lsn: Lsn,
+    fenced_durable_lsn: Option<Lsn>,
+) -> Result<Option<ReleaseStep>, TransferError> {
     if !ctx.has_inbound(id) {
         return Err(TransferError::Refused(format!(
             "migration {id} has no staging on this target: nothing to release"
         )));
     }
-    if ctx.machine().check_release(id, final_lsn)? == ReleaseStep::Already {
-        return Ok(());
+    if ctx.machine().check_release(id, final_lsn, fenced_durable_lsn)? == ReleaseStep::Already {
+        return Ok(None);
     }
     let layout = StagingLayout::new(&ctx.data_dir, id);
-    let manifest = {
-        let (ctx, layout, id) = (ctx.clone(), layout.clone(), id.clone());
-        blocking(move || Ok(ctx.manifest(&layout, &id)?)).await?
-    };
-    let Some(mut manifest) = manifest else {
-        return Err(TransferError::Local(format!("the staging of {id} lost its MANIFEST.json while fenced")));
-    };
+    let lost = || TransferError::Local(format!("the staging of {id} lost its MANIFEST.json while fenced"));
+    let base_lsn = ctx.manifest(&layout, id)?.ok_or_else(lost)?.base_lsn;
+    let wal = ctx.wal_stages.get_or_open(&ctx.storage, &layout, id, base_lsn)?;
+    let mut wal = wal.lock().unwrap_or_else(|e| e.into_inner());
+    let step = ctx.machine().check_release(id, final_lsn, fenced_durable_lsn)?;
+    if step == ReleaseStep::Already {
+        return Ok(None);
+    }
     // The staged WAL may have grown after the fence only if a writer did not pause; then the
     // staging must not be released at this fence.
-    let wal = ctx.wal_stages.get_or_open(&ctx.storage, &layout, id, manifest.base_lsn)?;
-    let durable = wal.lock().unwrap_or_else(|e| e.into_inner()).durable_lsn();
+    let durable = wal.durable_lsn();
     if durable > final_lsn {
         return Err(TransferError::Refused(format!(
             "the staged WAL of {id} holds records up to {durable}, above final_lsn {final_lsn}: fence again before releasing"
         )));
     }
+    // Every record the fence made durable is still there (its answer named where it was).
+    if let Some(answered) = fenced_durable_lsn.filter(|answered| durable < *answered) {
+        return Err(TransferError::Refused(format!(
+            "the staged WAL of {id} is durable up to {durable}, below the {answered} its fence was answered with: records are missing, abort the migration"
+        )));
+    }
+    let mut manifest = ctx.manifest(&layout, id)?.ok_or_else(lost)?;
+    // Records back to back before the staging is released (no preallocated zeros).
+    wal.trim().map_err(|e| TransferError::Local(format!("trimming the staged WAL: {e}")))?;
     manifest.state = StagingState::Released;
-    let (storage, ctx_owned) = (ctx.storage.clone(), ctx.clone());
-    blocking(move || {
-        // Records back to back before the staging is released (no preallocated zeros).
-        wal.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .trim()
-            .map_err(|e| TransferError::Local(format!("trimming the staged WAL: {e}")))?;
-        ctx_owned.write_manifest(&layout, &manifest)?;
-        Ok(staging::release_held_manifest(&*storage, &layout)?)
-    })
-    .await?;
-    ctx.machine().released(id, final_lsn)?;
-    tracing::info!(migration = %id, %final_lsn, "staging released");
-    Ok(())
+    manifest.final_lsn = Some(final_lsn);
+    manifest.wal_segments = wal.segments();
+    ctx.write_manifest(&layout, &manifest)?;
+    staging::release_held_manifest(&*ctx.storage, &layout)?;
+    ctx.machine().released(id, final_lsn, fenced_durable_lsn)?;
+    let derived = matches!(step, ReleaseStep::Derive { .. });
+    tracing::info!(migration = %id, %final_lsn, derived, "staging released");
+    Ok(Some(step))
 }
 
 #[cfg(test)]

@@ -42,7 +42,9 @@ pub async fn request_abort(
 }
 
 /// Asks the target daemon at `target_addr` to mark the staging of `id`, fenced at
-/// `final_lsn`, `released` (the source recorded the release first).
+/// `final_lsn`, `released` (the source recorded the release first). `fenced_durable_lsn`: the
+/// durable LSN of the target's `Fenced` answer, when the source took it (a target that lost
+/// its `fenced` MANIFEST commit derives the fence with it).
 pub async fn request_release(
     identity: &NodeIdentity,
     tuning: &QuicTuning,
@@ -50,8 +52,9 @@ pub async fn request_release(
     target_node: &NodeId,
     id: &MigrationId,
     final_lsn: Lsn,
+    fenced_durable_lsn: Option<Lsn>,
 ) -> Result<(), TransferError> {
-    let machine = SourceConversation::release(identity.node_id(), id.clone(), final_lsn);
+    let machine = SourceConversation::release(identity.node_id(), id.clone(), final_lsn, fenced_durable_lsn);
     one_request(identity, tuning, target_addr, target_node, machine).await
 }
 

@@ -321,15 +321,21 @@ impl Driver<'_> {
                 self.conversation().handle_committed()?;
             }
             TargetAction::Fence(request) => {
-                let (offer, layout) = self.admitted()?;
+                let (offer, _) = self.admitted()?;
                 let waits = super::fence_target::FenceWaits {
                     through_lsn: request.through_lsn,
                     wal_wait_max_us: request.wal_wait_max_us,
                     apply_wait_max_us: request.apply_wait_max_us,
                 };
-                let answer =
-                    super::fence_target::fence_staging(self.ctx, offer, layout, request.final_lsn, waits).await?;
+                let answer = super::fence_target::fence_staging(self.ctx, offer, request.final_lsn, waits).await?;
                 self.conversation().handle_fence_answer(answer)?;
+            }
+            TargetAction::CommitFenced { final_lsn } => {
+                // The `Fenced` answer was written just before (the machine's order): the pause
+                // is over for the source, and this commit is off its path (DESIGN section 8).
+                let (offer, layout) = self.admitted()?;
+                let (ctx, layout, id) = (self.ctx.clone(), layout.clone(), offer.migration_id.clone());
+                blocking(move || super::fence_target::commit_fenced(&ctx, &layout, &id, final_lsn)).await?;
             }
             TargetAction::Join { migration_id } => {
                 let (inbound, events) =
@@ -351,9 +357,9 @@ impl Driver<'_> {
             TargetAction::CarryChunks => {
                 return Err(TransferError::Local("carrying chunks of no joined transfer".into()));
             }
-            TargetAction::Release { migration_id, final_lsn } => {
+            TargetAction::Release { migration_id, final_lsn, fenced_durable_lsn } => {
                 self.check_peer(&migration_id).await?;
-                super::fence_target::release_staging(self.ctx, &migration_id, final_lsn).await?;
+                super::fence_target::release_staging(self.ctx, &migration_id, final_lsn, fenced_durable_lsn).await?;
                 self.conversation().handle_answered()?;
             }
             TargetAction::Abort { migration_id, reason } => {

@@ -5,7 +5,10 @@
 //! - a `released` staging is byte for byte the source's files, and only a release the source
 //!   recorded (an offline commit, or a live copy's release at the same `final_lsn`) made it;
 //! - a `fenced` or `released` staging's WAL holds exactly the migrating vShard's records in
-//!   `(base_lsn, final_lsn]`, byte for byte as the writer wrote them;
+//!   `(base_lsn, final_lsn]`, byte for byte as the writer wrote them (a fenced one from the
+//!   fence's answer on, before its `fenced` MANIFEST commit);
+//! - a release the source recorded is never refused by the target (a crash between the
+//!   fence's answer and the release included: the target derives the fence);
 //! - no write of the migrating vShard was acknowledged while its writes were paused;
 //! - every claim belongs to a live connection, and no migration shows `receiving` without
 //!   one (a phantom holding a slot);
@@ -29,6 +32,9 @@ use super::run::{SourceRelease, World, CHUNK_LEN_BYTES, WINDOW_CHUNKS};
 impl World {
     /// The invariants; the first one broken, if any.
     pub(super) fn check(&self) -> Option<String> {
+        if let Some(broken) = &self.broken {
+            return Some(broken.clone());
+        }
         if let Some(lsn) = self.writer.acked_while_paused() {
             return Some(format!("the writer acknowledged record {lsn} of the vShard while its writes were paused"));
         }
@@ -58,8 +64,14 @@ impl World {
                     return Some(v);
                 }
             }
-            if matches!(m.state, InboundState::Fenced { .. } | InboundState::Released { final_lsn: Some(_) }) {
-                if let Some(v) = self.staged_wal_differs(id) {
+            let fenced = match m.state {
+                // Fenced in memory from the answer on; its MANIFEST commit may not be there yet.
+                InboundState::Fenced { final_lsn } => Some((final_lsn, Listed::Folder)),
+                InboundState::Released { final_lsn: Some(final_lsn) } => Some((final_lsn, Listed::Manifest)),
+                _ => None,
+            };
+            if let Some((final_lsn, listed)) = fenced {
+                if let Some(v) = self.staged_wal_differs(id, final_lsn, listed) {
                     return Some(v);
                 }
             }
@@ -113,21 +125,33 @@ impl World {
     }
 
     /// Whether a fenced or released staging's WAL differs from the vShard's records in
-    /// `(base_lsn, final_lsn]` on the source.
-    fn staged_wal_differs(&self, id: &MigrationId) -> Option<String> {
+    /// `(base_lsn, final_lsn]` on the source: the staged WAL folder of a fenced one (its
+    /// `fenced` commit follows the answer), the segments the manifest lists for a released one
+    /// (which must be released at `final_lsn`).
+    fn staged_wal_differs(&self, id: &MigrationId, final_lsn: Lsn, listed: Listed) -> Option<String> {
         let storage = &*self.target.ctx.storage;
         let layout: StagingLayout = self.target.layout(id);
         let manifest = match staging::read_manifest(storage, &layout) {
             Ok(Some(m)) => m,
             other => return Some(format!("fenced {id} has no readable manifest: {other:?}")),
         };
-        let final_lsn = manifest.final_lsn?;
         let dir = layout.root.join("wal");
         let mut staged = Vec::new();
-        for segment in &manifest.wal_segments {
-            let path = dir.join(&segment.name);
-            let one = staged_records(storage, &path, self.writer.layout, Some(segment.size_bytes));
-            staged.extend(one);
+        match listed {
+            Listed::Folder => staged = staged_records(storage, &dir, self.writer.layout, None),
+            Listed::Manifest => {
+                if manifest.final_lsn != Some(final_lsn) {
+                    return Some(format!(
+                        "{id} is released at {final_lsn}, its manifest says {:?}",
+                        manifest.final_lsn
+                    ));
+                }
+                for segment in &manifest.wal_segments {
+                    let path = dir.join(&segment.name);
+                    let one = staged_records(storage, &path, self.writer.layout, Some(segment.size_bytes));
+                    staged.extend(one);
+                }
+            }
         }
         let expected: Vec<(Lsn, Vec<u8>)> = self
             .writer
@@ -140,12 +164,21 @@ impl World {
             let staged_lsns: Vec<u64> = staged.iter().map(|(l, _)| l.0).collect();
             let expected_lsns: Vec<u64> = expected.iter().map(|(l, _)| l.0).collect();
             return Some(format!(
-                "{id} ({:?} at {final_lsn}): the staged WAL holds {staged_lsns:?}, the source's records in ({}, {final_lsn}] are {expected_lsns:?}",
+                "{id} ({listed:?}, MANIFEST {:?}, at {final_lsn}): the staged WAL holds {staged_lsns:?}, the source's records in ({}, {final_lsn}] are {expected_lsns:?}",
                 manifest.state, manifest.base_lsn
             ));
         }
         None
     }
+}
+
+/// Where the check reads a staged WAL from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    /// Every segment file of the staged WAL folder (a staging fenced in memory).
+    Folder,
+    /// The segments `MANIFEST.json` lists, each up to its listed size (a released staging).
+    Manifest,
 }
 
 /// The records of a staged WAL file (`size_bytes`: its size in the manifest), or of every file

@@ -6,7 +6,7 @@
 //! call goes through the source daemon's production record of the migration
 //! (`ferry_wire::proto::outbound::Lifecycle`), which refuses what the phase does not allow; the
 //! fence's drain is the production rule (`ferry_wire::fence::drain_check`); the target runs
-//! the engine's `fence_staging`, `release_staging` and `abort_staging`.
+//! the engine's `fence_staging`, `commit_fenced`, `release_now` and `abort_staging`.
 //!
 //! What it does not: write the source's phase record to a disk (a source restart keeps the
 //! record whole; its own tests cover its file), measure the pause, or run
@@ -122,7 +122,7 @@ impl World {
         self.writer.move_away(step);
         let source_release = SourceRelease { files: self.copy.files.clone(), final_lsn: Some(release.final_lsn) };
         self.released_by_source.insert(id.clone(), source_release);
-        let request = SourceConversation::release(&self.node(), id, release.final_lsn);
+        let request = SourceConversation::release(&self.node(), id, release.final_lsn, release.fenced_durable_lsn);
         self.connect(Purpose::LiveRelease, Some(request));
     }
 
@@ -188,9 +188,39 @@ impl World {
         if pick == 9 {
             self.cov.hit("fence: the target answers");
             self.conns[i].target.answer_fence(&self.target).map_err(|e| e.to_string())?;
-            return self.drain_target(i);
+            self.drain_target(i)?;
+            if self.conns[i].target.pending_commit.is_some() {
+                self.fault_after_answer();
+            }
+            return Ok(());
+        }
+        if pick == 10 {
+            let wrote = self.conns[i].target.commit_fence(&self.target).map_err(|e| e.to_string())?;
+            self.cov.hit(if wrote { "fence: fenced commit written" } else { "fence: fenced commit not needed" });
+            self.log(format!("target commits its fence (written: {wrote})"));
         }
         result
+    }
+
+    /// Right after the target's `Fenced` answer, before its `fenced` MANIFEST commit: now and
+    /// then the target's process restarts there, or a power loss is armed to hit one of the
+    /// next few syncs (the commit's or the release's), so the window between the answer and
+    /// the release is crossed by crashes.
+    fn fault_after_answer(&mut self) {
+        match self.rng.below(10) {
+            0 | 1 => {
+                self.cov.hit("fault: target restart after the fence's answer");
+                self.log("the target's process will restart after its fence's answer".into());
+                self.target_restart = true;
+            }
+            2 | 3 => {
+                let n = 1 + self.rng.below(6);
+                self.cov.hit("fault: power loss armed after the fence's answer");
+                self.log(format!("a power loss is armed at the target's sync {n} from now"));
+                self.target.storage.crash_at_sync(n);
+            }
+            _ => {}
+        }
     }
 
     /// Whether the target's staged WAL holds what the pending fence on connection `i` waits for.

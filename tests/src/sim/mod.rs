@@ -5,7 +5,7 @@
 //! `drain_check`) and the production target code of the engine (`transfer::steps`:
 //! admission, chunk writes, part syncs, file finalisation, the base's MANIFEST, the offline
 //! commit; `walrecv::stage_bodies`, the staged WAL's group step; `fence_target::fence_staging`,
-//! `unfence_hook` and `release_staging`; `abort::abort_staging`; `TargetContext::forget` and
+//! `commit_fenced`, `unfence_hook` and `release_now`; `abort::abort_staging`; `TargetContext::forget` and
 //! `load_existing`) on the crash-testing `FakeStorage`. A copy is offline (a commit at its
 //! end) or live (a WAL stream of the writer's records, then a fence and a release). Everything
 //! the seed draws: which message, chunk or WAL batch moves next (chunk streams reorder against
@@ -14,7 +14,11 @@
 //! the unsynced writes it keeps (torn writes), daemon restarts on either side, a writer of
 //! three vShards in one of the two WAL layouts, and a coordinator that fences (pausing the
 //! writer), cancels, aborts, releases and forgets at random moments, re-sends its calls and
-//! re-uses migration ids for new copies with other files.
+//! re-uses migration ids for new copies with other files. The target's `fenced` MANIFEST
+//! commit runs a few steps after its answer, and right after the answer the target's process
+//! may restart or a power loss may be armed for its next syncs, so a crash between the fence's
+//! answer and the release is explored (it must end released, the fence derived from the
+//! staged WAL, or cleanly cancelled).
 //!
 //! Invariants, checked after every step: see `check.rs` (released stagings equal the source
 //! and only a release the source recorded makes one; a fenced or released staged WAL holds
@@ -127,6 +131,8 @@ pub const TRANSITIONS_EXPECTED: &[&str] = &[
     "inbound: fenced -> released",
     "inbound: fenced -> base_staged",
     "inbound: fenced -> aborted",
+    // A crash between the fence's answer and its `fenced` commit, then the release.
+    "release: fence derived from the staged WAL",
 ];
 
 /// Transitions of the inbound machine the simulator does not reach, and why.

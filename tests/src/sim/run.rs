@@ -110,7 +110,9 @@ pub(super) struct World {
     /// The highest `WalDurable` the target sent, by migration: a restart must keep it.
     pub(super) acked: BTreeMap<MigrationId, Lsn>,
     /// The target daemon restarts after this step (its process, not a power loss).
-    target_restart: bool,
+    pub(super) target_restart: bool,
+    /// An invariant broken by an event (not a state): reported by the next check.
+    pub(super) broken: Option<String>,
 }
 
 /// Runs `seed` with `bug` planted (or none).
@@ -156,6 +158,7 @@ impl World {
             fence: None,
             acked: BTreeMap::new(),
             target_restart: false,
+            broken: None,
         }
     }
 
@@ -313,7 +316,7 @@ impl World {
                     self.cov.hit("coordinator: release");
                     let lsn = Lsn(self.rng.below(3));
                     self.log(format!("coordinator releases {id} at {lsn}"));
-                    let request = SourceConversation::release(&node, id.clone(), lsn);
+                    let request = SourceConversation::release(&node, id.clone(), lsn, None);
                     self.connect(Purpose::Request, Some(request));
                 }
                 _ => self.forget(),
@@ -375,6 +378,11 @@ impl World {
         if fence_move {
             moves.push(9);
         }
+        // The `fenced` commit runs soon after the answer, not at once: the window between
+        // them is open to restarts, power losses and an early release.
+        if conn.target.pending_commit.is_some() && self.rng.chance(400) {
+            moves.push(10);
+        }
         if moves.is_empty() {
             if conn.wal.is_some() && running && !self.copy.completed {
                 // A live copy waits for writes or a fence: nothing moves now.
@@ -400,6 +408,12 @@ impl World {
         if let Err(e) = result {
             if self.conns[i].purpose == Purpose::LiveRelease {
                 self.copy.release_failures += 1;
+                // The source recorded the release (its point of no return) of a fence the
+                // target answered: a target that refuses it leaves the migration stuck.
+                let refused = ["cannot be released", "fence again before releasing", "records are missing"];
+                if refused.iter().any(|r| e.contains(r)) {
+                    self.broken = Some(format!("the target refused a release the source recorded: {e}"));
+                }
             }
             if self.conns[i].purpose == Purpose::Copy && e.contains("refused") {
                 // A refusal is permanent: the source gives the copy up.
@@ -549,6 +563,12 @@ impl World {
 
     fn drop_conn(&mut self, i: usize) {
         let mut conn = self.conns.remove(i);
+        // A daemon whose connection ends after the `Fenced` answer was written may still run
+        // the `fenced` commit that follows it, or may not (its write failed first).
+        if conn.target.pending_commit.is_some() && self.rng.chance(500) {
+            let wrote = conn.target.commit_fence(&self.target);
+            self.log(format!("target commits its fence as conn {} ends: {wrote:?}", conn.id.0));
+        }
         conn.target.end(&self.target);
     }
 
@@ -605,7 +625,9 @@ impl World {
         self.acked.retain(|id, _| now.get(id).is_some_and(|s| *s != "aborted"));
         for (id, state) in &now {
             self.cov.hit(format!("state: {state}"));
-            // The machine moves to these only after the manifest that says so is durable.
+            // The machine moves to these only after the manifest that says so is durable, but
+            // for `fenced`: its commit follows the fence's answer, and a restart before it
+            // finds the staging base staged (the release then derives the fence).
             if matches!(*state, "base_staged" | "fenced" | "released" | "aborted") {
                 self.recorded.insert(id.clone(), state);
             }

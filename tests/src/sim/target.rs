@@ -11,17 +11,17 @@ use std::sync::Arc;
 use ferry_engine::staging::{self, StagingLayout};
 use ferry_engine::storage::{FakeStorage, StorageFile};
 use ferry_engine::transfer::chunklog::ChunkLog;
-use ferry_engine::transfer::fence_target::{fence_staging, FenceWaits};
+use ferry_engine::transfer::fence_target::{commit_fenced, fence_staging, release_now, FenceWaits};
 use ferry_engine::transfer::inbound::{now_unix_ms, summary};
 use ferry_engine::transfer::steps::{self, Start};
 use ferry_engine::transfer::target::TargetContext;
 use ferry_engine::transfer::TransferError;
 use ferry_wire::checkpoint::LogRecord;
 use ferry_wire::message::{ChunkRef, Message, Offer};
-use ferry_wire::proto::inbound::{Claimed, ConnId, Disk};
+use ferry_wire::proto::inbound::{Claimed, ConnId, Disk, ReleaseStep};
 use ferry_wire::proto::target::{Admitted, ChunkEvent, FenceRequest, TargetAction, TargetConversation};
 use ferry_wire::session::ChunkVerdict;
-use ferry_wire::{MigrationId, NodeId};
+use ferry_wire::{Lsn, MigrationId, NodeId};
 
 use super::Coverage;
 
@@ -80,6 +80,9 @@ pub struct TargetEnd {
     /// A fence the source asked for, to run when the world lets it (its WAL may still be on
     /// the way, as on a real connection).
     pub pending_fence: Option<FenceRequest>,
+    /// The `fenced` MANIFEST commit the machine asked for after its `Fenced` answer went out,
+    /// to run when the world lets it: a restart, a power loss or the release may come first.
+    pub pending_commit: Option<Lsn>,
 }
 
 /// What executing actions asks of the world.
@@ -103,6 +106,7 @@ impl TargetEnd {
             events: Vec::new(),
             finished: false,
             pending_fence: None,
+            pending_commit: None,
         }
     }
 
@@ -151,12 +155,18 @@ impl TargetEnd {
     pub fn drain(&mut self, target: &Target, cov: &mut Coverage, fx: &mut Effects) -> Result<(), TransferError> {
         while let Some(action) = self.conversation.poll_action() {
             cov.hit(format!("target action: {}", action_name(&action)));
-            self.execute(action, target, fx)?;
+            self.execute(action, target, cov, fx)?;
         }
         Ok(())
     }
 
-    fn execute(&mut self, action: TargetAction, target: &Target, fx: &mut Effects) -> Result<(), TransferError> {
+    fn execute(
+        &mut self,
+        action: TargetAction,
+        target: &Target,
+        cov: &mut Coverage,
+        fx: &mut Effects,
+    ) -> Result<(), TransferError> {
         let ctx = &target.ctx;
         match action {
             TargetAction::Send(message) => fx.to_source.push(message),
@@ -190,10 +200,14 @@ impl TargetEnd {
                 ctx.machine().committed(&offer.migration_id, final_lsn)?;
                 self.conversation.handle_committed()?;
             }
-            TargetAction::Release { migration_id, final_lsn } => {
+            TargetAction::Release { migration_id, final_lsn, fenced_durable_lsn } => {
                 self.check_peer(ctx, &migration_id)?;
-                let release = ferry_engine::transfer::fence_target::release_staging(ctx, &migration_id, final_lsn);
-                target.rt.block_on(release)?;
+                // `release_staging` runs this on the blocking pool; here on this thread, where
+                // the planted bugs are.
+                let step = release_now(ctx, &migration_id, final_lsn, fenced_durable_lsn)?;
+                if let Some(ReleaseStep::Derive { .. }) = step {
+                    cov.hit("release: fence derived from the staged WAL");
+                }
                 self.conversation.handle_answered()?;
             }
             TargetAction::Abort { migration_id, reason } => {
@@ -210,6 +224,7 @@ impl TargetEnd {
             }
             TargetAction::Finish => self.finished = true,
             TargetAction::Fence(request) => self.pending_fence = Some(request),
+            TargetAction::CommitFenced { final_lsn } => self.pending_commit = Some(final_lsn),
             TargetAction::Join { .. } | TargetAction::CarryChunks => {
                 return Err(TransferError::Local(format!("{} is not simulated", action_name(&action))));
             }
@@ -222,16 +237,25 @@ impl TargetEnd {
     /// and hands its answer to the machine.
     pub fn answer_fence(&mut self, target: &Target) -> Result<(), TransferError> {
         let Some(request) = self.pending_fence.take() else { return Ok(()) };
-        let (offer, layout) = self.admitted.as_ref().ok_or_else(|| TransferError::Local("no offer".into()))?;
+        let (offer, _) = self.admitted.as_ref().ok_or_else(|| TransferError::Local("no offer".into()))?;
         let waits = FenceWaits {
             through_lsn: request.through_lsn,
             wal_wait_max_us: request.wal_wait_max_us,
             apply_wait_max_us: request.apply_wait_max_us,
         };
-        let fence = fence_staging(&target.ctx, offer, layout, request.final_lsn, waits);
+        let fence = fence_staging(&target.ctx, offer, request.final_lsn, waits);
         let answer = target.rt.block_on(fence)?;
         self.conversation.handle_fence_answer(answer)?;
         Ok(())
+    }
+
+    /// Runs the `fenced` MANIFEST commit the machine asked for after its answer (the engine's
+    /// `commit_fenced`, which the daemon runs right after writing the answer); whether it
+    /// wrote.
+    pub fn commit_fence(&mut self, target: &Target) -> Result<bool, TransferError> {
+        let Some(final_lsn) = self.pending_commit.take() else { return Ok(false) };
+        let (offer, layout) = self.admitted.as_ref().ok_or_else(|| TransferError::Local("no offer".into()))?;
+        commit_fenced(&target.ctx, layout, &offer.migration_id, final_lsn)
     }
 
     fn admit(&mut self, offer: Offer, target: &Target, fx: &mut Effects) -> Result<(), TransferError> {
@@ -306,6 +330,7 @@ pub fn action_name(action: &TargetAction) -> &'static str {
         TargetAction::StageBase { .. } => "stage_base",
         TargetAction::Commit { .. } => "commit",
         TargetAction::Fence(_) => "fence",
+        TargetAction::CommitFenced { .. } => "commit_fenced",
         TargetAction::CarryChunks => "carry_chunks",
         TargetAction::Finish => "finish",
     }

@@ -171,6 +171,7 @@ fn phase_record(phase: Phase) -> Vec<u8> {
         pause: None,
         target_released: false,
         fence_stamps: None,
+        fenced_durable_lsn: None,
     }
     .encode()
 }

@@ -134,7 +134,7 @@ fn drive_target(
                 log.push(message.name());
                 Ok(())
             }
-            TargetAction::Sync | TargetAction::CarryChunks => Ok(()),
+            TargetAction::Sync | TargetAction::CarryChunks | TargetAction::CommitFenced { .. } => Ok(()),
             TargetAction::Admit(offer) => {
                 let admitted = if flags & 1 == 1 {
                     Admitted::AlreadyStaged { bytes_resent: 0 }
@@ -194,7 +194,7 @@ pub fn run_source(data: &[u8]) -> Vec<&'static str> {
         1 => copy(CopyPlan { wal: true, cutover: true, commit: false }),
         2 => copy(CopyPlan { wal: true, cutover: false, commit: false }),
         3 => SourceConversation::join(&me, id()),
-        4 => SourceConversation::release(&me, id(), Lsn(BASE_LSN + 50)),
+        4 => SourceConversation::release(&me, id(), Lsn(BASE_LSN + 50), Some(Lsn(BASE_LSN + 40))),
         _ => SourceConversation::abort(&me, id(), "by the coordinator".to_owned()),
     };
     let keep_fences = flags & 8 == 0;

@@ -98,7 +98,7 @@ fn messages() -> Vec<Message> {
         Message::Fence { final_lsn: Lsn(150), apply_wait_max_us: 0, through_lsn: None, wal_wait_max_us: 0 },
         Message::FenceCancelled { reason: "ingest behind".to_owned() },
         Message::Fenced { durable_lsn: Lsn(150), commit_us: 800, apply_wait_us: 20 },
-        Message::Release { migration_id: id(), final_lsn: Lsn(150) },
+        Message::Release { migration_id: id(), final_lsn: Lsn(150), fenced_durable_lsn: Some(Lsn(149)) },
         Message::Released,
         Message::Abort { migration_id: id(), reason: "by the coordinator".to_owned() },
         Message::Aborted,
@@ -279,6 +279,7 @@ fn phase_slots() -> Vec<Vec<u8>> {
             pause: None,
             target_released: phase == Phase::Completed,
             fence_stamps: None,
+            fenced_durable_lsn: None,
         }
         .encode();
         // The first slot alone, the second alone, both (either newest), and a torn second.
@@ -431,8 +432,12 @@ fn proto_target() -> Vec<Vec<u8>> {
         ),
         flagged(
             0,
-            &[hello.clone(), line(&Message::Release { migration_id: id(), final_lsn: Lsn(150) }), b"e\n".to_vec()]
-                .concat(),
+            &[
+                hello.clone(),
+                line(&Message::Release { migration_id: id(), final_lsn: Lsn(150), fenced_durable_lsn: Some(Lsn(149)) }),
+                b"e\n".to_vec(),
+            ]
+            .concat(),
         ),
         flagged(0, &[hello.clone(), line(&Message::Abort { migration_id: id(), reason: "stop".to_owned() })].concat()),
         flagged(

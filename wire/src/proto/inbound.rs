@@ -13,8 +13,9 @@
 //!   (none) ---------------> Receiving ------------------> BaseStaged <-----> Fenced{final_lsn}
 //!                             |    ^                          |   unfenced       |
 //!               interrupted   v    | begin (resume)    commit |          release |
-//!                          Interrupted                        v                  v
-//!                                                     Released{final_lsn} <------+
+//!                          Interrupted    release with the    v                  v
+//!                                         fence's durable --> Released{final_lsn} <------+
+//!                                         LSN (derived)
 //!   abort (any state but Released) -> Aborted{reason};   forget (Released | Aborted) -> (none)
 //! ```
 //!
@@ -216,6 +217,13 @@ pub enum ReleaseStep {
     Already,
     /// Fenced at this LSN: write the release, then call [`Inbounds::released`].
     Write,
+    /// Base staged, not fenced, but the source names the durable LSN the target answered its
+    /// fence with: the `fenced` MANIFEST commit, which follows the answer, was lost (a crash
+    /// or a failed commit between the answer and the release). The engine releases only when
+    /// its staged WAL is durable from `durable_lsn` to at most `final_lsn` (every record the
+    /// fence made durable is there, nothing above the fence is), then calls
+    /// [`Inbounds::released`] with the same LSN.
+    Derive { durable_lsn: Lsn },
 }
 
 /// What `check_abort` decided.
@@ -550,12 +558,23 @@ impl Inbounds {
         }
     }
 
-    /// Whether `id` may be released at `final_lsn`: only from `fenced` at that LSN.
-    pub fn check_release(&self, id: &MigrationId, final_lsn: Lsn) -> Result<ReleaseStep, InboundError> {
+    /// Whether `id` may be released at `final_lsn`: from `fenced` at that LSN, or, when the
+    /// release names the durable LSN of the fence's answer (`fenced_durable_lsn`, at most
+    /// `final_lsn`), from base staged ([`ReleaseStep::Derive`]).
+    pub fn check_release(
+        &self,
+        id: &MigrationId,
+        final_lsn: Lsn,
+        fenced_durable_lsn: Option<Lsn>,
+    ) -> Result<ReleaseStep, InboundError> {
         let entry = self.migrations.get(id).ok_or_else(|| InboundError::NotFound { id: id.clone() })?;
+        let derivable = fenced_durable_lsn.filter(|d| *d <= final_lsn);
         match entry.state {
             InboundState::Released { final_lsn: Some(at) } if at == final_lsn => Ok(ReleaseStep::Already),
             InboundState::Fenced { final_lsn: at } if at == final_lsn => Ok(ReleaseStep::Write),
+            InboundState::BaseStaged if derivable.is_some() => {
+                Ok(ReleaseStep::Derive { durable_lsn: derivable.unwrap_or(final_lsn) })
+            }
             // Planted bug `ReleaseFromCopying`: a staging that was never fenced is released.
             InboundState::BaseStaged | InboundState::Receiving | InboundState::Interrupted
                 if crate::plant::planted(crate::plant::Bug::ReleaseFromCopying) =>
@@ -571,10 +590,16 @@ impl Inbounds {
         }
     }
 
-    /// The release at `final_lsn` is written.
-    pub fn released(&mut self, id: &MigrationId, final_lsn: Lsn) -> Result<(), InboundError> {
-        match self.check_release(id, final_lsn)? {
-            ReleaseStep::Already | ReleaseStep::Write => {}
+    /// The release at `final_lsn` is written (`fenced_durable_lsn`: as given to
+    /// [`Self::check_release`]).
+    pub fn released(
+        &mut self,
+        id: &MigrationId,
+        final_lsn: Lsn,
+        fenced_durable_lsn: Option<Lsn>,
+    ) -> Result<(), InboundError> {
+        match self.check_release(id, final_lsn, fenced_durable_lsn)? {
+            ReleaseStep::Already | ReleaseStep::Write | ReleaseStep::Derive { .. } => {}
         }
         self.entry(id)?.state = InboundState::Released { final_lsn: Some(final_lsn) };
         Ok(())

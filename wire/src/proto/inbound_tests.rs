@@ -142,6 +142,28 @@ fn begin_needs_the_claim() {
     assert_eq!(state(&machine, "m1"), None);
 }
 
+/// The `fenced` MANIFEST commit follows the fence's answer: a target that lost it (a crash
+/// between the answer and the release) is base staged again, and a release that names the
+/// durable LSN of the fence's answer derives the fence; one without it, or naming a durable LSN
+/// above its `final_lsn`, is refused, as is one of a staging that is not base staged.
+#[test]
+fn a_release_naming_the_fences_durable_lsn_derives_a_lost_fenced_commit() {
+    let mut machine = Inbounds::default();
+    receiving(&mut machine, "m1", A);
+    assert!(machine.check_release(&id("m1"), Lsn(20), Some(Lsn(18))).is_err(), "still receiving: refused");
+    machine.base_staged(&id("m1"), 0).expect("staged");
+    assert!(machine.check_release(&id("m1"), Lsn(20), None).is_err(), "no evidence: refused");
+    assert!(machine.check_release(&id("m1"), Lsn(20), Some(Lsn(21))).is_err(), "durable above the fence: refused");
+    assert_eq!(
+        machine.check_release(&id("m1"), Lsn(20), Some(Lsn(18))),
+        Ok(ReleaseStep::Derive { durable_lsn: Lsn(18) })
+    );
+    assert!(machine.released(&id("m1"), Lsn(20), None).is_err(), "recorded only with the same evidence");
+    machine.released(&id("m1"), Lsn(20), Some(Lsn(18))).expect("released");
+    assert_eq!(state(&machine, "m1"), Some(InboundState::Released { final_lsn: Some(Lsn(20)) }));
+    assert_eq!(machine.check_release(&id("m1"), Lsn(20), Some(Lsn(18))), Ok(ReleaseStep::Already));
+}
+
 #[test]
 fn the_full_life_of_a_live_migration() {
     let mut machine = Inbounds::default();
@@ -152,7 +174,7 @@ fn the_full_life_of_a_live_migration() {
     machine.base_staged(&id("m1"), 10).expect("staged");
     assert_eq!(machine.get(&id("m1")).map(|m| (m.bytes_verified, m.files_staged_count)), Some((1000, 2)));
     assert_eq!(
-        machine.check_release(&id("m1"), Lsn(20)).err().map(|e| e.blame()),
+        machine.check_release(&id("m1"), Lsn(20), None).err().map(|e| e.blame()),
         Some(Blame::Peer),
         "a release from copying is refused"
     );
@@ -160,10 +182,11 @@ fn the_full_life_of_a_live_migration() {
     assert_eq!(machine.fenced_at(&id("m1")), Some(Lsn(20)));
     machine.unfenced(&id("m1")).expect("unfenced");
     machine.fenced(&id("m1"), Lsn(25)).expect("fenced again");
-    assert!(machine.check_release(&id("m1"), Lsn(20)).is_err(), "released only at the fence's LSN");
-    assert_eq!(machine.check_release(&id("m1"), Lsn(25)), Ok(ReleaseStep::Write));
-    machine.released(&id("m1"), Lsn(25)).expect("released");
-    assert_eq!(machine.check_release(&id("m1"), Lsn(25)), Ok(ReleaseStep::Already));
+    assert!(machine.check_release(&id("m1"), Lsn(20), None).is_err(), "released only at the fence's LSN");
+    assert!(machine.check_release(&id("m1"), Lsn(20), Some(Lsn(19))).is_err(), "fenced elsewhere: no derivation");
+    assert_eq!(machine.check_release(&id("m1"), Lsn(25), Some(Lsn(24))), Ok(ReleaseStep::Write));
+    machine.released(&id("m1"), Lsn(25), None).expect("released");
+    assert_eq!(machine.check_release(&id("m1"), Lsn(25), None), Ok(ReleaseStep::Already));
     assert_eq!(machine.check_abort(&id("m1")), Err(InboundError::ReleasedCannotAbort { id: id("m1") }));
     assert!(matches!(machine.fenced(&id("m1"), Lsn(30)), Err(InboundError::Illegal { from: "released", .. })));
     assert_eq!(machine.check_forget(&id("m1")), Err(InboundError::StillReceiving { id: id("m1") }));
@@ -251,7 +274,7 @@ enum Step {
     Interrupted { m: u8 },
     Fence { m: u8, lsn: u8 },
     Unfence { m: u8 },
-    ReleaseAt { m: u8, lsn: u8 },
+    ReleaseAt { m: u8, lsn: u8, durable: Option<u8> },
     Abort { m: u8 },
     Forget { m: u8 },
 }
@@ -271,7 +294,11 @@ fn step() -> impl Strategy<Value = Step> {
         m.clone().prop_map(|m| Step::Interrupted { m }),
         (m.clone(), 0u8..3).prop_map(|(m, lsn)| Step::Fence { m, lsn }),
         m.clone().prop_map(|m| Step::Unfence { m }),
-        (m.clone(), 0u8..3).prop_map(|(m, lsn)| Step::ReleaseAt { m, lsn }),
+        (m.clone(), 0u8..3, proptest::option::of(0u8..4)).prop_map(|(m, lsn, durable)| Step::ReleaseAt {
+            m,
+            lsn,
+            durable
+        }),
         m.clone().prop_map(|m| Step::Abort { m }),
         m.prop_map(|m| Step::Forget { m }),
     ]
@@ -311,7 +338,9 @@ proptest! {
                 Step::Interrupted { m } => machine.interrupted(&id(&name(m))),
                 Step::Fence { m, lsn } => machine.fenced(&id(&name(m)), Lsn(lsn.into())),
                 Step::Unfence { m } => machine.unfenced(&id(&name(m))),
-                Step::ReleaseAt { m, lsn } => machine.released(&id(&name(m)), Lsn(lsn.into())),
+                Step::ReleaseAt { m, lsn, durable } => {
+                    machine.released(&id(&name(m)), Lsn(lsn.into()), durable.map(|d| Lsn(d.into())))
+                }
                 Step::Abort { m } => machine.aborted(&id(&name(m)), "test"),
                 Step::Forget { m } => machine.forgotten(&id(&name(m))),
             };

@@ -53,6 +53,10 @@ pub struct RecoveredFence {
 pub struct Released {
     pub final_lsn: Lsn,
     pub pause: PauseReport,
+    /// The durable LSN the target answered the fence with (`None`: a recovered fence, whose
+    /// answer this daemon never took): told with the release, so a target that lost its
+    /// `fenced` MANIFEST commit derives the fence from its staged WAL (DESIGN section 8).
+    pub fenced_durable_lsn: Option<Lsn>,
 }
 
 /// Where an outbound migration is.
@@ -182,8 +186,13 @@ impl Lifecycle {
 
     /// A released cut-over the target has not confirmed: its `final_lsn`.
     pub fn release_pending(&self) -> Option<Lsn> {
+        self.release_pending_whole().map(|r| r.final_lsn)
+    }
+
+    /// A released cut-over the target has not confirmed, whole (what to tell the target).
+    pub fn release_pending_whole(&self) -> Option<Released> {
         match self {
-            Self::Completed { release: Some(r), target_told: false, .. } => Some(r.final_lsn),
+            Self::Completed { release: Some(r), target_told: false, .. } => Some(*r),
             _ => None,
         }
     }
@@ -224,9 +233,10 @@ impl Lifecycle {
         final_lsn: Option<Lsn>,
         pause: Option<PauseReport>,
         target_released: bool,
+        fenced_durable_lsn: Option<Lsn>,
     ) -> Self {
         let release = match (final_lsn, pause) {
-            (Some(final_lsn), Some(pause)) => Some(Released { final_lsn, pause }),
+            (Some(final_lsn), Some(pause)) => Some(Released { final_lsn, pause, fenced_durable_lsn }),
             _ => None,
         };
         let recovered = Some(RecoveredFence { final_lsn, stamps: None });
@@ -342,7 +352,8 @@ impl Lifecycle {
                     return Err(OutboundRefusal::FenceNotAnswered);
                 }
                 let pause = fence.stamps.report(resumed_ns, fence.estimate_us, budget_us)?;
-                let release = Released { final_lsn: fence.final_lsn, pause };
+                let fenced_durable_lsn = fence.answer.map(|a| Lsn(a.target_durable_lsn));
+                let release = Released { final_lsn: fence.final_lsn, pause, fenced_durable_lsn };
                 let fence = Some(*fence);
                 *self = Self::Completed { release: Some(release), target_told: false, fence };
                 Ok(ReleaseStep::Record(release))
@@ -355,7 +366,7 @@ impl Lifecycle {
                     ..*stamps
                 };
                 let pause = stamps.report(resumed_ns, recovered_estimate_us, budget_us)?;
-                Ok(ReleaseStep::ConfirmRecovered(Released { final_lsn, pause }))
+                Ok(ReleaseStep::ConfirmRecovered(Released { final_lsn, pause, fenced_durable_lsn: None }))
             }
             Self::BaseCopy | Self::WalCatchUp { .. } => Err(OutboundRefusal::NotFenced(self.phase())),
         }

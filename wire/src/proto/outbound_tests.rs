@@ -41,6 +41,7 @@ fn a_live_migration_runs_from_base_copy_to_a_told_release() {
     let step = life.release_requested(1_100_000, 500_000, Lsn(10), 0).expect("release");
     let ReleaseStep::Record(released) = step else { panic!("{step:?}") };
     assert_eq!(released.final_lsn, Lsn(40));
+    assert_eq!(released.fenced_durable_lsn, Some(Lsn(40)), "the answer's durable LSN goes with the release");
     assert_eq!(released.pause.pause_duration_us, 100);
     assert_eq!(released.pause.estimate_us, 9);
     assert_eq!((life.phase(), life.release_pending()), (Phase::Completed, Some(Lsn(40))));
@@ -96,6 +97,7 @@ fn a_fence_recovered_after_a_restart_is_released_only_once_the_target_confirms()
     let step = life.release_requested(1_500_000, 500_000, Lsn(5), 77).expect("release");
     let ReleaseStep::ConfirmRecovered(released) = step else { panic!("{step:?}") };
     assert_eq!((released.final_lsn, released.pause.estimate_us), (Lsn(30), 77));
+    assert_eq!(released.fenced_durable_lsn, None, "no answer was taken: the target must be fenced");
     assert_eq!(life.phase(), Phase::WalCatchUp, "nothing changes before the target confirms");
     life.recovered_release_confirmed(released);
     assert_eq!((life.phase(), life.target_told(), life.pause()), (Phase::Completed, true, Some(released.pause)));
@@ -108,16 +110,19 @@ fn a_fence_recovered_after_a_restart_is_released_only_once_the_target_confirms()
 #[test]
 fn records_are_read_back_into_states() {
     let pause = PauseReport { pause_duration_us: 5, ..PauseReport::default() };
-    let pending = Lifecycle::of_record(Phase::Completed, None, Some(Lsn(9)), Some(pause), false);
+    let pending = Lifecycle::of_record(Phase::Completed, None, Some(Lsn(9)), Some(pause), false, Some(Lsn(8)));
     assert_eq!(pending.release_pending(), Some(Lsn(9)));
-    let offline = Lifecycle::of_record(Phase::Completed, None, None, None, false);
+    // The answer's durable LSN is told again with a retold release (a target that lost its
+    // `fenced` commit derives the fence with it).
+    assert_eq!(pending.release_pending_whole().and_then(|r| r.fenced_durable_lsn), Some(Lsn(8)));
+    let offline = Lifecycle::of_record(Phase::Completed, None, None, None, false, None);
     assert_eq!((offline.release_pending(), offline.pause()), (None, None));
-    let failed = Lifecycle::of_record(Phase::Failed, Some("x".into()), Some(Lsn(4)), None, false);
+    let failed = Lifecycle::of_record(Phase::Failed, Some("x".into()), Some(Lsn(4)), None, false, None);
     assert_eq!(
         (failed.reason(), failed.record_final_lsn(), failed.status_final_lsn()),
         (Some("x"), Some(Lsn(4)), Some(Lsn(4)))
     );
-    let mut stale = Lifecycle::of_record(Phase::AtomicCutOver, None, Some(Lsn(4)), None, false);
+    let mut stale = Lifecycle::of_record(Phase::AtomicCutOver, None, Some(Lsn(4)), None, false, None);
     assert!(stale.check_abort().is_ok());
     assert!(stale.fail(Some("aborted".into())));
     assert_eq!(stale.record_final_lsn(), Some(Lsn(4)));

@@ -193,9 +193,17 @@ impl SourceConversation {
         Self::request(node_id, Message::Join { migration_id }, "joined", false)
     }
 
-    /// The release of a fenced migration, which the source recorded first.
-    pub fn release(node_id: &NodeId, migration_id: MigrationId, final_lsn: Lsn) -> Self {
-        Self::request(node_id, Message::Release { migration_id, final_lsn }, "released", true)
+    /// The release of a fenced migration, which the source recorded first; `fenced_durable_lsn`
+    /// is the durable LSN the target answered the fence with, when the source took the answer
+    /// (see [`Message::Release`]).
+    pub fn release(
+        node_id: &NodeId,
+        migration_id: MigrationId,
+        final_lsn: Lsn,
+        fenced_durable_lsn: Option<Lsn>,
+    ) -> Self {
+        let request = Message::Release { migration_id, final_lsn, fenced_durable_lsn };
+        Self::request(node_id, request, "released", true)
     }
 
     /// The abort of a migration: the target removes its staging.

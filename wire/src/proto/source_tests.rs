@@ -287,8 +287,8 @@ fn requests_send_after_the_hello_and_take_their_answer_only() {
     let cases = [
         (SourceConversation::join(&node("s"), id()), Message::Join { migration_id: id() }, Message::Joined, false),
         (
-            SourceConversation::release(&node("s"), id(), Lsn(5)),
-            Message::Release { migration_id: id(), final_lsn: Lsn(5) },
+            SourceConversation::release(&node("s"), id(), Lsn(5), Some(Lsn(4))),
+            Message::Release { migration_id: id(), final_lsn: Lsn(5), fenced_durable_lsn: Some(Lsn(4)) },
             Message::Released,
             true,
         ),
@@ -363,7 +363,7 @@ fn every_message() -> Vec<Message> {
         Message::Fence { final_lsn: Lsn(1), apply_wait_max_us: 0, through_lsn: None, wal_wait_max_us: 0 },
         Message::FenceCancelled { reason: "r".into() },
         Message::Fenced { durable_lsn: Lsn(1), commit_us: 0, apply_wait_us: 0 },
-        Message::Release { migration_id: id(), final_lsn: Lsn(1) },
+        Message::Release { migration_id: id(), final_lsn: Lsn(1), fenced_durable_lsn: None },
         Message::Released,
         Message::Abort { migration_id: id(), reason: "r".into() },
         Message::Aborted,
@@ -454,7 +454,7 @@ proptest! {
     ) {
         let mut machine = match kind {
             0 => SourceConversation::join(&node("s"), id()),
-            1 => SourceConversation::release(&node("s"), id(), Lsn(1)),
+            1 => SourceConversation::release(&node("s"), id(), Lsn(1), None),
             _ => SourceConversation::abort(&node("s"), id(), "r".into()),
         };
         for message in steps {

@@ -44,8 +44,11 @@ pub enum TargetAction {
     Admit(Box<Offer>),
     /// Find the transfer `migration_id` to join, then report [`TargetConversation::handle_answered`].
     Join { migration_id: MigrationId },
-    /// Mark the staging released, then report [`TargetConversation::handle_answered`].
-    Release { migration_id: MigrationId, final_lsn: Lsn },
+    /// Mark the staging released, then report [`TargetConversation::handle_answered`]. A
+    /// staging that is not fenced (its `fenced` commit lost in a crash after the answer) is
+    /// released only when `fenced_durable_lsn` is given and its staged WAL agrees
+    /// ([`crate::proto::inbound::ReleaseStep::Derive`]).
+    Release { migration_id: MigrationId, final_lsn: Lsn, fenced_durable_lsn: Option<Lsn> },
     /// Remove the staging, then report [`TargetConversation::handle_answered`].
     Abort { migration_id: MigrationId, reason: String },
     /// Make the written chunks durable (part files, then the chunk log).
@@ -60,6 +63,11 @@ pub enum TargetAction {
     Commit { final_lsn: Lsn },
     /// Fence the staging, then report [`TargetConversation::handle_fence_answer`].
     Fence(FenceRequest),
+    /// The `Fenced` answer is out (the action before this one): make the staging's `fenced`
+    /// state durable now, off the pause's path (the MANIFEST commit; DESIGN section 8). Nothing
+    /// is reported back: the machine does not wait for it, and a staging whose commit never
+    /// lands is released from its staged WAL (see [`TargetAction::Release`]).
+    CommitFenced { final_lsn: Lsn },
     /// Carry the chunk streams of this (joined) connection into the transfer until it ends.
     CarryChunks,
     /// Finish the control stream: the conversation is over.
@@ -117,7 +125,8 @@ enum State {
     StagingBase(Box<Offer>),
     BaseStaged(Box<Offer>),
     Committing(Box<Offer>),
-    Fencing(Box<Offer>),
+    /// The fence at this `final_lsn` runs.
+    Fencing(Box<Offer>, Lsn),
     Answering(Request),
     Joined,
     Finished,
@@ -134,7 +143,7 @@ impl State {
             Self::StagingBase(_) => "writing the manifest",
             Self::BaseStaged(_) => "base staged",
             Self::Committing(_) => "committing",
-            Self::Fencing(_) => "fencing",
+            Self::Fencing(..) => "fencing",
             Self::Answering(_) => "answering a request",
             Self::Joined => "carrying joined chunk streams",
             Self::Finished => "finished",
@@ -186,7 +195,7 @@ impl TargetConversation {
     pub fn offer(&self) -> Option<&Offer> {
         match &self.state {
             State::Admitting(o) | State::StagingBase(o) | State::BaseStaged(o) => Some(o),
-            State::Committing(o) | State::Fencing(o) => Some(o),
+            State::Committing(o) | State::Fencing(o, _) => Some(o),
             State::Receiving(r) => Some(&r.offer),
             _ => None,
         }
@@ -234,8 +243,8 @@ impl TargetConversation {
                 self.actions.push_back(TargetAction::Join { migration_id });
                 State::Answering(Request::Join)
             }
-            (State::AwaitRequest, Some(Message::Release { migration_id, final_lsn })) => {
-                self.actions.push_back(TargetAction::Release { migration_id, final_lsn });
+            (State::AwaitRequest, Some(Message::Release { migration_id, final_lsn, fenced_durable_lsn })) => {
+                self.actions.push_back(TargetAction::Release { migration_id, final_lsn, fenced_durable_lsn });
                 State::Answering(Request::Release)
             }
             (State::AwaitRequest, Some(Message::Abort { migration_id, reason })) => {
@@ -273,7 +282,7 @@ impl TargetConversation {
                     }
                     None => {
                         self.actions.push_back(TargetAction::Fence(request));
-                        State::Fencing(offer)
+                        State::Fencing(offer, final_lsn)
                     }
                 }
             }
@@ -418,16 +427,20 @@ impl TargetConversation {
     /// The engine's fence came out as `answer`.
     pub fn handle_fence_answer(&mut self, answer: FenceAnswer) -> Result<(), ConversationError> {
         let state = std::mem::replace(&mut self.state, State::Failed);
-        let State::Fencing(offer) = state else {
+        let State::Fencing(offer, final_lsn) = state else {
             return self.misuse("fence answered", state);
         };
-        let message = match answer {
+        match answer {
             FenceAnswer::Fenced { durable_lsn, commit_us, apply_wait_us } => {
-                Message::Fenced { durable_lsn, commit_us, apply_wait_us }
+                // The answer first: the pause ends with it; the MANIFEST commit follows.
+                self.actions.push_back(TargetAction::Send(Message::Fenced { durable_lsn, commit_us, apply_wait_us }));
+                self.actions.push_back(TargetAction::CommitFenced { final_lsn });
             }
-            FenceAnswer::Cancelled { reason } => Message::FenceCancelled { reason: crate::message::cut_reason(reason) },
-        };
-        self.actions.push_back(TargetAction::Send(message));
+            FenceAnswer::Cancelled { reason } => {
+                let reason = crate::message::cut_reason(reason);
+                self.actions.push_back(TargetAction::Send(Message::FenceCancelled { reason }));
+            }
+        }
         self.state = State::BaseStaged(offer);
         Ok(())
     }

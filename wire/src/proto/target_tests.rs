@@ -70,6 +70,7 @@ fn sent(actions: &[TargetAction]) -> Vec<&'static str> {
             TargetAction::StageBase { .. } => "STAGE_BASE",
             TargetAction::Commit { .. } => "COMMIT",
             TargetAction::Fence(_) => "FENCE",
+            TargetAction::CommitFenced { .. } => "COMMIT_FENCED",
             TargetAction::CarryChunks => "CARRY",
             TargetAction::Finish => "FINISH",
         })
@@ -205,14 +206,24 @@ fn a_fence_below_the_base_or_through_a_later_record_is_cancelled_without_the_eng
     drain(&mut c);
     c.handle_fence_answer(FenceAnswer::Fenced { durable_lsn: Lsn(20), commit_us: 3, apply_wait_us: 0 }).unwrap();
     let actions = drain(&mut c);
-    assert_eq!(actions, [TargetAction::Send(Message::Fenced { durable_lsn: Lsn(20), commit_us: 3, apply_wait_us: 0 })]);
+    // The answer first, then the `fenced` MANIFEST commit, off the pause's path.
+    assert_eq!(
+        actions,
+        [
+            TargetAction::Send(Message::Fenced { durable_lsn: Lsn(20), commit_us: 3, apply_wait_us: 0 }),
+            TargetAction::CommitFenced { final_lsn: Lsn(20) }
+        ]
+    );
 }
 
 #[test]
 fn one_shot_requests_are_answered_then_finished() {
     let id = MigrationId::new("m9".to_owned()).unwrap();
     let requests = [
-        (Message::Release { migration_id: id.clone(), final_lsn: Lsn(4) }, vec!["RELEASE", "released", "FINISH"]),
+        (
+            Message::Release { migration_id: id.clone(), final_lsn: Lsn(4), fenced_durable_lsn: None },
+            vec!["RELEASE", "released", "FINISH"],
+        ),
         (Message::Abort { migration_id: id.clone(), reason: "r".into() }, vec!["ABORT", "aborted", "FINISH"]),
         (Message::Join { migration_id: id }, vec!["JOIN", "joined", "CARRY"]),
     ];
@@ -326,7 +337,7 @@ fn any_message() -> impl Strategy<Value = Option<Message>> {
             wal_wait_max_us: 1
         })),
         Just(Some(Message::Join { migration_id: id.clone() })),
-        Just(Some(Message::Release { migration_id: id, final_lsn: Lsn(3) })),
+        Just(Some(Message::Release { migration_id: id, final_lsn: Lsn(3), fenced_durable_lsn: Some(Lsn(2)) })),
         Just(Some(Message::Acks { chunks: Vec::new() })),
     ]
 }
