@@ -232,7 +232,8 @@ async fn read_frame(recv: &mut RecvStream, budget: &Arc<Semaphore>) -> Result<Op
         .acquire_many_owned(share)
         .await
         .map_err(|_| TransferError::Local("the WAL read-ahead budget was closed".into()))?;
-    let body = read_body(recv, &header).await?;
+    let mut body = read_body(recv, &header).await?;
+    crate::failpoint::damage_target_wal_batch(&mut body);
     header.check_body(&body)?;
     Ok(Some(Frame { body, _budget: permit }))
 }
