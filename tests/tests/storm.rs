@@ -10,10 +10,10 @@
 //! What it checks: every migration ends `released` at its `final_lsn` and the reference
 //! verifier finds every write of its vShard once (0 lost, 0 duplicated); the node-wide limit
 //! holds: a node's two base copies together take at least 80% of the time the limit allows
-//! for their bytes past its burst ([`NODE_BURST_BYTES`]).
+//! for their bytes past its burst ([`node_burst_bytes`]: 1 MiB at 4 MiB/s).
 //!
 //! The size: 12 MiB of base per migration under 4 MiB/s per node in CI (each node's two copies
-//! need 2 s past the burst). A bigger documented run:
+//! need 5.75 s past the 1 MiB burst). A bigger documented run:
 //! `FERRY_STORM_BASE_MIB=64 FERRY_STORM_RATE_MIB=16 FERRY_STORM_WRITES=4000 cargo test -p
 //! ferry-tests --test storm -- --nocapture`.
 //!
@@ -25,14 +25,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ferry_engine::certs::{self, IssueOptions};
+use ferry_engine::outbound::node_burst_bytes;
 use ferry_tests::daemons::{write_config, Node};
 use ferry_tests::live::{manifest, seed, Live, LiveOptions, Rng};
 use ferry_tests::{node, wait_until_blocking, Certs};
 
 const NODES_COUNT: usize = 4;
 const MIGRATIONS_COUNT: usize = 8;
-/// The node-wide bucket's burst, which starts full (`ferry_engine::outbound::Outbound::new`).
-const NODE_BURST_BYTES: u64 = 16 << 20;
 
 fn env_u64(var: &str, default: u64) -> u64 {
     std::env::var(var).map(|v| v.parse().unwrap_or_else(|e| panic!("{var}={v:?}: {e}"))).unwrap_or(default)
@@ -110,8 +109,9 @@ fn eight_concurrent_live_migrations_in_both_directions_under_a_node_rate_limit_a
             .filter(|k| ends(*k).0 == s)
             .map(|k| nodes[s].status(&lives[k].id)["bytes_total"].as_u64().unwrap())
             .sum();
-        let allowed =
-            Duration::from_secs_f64(bytes.saturating_sub(NODE_BURST_BYTES) as f64 / rate_bytes_per_sec as f64);
+        let allowed = Duration::from_secs_f64(
+            bytes.saturating_sub(node_burst_bytes(rate_bytes_per_sec)) as f64 / rate_bytes_per_sec as f64,
+        );
         let floor = allowed.mul_f64(0.8);
         eprintln!("{}: {bytes} bytes staged in {took:?} (the limit allows no less than {allowed:?})", names[s]);
         assert!(took >= floor, "{}: {bytes} bytes in {took:?}, over the node's {rate_bytes_per_sec} bytes/s", names[s]);

@@ -150,9 +150,17 @@ fn layout_choice(text: &str) -> LayoutChoice {
     }
 }
 
+/// The node-wide rate limit's burst (its bucket starts full): a quarter of a second at the
+/// rate, at least 1 MiB (one large chunk) and at most 16 MiB. A fixed 16 MiB let the first
+/// 16 MiB of a 4 MiB/s limit out at once, 4 s worth of the rate.
+pub fn node_burst_bytes(rate_bytes_per_sec: u64) -> u64 {
+    (rate_bytes_per_sec / 4).clamp(1 << 20, 16 << 20)
+}
+
 impl Outbound {
     pub fn new(config: OutboundConfig, identity: Arc<NodeIdentity>, storage: Arc<dyn Storage>) -> Arc<Self> {
-        let global_rate = Arc::new(RateHandle::new(config.global_rate_limit_bytes_per_sec, 16 << 20));
+        let rate = config.global_rate_limit_bytes_per_sec;
+        let global_rate = Arc::new(RateHandle::new(rate, node_burst_bytes(rate)));
         Arc::new(Self {
             config,
             identity: RwLock::new(identity),
@@ -780,5 +788,18 @@ fn per_second(bytes: u64, seconds: f64) -> u64 {
         whole
     } else {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_burst_bytes;
+
+    #[test]
+    fn the_node_burst_is_a_quarter_second_of_the_rate_within_1_and_16_mib() {
+        assert_eq!(node_burst_bytes(4 << 20), 1 << 20);
+        assert_eq!(node_burst_bytes(16 << 20), 4 << 20);
+        assert_eq!(node_burst_bytes(1 << 30), 16 << 20);
+        assert_eq!(node_burst_bytes(1), 1 << 20, "at least one large chunk");
     }
 }
