@@ -235,6 +235,20 @@ impl Target {
     }
 }
 
+/// The records of a staged WAL folder (`migrations/<id>/wal`), in order: (LSN, vShard,
+/// record type, payload).
+pub fn staged_wal_records(dir: &Path) -> Vec<(Lsn, u32, u32, Vec<u8>)> {
+    use ferry_wire::wal::{CursorConfig, LayoutChoice, Mode};
+    let config = CursorConfig { layout: LayoutChoice::Auto, alignment_bytes: 4096, mode: Mode::Staged };
+    let mut tail = ferry_engine::wal::tail::FolderTail::new(dir, config, None).unwrap();
+    let mut out = Vec::new();
+    while let Some(record) = tail.poll().unwrap() {
+        let h = record.header;
+        out.push((h.lsn, h.vshard_id.0, h.record_type, record.payload().to_vec()));
+    }
+    out
+}
+
 /// A copy request with test defaults: every file of `root`, 4 streams, committed.
 pub fn request(id: &str, root: &Path, target: SocketAddr, chunk_len_bytes: u32) -> CopyRequest {
     CopyRequest {

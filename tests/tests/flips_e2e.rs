@@ -36,12 +36,11 @@ use std::sync::{Arc, Mutex};
 use ferry_engine::failpoint::{self, Damage, Site};
 use ferry_engine::storage::{DiskStorage, Storage, StorageFile};
 use ferry_engine::transfer::walsend::{WalSourceConfig, POLL_INTERVAL};
-use ferry_engine::wal::tail::FolderTail;
 use ferry_refnode::walwrite::{FlushStyle, RecordSpec, WalWriter, WriterOptions};
 use ferry_tests::sim::Rng;
-use ferry_tests::{copy, request, tree_sha256, write_file, Certs, Target};
+use ferry_tests::{copy, request, staged_wal_records, tree_sha256, write_file, Certs, Target};
 use ferry_wire::damage::Flip;
-use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
+use ferry_wire::wal::{Layout, LayoutChoice};
 use ferry_wire::{Lsn, VShardId};
 
 const CHUNK_LEN_BYTES: u32 = 64 << 10;
@@ -342,17 +341,6 @@ async fn every_damage_to_a_real_copy_is_caught_and_a_resumed_copy_is_exact() {
     campaign.target.take().unwrap().stop();
 }
 
-/// The records of a staged WAL folder: (lsn, vshard, payload).
-fn staged_records(dir: &Path) -> Vec<(Lsn, u32, Vec<u8>)> {
-    let config = CursorConfig { layout: LayoutChoice::Auto, alignment_bytes: 4096, mode: Mode::Staged };
-    let mut tail = FolderTail::new(dir, config, None).unwrap();
-    let mut out = Vec::new();
-    while let Some(record) = tail.poll().unwrap() {
-        out.push((record.header.lsn, record.header.vshard_id.0, record.payload().to_vec()));
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_wal_batch_in_flight_is_caught_and_a_resumed_copy_stages_every_record() {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -425,7 +413,10 @@ async fn a_damaged_wal_batch_in_flight_is_caught_and_a_resumed_copy_stages_every
             // reopened from the target's durable LSN: the records came again, intact.
             Ok(_) => sent_again += 1,
         }
-        let staged = staged_records(&target_dir.path().join("migrations").join(&id).join("wal"));
+        let staged: Vec<_> = staged_wal_records(&target_dir.path().join("migrations").join(&id).join("wal"))
+            .into_iter()
+            .map(|(lsn, vshard, _, payload)| (lsn, vshard, payload))
+            .collect();
         assert_eq!(staged.len(), expected.len(), "{id}: staged records ({applied:?})");
         assert!(staged == expected, "{id}: the staged WAL differs from the vShard's records ({applied:?})");
     }

@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use ferry_engine::storage::DiskStorage;
 use ferry_engine::transfer::walsend::{WalSourceConfig, POLL_INTERVAL};
-use ferry_engine::wal::tail::FolderTail;
 use ferry_refnode::walwrite::{FlushStyle, Leftovers, PreambleOptions, RecordSpec, WalWriter, WriterOptions};
-use ferry_tests::{copy, request, tree_sha256, wait_until, write_file, Certs, Target};
+use ferry_tests::{copy, request, staged_wal_records, tree_sha256, wait_until, write_file, Certs, Target};
 use ferry_wire::manifest::{StagingManifest, StagingState};
-use ferry_wire::wal::{CursorConfig, Layout, LayoutChoice, Mode};
+use ferry_wire::wal::{Layout, LayoutChoice};
 use ferry_wire::{Lsn, VShardId};
 
 const VSHARD: u32 = 7;
@@ -57,17 +56,6 @@ fn wait_for_hold(held: &Path) {
         // Polling a folder the copy task fills, not a timed assertion.
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn staged_records(dir: &Path) -> Vec<(Lsn, u32, u32, Vec<u8>)> {
-    let config = CursorConfig { layout: LayoutChoice::Auto, alignment_bytes: 4096, mode: Mode::Staged };
-    let mut tail = FolderTail::new(dir, config, None).unwrap();
-    let mut out = Vec::new();
-    while let Some(record) = tail.poll().unwrap() {
-        let h = record.header;
-        out.push((h.lsn, h.vshard_id.0, h.record_type, record.payload().to_vec()));
-    }
-    out
 }
 
 async fn live_copy(layout: Layout, preamble: bool, truncate: bool, drops: usize) {
@@ -164,7 +152,7 @@ async fn live_copy(layout: Layout, preamble: bool, truncate: bool, drops: usize)
     assert_eq!(tree_sha256(&staging.join("segments")).unwrap(), tree_sha256(root.path()).unwrap());
     let expected: Vec<_> =
         written.into_iter().filter(|(lsn, vshard, _, _)| *vshard == VSHARD && *lsn > base_lsn && *lsn <= tip).collect();
-    let staged = staged_records(&staging.join("wal"));
+    let staged = staged_wal_records(&staging.join("wal"));
     assert_eq!(staged.len(), expected.len(), "record count");
     for (s, e) in staged.iter().zip(&expected) {
         assert_eq!(s.0, e.0);
@@ -264,7 +252,7 @@ async fn segments_deleted_before_the_tail_reads_them_are_still_streamed() {
     target.stop();
     let expected: Vec<_> =
         written.into_iter().filter(|(lsn, vshard, _, _)| *vshard == VSHARD && *lsn > base_lsn).collect();
-    let staged = staged_records(&target_dir.path().join("migrations/truncated/wal"));
+    let staged = staged_wal_records(&target_dir.path().join("migrations/truncated/wal"));
     assert_eq!(staged.len(), expected.len());
     assert!(staged.iter().zip(&expected).all(|(s, e)| s.0 == e.0 && s.3 == e.3));
 }
