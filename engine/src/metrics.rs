@@ -134,7 +134,7 @@ pub fn render(statuses: &[MigrationStatus], bytes_received_total: u64) -> Scrape
     let mut registry = Registry::default();
     registry.register(
         "ferry_bytes_sent",
-        "Chunk bytes sent by this process as a source.",
+        "Chunk bytes this process handed to its transport as a source, resent chunks included: bytes sent into a connection that then died count too (ferry_bytes_received on the target counts what arrived).",
         ConstCounter::new(BYTES_SENT_TOTAL.load(Ordering::Relaxed)),
     );
     registry.register(
