@@ -62,7 +62,7 @@ pub struct NodeConfig {
     pub stall_after_secs: u64,
     /// A peer heard nothing from for this long is taken as gone: its connections close and an
     /// outbound migration reconnects. A keep-alive goes out every fifth of it. The smaller of
-    /// both ends' values governs a connection.
+    /// both ends' values governs a connection, and a handshake must finish within it.
     pub quic_idle_timeout_ms: u32,
     /// Refuse an inbound migration whose base does not fit in the data folder's free space.
     pub check_free_space: bool,
@@ -256,7 +256,7 @@ impl NodeConfig {
              # A peer heard nothing from for this long (milliseconds) is taken as gone: its connections close\n\
              # and outbound migrations reconnect. A keep-alive goes out every fifth of it. Both ends' smaller\n\
              # value governs a connection. Lower detects a cut link sooner; too low closes connections of a\n\
-             # node stalled by load.\n\
+             # node stalled by load, and handshakes on a lossy path (a handshake must finish within it).\n\
              quic_idle_timeout_ms = {}\n\
              # Refuse an inbound migration whose base does not fit in the data folder's free space.\n\
              check_free_space = {}\n\
