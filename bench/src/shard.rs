@@ -71,6 +71,20 @@ impl Shard {
         Ok(Self { _dir: dir, root, files, size_bytes })
     }
 
+    /// Drops the shard's files from the page cache (each written back first, then
+    /// `POSIX_FADV_DONTNEED`), so the next copy reads them from the disk: a cold source.
+    pub fn evict_from_page_cache(&self) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd;
+        for f in &self.files {
+            let file = File::open(&f.path).with_context(|| format!("cannot open {}", f.path.display()))?;
+            file.sync_data().with_context(|| format!("cannot sync {}", f.path.display()))?;
+            // SAFETY: a plain syscall on a descriptor this function owns; no memory is shared.
+            let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            anyhow::ensure!(rc == 0, "posix_fadvise(DONTNEED) of {} failed: errno {rc}", f.path.display());
+        }
+        Ok(())
+    }
+
     /// Writes `files_count` files of `file_bytes` each, spread round-robin over
     /// `folders_count` folders (`d00/f00000.dat`, `d01/f00001.dat`, ...), under a new temp dir
     /// in `parent`: the small-file shard (2,000 x 16 KiB in 20 folders).

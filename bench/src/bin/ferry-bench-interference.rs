@@ -16,9 +16,13 @@
 //! process's CPU share per window; medians over `--rounds`, and ratios against the same
 //! round's no-migration window and unthrottled copy.
 //!
-//! What it does not: assert, or measure disk contention (the target stages on tmpfs; the
-//! writer's WAL and the shard share one disk folder, `--work-dir`, which sits in the page
-//! cache after the first round). The machine's other load shows in the load average printed.
+//! Disk contention, separately: `--target-staging disk` stages on the writer's disk (the
+//! work folder), so the target's writes and syncs share it with the writer's WAL flushes;
+//! `--cold-source` drops the shard from the page cache before each copy, so the source's
+//! reads come from that disk too (and the bulk I/O priority has I/O to act on). By default
+//! the target stages on tmpfs and the shard sits in the page cache after the first round.
+//!
+//! What it does not: assert. The machine's other load shows in the load average printed.
 //!
 //! Run: `cargo build --release -p ferry-engine --bin ferry -p ferry-bench --bin ferry-bench-interference &&
 //! target/release/ferry-bench-interference --rounds 3`
@@ -89,6 +93,16 @@ struct Args {
     /// Where the shard and the writer's WAL go (a disk folder); default: the temp dir.
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Where the target daemon stages: `tmpfs` (/dev/shm, the default: its writes do not share
+    /// the writer's disk, as on two hosts) or `disk` (the work folder: the writer's WAL flushes
+    /// and the target's staging share one disk, the disk contention of one host).
+    #[arg(long, default_value = "tmpfs", value_parser = ["tmpfs", "disk"])]
+    target_staging: String,
+    /// Drop the shard's files from the page cache before each copy, so the source reads them
+    /// from the disk the writer flushes to (where the bulk I/O priority can act); by default the
+    /// shard sits in the page cache after the first round and mmap reads do no I/O.
+    #[arg(long)]
+    cold_source: bool,
     /// Raw figures as JSON.
     #[arg(long, default_value = "target/bench-interference/runs.json")]
     out: PathBuf,
@@ -282,7 +296,8 @@ async fn run_round(
 ) -> anyhow::Result<Round> {
     let exe = std::env::current_exe()?;
     let extra = variant_config(variant)?;
-    let target = start_daemon(bin, certs, TARGET_NODE, SOURCE_NODE, Path::new("/dev/shm"), args.target_core, "")?;
+    let staging_parent = if args.target_staging == "disk" { work } else { Path::new("/dev/shm") };
+    let target = start_daemon(bin, certs, TARGET_NODE, SOURCE_NODE, staging_parent, args.target_core, "")?;
     let source = start_daemon(bin, certs, SOURCE_NODE, TARGET_NODE, work, args.source_core, extra)?;
     let wal = tempfile::Builder::new().prefix("ferry-bench-interference-wal-").tempdir_in(work)?;
     let wal_dir = wal.path().join("wal");
@@ -299,6 +314,9 @@ async fn run_round(
         writer.pause()?;
         let id = MigrationId::new(format!("idle-{variant}-{round}"))?;
         let params = start_params(args, &id, &shard.root, &wal_dir, writer.acked_lsn()?, &target)?;
+        if args.cold_source {
+            shard.evict_from_page_cache()?;
+        }
         let before = ticks(pids);
         let started = Instant::now();
         client.start(&params).await?;
@@ -314,6 +332,9 @@ async fn run_round(
     // 2. The writer alone, then a live migration through its cut-over.
     let mut stamps = [0u64; 5];
     let mut tick = [Ticks::default(); 5];
+    if args.cold_source {
+        shard.evict_from_page_cache()?;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stamps[0] = monotonic_ns();
     tick[0] = ticks(pids);
@@ -366,12 +387,14 @@ fn report(args: &Args, shard: &Shard, variants: &[&str], rounds: &[Round]) -> St
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "writer {} writes/s in its own process on core {} with the source daemon; target on core {} staging on tmpfs; shard {} in {} files; read_mode {}; rate limit {}; medians of {} round(s)",
+        "writer {} writes/s in its own process on core {} with the source daemon; target on core {} staging on {}; shard {} in {} files, {}; read_mode {}; rate limit {}; medians of {} round(s)",
         args.write_rate,
         args.source_core,
         args.target_core,
+        if args.target_staging == "disk" { "the writer's disk" } else { "tmpfs" },
         ferry_bench::format_bytes(shard.size_bytes),
         args.files,
+        if args.cold_source { "dropped from the page cache before each copy" } else { "in the page cache" },
         args.read_mode,
         if args.rate_limit == 0 { "none".to_owned() } else { format!("{} B/s", args.rate_limit) },
         args.rounds
