@@ -34,8 +34,17 @@ pub fn find() -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join("fio")).find(|candidate| candidate.is_file())
 }
 
+/// How fio gets its buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FioBuffers {
+    /// fio's default: plain io_uring READs.
+    Plain,
+    /// `--fixedbufs=1`: buffers registered with the ring, READ_FIXED, like the hardware test's loop.
+    Registered,
+}
+
 /// The fio command reading all of `file` (`size_bytes`) at `shape`'s queue depth and block size.
-pub fn command(fio: &Path, file: &Path, size_bytes: u64, shape: ReadShape) -> Command {
+pub fn command(fio: &Path, file: &Path, size_bytes: u64, shape: ReadShape, buffers: FioBuffers) -> Command {
     let mut command = Command::new(fio);
     command
         .arg("--name=ferry-hw-read")
@@ -45,6 +54,9 @@ pub fn command(fio: &Path, file: &Path, size_bytes: u64, shape: ReadShape) -> Co
         .arg(format!("--bs={}", shape.block_len_bytes))
         .arg(format!("--iodepth={}", shape.queue_depth))
         .arg("--output-format=json");
+    if buffers == FioBuffers::Registered {
+        command.arg("--fixedbufs=1");
+    }
     command
 }
 
@@ -56,8 +68,8 @@ pub fn command_line(command: &Command) -> String {
 }
 
 /// Runs fio on `file` and parses its report.
-pub fn run(fio: &Path, file: &Path, size_bytes: u64, shape: ReadShape) -> anyhow::Result<FioRead> {
-    let mut command = command(fio, file, size_bytes, shape);
+pub fn run(fio: &Path, file: &Path, size_bytes: u64, shape: ReadShape, buffers: FioBuffers) -> anyhow::Result<FioRead> {
+    let mut command = command(fio, file, size_bytes, shape, buffers);
     let out = command.output().with_context(|| format!("cannot run {}", fio.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
@@ -129,11 +141,13 @@ mod tests {
     #[test]
     fn the_command_reads_with_io_uring_and_o_direct_at_the_shape() {
         let shape = ReadShape { queue_depth: 32, block_len_bytes: 131_072 };
-        let line = command_line(&command(Path::new("fio"), Path::new("/mnt/f.bin"), 1 << 30, shape));
+        let line = command_line(&command(Path::new("fio"), Path::new("/mnt/f.bin"), 1 << 30, shape, FioBuffers::Plain));
         assert_eq!(
             line,
             "fio --name=ferry-hw-read --filename=/mnt/f.bin --size=1073741824 --ioengine=io_uring --direct=1 \
              --rw=read --bs=131072 --iodepth=32 --output-format=json"
         );
+        let fixed = command_line(&command(Path::new("fio"), Path::new("/f"), 4096, shape, FioBuffers::Registered));
+        assert!(fixed.ends_with("--output-format=json --fixedbufs=1"), "{fixed}");
     }
 }

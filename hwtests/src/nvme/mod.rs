@@ -249,7 +249,8 @@ pub fn run(dir: &Path, logical_block_size_bytes: Option<u32>, config: &RunConfig
     let fixed = direct::read_direct(&file.path, config.shape, &file.alignment, false)?;
     let engine = engine_read(&file, config.shape)?;
     let fio = match crate::fio::find() {
-        Some(fio) => crate::fio::run(&fio, &file.path, file.size_bytes, config.shape).map_err(|e| format!("{e:#}")),
+        Some(fio) => crate::fio::run(&fio, &file.path, file.size_bytes, config.shape, crate::fio::FioBuffers::Plain)
+            .map_err(|e| format!("{e:#}")),
         None => Err("fio is not on PATH (apt-get install fio)".to_owned()),
     };
     Ok(Report {
