@@ -35,12 +35,7 @@ pub fn ferry_bin() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("FERRY_BIN") {
         return Ok(PathBuf::from(path));
     }
-    let mut dir = std::env::current_exe()?;
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join("ferry");
+    let bin = ferry_beside_this_executable()?;
     if let Some(cargo) = std::env::var_os("CARGO") {
         let mut command = Command::new(cargo);
         // Without the variables cargo sets for a test or `cargo run` (CARGO_PKG_NAME,
@@ -70,6 +65,17 @@ pub fn ferry_bin() -> anyhow::Result<PathBuf> {
         bin.display()
     );
     Ok(bin)
+}
+
+/// Where `ferry` is when cargo built it with this executable: `target/<profile>/ferry` (also
+/// for a test binary in `target/<profile>/deps/`). It may not exist.
+pub fn ferry_beside_this_executable() -> anyhow::Result<PathBuf> {
+    let mut dir = std::env::current_exe()?;
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir.join("ferry"))
 }
 
 /// A CA and the `source` and `target` node certificates in a folder.
