@@ -109,13 +109,28 @@ impl RdmaPair {
         files_count: usize,
         file_size_bytes: u64,
     ) -> anyhow::Result<Self> {
+        Self::start_on(bin, parent, Some((config, device)), files_count, file_size_bytes)
+    }
+
+    /// [`RdmaPair::start`], or with `rdma: None` the same pair on QUIC (`transport = "quic"`):
+    /// the copy and its checks without hardware, for the tests here.
+    pub fn start_on(
+        bin: &Path,
+        parent: &Path,
+        rdma: Option<(&RdmaConfig, &str)>,
+        files_count: usize,
+        file_size_bytes: u64,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("ferry-hw-rdma-daemons-").tempdir_in(parent)?;
         let certs = Certs::new(&dir.path().join("certs"))?;
         let shard = dir.path().join("shard");
         let files = write_shard(&shard, files_count, file_size_bytes)?;
         let bytes_total =
             files.iter().map(|(p, _)| std::fs::metadata(shard.join(p)).map(|m| m.len()).unwrap_or(0)).sum();
-        let lines = config.toml(device, true);
+        let (lines, want) = match rdma {
+            Some((config, device)) => (config.toml(device, true), "rdma"),
+            None => ("transport = \"quic\"\n".to_owned(), "quic"),
+        };
         let target_config =
             write_config(dir.path(), "target", &certs, &format!("allowed_peers = [\"source\"]\n{lines}"))?;
         let source_config = write_config(dir.path(), "source", &certs, &lines)?;
@@ -125,8 +140,8 @@ impl RdmaPair {
             let info = node.call("node.info", json!({}))?;
             let transport = &info["transport"];
             anyhow::ensure!(
-                transport["in_use"] == "rdma",
-                "the {name} daemon does not use RDMA: {transport} (features: {})",
+                transport["in_use"] == want,
+                "the {name} daemon does not use {want}: {transport} (features: {})",
                 info["features"]
             );
         }
@@ -262,6 +277,21 @@ mod tests {
         let bin = crate::daemons::ferry_bin().unwrap();
         let summary = fallback(&bin, &std::env::temp_dir()).unwrap();
         assert!(summary.contains(MISSING_DEVICE), "{summary}");
+    }
+
+    /// The pair's copy and checks (migration.start, Completed, no fallback, CRC32C of every
+    /// staged file, forget and a second copy) on QUIC: what the RDMA run adds is the transport.
+    #[test]
+    fn a_pair_of_daemons_copies_twice_and_checks_every_staged_file() {
+        let bin = crate::daemons::ferry_bin().unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let mut pair = RdmaPair::start_on(&bin, parent.path(), None, 5, 300_000).unwrap();
+        for _ in 0..2 {
+            let run = pair.copy(65536, 2).unwrap();
+            assert_eq!(run.bytes, 1 + 3 * 300_000);
+        }
+        let staged = pair.target.data_dir.join("migrations/hw-rdma-2/segments");
+        assert!(!staged.exists(), "a checked copy's staging is removed");
     }
 
     #[test]
