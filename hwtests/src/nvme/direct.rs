@@ -35,6 +35,8 @@ const PAGE_BYTES: usize = 4096;
 pub const QUEUE_DEPTH_MAX: u32 = 1024;
 /// Block size allowed at most (one registered buffer is at most 1 GiB; this is far below).
 pub const BLOCK_LEN_MAX_BYTES: u32 = 64 << 20;
+/// Memory of all buffers together, at most (queue depth x block size; all of it is pinned).
+pub const BUFFERS_MAX_BYTES: u64 = 1 << 30;
 
 /// O_DIRECT's alignment for one file, and where it came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +115,11 @@ impl ReadShape {
             (1..=BLOCK_LEN_MAX_BYTES).contains(&self.block_len_bytes),
             "block size {} is outside 1..={BLOCK_LEN_MAX_BYTES}",
             self.block_len_bytes
+        );
+        let buffers_bytes = u64::from(self.queue_depth) * u64::from(self.block_len_bytes);
+        anyhow::ensure!(
+            buffers_bytes <= BUFFERS_MAX_BYTES,
+            "queue depth x block size is {buffers_bytes} bytes of pinned buffers, over {BUFFERS_MAX_BYTES}"
         );
         anyhow::ensure!(
             self.block_len_bytes.is_multiple_of(align.offset_bytes),
@@ -368,6 +375,8 @@ mod tests {
         assert!(ReadShape { queue_depth: 2000, block_len_bytes: 1 << 20 }.check(&align).is_err());
         assert!(ReadShape { queue_depth: 8, block_len_bytes: 1000 }.check(&align).is_err());
         assert!(ReadShape { queue_depth: 8, block_len_bytes: 128 << 20 }.check(&align).is_err());
+        assert!(ReadShape { queue_depth: 1024, block_len_bytes: 64 << 20 }.check(&align).is_err(), "64 GiB pinned");
+        assert!(ReadShape { queue_depth: 16, block_len_bytes: 64 << 20 }.check(&align).is_ok());
     }
 
     #[test]
