@@ -34,12 +34,7 @@ pub fn ferry_bin() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("FERRY_BIN") {
         return Ok(PathBuf::from(path));
     }
-    let mut dir = std::env::current_exe()?;
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join("ferry");
+    let bin = ferry_hwtests::daemons::ferry_beside_this_executable()?;
     anyhow::ensure!(
         bin.exists(),
         "no ferry binary at {}: build it with `cargo build --release -p ferry-engine --bin ferry` (or set FERRY_BIN)",

@@ -18,7 +18,10 @@
 //! - [`interference`]: the reference writer in a process of its own, and its ack latency per
 //!   time window (issue 21's interference benchmark);
 //! - [`daemons`]: `ferry serve` and `ferry copy` as separate processes, with [`procstat`]
-//!   sampling each one's memory and CPU time.
+//!   sampling each one's memory and CPU time;
+//! - [`hw`]: the hardware benches' baselines (`ib_write_bw`, the link's rate, one core's
+//!   CRC32C rate); the benches themselves share `ferry_hwtests`' O_DIRECT loop, fio runner and
+//!   RDMA daemons.
 //!
 //! What it does not: assert on speed. Benchmarks measure and print ratios against baselines
 //! measured in the same run; nothing here fails because a number is low.
@@ -32,6 +35,7 @@ pub mod curve;
 pub mod daemons;
 pub mod dd;
 pub mod ferry_copy;
+pub mod hw;
 pub mod interference;
 pub mod procstat;
 pub mod raw_quinn;

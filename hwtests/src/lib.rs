@@ -4,19 +4,26 @@
 //! hardware test can run where the hardware is and say loudly, with the reason, where it is
 //! not. The `ferry-hwtests` binary runs every probe and the tests that can run.
 //!
-//! What it does not: run in the plain test run (`cargo test`): machines without the hardware
-//! would only ever skip, which proves nothing. Bare-metal CI runs the binary.
+//! What it does not: run the hardware tests in the plain test run: machines without the
+//! hardware would only ever skip, which proves nothing. Bare-metal CI runs the binary. The
+//! crate's own tests (`cargo test -p ferry-hwtests`) run what needs no hardware: the /sys
+//! lookup on fixtures and on this machine, the O_DIRECT read loop and the fio comparison on
+//! this machine's disk, and the RDMA fallback through real `ferry serve` processes.
 //!
-//! Today: probes for NVMe controllers and RDMA devices, an O_DIRECT io_uring read of a file on
-//! a chosen NVMe-backed folder (`FERRY_HW_NVME_DIR`), and, when asked (`FERRY_HW=rdma`, built
-//! with `--features rdma`), an RDMA loopback: the engine's RDMA lanes between two queue pairs
-//! of one device (`FERRY_HW_RDMA_DEVICE`, `FERRY_HW_RDMA_PORT`, `FERRY_HW_RDMA_GID_INDEX`),
-//! 256 chunks of 1 MiB written and each checked by its CRC32C (see [`rdma`]), and a base copy
-//! between the source and target drivers of `ferry serve` over RDMA on that device (see
-//! [`rdma_copy`]).
+//! The tests, each run only when `FERRY_HW` (a comma-separated list) asks for its kind:
+//! - `nvme` ([`nvme`]): the block device behind `FERRY_HW_NVME_DIR` found through /sys and
+//!   checked to be NVMe; O_DIRECT io_uring reads into registered buffers aligned as `statx`
+//!   says; a write-read CRC32C round trip; the read rate beside `fio` ([`fio`]).
+//! - `rdma` (built with `--features rdma`): a loopback over the engine's lanes ([`rdma`]); a
+//!   base copy between the source and target drivers in this process ([`rdma_copy`]); a base
+//!   copy between two `ferry serve` processes ([`rdma_daemons::daemon_copy`]); and the
+//!   fallback of a daemon on a missing device ([`rdma_daemons::fallback`], no hardware needed).
 //!
-//! Invariants: a test whose hardware is missing is reported as skipped with the reason, never
-//! counted as passed.
+//! Requested hardware that is missing fails, naming what is missing (the variable, the device,
+//! the build's feature); a test not requested is skipped with what the probe saw.
+//!
+//! Invariants: a test is never counted as passed without running: not requested, it is
+//! skipped with the reason; requested without its hardware, it fails.
 
 use std::path::{Path, PathBuf};
 
@@ -56,44 +63,9 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// Reads a 64 MiB file on the NVMe folder with io_uring and O_DIRECT and checks its bytes.
-pub fn nvme_direct_read(probe: &Probe) -> Outcome {
-    let Some(dir) = &probe.nvme_dir else {
-        return Outcome::Skipped(format!(
-            "no NVMe test folder: set FERRY_HW_NVME_DIR to a folder on an NVMe device (controllers seen: {:?})",
-            probe.nvme_controllers
-        ));
-    };
-    match run_direct_read(dir) {
-        Ok(summary) => Outcome::Passed(summary),
-        Err(e) => Outcome::Failed(format!("{e:#}")),
-    }
-}
-
-#[allow(clippy::cast_possible_truncation)] // sizes here are at most 64 MiB
-fn run_direct_read(dir: &Path) -> anyhow::Result<String> {
-    use ferry_engine::read::{ChunkReader, ReadMode, ReaderConfig, SourceFile};
-    let path = dir.join("ferry-hwtest-direct.bin");
-    let data: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-    std::fs::write(&path, &data)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let started = std::time::Instant::now();
-    let result = runtime.block_on(async {
-        let reader = ChunkReader::new(ReadMode::UringDirect, ReaderConfig::default())?;
-        let file = SourceFile::open_shared(&path)?;
-        let mut offset = 0u64;
-        while offset < data.len() as u64 {
-            let len = (data.len() as u64 - offset).min(1 << 20) as u32;
-            let bytes = reader.read(&file, offset, len).await?;
-            anyhow::ensure!(bytes[..] == data[offset as usize..][..len as usize], "bytes differ at offset {offset}");
-            offset += u64::from(len);
-        }
-        Ok::<_, anyhow::Error>(())
-    });
-    let _ = std::fs::remove_file(&path);
-    result?;
-    let secs = started.elapsed().as_secs_f64();
-    Ok(format!("64 MiB read with io_uring O_DIRECT and checked in {secs:.3} s ({:.0} MB/s)", 64.0 * 1.048576 / secs))
+/// The NVMe test, gated on `FERRY_HW=nvme` (see [`nvme::nvme_test`]).
+pub fn nvme_direct_read(probe: &Probe, requested: bool) -> Outcome {
+    nvme::nvme_test(probe, requested)
 }
 
 /// Whether `FERRY_HW` (a comma-separated list: `nvme,rdma`) asks for `what`.
@@ -113,20 +85,44 @@ pub fn rdma_copy(probe: &Probe, requested: bool) -> Outcome {
     rdma_gate(probe, requested).unwrap_or_else(|| run_rdma(RdmaTest::Copy))
 }
 
+/// A base copy between two `ferry serve` processes over RDMA: gated as [`rdma_transfer`].
+pub fn rdma_daemon_copy(probe: &Probe, requested: bool) -> Outcome {
+    rdma_gate(probe, requested).unwrap_or_else(|| run_rdma(RdmaTest::DaemonCopy))
+}
+
+/// A daemon asked for RDMA on a device that does not exist falls back to QUIC loudly, and
+/// refuses to start with `require_rdma`. Runs when `FERRY_HW` asks for `rdma`, with or without
+/// a device (it needs none).
+pub fn rdma_fallback(probe: &Probe, requested: bool) -> Outcome {
+    if !requested {
+        return not_requested(probe);
+    }
+    let result = daemons::ferry_bin().and_then(|bin| rdma_daemons::fallback(&bin, &std::env::temp_dir()));
+    match result {
+        Ok(summary) => Outcome::Passed(summary),
+        Err(e) => Outcome::Failed(format!("{e:#}")),
+    }
+}
+
 /// Which RDMA test to run.
 #[derive(Debug, Clone, Copy)]
 enum RdmaTest {
     Loopback,
     Copy,
+    DaemonCopy,
+}
+
+fn not_requested(probe: &Probe) -> Outcome {
+    Outcome::Skipped(format!(
+        "not requested: set FERRY_HW=rdma (and FERRY_HW_RDMA_DEVICE) and build with --features rdma (devices seen: {:?})",
+        probe.rdma_devices
+    ))
 }
 
 /// The outcome of an RDMA test that cannot run here (not requested, or hardware missing).
 fn rdma_gate(probe: &Probe, requested: bool) -> Option<Outcome> {
     if !requested {
-        return Some(Outcome::Skipped(format!(
-            "not requested: set FERRY_HW=rdma (and FERRY_HW_RDMA_DEVICE) and build with --features rdma (devices seen: {:?})",
-            probe.rdma_devices
-        )));
+        return Some(not_requested(probe));
     }
     if !cfg!(feature = "rdma") {
         return Some(Outcome::Failed(
@@ -143,10 +139,11 @@ fn rdma_gate(probe: &Probe, requested: bool) -> Option<Outcome> {
 
 #[cfg(feature = "rdma")]
 fn run_rdma(test: RdmaTest) -> Outcome {
-    let config = rdma::LoopbackConfig::from_env();
+    let config = rdma_daemons::RdmaConfig::from_env();
     let result = match test {
         RdmaTest::Loopback => rdma::loopback(&config),
         RdmaTest::Copy => rdma_copy::copy(&config),
+        RdmaTest::DaemonCopy => daemons::ferry_bin().and_then(|bin| rdma_daemons::daemon_copy(&bin, &config)),
     };
     match result {
         Ok(summary) => Outcome::Passed(summary),
@@ -159,10 +156,14 @@ fn run_rdma(_test: RdmaTest) -> Outcome {
     Outcome::Failed("built without --features rdma".into())
 }
 
+pub mod daemons;
+pub mod fio;
+pub mod nvme;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 #[cfg(feature = "rdma")]
 pub mod rdma_copy;
+pub mod rdma_daemons;
 
 #[cfg(test)]
 mod tests {
@@ -172,11 +173,17 @@ mod tests {
     #[test]
     fn probing_never_fails_and_missing_hardware_skips_with_a_reason() {
         let probe = Probe::default();
-        assert!(matches!(nvme_direct_read(&probe), Outcome::Skipped(reason) if reason.contains("FERRY_HW_NVME_DIR")));
-        assert!(matches!(rdma_transfer(&probe, false), Outcome::Skipped(reason) if reason.contains("FERRY_HW=rdma")));
+        assert!(
+            matches!(nvme_direct_read(&probe, false), Outcome::Skipped(reason) if reason.contains("FERRY_HW_NVME_DIR"))
+        );
+        for test in [rdma_transfer, rdma_copy, rdma_daemon_copy, rdma_fallback] {
+            assert!(matches!(test(&probe, false), Outcome::Skipped(reason) if reason.starts_with("not requested")));
+        }
         // Requested where it cannot run: a failure that names what is missing.
-        let Outcome::Failed(reason) = rdma_transfer(&probe, true) else { panic!("a requested test skipped") };
-        assert!(reason.contains("--features rdma") || reason.contains("no RDMA device"), "{reason}");
+        for test in [rdma_transfer, rdma_copy, rdma_daemon_copy] {
+            let Outcome::Failed(reason) = test(&probe, true) else { panic!("a requested test skipped") };
+            assert!(reason.contains("--features rdma") || reason.contains("no RDMA device"), "{reason}");
+        }
         let _ = super::probe();
     }
 }

@@ -18,28 +18,11 @@ use ferry_engine::transfer::rdma::sideway_device::SidewayDevice;
 use ferry_engine::transfer::transport::{ChunkArrivals, ChunkLane, ChunkLanes, IncomingLane};
 use ferry_wire::frame::FrameHeader;
 
+use crate::rdma_daemons::RdmaConfig;
+
 const CHUNK_LEN_BYTES: u32 = 1 << 20;
 const CHUNKS_PER_LANE: u32 = 128;
 const LANES_COUNT: u32 = 2;
-
-/// Which device, port and GID index, from `FERRY_HW_RDMA_DEVICE`, `_PORT`, `_GID_INDEX`.
-#[derive(Debug, Clone)]
-pub struct LoopbackConfig {
-    pub device: Option<String>,
-    pub port: u8,
-    pub gid_index: u8,
-}
-
-impl LoopbackConfig {
-    pub fn from_env() -> Self {
-        let number = |name: &str, default: u8| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-        Self {
-            device: std::env::var("FERRY_HW_RDMA_DEVICE").ok(),
-            port: number("FERRY_HW_RDMA_PORT", 1),
-            gid_index: number("FERRY_HW_RDMA_GID_INDEX", 0),
-        }
-    }
-}
 
 #[allow(clippy::cast_possible_truncation)]
 fn chunk(lane: u32, index: u32) -> anyhow::Result<(FrameHeader, Bytes)> {
@@ -51,7 +34,7 @@ fn chunk(lane: u32, index: u32) -> anyhow::Result<(FrameHeader, Bytes)> {
 }
 
 /// Runs the loopback; a summary with the rate on success.
-pub fn loopback(config: &LoopbackConfig) -> anyhow::Result<String> {
+pub fn loopback(config: &RdmaConfig) -> anyhow::Result<String> {
     let device = SidewayDevice::open(config.device.as_deref(), config.port, config.gid_index)
         .with_context(|| format!("opening rdma device {:?} port {}", config.device, config.port))?;
     let path = PathConfig::for_chunks(CHUNK_LEN_BYTES, LANES_COUNT);

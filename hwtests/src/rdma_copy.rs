@@ -25,7 +25,7 @@ use ferry_engine::transfer::target::{self, TargetContext};
 use ferry_wire::session::Progress;
 use ferry_wire::{Lsn, MigrationId, NodeId, VShardId};
 
-use crate::rdma::LoopbackConfig;
+use crate::rdma_daemons::RdmaConfig;
 
 const FILE_SIZES_BYTES: [usize; 4] = [0, 1, (4 << 20) + 7, 64 << 20];
 const CHUNK_LEN_BYTES: u32 = 1 << 20;
@@ -41,14 +41,14 @@ fn contents(index: usize, size_bytes: usize) -> Vec<u8> {
 }
 
 /// Runs the copy under a fresh folder of the temp dir; a summary on success.
-pub fn copy(config: &LoopbackConfig) -> anyhow::Result<String> {
+pub fn copy(config: &RdmaConfig) -> anyhow::Result<String> {
     let dir = std::env::temp_dir().join(format!("ferry-hw-rdma-copy-{}", std::process::id()));
     let result = copy_in(&dir, config);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn copy_in(dir: &Path, config: &LoopbackConfig) -> anyhow::Result<String> {
+fn copy_in(dir: &Path, config: &RdmaConfig) -> anyhow::Result<String> {
     let (certs_dir, source_dir, target_dir) = (dir.join("certs"), dir.join("source"), dir.join("target"));
     std::fs::create_dir_all(&certs_dir)?;
     certs::init_ca(&certs_dir, false)?;
