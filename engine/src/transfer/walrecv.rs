@@ -38,7 +38,7 @@ use super::task::AbortOnDrop;
 use super::TransferError;
 use crate::staging::StagingLayout;
 use crate::storage::Storage;
-use crate::wal::stage::{StageOptions, StagedRecord, StagedWal};
+use crate::wal::stage::{RecordCheck, StageOptions, StagedRecord, StagedWal};
 
 /// Most frame body bytes staged as one group (one fdatasync): frames already read are taken
 /// while they fit; a frame larger than this is a group of its own.
@@ -281,7 +281,9 @@ fn stage_group(
 /// The group step on checked WAL batch frame bodies (the daemon's stager and the simulator
 /// in `tests/` both run it): decodes every body, calls `before_group` with the group's last
 /// LSN under the staged WAL's lock, and stages all the records as one batch. Returns the
-/// durable LSN, the one `WalDurable` may name.
+/// durable LSN, the one `WalDurable` may name. The bodies' frame CRCs were checked when they
+/// were read, so the records are checked as [`RecordCheck::Framed`] (headers, lengths and
+/// order, not each record's CRC again).
 pub fn stage_bodies(
     wal: &Mutex<StagedWal>,
     bodies: &[&[u8]],
@@ -300,7 +302,8 @@ pub fn stage_bodies(
     if let Some(last_lsn) = staged.iter().map(|r| r.lsn).max() {
         before_group(last_lsn)?;
     }
-    wal.append_batch(&staged).map_err(|e| TransferError::Local(format!("staging WAL records: {e}")))
+    wal.append_checked_batch(&staged, RecordCheck::Framed)
+        .map_err(|e| TransferError::Local(format!("staging WAL records: {e}")))
 }
 
 #[cfg(test)]
