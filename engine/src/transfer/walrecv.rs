@@ -419,6 +419,41 @@ mod tests {
         assert!(!commits.direct());
     }
 
+    /// A damaged batch is refused whole: a flipped bit anywhere in a body fails the frame's
+    /// CRC (what `read_frame` checks before anything is decoded); a checked body whose record
+    /// disagrees with the batch (its header's LSN, its length) fails the group's staging, and
+    /// nothing of that group is staged.
+    #[test]
+    fn a_damaged_batch_is_refused_and_stages_nothing() {
+        let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));
+        let fs = FakeStorage::new();
+        let wal = staged_wal(&fs);
+        assert_eq!(stage_group(&wal, &[frame(&budget, &[1, 2])], &|_| Ok(())).unwrap(), Lsn(2));
+        let good = frame(&budget, &[3, 4]);
+        let header = ferry_wire::frame::FrameHeader::wal_batch(&good.body).unwrap();
+        for bit in [0, 8 * 9 + 3, 8 * (good.body.len() - 1)] {
+            let mut damaged = good.body.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert!(header.check_body(&damaged).is_err(), "bit {bit}");
+        }
+        let (r3, r5) = (record(3), record(5));
+        let mut wrong_lsn = Vec::new();
+        for (lsn, bytes) in [(3, &r3), (4, &r5)] {
+            assert!(walstream::push(&mut wrong_lsn, &WalBatchRecord { lsn: Lsn(lsn), source_preamble: None, bytes }));
+        }
+        let err = stage_bodies(&wal, &[&wrong_lsn], &|_| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("carries LSN 5"), "{err}");
+        let mut short = Vec::new();
+        assert!(walstream::push(
+            &mut short,
+            &WalBatchRecord { lsn: Lsn(3), source_preamble: None, bytes: &r3[..r3.len() - 1] }
+        ));
+        let err = stage_bodies(&wal, &[&short], &|_| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("record given as LSN 3"), "{err}");
+        assert_eq!(wal.lock().unwrap().durable_lsn(), Lsn(2));
+        assert_eq!(stage_group(&wal, &[good], &|_| Ok(())).unwrap(), Lsn(4));
+    }
+
     /// A sync that fails fails the group: nothing is reported durable, and after the crash
     /// the staged WAL holds only what earlier groups made durable.
     #[test]
