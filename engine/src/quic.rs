@@ -34,12 +34,6 @@ pub const MTU_UPPER_BOUND_MAX_BYTES: u16 = 6400;
 /// QUIC's minimum UDP payload (RFC 9000 section 14).
 const MTU_MIN_BYTES: u16 = 1200;
 
-/// The initial congestion window of a copy's control and WAL connection
-/// ([`QuicTuning::control_wal_transport`]): 40 packets of the largest MTU, 256,000 bytes,
-/// against quinn's 14,720. Sized for the data-centre networks ferry runs on (a round trip of
-/// well under a millisecond); Cubic shrinks it on the first loss as usual.
-pub const CONTROL_INITIAL_WINDOW_BYTES: u64 = 40 * MTU_UPPER_BOUND_MAX_BYTES as u64;
-
 /// The default QUIC idle timeout: a peer that vanishes without a close (killed, its host gone,
 /// a cut cable) is seen after this long, 5 keep-alives missed. At 30 s a killed target cost a
 /// running copy 30 s before it reconnected (tests/tests/cert_rotation.rs measured it); lower
@@ -64,9 +58,9 @@ pub struct QuicTuning {
     pub idle_timeout_ms: u32,
     /// A PING after this long without sending, so a healthy idle connection never times out.
     pub keep_alive_ms: u64,
-    /// The largest UDP payload path MTU discovery probes for on a copy's connections (chunks,
-    /// and the control and WAL connection); the target's connections and a release's keep
-    /// quinn's 1452 (see [`QuicTuning::transport`]).
+    /// The largest UDP payload path MTU discovery probes for on bulk connections (chunks);
+    /// connections that carry latency-sensitive traffic keep quinn's 1452 (see
+    /// [`QuicTuning::transport`]).
     pub mtu_upper_bound_bytes: u16,
     /// What a copy's chunks go on: QUIC uni streams (the default), or RDMA lanes negotiated
     /// over the copy's connections. Here because every copy is given its node's tuning.
@@ -115,33 +109,14 @@ impl QuicTuning {
         self.mtu_upper_bound_bytes.clamp(MTU_MIN_BYTES, MTU_UPPER_BOUND_MAX_BYTES)
     }
 
-    /// The transport of the target's connections (it sends only acknowledgements and
-    /// answers) and of a release's or an abort's: quinn's MTU bound of 1452 and its initial
-    /// congestion window. quinn paces every packet as if it were a full MTU, and a connection
-    /// carrying light traffic keeps its small initial window (14,720 bytes), so with a
-    /// 6400-byte bound and that window a lone WAL batch or fence message waited for the pacer:
-    /// the fence's p99 went from about 1 ms to 7 ms (`ferry-bench-cutover`, bench/RESULTS.md).
-    /// A copy's control and WAL connection uses [`QuicTuning::control_wal_transport`].
+    /// The transport of a connection that carries control messages and the WAL stream (and,
+    /// on the target, every connection: it sends only acknowledgements and answers): quinn's
+    /// MTU bound of 1452. quinn paces every packet as if it were a full MTU, and a connection
+    /// carrying light traffic keeps a small congestion window, so with a 6400-byte bound a
+    /// lone WAL batch or fence message waited for the pacer: the fence's p99 went from about
+    /// 1 ms to 7 ms (`ferry-bench-cutover`, bench/RESULTS.md).
     pub fn transport(&self) -> TransportConfig {
         self.transport_with_mtu(MtuDiscoveryConfig::default())
-    }
-
-    /// The transport of a copy's control and WAL connection (the source's first connection):
-    /// MTU discovery up to [`QuicTuning::mtu_upper_bound_bytes`], so a WAL backlog goes in
-    /// about 4 times fewer packets, with a congestion window that starts at
-    /// [`CONTROL_INITIAL_WINDOW_BYTES`], so the pacer, which charges each packet a full MTU
-    /// and refills at a window per round trip, does not hold a lone `Fence` or WAL batch back.
-    /// Same-run figures (bench/RESULTS.md, "The WAL path, second sitting"): WAL backlog 1.27
-    /// to 1.44 x the records/s at 0.65 to 0.78 x the CPU, cut-over pause unchanged (p99
-    /// 0.89 x), a live tail's ack -> durable latency on tmpfs 1.1 x at p50 and 1.3 x at p99.
-    pub fn control_wal_transport(&self) -> TransportConfig {
-        let mut mtu = MtuDiscoveryConfig::default();
-        mtu.upper_bound(self.mtu_upper_bound());
-        let mut transport = self.transport_with_mtu(mtu);
-        let mut cubic = quinn::congestion::CubicConfig::default();
-        cubic.initial_window(CONTROL_INITIAL_WINDOW_BYTES);
-        transport.congestion_controller_factory(Arc::new(cubic));
-        transport
     }
 
     /// The transport of a connection that carries only chunks: MTU discovery up to
@@ -238,14 +213,6 @@ pub fn client_endpoint(peer: SocketAddr, tuning: &QuicTuning) -> std::io::Result
 pub fn client_config(crypto: Arc<QuicClientConfig>, tuning: &QuicTuning) -> quinn::ClientConfig {
     let mut config = quinn::ClientConfig::new(crypto);
     config.transport_config(Arc::new(tuning.transport()));
-    config
-}
-
-/// The client configuration of a copy's control and WAL connection
-/// ([`QuicTuning::control_wal_transport`]).
-pub fn control_wal_client_config(crypto: Arc<QuicClientConfig>, tuning: &QuicTuning) -> quinn::ClientConfig {
-    let mut config = quinn::ClientConfig::new(crypto);
-    config.transport_config(Arc::new(tuning.control_wal_transport()));
     config
 }
 

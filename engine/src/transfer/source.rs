@@ -284,7 +284,7 @@ impl Link {
         let config = if bulk {
             crate::quic::bulk_client_config(crypto, tuning)
         } else {
-            crate::quic::control_wal_client_config(crypto, tuning)
+            crate::quic::client_config(crypto, tuning)
         };
         let (addr, node) = (request.target_addr, request.target_node.clone());
         let connect = {
