@@ -11,8 +11,10 @@
 //!         | record_len_bytes u32 | record bytes
 //! ```
 //!
-//! What it does not: check the records themselves (the target's staged WAL does, header CRC
-//! included) or decide what to send (the tail cursor and the selection do).
+//! What it does not: check the records themselves (the source's tail checks each record's CRC
+//! as it reads it; the frame's body CRC covers the batch on the way; the target's staged WAL
+//! checks headers, lengths and order) or decide what to send (the tail cursor and the
+//! selection do).
 //!
 //! [`FrameKind::WalBatch`]: crate::frame::FrameKind::WalBatch
 

@@ -38,7 +38,7 @@ use super::task::AbortOnDrop;
 use super::TransferError;
 use crate::staging::StagingLayout;
 use crate::storage::Storage;
-use crate::wal::stage::{StageOptions, StagedRecord, StagedWal};
+use crate::wal::stage::{RecordCheck, StageOptions, StagedRecord, StagedWal};
 
 /// Most frame body bytes staged as one group (one fdatasync): frames already read are taken
 /// while they fit; a frame larger than this is a group of its own.
@@ -281,7 +281,9 @@ fn stage_group(
 /// The group step on checked WAL batch frame bodies (the daemon's stager and the simulator
 /// in `tests/` both run it): decodes every body, calls `before_group` with the group's last
 /// LSN under the staged WAL's lock, and stages all the records as one batch. Returns the
-/// durable LSN, the one `WalDurable` may name.
+/// durable LSN, the one `WalDurable` may name. The bodies' frame CRCs were checked when they
+/// were read, so the records are checked as [`RecordCheck::Framed`] (headers, lengths and
+/// order, not each record's CRC again).
 pub fn stage_bodies(
     wal: &Mutex<StagedWal>,
     bodies: &[&[u8]],
@@ -300,7 +302,8 @@ pub fn stage_bodies(
     if let Some(last_lsn) = staged.iter().map(|r| r.lsn).max() {
         before_group(last_lsn)?;
     }
-    wal.append_batch(&staged).map_err(|e| TransferError::Local(format!("staging WAL records: {e}")))
+    wal.append_checked_batch(&staged, RecordCheck::Framed)
+        .map_err(|e| TransferError::Local(format!("staging WAL records: {e}")))
 }
 
 #[cfg(test)]
@@ -414,6 +417,41 @@ mod tests {
         assert!(!commits.direct());
         commits.took(Duration::from_micros(5));
         assert!(!commits.direct());
+    }
+
+    /// A damaged batch is refused whole: a flipped bit anywhere in a body fails the frame's
+    /// CRC (what `read_frame` checks before anything is decoded); a checked body whose record
+    /// disagrees with the batch (its header's LSN, its length) fails the group's staging, and
+    /// nothing of that group is staged.
+    #[test]
+    fn a_damaged_batch_is_refused_and_stages_nothing() {
+        let budget = Arc::new(Semaphore::new(READ_AHEAD_MAX_BYTES));
+        let fs = FakeStorage::new();
+        let wal = staged_wal(&fs);
+        assert_eq!(stage_group(&wal, &[frame(&budget, &[1, 2])], &|_| Ok(())).unwrap(), Lsn(2));
+        let good = frame(&budget, &[3, 4]);
+        let header = ferry_wire::frame::FrameHeader::wal_batch(&good.body).unwrap();
+        for bit in [0, 8 * 9 + 3, 8 * (good.body.len() - 1)] {
+            let mut damaged = good.body.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert!(header.check_body(&damaged).is_err(), "bit {bit}");
+        }
+        let (r3, r5) = (record(3), record(5));
+        let mut wrong_lsn = Vec::new();
+        for (lsn, bytes) in [(3, &r3), (4, &r5)] {
+            assert!(walstream::push(&mut wrong_lsn, &WalBatchRecord { lsn: Lsn(lsn), source_preamble: None, bytes }));
+        }
+        let err = stage_bodies(&wal, &[&wrong_lsn], &|_| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("carries LSN 5"), "{err}");
+        let mut short = Vec::new();
+        assert!(walstream::push(
+            &mut short,
+            &WalBatchRecord { lsn: Lsn(3), source_preamble: None, bytes: &r3[..r3.len() - 1] }
+        ));
+        let err = stage_bodies(&wal, &[&short], &|_| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("record given as LSN 3"), "{err}");
+        assert_eq!(wal.lock().unwrap().durable_lsn(), Lsn(2));
+        assert_eq!(stage_group(&wal, &[good], &|_| Ok(())).unwrap(), Lsn(4));
     }
 
     /// A sync that fails fails the group: nothing is reported durable, and after the crash

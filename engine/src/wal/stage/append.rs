@@ -15,7 +15,10 @@ use std::sync::Arc;
 use ferry_wire::wal::{check_record, segment_name, FormatError, Layout, Preamble, RecordHeader, PREAMBLE_LEN_BYTES};
 use ferry_wire::{crc32c_append, Lsn};
 
-use super::{io_err, Place, Segment, StageError, StagedRecord, StagedWal, WRITE_COALESCE_MAX_BYTES, ZEROS_PIECE_BYTES};
+use super::{
+    io_err, Place, RecordCheck, Segment, StageError, StagedRecord, StagedWal, WRITE_COALESCE_MAX_BYTES,
+    ZEROS_PIECE_BYTES,
+};
 
 /// Most slices gathered for one vectored write (the storage splits them by `IOV_MAX` anyway;
 /// this bounds the list a batch of many small records builds).
@@ -35,11 +38,23 @@ impl StagedWal {
     /// Stages `records` (in LSN order, all above the durable LSN) durably and returns the new
     /// durable LSN: one write per segment run, one fdatasync per segment file written, one
     /// folder fsync when a segment file was created. An empty batch returns the durable LSN.
+    /// Every record's header and CRC32C are checked ([`RecordCheck::Crc`]).
     pub fn append_batch(&mut self, records: &[StagedRecord<'_>]) -> Result<Lsn, StageError> {
+        self.append_checked_batch(records, RecordCheck::Crc)
+    }
+
+    /// [`StagedWal::append_batch`] with the check `check` on every record: the WAL stream's
+    /// stager passes [`RecordCheck::Framed`] (see there for what it proves and why that is
+    /// enough for records that arrived in a checked WAL batch frame).
+    pub fn append_checked_batch(
+        &mut self,
+        records: &[StagedRecord<'_>],
+        check: RecordCheck,
+    ) -> Result<Lsn, StageError> {
         if self.failed {
             return Err(StageError::Failed);
         }
-        let layouts = self.check_batch(records)?;
+        let layouts = self.check_batch(records, check)?;
         let Some(last) = records.last() else { return Ok(self.durable_lsn) };
         // Poisoned until the batch is durable: any error below leaves it failed.
         self.failed = true;
@@ -119,9 +134,13 @@ impl StagedWal {
     }
 
     /// Checks every record of a batch; returns each record's layout.
-    fn check_batch(&self, records: &[StagedRecord<'_>]) -> Result<Vec<Layout>, StageError> {
-        let mut layouts = Vec::with_capacity(records.len());
+    fn check_batch(&self, records: &[StagedRecord<'_>], check: RecordCheck) -> Result<Vec<Layout>, StageError> {
+        let mut layouts: Vec<Layout> = Vec::with_capacity(records.len());
         let mut previous = self.durable_lsn;
+        // The layout the last record was staged in: a framed record in another layout (or the
+        // first ever) has its CRC checked under the layout its length names, so a segment's
+        // layout is never decided by a length alone.
+        let mut last_layout = self.segments.last().map(|s| s.layout);
         for (i, record) in records.iter().enumerate() {
             let lsn = record.lsn;
             if lsn <= previous {
@@ -131,8 +150,17 @@ impl StagedWal {
                     StageError::NotIncreasing { lsn, previous }
                 });
             }
-            let (header, record_bytes) =
-                decode_record(record.bytes).map_err(|source| StageError::BadRecord { lsn, cause: source })?;
+            let decoded = match check {
+                RecordCheck::Crc => decode_record(record.bytes),
+                RecordCheck::Framed => decode_framed_record(record.bytes).and_then(|(header, len)| {
+                    if last_layout == Some(header.layout()) {
+                        Ok((header, len))
+                    } else {
+                        check_record(header.layout(), record.bytes)
+                    }
+                }),
+            };
+            let (header, record_bytes) = decoded.map_err(|source| StageError::BadRecord { lsn, cause: source })?;
             if record_bytes != record.bytes.len() {
                 return Err(StageError::RecordLength { lsn, given_bytes: record.bytes.len(), record_bytes });
             }
@@ -143,6 +171,7 @@ impl StagedWal {
                 Preamble::decode(&preamble).map_err(|source| StageError::BadPreamble { lsn, source })?;
             }
             layouts.push(header.layout());
+            last_layout = Some(header.layout());
             previous = lsn;
         }
         Ok(layouts)
@@ -253,4 +282,20 @@ fn decode_record(bytes: &[u8]) -> Result<(RecordHeader, usize), FormatError> {
         Ok(found) => Ok(found),
         Err(a_err) => check_record(Layout::B, bytes).map_err(|_| a_err),
     }
+}
+
+/// The header of the one record `bytes` should be, and the length that header gives, without
+/// its CRC32C ([`RecordCheck::Framed`]): magic, version and the payload length's limit are
+/// checked by the header's decoder. `payload_len` sits at the same offset in both layouts and
+/// the headers differ in length (54 and 63 bytes), so the record's length names its layout;
+/// bytes that are neither layout's length come back with layout A's, which the caller refuses
+/// as [`StageError::RecordLength`]. The caller checks the CRC of a record whose layout differs
+/// from the record before it (see `check_batch`).
+pub(super) fn decode_framed_record(bytes: &[u8]) -> Result<(RecordHeader, usize), FormatError> {
+    let header = RecordHeader::decode(Layout::A, bytes)?;
+    let payload_bytes = header.payload_len as usize;
+    if bytes.len() == Layout::B.header_len_bytes().saturating_add(payload_bytes) {
+        return Ok((RecordHeader::decode(Layout::B, bytes)?, bytes.len()));
+    }
+    Ok((header, Layout::A.header_len_bytes().saturating_add(payload_bytes)))
 }

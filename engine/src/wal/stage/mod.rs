@@ -126,6 +126,30 @@ pub struct StagedRecord<'a> {
     pub source_preamble: Option<[u8; PREAMBLE_LEN_BYTES]>,
 }
 
+/// How much of each record [`StagedWal::append_checked_batch`] verifies before anything is
+/// written.
+///
+/// Every record's CRC32C is checked once where it is read from the database's WAL (the
+/// source's tail cursor, DESIGN section 6), and the WAL batch frame that carries it has its
+/// own body CRC32C, computed by the source over the batch and checked by the target before
+/// the body is decoded (DESIGN section 7). Checking each record's CRC again on the target
+/// proves nothing those two do not (the bytes were intact in the source's WAL, and the batch
+/// arrived as the source built it), and it was one of five CRC passes over every record.
+/// What is checked in both modes: the header's magic and version, its LSN against the one the
+/// batch gives, the record's length against its header, the preamble, and LSN order. The
+/// staged bytes are covered afterwards by each segment's CRC32C in `MANIFEST.json`, and every
+/// record's CRC is checked again whenever a staged WAL is read (`StagedWal::open`, the
+/// importer's reader).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordCheck {
+    /// Header fields and each record's CRC32C: records from anywhere.
+    Crc,
+    /// Header fields and lengths, no CRC: records that arrived in a WAL batch frame whose body
+    /// CRC32C checked out. The layout is told by the record's length (the headers of the two
+    /// layouts differ in length), not by which CRC checks out.
+    Framed,
+}
+
 /// What [`StagedWal::open`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct OpenReport {

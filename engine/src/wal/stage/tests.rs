@@ -372,3 +372,52 @@ fn a_roll_cuts_the_zeros_of_the_segment_it_seals_and_a_reopen_cuts_the_open_ones
     let read: Vec<u64> = read_staged(&*storage, &dir).into_iter().map(|(_, lsn, _)| lsn).collect();
     assert_eq!(read, vec![1, 2, 3, 4, 5]);
 }
+
+/// A framed batch (records that arrived in a checked WAL batch frame) is not CRC-checked
+/// record by record, but its headers, lengths and order are; the layout comes from each
+/// record's length, and a record whose layout differs from the one before it (or the first
+/// one staged) has its CRC checked too, so a segment's layout never rests on a length alone.
+#[test]
+fn framed_batches_check_headers_and_layout_changes_not_every_crc() {
+    let (_fs, storage, dir) = fake();
+    let (mut wal, _) = StagedWal::open(Arc::clone(&storage), &dir, options(10, 1 << 20)).unwrap();
+    let framed = |wal: &mut StagedWal, recs: &[Rec]| wal.append_checked_batch(&batch(recs), RecordCheck::Framed);
+    // The first record staged is CRC-checked: its layout starts a segment.
+    let mut first = record(Layout::A, 11, 5);
+    *first.last_mut().unwrap() ^= 1;
+    let err = framed(&mut wal, &[(11, first, None)]).unwrap_err();
+    assert!(matches!(err, StageError::BadRecord { lsn: Lsn(11), .. }), "{err}");
+    let recs: Vec<Rec> = vec![
+        (11, record(Layout::A, 11, 5), None),
+        (12, record(Layout::A, 12, 300), None),
+        (13, record(Layout::B, 13, 7), None),
+        (14, record(Layout::B, 14, 0), None),
+    ];
+    assert_eq!(framed(&mut wal, &recs).unwrap(), Lsn(14));
+    // Header checks still hold without the CRC.
+    let r15 = record(Layout::B, 15, 5);
+    let err = framed(&mut wal, &[(16, r15.clone(), None)]).unwrap_err();
+    assert!(matches!(err, StageError::LsnMismatch { lsn: Lsn(16), found: Lsn(15) }), "{err}");
+    let mut long = record(Layout::A, 16, 5);
+    long.push(0);
+    let err = framed(&mut wal, &[(15, record(Layout::A, 15, 5), None), (16, long, None)]).unwrap_err();
+    assert!(matches!(err, StageError::RecordLength { lsn: Lsn(16), given_bytes: 60, record_bytes: 59 }), "{err}");
+    let mut no_magic = r15.clone();
+    no_magic[0] ^= 0xff;
+    let err = framed(&mut wal, &[(15, no_magic, None)]).unwrap_err();
+    assert!(matches!(err, StageError::BadRecord { lsn: Lsn(15), .. }), "{err}");
+    let err = framed(&mut wal, &[(15, r15.clone(), None), (15, r15.clone(), None)]).unwrap_err();
+    assert!(matches!(err, StageError::NotIncreasing { .. }), "{err}");
+    // A layout B record 9 bytes short has layout A's length: a layout change, so its CRC is
+    // checked under A, and it fails.
+    let mut cut = record(Layout::B, 15, 20);
+    cut.truncate(cut.len() - 9);
+    let err = framed(&mut wal, &[(15, cut, None)]).unwrap_err();
+    assert!(matches!(err, StageError::BadRecord { lsn: Lsn(15), .. }), "{err}");
+    // Refused batches wrote nothing; the staged WAL reads back in order, split at the layout
+    // change, every record's CRC checked by the reader.
+    assert_eq!(framed(&mut wal, &[(15, r15, None)]).unwrap(), Lsn(15));
+    let read: Vec<(String, u64)> = read_staged(storage.as_ref(), &dir).into_iter().map(|(s, l, _)| (s, l)).collect();
+    let (a, b) = (segment_name(Lsn(11)), segment_name(Lsn(13)));
+    assert_eq!(read, [(a.clone(), 11), (a, 12), (b.clone(), 13), (b.clone(), 14), (b, 15)]);
+}
