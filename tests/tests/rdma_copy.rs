@@ -128,6 +128,26 @@ async fn a_queue_pair_lost_mid_copy_resumes_on_rdma_and_completes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_whose_last_frame_vanishes_fails_its_attempt_and_the_copy_resumes_to_the_same_bytes() {
+    let (certs, root, target_dir) = (Certs::new().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Ten chunks on one lane: on every queue pair, the tenth frame's write vanishes with its
+    // completion (the lane's end still arrives). The resumed attempt's lane writes one frame.
+    write_file(root.path(), "L0/f0.seg", 10 * CHUNK as usize, 7);
+    let fabric = Fabric::new(Faults { lose_payload_write_per_qp: Some(10), ..Faults::default() });
+    let target = RdmaTarget::start(&certs, target_dir.path(), ChunkTransport::rdma(fake(&fabric), false));
+    let mut req = request("rdma-lost-last", root.path(), target.addr, CHUNK);
+    req.streams_count = 1;
+    req.retry = ferry_wire::retry::RetryPolicy::with_deadline_ms(25_000);
+    let report = copy_over(&certs, req, ChunkTransport::rdma(fake(&fabric), true)).await.unwrap();
+    assert!(report.reconnects_count >= 1, "the lost frame cut the first attempt: {report:?}");
+    assert!(report.bytes_resumed > 0, "the second attempt resumed past what had arrived: {report:?}");
+    assert_eq!(report.chunk_transport, Some(TransportSetting::Rdma));
+    assert!(report.committed);
+    assert_eq!(staged(target_dir.path(), "rdma-lost-last"), tree_sha256(root.path()).unwrap());
+    target.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_without_rdma_makes_the_copy_fall_back_to_quic_and_counts_it() {
     let (certs, root, target_dir) = (Certs::new().unwrap(), sources(), tempfile::tempdir().unwrap());
     let target = RdmaTarget::start(&certs, target_dir.path(), ChunkTransport::quic());

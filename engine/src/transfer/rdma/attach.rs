@@ -195,6 +195,16 @@ impl ChunkLane for Lane {
             Self::Fake(lane) => lane.finish(),
         }
     }
+
+    async fn end(self) -> Result<(), TransferError> {
+        match self {
+            Self::Quic(stream) => ChunkLane::end(stream).await,
+            #[cfg(feature = "rdma")]
+            Self::Sideway(lane) => lane.end().await,
+            #[cfg(any(test, feature = "testkit"))]
+            Self::Fake(lane) => lane.end().await,
+        }
+    }
 }
 
 /// The target's end of a connection's RDMA path.

@@ -29,6 +29,9 @@ pub struct Faults {
     pub fail_write: Option<u64>,
     /// This write vanishes: nothing is placed, no completion comes on either side.
     pub lose_write: Option<u64>,
+    /// On every queue pair, its Nth write that carries bytes (1 = its first frame) vanishes
+    /// as `lose_write` does: with N a lane's frame count, the lane's last frame.
+    pub lose_payload_write_per_qp: Option<u64>,
     /// From this write on, the queue pair is lost: the write and every later post fail.
     pub lose_qp_at_write: Option<u64>,
     /// Every completion becomes visible only after this many polls of its queue.
@@ -56,6 +59,8 @@ struct QpState {
     depth: u32,
     recvs: VecDeque<u64>,
     sends_outstanding: u32,
+    /// Writes posted here that carried bytes.
+    payload_writes_count: u64,
     /// Completions and the polls each still waits.
     cq: VecDeque<(Completion, u32)>,
     broken: Option<String>,
@@ -249,6 +254,10 @@ impl QueuePair for FakeQp {
             return Err(VerbsError::Device("send queue full".into()));
         }
         qp.sends_outstanding += 1;
+        if wr.len_bytes > 0 {
+            qp.payload_writes_count += 1;
+        }
+        let payload_number = qp.payload_writes_count;
         state.writes_count += 1;
         let number = state.writes_count;
         let faults = state.faults.clone();
@@ -256,7 +265,9 @@ impl QueuePair for FakeQp {
             state.break_pair(self.qpn, "the queue pair was lost");
             return Err(VerbsError::QpBroken { qpn: self.qpn, reason: "the queue pair was lost".into() });
         }
-        if faults.lose_write == Some(number) {
+        if faults.lose_write == Some(number)
+            || (wr.len_bytes > 0 && faults.lose_payload_write_per_qp == Some(payload_number))
+        {
             return Ok(());
         }
         let bytes = match wr.local {
