@@ -12,7 +12,8 @@
 //!
 //! What it does not: retry. A negotiation that cannot give RDMA (no device here, a target
 //! without RDMA, a handshake refused or unanswered) falls back to QUIC for the transfer, loudly
-//! ([`super::select::report_fallback`]), or fails it permanently under `require_rdma`; a
+//! ([`super::select::report_fallback`], and a notice for the daemon's per-migration
+//! `rdma_fallback` event), or fails it permanently under `require_rdma`; a
 //! failure after the path is up (a completion error, a lost queue pair, a timeout) is a
 //! transient [`TransferError`] and the copy resumes on a new attempt, which negotiates again.
 //!
@@ -33,6 +34,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_wire::frame::FrameHeader;
 use ferry_wire::rdma::RdmaHandshake;
+use ferry_wire::MigrationId;
 use quinn::{Connection, RecvStream, SendStream};
 
 #[cfg(any(test, feature = "testkit"))]
@@ -40,7 +42,7 @@ use super::fake::FakeDevice;
 use super::incoming::{RdmaArrivals, RdmaIncoming};
 use super::lane::{RdmaLane, RdmaLanes};
 use super::path::{accept_source, prepare_source, recv_handshake, send_handshake, PathConfig};
-use super::select::{RdmaRequired, TransportSetting};
+use super::select::{FallbackNotices, RdmaRequired, TransportSetting};
 #[cfg(feature = "rdma")]
 use super::sideway_device::SidewayDevice;
 use super::verbs::{Device, VerbsError};
@@ -104,14 +106,22 @@ pub fn for_node(status: &super::select::TransportStatus, settings: &super::selec
         let provider = SidewayProvider { device: device.clone(), port: settings.port, gid_index: settings.gid_index };
         return ChunkTransport::rdma(Arc::new(provider), settings.require);
     }
-    let _ = (status, settings);
-    ChunkTransport::quic()
+    let _ = settings;
+    match &status.fallback_reason {
+        Some(reason) => ChunkTransport::quic_fallback(reason.clone()),
+        None => ChunkTransport::quic(),
+    }
 }
 
 /// What a node's transfers carry chunks on.
 #[derive(Debug, Clone, Default)]
 pub struct ChunkTransport {
     rdma: Option<RdmaUse>,
+    /// RDMA was asked for and this node cannot have it at all (decided at its start): why.
+    /// Its transfers ship over QUIC and each says so as a fallback.
+    unavailable: Option<String>,
+    /// Where each transfer's fallback is queued for the daemon's event stream.
+    notices: Option<FallbackNotices>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,7 +139,29 @@ impl ChunkTransport {
 
     /// RDMA lanes from `provider`'s device where the peer takes them.
     pub fn rdma(provider: Arc<dyn DeviceProvider>, require: bool) -> Self {
-        Self { rdma: Some(RdmaUse { provider, require }) }
+        Self { rdma: Some(RdmaUse { provider, require }), ..Self::default() }
+    }
+
+    /// QUIC, because RDMA was asked for and cannot be had here (`reason`): every transfer
+    /// reports the fallback, as one whose target refuses RDMA does.
+    pub fn quic_fallback(reason: String) -> Self {
+        Self { unavailable: Some(reason), ..Self::default() }
+    }
+
+    /// Queues each transfer's fallback to QUIC in `notices` (the daemon's event stream).
+    #[must_use]
+    pub fn with_fallback_notices(mut self, notices: FallbackNotices) -> Self {
+        self.notices = Some(notices);
+        self
+    }
+
+    /// A transfer of `migration` asked for RDMA and ships over QUIC: the log line, the
+    /// metric and the notice.
+    fn fell_back(&self, migration: &MigrationId, reason: &str) {
+        super::select::report_fallback(reason, Some(migration));
+        if let Some(notices) = &self.notices {
+            notices.push(migration, reason);
+        }
     }
 
     pub fn setting(&self) -> TransportSetting {
@@ -283,13 +315,18 @@ impl From<TransferError> for Refusal {
 /// every target end takes them, else QUIC streams (loudly, or an error under `require_rdma`).
 pub async fn attach_source(
     transport: &ChunkTransport,
+    migration: &MigrationId,
     conns: &[Connection],
     streams_count: u32,
     chunk_len_bytes: u32,
 ) -> Result<Attached, TransferError> {
     let quic = || conns.iter().cloned().map(Lanes::Quic).collect::<Vec<_>>();
     let Some(rdma) = &transport.rdma else {
-        return Ok(Attached { lanes: quic(), in_use: TransportSetting::Quic, fallback_reason: None });
+        let fallback_reason = transport.unavailable.clone();
+        if let Some(reason) = &fallback_reason {
+            transport.fell_back(migration, reason);
+        }
+        return Ok(Attached { lanes: quic(), in_use: TransportSetting::Quic, fallback_reason });
     };
     let config = PathConfig::for_chunks(chunk_len_bytes, streams_count.max(1));
     let reason = match offer_paths(rdma, conns, config).await {
@@ -300,7 +337,7 @@ pub async fn attach_source(
     if rdma.require {
         return Err(TransferError::Local(RdmaRequired(reason).to_string()));
     }
-    super::select::report_fallback(&reason);
+    transport.fell_back(migration, &reason);
     Ok(Attached { lanes: quic(), in_use: TransportSetting::Quic, fallback_reason: Some(reason) })
 }
 
@@ -359,7 +396,10 @@ pub async fn answer_path(
     let offer = recv_handshake(recv).await?;
     let config = PathConfig::for_chunks(chunk_len_bytes, super::count_u32(ferry_wire::rdma::LANES_MAX));
     let accepted = match &transport.rdma {
-        None => Err("this node's transport is quic".to_owned()),
+        None => Err(match &transport.unavailable {
+            Some(reason) => format!("this node cannot use rdma: {reason}"),
+            None => "this node's transport is quic".to_owned(),
+        }),
         Some(rdma) => match rdma.provider.open() {
             Err(e) => Err(format!("cannot open the rdma device: {e}")),
             Ok(device) => accept_any(device, &offer, config).map_err(|e| e.to_string()),
