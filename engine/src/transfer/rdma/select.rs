@@ -38,6 +38,11 @@ pub enum TransportSetting {
     Rdma,
 }
 
+/// The device port RDMA uses unless told (`rdma_port`, `ferry copy --rdma-port`).
+pub const RDMA_PORT_DEFAULT: u8 = 1;
+/// The GID table index unless told (`rdma_gid_index`, `ferry copy --rdma-gid-index`).
+pub const RDMA_GID_INDEX_DEFAULT: u8 = 0;
+
 /// Which device, port and GID a node uses for RDMA.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdmaSettings {
