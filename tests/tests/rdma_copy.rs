@@ -99,19 +99,26 @@ async fn a_copy_ships_its_chunks_over_rdma_lanes_between_the_real_drivers() {
     target.stop();
 }
 
-/// Fake devices whose fabric loses its queue pairs during the first attempt only: the faults
-/// are cleared when the third device opens (the source's, for the second attempt).
+/// Fake devices that count how often they are opened.
 #[derive(Debug)]
-struct LosesQueuePairsOnce {
+struct CountsOpens {
     fabric: Fabric,
     opened_count: AtomicU32,
 }
 
-impl DeviceProvider for LosesQueuePairsOnce {
+impl CountsOpens {
+    fn new(fabric: &Fabric) -> Arc<Self> {
+        Arc::new(Self { fabric: fabric.clone(), opened_count: AtomicU32::new(0) })
+    }
+
+    fn opened(&self) -> u32 {
+        self.opened_count.load(Ordering::SeqCst)
+    }
+}
+
+impl DeviceProvider for CountsOpens {
     fn open(&self) -> Result<AnyDevice, VerbsError> {
-        if self.opened_count.fetch_add(1, Ordering::SeqCst) == 2 {
-            self.fabric.set_faults(Faults::default());
-        }
+        self.opened_count.fetch_add(1, Ordering::SeqCst);
         FakeProvider { fabric: self.fabric.clone(), limits: LIMITS }.open()
     }
 }
@@ -120,16 +127,55 @@ impl DeviceProvider for LosesQueuePairsOnce {
 async fn a_queue_pair_lost_mid_copy_resumes_on_rdma_and_completes() {
     let (certs, root, target_dir) = (Certs::new().unwrap(), sources(), tempfile::tempdir().unwrap());
     let fabric = Fabric::new(Faults { lose_qp_at_write: Some(40), ..Faults::default() });
-    let provider: Arc<dyn DeviceProvider> =
-        Arc::new(LosesQueuePairsOnce { fabric: fabric.clone(), opened_count: AtomicU32::new(0) });
+    // The queue pairs are lost from the 40th write on, in the first attempt only: the fault is
+    // cleared once that write was posted (it broke its pair under the fabric's lock).
+    let clear = tokio::spawn({
+        let fabric = fabric.clone();
+        async move {
+            while fabric.writes_count() < 40 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            fabric.set_faults(Faults::default());
+        }
+    });
+    let provider: Arc<dyn DeviceProvider> = CountsOpens::new(&fabric);
     let target = RdmaTarget::start(&certs, target_dir.path(), ChunkTransport::rdma(provider.clone(), false));
     let mut req = request("rdma-lost-qp", root.path(), target.addr, CHUNK);
     req.retry = ferry_wire::retry::RetryPolicy::with_deadline_ms(20_000);
     let report = copy_over(&certs, req, ChunkTransport::rdma(provider, true)).await.unwrap();
+    clear.await.unwrap();
     assert!(report.reconnects_count >= 1, "the lost queue pair cut an attempt: {report:?}");
     assert!(report.bytes_resumed > 0, "the second attempt resumed: {report:?}");
     assert_eq!(report.chunk_transport, Some(TransportSetting::Rdma));
     assert_eq!(staged(target_dir.path(), "rdma-lost-qp"), tree_sha256(root.path()).unwrap());
+    target.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_end_opens_its_device_once_for_many_copies_and_again_after_the_device_is_lost() {
+    let (certs, root, target_dir) = (Certs::new().unwrap(), sources(), tempfile::tempdir().unwrap());
+    let fabric = Fabric::default();
+    let (source_device, target_device) = (CountsOpens::new(&fabric), CountsOpens::new(&fabric));
+    let target = RdmaTarget::start(&certs, target_dir.path(), ChunkTransport::rdma(target_device.clone(), true));
+    // One transport per node, as `ferry serve` has: every copy and connection shares it.
+    let source = ChunkTransport::rdma(source_device.clone(), true);
+    for i in 0..3 {
+        let mut req = request(&format!("rdma-once-{i}"), root.path(), target.addr, CHUNK);
+        req.connections_count = 2;
+        let report = copy_over(&certs, req, source.clone()).await.unwrap();
+        assert_eq!(report.chunk_transport, Some(TransportSetting::Rdma), "{report:?}");
+    }
+    assert_eq!((source_device.opened(), target_device.opened()), (1, 1), "three copies, one open each");
+
+    // A device-level failure (both ends' devices lost, as after a reset): the next copy's
+    // paths cannot be made on them, so each end opens its device again and the copy runs on
+    // RDMA.
+    fabric.lose_devices();
+    let req = request("rdma-reopened", root.path(), target.addr, CHUNK);
+    let report = copy_over(&certs, req, source.clone()).await.unwrap();
+    assert_eq!(report.chunk_transport, Some(TransportSetting::Rdma), "{report:?}");
+    assert_eq!(staged(target_dir.path(), "rdma-reopened"), tree_sha256(root.path()).unwrap());
+    assert_eq!((source_device.opened(), target_device.opened()), (2, 2), "each end opened its device again");
     target.stop();
 }
 
