@@ -182,7 +182,11 @@ fn copy_with_transport_rdma_falls_back_loudly_here_and_require_rdma_fails_at_onc
     assert!(text(&out.stderr).contains("RDMA FALLBACK"), "{}", text(&out.stderr));
     let out = ferry_copy_command(&certs, root.path(), &addr, "rdma-line").args(rdma).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains(&format!("chunks over quic: rdma fell back ({reason})")), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains(&format!("chunks over quic: rdma fell back ({reason})")),
+        "{}",
+        text(&out.stdout)
+    );
 
     // --require-rdma fails before connecting, naming the flag and why; nothing is staged.
     let started = std::time::Instant::now();

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_engine::control::typed::{EventKind, MigrationEvent};
 use ferry_engine::quic::QuicTuning;
 use ferry_engine::storage::DiskStorage;
 use ferry_engine::transfer::rdma::attach::{AnyDevice, ChunkTransport, DeviceProvider, FakeProvider};
@@ -20,11 +21,10 @@ use ferry_engine::transfer::rdma::verbs::{DeviceLimits, VerbsError};
 use ferry_engine::transfer::source::{self, CopyReport, CopyRequest, RateHandle};
 use ferry_engine::transfer::target::{self, TargetContext};
 use ferry_engine::transfer::TransferError;
-use ferry_engine::control::typed::{EventKind, MigrationEvent};
 use ferry_tests::daemons::{cluster, phase_is, WAIT};
 use ferry_tests::{node, request, tree_sha256, write_file, Certs};
-use serde_json::{json, Value};
 use ferry_wire::session::Progress;
+use serde_json::{json, Value};
 
 const LIMITS: DeviceLimits = DeviceLimits { max_mr_size_bytes: 8 << 20, max_qp_wr: 64 };
 const CHUNK: u32 = 64 << 10;
@@ -262,13 +262,17 @@ fn a_daemon_that_asked_for_rdma_publishes_each_migration_s_fallback_and_tells_la
     let c = cluster("transport = \"rdma\"\n", "", &[("L1/a.seg", 700_000), ("b.seg", 1)]);
     let info = c.source.call("node.info", json!({})).unwrap();
     let node_reason = info["transport"]["fallback_reason"].as_str().unwrap().to_owned();
-    assert_eq!((info["transport"]["configured"].as_str(), info["transport"]["in_use"].as_str()), (Some("rdma"), Some("quic")));
+    assert_eq!(
+        (info["transport"]["configured"].as_str(), info["transport"]["in_use"].as_str()),
+        (Some("rdma"), Some("quic"))
+    );
 
     // A subscriber that comes after the start-up `transport` event learns it from its answer.
     let socket = std::os::unix::net::UnixStream::connect(&c.source.socket).unwrap();
     socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut lines = std::io::BufReader::new(socket.try_clone().unwrap());
-    let subscribe = json!({"jsonrpc": "2.0", "id": 1, "method": "events.subscribe", "params": {"migration_id": "m-rdma"}});
+    let subscribe =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "events.subscribe", "params": {"migration_id": "m-rdma"}});
     std::io::Write::write_all(&mut &socket, format!("{subscribe}\n").as_bytes()).unwrap();
     let answer = read_until(&mut lines, "the subscription's answer", |v| v["id"] == 1);
     assert_eq!(answer["result"]["transport"]["in_use"], "quic", "{answer}");

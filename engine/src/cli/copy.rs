@@ -155,7 +155,9 @@ fn chunk_transport(args: &CopyArgs) -> anyhow::Result<ChunkTransport> {
         require: args.require_rdma,
     };
     let status = select::settle(args.transport, &settings).map_err(|RdmaRequired(reason)| {
-        anyhow::anyhow!("--require-rdma: rdma cannot be used: {reason}; fix that, or drop --require-rdma to fall back to QUIC")
+        anyhow::anyhow!(
+            "--require-rdma: rdma cannot be used: {reason}; fix that, or drop --require-rdma to fall back to QUIC"
+        )
     })?;
     Ok(attach::for_node(&status, &settings))
 }
@@ -396,13 +398,27 @@ mod tests {
         let rdma = parse(&["--target", "10.0.0.2:7070", "--segments-root", "/s", "--transport", "rdma"]);
         assert_eq!(rdma.transport, TransportSetting::Rdma);
         let argv = ["ferry", "copy", "--node-id", "a", "--certs", "/c", "--target-node", "b", "--vshard", "7"];
-        let err = Cli::try_parse_from(argv.iter().chain(&["--target", "h:1", "--segments-root", "/s", "--transport", "tcp"]))
-            .unwrap_err()
-            .to_string();
+        let err = Cli::try_parse_from(argv.iter().chain(&[
+            "--target",
+            "10.0.0.2:7070",
+            "--segments-root",
+            "/s",
+            "--transport",
+            "tcp",
+        ]))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("use quic or rdma"), "{err}");
-        let err = Cli::try_parse_from(argv.iter().chain(&["--target", "h:1", "--segments-root", "/s", "--rdma-port", "256"]))
-            .unwrap_err()
-            .to_string();
+        let err = Cli::try_parse_from(argv.iter().chain(&[
+            "--target",
+            "10.0.0.2:7070",
+            "--segments-root",
+            "/s",
+            "--rdma-port",
+            "256",
+        ]))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("--rdma-port"), "{err}");
         let alone = parse(&["--target", "10.0.0.2:7070", "--segments-root", "/s", "--require-rdma"]);
         let err = chunk_transport(&alone).unwrap_err().to_string();

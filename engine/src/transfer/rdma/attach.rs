@@ -389,7 +389,11 @@ fn prepare_any(device: &AnyDevice, conns_count: usize, config: PathConfig) -> Re
     }
 }
 
-fn prepare_all<D: Device>(device: &D, conns_count: usize, config: PathConfig) -> Result<Vec<SourceHalf<D>>, TransferError> {
+fn prepare_all<D: Device>(
+    device: &D,
+    conns_count: usize,
+    config: PathConfig,
+) -> Result<Vec<SourceHalf<D>>, TransferError> {
     (0..conns_count).map(|_| prepare_source(device, config)).collect()
 }
 
@@ -452,7 +456,11 @@ pub async fn answer_path(
 
 /// The target's half of a path on the node's device; a device that cannot make it is opened
 /// again, once (an offer the source got wrong says nothing about the device).
-fn accept_on(device: &SharedDevice, offer: &RdmaHandshake, config: PathConfig) -> Result<(Arrivals, RdmaHandshake), String> {
+fn accept_on(
+    device: &SharedDevice,
+    offer: &RdmaHandshake,
+    config: PathConfig,
+) -> Result<(Arrivals, RdmaHandshake), String> {
     let cannot_open = |e: VerbsError| format!("cannot open the rdma device: {e}");
     let opened = device.get().map_err(cannot_open)?;
     match accept_any(&opened, offer, config) {
@@ -474,9 +482,7 @@ fn accept_any(
 ) -> Result<(Arrivals, RdmaHandshake), TransferError> {
     match *device {
         #[cfg(feature = "rdma")]
-        AnyDevice::Sideway(ref device) => {
-            accept_source(device, offer, config).map(|(a, h)| (Arrivals::Sideway(a), h))
-        }
+        AnyDevice::Sideway(ref device) => accept_source(device, offer, config).map(|(a, h)| (Arrivals::Sideway(a), h)),
         #[cfg(any(test, feature = "testkit"))]
         AnyDevice::Fake(ref device) => accept_source(device, offer, config).map(|(a, h)| (Arrivals::Fake(a), h)),
     }

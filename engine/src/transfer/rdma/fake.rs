@@ -92,7 +92,8 @@ impl Fabric {
     pub fn lose_devices(&self) {
         let mut state = self.lock();
         state.devices_lost_below = state.devices_count;
-        let lost: Vec<u32> = state.qps.iter().filter(|(_, qp)| qp.device < state.devices_lost_below).map(|(qpn, _)| *qpn).collect();
+        let lost: Vec<u32> =
+            state.qps.iter().filter(|(_, qp)| qp.device < state.devices_lost_below).map(|(qpn, _)| *qpn).collect();
         for qpn in lost {
             state.break_pair(qpn, "the device was lost");
         }

@@ -193,7 +193,14 @@ impl<D: Device> RdmaLane<D> {
             .first()
             .map_or(RemoteBuffer { addr: 0, rkey: 0 }, |s| RemoteBuffer { addr: s.addr, rkey: s.rkey });
         let wr_id = u64::from(FINISH_BIT | self.next_seq);
-        let wr = WriteImm { wr_id, local: None, local_offset_bytes: 0, len_bytes: 0, remote, imm: FINISH_BIT | self.next_seq };
+        let wr = WriteImm {
+            wr_id,
+            local: None,
+            local_offset_bytes: 0,
+            len_bytes: 0,
+            remote,
+            imm: FINISH_BIT | self.next_seq,
+        };
         self.qp.post_write_imm(wr).map_err(verbs_error)?;
         self.in_flight.push_back((wr_id, None));
         Ok(())
