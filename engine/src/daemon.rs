@@ -8,7 +8,8 @@
 //! `events.subscribe` streaming a `migration.event` on every change (phase changes at once,
 //! progress at most every 250 ms), and `stalled` / `progressing` once each time a migration's
 //! `no_progress_for_s` flag rises or clears ([`crate::outbound::stall`]; the source's flag is
-//! kept by its registry, the target's here).
+//! kept by its registry, the target's here), and `rdma_fallback` when a migration's transfer
+//! asked for RDMA and ships over QUIC (its status with `rdma_fallback_reason`).
 //!
 //! The cut-over: `migration.prepare_cutover`, `fence` and `release` on the source
 //! ([`crate::outbound`]), `migration.applied` on the target (the database's ingest progress,
@@ -35,7 +36,7 @@ use tokio::sync::broadcast;
 use crate::control::{CallFuture, Handler, Reply, Subscription};
 use crate::outbound::stall::StallClock;
 use crate::outbound::{Outbound, OutboundError};
-use crate::transfer::rdma::select::TransportStatus;
+use crate::transfer::rdma::select::{FallbackNotices, TransportStatus};
 use crate::transfer::target::{InboundStatus, TargetContext};
 use crate::transfer::TransferError;
 use ferry_wire::proto::inbound::{InboundError, InboundState};
@@ -54,8 +55,10 @@ pub struct Daemon {
     ctx: Arc<TargetContext>,
     outbound: Arc<Outbound>,
     events: broadcast::Sender<Value>,
-    /// The chunk transport chosen at start, for `node.info`.
+    /// The chunk transport chosen at start, for `node.info` and each subscription's answer.
     transport: Arc<TransportStatus>,
+    /// Transfers that asked for RDMA and ship over QUIC, published as `rdma_fallback` events.
+    fallbacks: FallbackNotices,
     /// When each inbound migration's progress last moved (its `no_progress_for_s`).
     inbound_stalls: Arc<Mutex<BTreeMap<MigrationId, StallClock>>>,
 }
@@ -170,6 +173,7 @@ impl Daemon {
         ctx: Arc<TargetContext>,
         outbound: Arc<Outbound>,
         transport: TransportStatus,
+        fallbacks: FallbackNotices,
     ) -> Self {
         let (events, _) = broadcast::channel(EVENT_QUEUE_MAX_COUNT);
         Self {
@@ -179,6 +183,7 @@ impl Daemon {
             outbound,
             events,
             transport: Arc::new(transport),
+            fallbacks,
             inbound_stalls: Arc::new(Mutex::new(BTreeMap::new())),
         }
     }
@@ -199,10 +204,30 @@ impl Daemon {
         status
     }
 
-    /// Publishes that RDMA was asked for and QUIC is used (a `transport` event), if so.
+    /// Publishes that RDMA was asked for and QUIC is used (a `transport` event), if so. It goes
+    /// out before any subscriber can exist: a later one reads the same from `node.info`'s
+    /// `transport` or from its subscription's answer.
     pub fn announce_transport(&self) {
         if let Some(reason) = &self.transport.fallback_reason {
             let _ = self.events.send(json!({ "event": "transport", "note": "rdma_fallback", "reason": reason }));
+        }
+    }
+
+    /// Publishes an `rdma_fallback` event for each transfer that asked for RDMA and ships over
+    /// QUIC since the last call: the migration's status, `rdma_fallback_reason` and
+    /// `chunk_transport: "quic"`.
+    fn announce_fallbacks(&self) {
+        for (id, reason) in self.fallbacks.take() {
+            // A status, as every `migration.event` is (typed clients read each as one).
+            let Some(status) = self.outbound.status(&id) else {
+                tracing::debug!(migration = %id, "an rdma fallback of a migration no longer listed");
+                continue;
+            };
+            let mut event = to_value(&status);
+            event["event"] = json!("rdma_fallback");
+            event["rdma_fallback_reason"] = json!(reason);
+            event["chunk_transport"] = json!("quic");
+            let _ = self.events.send(event);
         }
     }
 
@@ -226,6 +251,7 @@ impl Daemon {
             let mut tick = tokio::time::interval(EVENT_INTERVAL);
             loop {
                 tick.tick().await;
+                daemon.announce_fallbacks();
                 let mut now = BTreeMap::new();
                 for status in daemon.statuses() {
                     let key = (status.migration_id.clone(), status.role == Role::Source);
@@ -366,8 +392,14 @@ impl Daemon {
             None | Some(Value::Null) => None,
             Some(_) => Some(migration_id(params)?.as_str().to_owned()),
         };
+        // The node's transport: its start-up `transport` event went out before any subscriber.
+        let transport = json!({
+            "configured": self.transport.configured,
+            "in_use": self.transport.in_use,
+            "fallback_reason": self.transport.fallback_reason,
+        });
         Ok(Reply::Subscription(Subscription {
-            result: json!({ "subscribed": true, "migration_id": filter }),
+            result: json!({ "subscribed": true, "migration_id": filter, "transport": transport }),
             events: self.events.subscribe(),
             migration_id: filter,
         }))

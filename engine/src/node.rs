@@ -78,7 +78,9 @@ impl RunningNode {
         )
         .with_context(|| format!("cannot listen on {}", config.listen))?;
         let quic_addr = endpoint.local_addr()?;
-        let chunk_transport = crate::transfer::rdma::attach::for_node(&transport, &config.rdma_settings());
+        let fallbacks = crate::transfer::rdma::select::FallbackNotices::default();
+        let chunk_transport = crate::transfer::rdma::attach::for_node(&transport, &config.rdma_settings())
+            .with_fallback_notices(fallbacks.clone());
         let ctx = Arc::new(
             TargetContext::new(node_id.clone(), config.data_dir.clone(), storage.clone())
                 .with_chunk_transport(chunk_transport.clone()),
@@ -93,7 +95,7 @@ impl RunningNode {
         outbound_settings.tuning.chunk_transport = chunk_transport;
         outbound_settings.tuning.bulk = config.bulk_threads();
         let outbound = Outbound::new(outbound_settings, identity.clone(), storage);
-        let daemon = Daemon::new(node_id.clone(), quic_addr, ctx.clone(), outbound.clone(), transport);
+        let daemon = Daemon::new(node_id.clone(), quic_addr, ctx.clone(), outbound.clone(), transport, fallbacks);
         daemon.set_stall_after(std::time::Duration::from_secs(config.stall_after_secs));
         let events = daemon.spawn_events();
         daemon.announce_transport();

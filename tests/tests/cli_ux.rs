@@ -1,6 +1,8 @@
 //! The `ferry` binary as a user meets it at the command line, off the happy path: output
 //! piped into a reader that leaves early, an empty segments root, sizes with units, host
-//! names, a daemon started without a node id or certificates, log lines in a file.
+//! names, `ferry copy --transport rdma` where RDMA cannot be had (a loud fallback, or an
+//! immediate failure with --require-rdma), a daemon started without a node id or
+//! certificates, log lines in a file.
 //!
 //! What it checks: exit statuses and what stdout and stderr say, as a user would read them
 //! (no panic message, an error that names the flag to give, no colour codes off a terminal).
@@ -155,6 +157,62 @@ fn copy_refuses_an_empty_root_and_takes_sizes_with_units_and_host_names() {
     let stderr = text(&out.stderr);
     assert!(!out.status.success() && stderr.contains("GiB"), "{stderr}");
 
+    runtime.block_on(async { target.stop() });
+}
+
+#[test]
+fn copy_with_transport_rdma_falls_back_loudly_here_and_require_rdma_fails_at_once_saying_why() {
+    let certs = Certs::new().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = runtime.block_on(async { Target::start(&certs, target_dir.path(), Arc::new(DiskStorage)).unwrap() });
+    let addr = target.addr.to_string();
+    let root = tempfile::tempdir().unwrap();
+    write_file(root.path(), "L0/a.seg", 300 << 10, 3);
+
+    // This machine has no RDMA device (and this build may lack the `rdma` feature): the copy
+    // goes over QUIC, says so on stderr, and its report names the transport and the reason.
+    let rdma = ["--transport", "rdma", "--rdma-port", "1", "--rdma-gid-index", "0"];
+    let out = ferry_copy_command(&certs, root.path(), &addr, "rdma-json").args(rdma).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["chunk_transport"], "quic", "{report}");
+    let reason = report["rdma_fallback_reason"].as_str().unwrap_or_else(|| panic!("no reason: {report}"));
+    assert!(reason.contains("rdma") || reason.contains("RDMA"), "{reason}");
+    assert!(text(&out.stderr).contains("RDMA FALLBACK"), "{}", text(&out.stderr));
+    let out = ferry_copy_command(&certs, root.path(), &addr, "rdma-line").args(rdma).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("chunks over quic: rdma fell back ({reason})")),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // --require-rdma fails before connecting, naming the flag and why; nothing is staged.
+    let started = std::time::Instant::now();
+    let out = ferry_copy_command(&certs, root.path(), &addr, "rdma-required")
+        .args(["--transport", "rdma", "--require-rdma", "--rdma-device", "mlx5_9"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(stderr.contains("--require-rdma") && stderr.contains("rdma cannot be used: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20), "it failed at once, not after retries");
+    assert!(!target_dir.path().join("migrations/rdma-required").exists(), "nothing reached the target");
+    let out = ferry_copy_command(&certs, root.path(), &addr, "rdma-alone").arg("--require-rdma").output().unwrap();
+    assert!(!out.status.success() && text(&out.stderr).contains("--require-rdma needs --transport rdma"));
+    let out = ferry_copy_command(&certs, root.path(), &addr, "tcp").args(["--transport", "tcp"]).output().unwrap();
+    assert!(!out.status.success() && text(&out.stderr).contains("use quic or rdma"), "{}", text(&out.stderr));
+
+    // --help says what each flag does.
+    let help = Command::new(ferry_bin()).args(["copy", "--help"]).output().unwrap();
+    // Words as the help has them, whatever its line wrapping.
+    let help = text(&help.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    for flag in ["--transport", "--rdma-device", "--rdma-port", "--rdma-gid-index", "--require-rdma"] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    assert!(help.contains("falls back to QUIC") && help.contains("`rdma` feature"), "{help}");
     runtime.block_on(async { target.stop() });
 }
 

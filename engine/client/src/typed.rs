@@ -45,6 +45,10 @@ pub struct NodeInfo {
     /// `source`, `target`: what this daemon can act as.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// The chunk transport: `configured` and `in_use` (`quic`, `rdma`), `fallback_reason` when
+    /// RDMA was asked for and QUIC is used, `rdma_device` (its shape is the daemon's).
+    #[serde(default)]
+    pub transport: Option<Value>,
 }
 
 /// Features compiled into the daemon.
@@ -103,6 +107,9 @@ pub enum EventKind {
     Stalled,
     /// A stalled migration moved again (`no_progress_for_s` is null). Sent once per stall.
     Progressing,
+    /// A transfer of the migration asked for RDMA and ships its chunks over QUIC, and why
+    /// (the event's `rdma_fallback_reason`). Sent once per transfer attempt that fell back.
+    RdmaFallback { reason: String },
     /// A kind this client version does not know (the contract lets kinds grow).
     Other(String),
 }
@@ -161,6 +168,12 @@ impl MigrationEvents {
 /// Parses a `migration.event`'s params: a [`MigrationStatus`] plus its `event` kind.
 pub fn parse_event(mut params: Value) -> Result<MigrationEvent, ClientError> {
     let kind = match params.as_object_mut().and_then(|obj| obj.remove("event")) {
+        Some(Value::String(kind)) if kind == "rdma_fallback" => {
+            match params.as_object_mut().and_then(|obj| obj.remove("rdma_fallback_reason")) {
+                Some(Value::String(reason)) => EventKind::RdmaFallback { reason },
+                _ => return Err(violation("an rdma_fallback event without its `rdma_fallback_reason`")),
+            }
+        }
         Some(Value::String(kind)) => EventKind::parse(&kind),
         Some(_) => return Err(violation("a migration.event's `event` is not a string")),
         None => return Err(violation("a migration.event has no `event` kind")),

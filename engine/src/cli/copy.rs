@@ -1,4 +1,6 @@
-//! `ferry copy`: an offline base copy, with this process as the source.
+//! `ferry copy`: an offline base copy, with this process as the source; its chunks over QUIC,
+//! or over RDMA lanes with `--transport rdma` (chosen and fallen back from as `ferry serve`
+//! does, see `transfer::rdma::select`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,6 +22,8 @@ use crate::quic::QuicTuning;
 use crate::read::ReadMode;
 use crate::snapshot::Snapshot;
 use crate::tls::NodeIdentity;
+use crate::transfer::rdma::attach::{self, ChunkTransport};
+use crate::transfer::rdma::select::{self, RdmaRequired, RdmaSettings, TransportSetting};
 use crate::transfer::source::{self, CopyReport, CopyRequest, RateHandle};
 use crate::transfer::walsend::WalSourceConfig;
 use ferry_wire::wal::{Layout, LayoutChoice};
@@ -104,9 +108,58 @@ pub struct CopyArgs {
     /// a protocol version, a refused offer) fail at once.
     #[arg(long, default_value_t = ferry_wire::retry::RETRY_DEADLINE_DEFAULT_MS / 1000)]
     pub retry_deadline_secs: u64,
+    /// What carries the chunks: quic, or rdma (RDMA WRITE over reliable-connected queue
+    /// pairs; needs a ferry built with the `rdma` feature, a device with an active port, and a
+    /// target daemon serving with transport = "rdma"). Control messages and the WAL always go
+    /// over QUIC. When RDMA cannot be had the copy falls back to QUIC: a warning on stderr,
+    /// and the report's `chunk_transport` and `rdma_fallback_reason` say so.
+    #[arg(long, default_value = "quic", value_parser = parse_transport)]
+    pub transport: TransportSetting,
+    /// The RDMA device (e.g. mlx5_0); default: the first with an active port.
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// The RDMA device's port.
+    #[arg(long, default_value_t = select::RDMA_PORT_DEFAULT)]
+    pub rdma_port: u8,
+    /// The GID table index (RoCE v2 is usually not 0).
+    #[arg(long, default_value_t = select::RDMA_GID_INDEX_DEFAULT)]
+    pub rdma_gid_index: u8,
+    /// With --transport rdma: fail at once, saying why, instead of falling back to QUIC when
+    /// RDMA cannot be had (no `rdma` build, no usable device, a target without RDMA).
+    #[arg(long)]
+    pub require_rdma: bool,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_transport(text: &str) -> Result<TransportSetting, String> {
+    match text {
+        "quic" => Ok(TransportSetting::Quic),
+        "rdma" => Ok(TransportSetting::Rdma),
+        other => Err(format!("{other:?} is not a chunk transport: use quic or rdma")),
+    }
+}
+
+/// The copy's chunk transport from --transport and the --rdma flags, decided as `ferry serve`
+/// decides from its configuration: RDMA when built in and a device is usable; else QUIC, with
+/// the reason (a warning now, and in the report); or an error under --require-rdma.
+fn chunk_transport(args: &CopyArgs) -> anyhow::Result<ChunkTransport> {
+    if args.require_rdma && args.transport != TransportSetting::Rdma {
+        anyhow::bail!("--require-rdma needs --transport rdma");
+    }
+    let settings = RdmaSettings {
+        device: args.rdma_device.clone(),
+        port: args.rdma_port,
+        gid_index: args.rdma_gid_index,
+        require: args.require_rdma,
+    };
+    let status = select::settle(args.transport, &settings).map_err(|RdmaRequired(reason)| {
+        anyhow::anyhow!(
+            "--require-rdma: rdma cannot be used: {reason}; fix that, or drop --require-rdma to fall back to QUIC"
+        )
+    })?;
+    Ok(attach::for_node(&status, &settings))
 }
 
 pub fn run(args: CopyArgs) -> anyhow::Result<()> {
@@ -127,6 +180,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         None => serde_json::Value::Null,
     };
     let wal = wal_source(&args)?;
+    let chunk_transport = chunk_transport(&args)?;
     let identity = NodeIdentity::from_dir(&args.certs, &node_id)?;
     let request = CopyRequest {
         migration_id,
@@ -155,7 +209,7 @@ pub fn run(args: CopyArgs) -> anyhow::Result<()> {
         let printer = tokio::spawn(print_progress(progress_rx, request.wal.is_some()));
         let rate = RateHandle::new(request.rate_limit_bytes_per_sec, u64::from(request.chunk_len_bytes));
         let stop = stop_signal()?;
-        let tuning = QuicTuning::default();
+        let tuning = QuicTuning { chunk_transport, ..QuicTuning::default() };
         let copy = source::copy(&identity, &tuning, request, progress_tx, rate);
         // An interrupted copy ends like a failed one: what the target staged stays for a resume.
         let result = tokio::select! {
@@ -230,8 +284,14 @@ fn print_report(report: &CopyReport, json: bool) -> anyhow::Result<()> {
             0 => String::new(),
             bytes => format!(", resumed: {bytes} bytes were on the target already"),
         };
+        // RDMA, asked for: whether the chunks had it, or why not.
+        let transport = match (report.chunk_transport, &report.rdma_fallback_reason) {
+            (_, Some(reason)) => format!(", chunks over quic: rdma fell back ({reason})"),
+            (Some(TransportSetting::Rdma), None) => ", chunks over rdma".to_owned(),
+            _ => String::new(),
+        };
         outln!(
-            "copied {} files, {} bytes in {:.3} s ({:.1} MB/s), resent {} bytes, {} reconnects, read with {}, staging {}{resumed}",
+            "copied {} files, {} bytes in {:.3} s ({:.1} MB/s), resent {} bytes, {} reconnects, read with {}, staging {}{resumed}{transport}",
             report.files_count,
             report.bytes_total,
             report.elapsed_us as f64 / 1e6,
@@ -324,6 +384,45 @@ mod tests {
         let missing = root.path().join("missing");
         let err = format!("{:#}", check_not_empty(&missing, false, false).unwrap_err());
         assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    }
+
+    #[test]
+    fn the_rdma_flags_default_as_the_daemon_s_keys_and_refuse_what_they_cannot_use() {
+        let plain = parse(&["--target", "10.0.0.2:7070", "--segments-root", "/s"]);
+        let config = crate::config::NodeConfig::default();
+        assert_eq!(
+            (plain.transport, plain.rdma_device.clone(), plain.rdma_port, plain.rdma_gid_index, plain.require_rdma),
+            (config.transport, config.rdma_device, config.rdma_port, config.rdma_gid_index, config.require_rdma)
+        );
+        assert_eq!(chunk_transport(&plain).unwrap().setting(), TransportSetting::Quic);
+        let rdma = parse(&["--target", "10.0.0.2:7070", "--segments-root", "/s", "--transport", "rdma"]);
+        assert_eq!(rdma.transport, TransportSetting::Rdma);
+        let argv = ["ferry", "copy", "--node-id", "a", "--certs", "/c", "--target-node", "b", "--vshard", "7"];
+        let err = Cli::try_parse_from(argv.iter().chain(&[
+            "--target",
+            "10.0.0.2:7070",
+            "--segments-root",
+            "/s",
+            "--transport",
+            "tcp",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("use quic or rdma"), "{err}");
+        let err = Cli::try_parse_from(argv.iter().chain(&[
+            "--target",
+            "10.0.0.2:7070",
+            "--segments-root",
+            "/s",
+            "--rdma-port",
+            "256",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--rdma-port"), "{err}");
+        let alone = parse(&["--target", "10.0.0.2:7070", "--segments-root", "/s", "--require-rdma"]);
+        let err = chunk_transport(&alone).unwrap_err().to_string();
+        assert!(err.contains("--require-rdma needs --transport rdma"), "{err}");
     }
 
     #[test]

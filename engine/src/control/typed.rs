@@ -283,4 +283,16 @@ mod tests {
         v["event"] = json!("phase");
         assert!(matches!(parse_event(v), Ok(MigrationEvent::Status { kind: EventKind::Phase, .. })));
     }
+
+    #[test]
+    fn an_rdma_fallback_event_carries_its_reason_and_needs_one() {
+        let mut v = status_value("m-1-0", "BaseCopy");
+        v["event"] = json!("rdma_fallback");
+        v["chunk_transport"] = json!("quic");
+        assert!(matches!(parse_event(v.clone()), Err(ClientError::Protocol(_))), "no reason");
+        v["rdma_fallback_reason"] = json!("no RDMA device under /sys/class/infiniband");
+        let Ok(MigrationEvent::Status { kind, status }) = parse_event(v) else { panic!() };
+        assert_eq!(kind, EventKind::RdmaFallback { reason: "no RDMA device under /sys/class/infiniband".into() });
+        assert_eq!(status.migration_id, "m-1-0");
+    }
 }

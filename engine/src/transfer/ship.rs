@@ -212,7 +212,7 @@ pub(super) async fn send_stream<L: ChunkLanes>(
         lane.send(&header, data).await?;
         crate::metrics::BYTES_SENT_TOTAL.fetch_add(len_bytes, Ordering::Relaxed);
     }
-    lane.finish()
+    lane.end().await
 }
 
 /// Publishes the base copy's progress, keeping the WAL fields.

@@ -395,9 +395,14 @@ async fn run(
             SourceAction::SendChunks => {
                 let conns = chunk_connections(conn, extra, identity, tuning, request).await?;
                 let plan = ship_plan(request, tuning);
-                let attached =
-                    attach_source(&tuning.chunk_transport, &conns, plan.streams_count.max(1), plan.chunk_len_bytes)
-                        .await?;
+                let attached = attach_source(
+                    &tuning.chunk_transport,
+                    &request.migration_id,
+                    &conns,
+                    plan.streams_count.max(1),
+                    plan.chunk_len_bytes,
+                )
+                .await?;
                 chunk_transport = Some(attached.in_use);
                 rdma_fallback_reason = attached.fallback_reason;
                 let shipped = ship::ship(

@@ -30,8 +30,20 @@ use super::TransferError;
 pub trait ChunkLane: Send {
     /// Sends one chunk frame (header, then body).
     fn send(&mut self, header: &FrameHeader, body: Bytes) -> impl Future<Output = Result<(), TransferError>> + Send;
-    /// No more frames on this lane.
+    /// No more frames on this lane: posts the lane's end and returns at once, whether or not
+    /// the frames were delivered yet (a caller that checks delivery itself may use it).
     fn finish(self) -> Result<(), TransferError>;
+    /// No more frames on this lane, and every frame sent on it left this end: resolves once
+    /// the transport no longer holds any of them (RDMA: every write completed), or fails,
+    /// retryably, when that does not happen within the lane's timeout. The chunk streams end
+    /// their lanes with it, so a lane whose last frames vanished fails its attempt (and the
+    /// copy resumes) instead of passing as sent.
+    fn end(self) -> impl Future<Output = Result<(), TransferError>> + Send
+    where
+        Self: Sized,
+    {
+        async move { self.finish() }
+    }
 }
 
 /// What a source opens lanes on (a connection to its target).

@@ -12,11 +12,13 @@
 //!
 //! What it does not: retry. A negotiation that cannot give RDMA (no device here, a target
 //! without RDMA, a handshake refused or unanswered) falls back to QUIC for the transfer, loudly
-//! ([`super::select::report_fallback`]), or fails it permanently under `require_rdma`; a
+//! ([`super::select::report_fallback`], and a notice for the daemon's per-migration
+//! `rdma_fallback` event), or fails it permanently under `require_rdma`; a
 //! failure after the path is up (a completion error, a lost queue pair, a timeout) is a
 //! transient [`TransferError`] and the copy resumes on a new attempt, which negotiates again.
 //!
-//! Bounds: one device opened per attempt and end; the target makes at most
+//! Bounds: one device opened per node (a [`ChunkTransport`] and its clones share it), opened
+//! again only after it could not make a path; the target makes at most
 //! [`ferry_wire::rdma::LANES_MAX`] lanes per connection; an answer is awaited
 //! [`ANSWER_TIMEOUT`] at most.
 
@@ -27,20 +29,21 @@
     allow(unused_imports, unused_variables, unused_mut, unreachable_code, dead_code)
 )]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_wire::frame::FrameHeader;
 use ferry_wire::rdma::RdmaHandshake;
+use ferry_wire::MigrationId;
 use quinn::{Connection, RecvStream, SendStream};
 
 #[cfg(any(test, feature = "testkit"))]
 use super::fake::FakeDevice;
 use super::incoming::{RdmaArrivals, RdmaIncoming};
 use super::lane::{RdmaLane, RdmaLanes};
-use super::path::{accept_source, prepare_source, recv_handshake, send_handshake, PathConfig};
-use super::select::{RdmaRequired, TransportSetting};
+use super::path::{accept_source, prepare_source, recv_handshake, send_handshake, PathConfig, SourcePrepared};
+use super::select::{FallbackNotices, RdmaRequired, TransportSetting};
 #[cfg(feature = "rdma")]
 use super::sideway_device::SidewayDevice;
 use super::verbs::{Device, VerbsError};
@@ -51,7 +54,8 @@ use crate::transfer::TransferError;
 /// How long the source waits for the target's answer to its RDMA offer before it falls back.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Opens the RDMA device a node's transfers use, once per attempt and end.
+/// Opens the RDMA device a node's transfers use (once, and again after it failed: see
+/// [`SharedDevice`]).
 pub trait DeviceProvider: std::fmt::Debug + Send + Sync + 'static {
     fn open(&self) -> Result<AnyDevice, VerbsError>;
 }
@@ -104,19 +108,28 @@ pub fn for_node(status: &super::select::TransportStatus, settings: &super::selec
         let provider = SidewayProvider { device: device.clone(), port: settings.port, gid_index: settings.gid_index };
         return ChunkTransport::rdma(Arc::new(provider), settings.require);
     }
-    let _ = (status, settings);
-    ChunkTransport::quic()
+    let _ = settings;
+    match &status.fallback_reason {
+        Some(reason) => ChunkTransport::quic_fallback(reason.clone()),
+        None => ChunkTransport::quic(),
+    }
 }
 
 /// What a node's transfers carry chunks on.
 #[derive(Debug, Clone, Default)]
 pub struct ChunkTransport {
     rdma: Option<RdmaUse>,
+    /// RDMA was asked for and this node cannot have it at all (decided at its start): why.
+    /// Its transfers ship over QUIC and each says so as a fallback.
+    unavailable: Option<String>,
+    /// Where each transfer's fallback is queued for the daemon's event stream.
+    notices: Option<FallbackNotices>,
 }
 
 #[derive(Debug, Clone)]
 struct RdmaUse {
-    provider: Arc<dyn DeviceProvider>,
+    /// Shared by every clone of the transport: the node's source and target ends.
+    device: Arc<SharedDevice>,
     /// Fail a transfer that cannot have RDMA instead of falling back to QUIC.
     require: bool,
 }
@@ -129,7 +142,29 @@ impl ChunkTransport {
 
     /// RDMA lanes from `provider`'s device where the peer takes them.
     pub fn rdma(provider: Arc<dyn DeviceProvider>, require: bool) -> Self {
-        Self { rdma: Some(RdmaUse { provider, require }) }
+        Self { rdma: Some(RdmaUse { device: Arc::new(SharedDevice::new(provider)), require }), ..Self::default() }
+    }
+
+    /// QUIC, because RDMA was asked for and cannot be had here (`reason`): every transfer
+    /// reports the fallback, as one whose target refuses RDMA does.
+    pub fn quic_fallback(reason: String) -> Self {
+        Self { unavailable: Some(reason), ..Self::default() }
+    }
+
+    /// Queues each transfer's fallback to QUIC in `notices` (the daemon's event stream).
+    #[must_use]
+    pub fn with_fallback_notices(mut self, notices: FallbackNotices) -> Self {
+        self.notices = Some(notices);
+        self
+    }
+
+    /// A transfer of `migration` asked for RDMA and ships over QUIC: the log line, the
+    /// metric and the notice.
+    fn fell_back(&self, migration: &MigrationId, reason: &str) {
+        super::select::report_fallback(reason, Some(migration));
+        if let Some(notices) = &self.notices {
+            notices.push(migration, reason);
+        }
     }
 
     pub fn setting(&self) -> TransportSetting {
@@ -193,6 +228,16 @@ impl ChunkLane for Lane {
             Self::Sideway(lane) => lane.finish(),
             #[cfg(any(test, feature = "testkit"))]
             Self::Fake(lane) => lane.finish(),
+        }
+    }
+
+    async fn end(self) -> Result<(), TransferError> {
+        match self {
+            Self::Quic(stream) => ChunkLane::end(stream).await,
+            #[cfg(feature = "rdma")]
+            Self::Sideway(lane) => lane.end().await,
+            #[cfg(any(test, feature = "testkit"))]
+            Self::Fake(lane) => lane.end().await,
         }
     }
 }
@@ -273,13 +318,18 @@ impl From<TransferError> for Refusal {
 /// every target end takes them, else QUIC streams (loudly, or an error under `require_rdma`).
 pub async fn attach_source(
     transport: &ChunkTransport,
+    migration: &MigrationId,
     conns: &[Connection],
     streams_count: u32,
     chunk_len_bytes: u32,
 ) -> Result<Attached, TransferError> {
     let quic = || conns.iter().cloned().map(Lanes::Quic).collect::<Vec<_>>();
     let Some(rdma) = &transport.rdma else {
-        return Ok(Attached { lanes: quic(), in_use: TransportSetting::Quic, fallback_reason: None });
+        let fallback_reason = transport.unavailable.clone();
+        if let Some(reason) = &fallback_reason {
+            transport.fell_back(migration, reason);
+        }
+        return Ok(Attached { lanes: quic(), in_use: TransportSetting::Quic, fallback_reason });
     };
     let config = PathConfig::for_chunks(chunk_len_bytes, streams_count.max(1));
     let reason = match offer_paths(rdma, conns, config).await {
@@ -290,41 +340,78 @@ pub async fn attach_source(
     if rdma.require {
         return Err(TransferError::Local(RdmaRequired(reason).to_string()));
     }
-    super::select::report_fallback(&reason);
+    transport.fell_back(migration, &reason);
     Ok(Attached { lanes: quic(), in_use: TransportSetting::Quic, fallback_reason: Some(reason) })
 }
 
 async fn offer_paths(rdma: &RdmaUse, conns: &[Connection], config: PathConfig) -> Result<Vec<Lanes>, Refusal> {
-    let device =
-        rdma.provider.open().map_err(|e| Refusal::Fallback(format!("this node cannot open its device: {e}")))?;
-    // The device kind is matched once, outside the loop: a build without any kind (neither
-    // `rdma` nor `testkit`) then has no arm at all, rather than a loop that cannot loop.
-    match device {
+    let cannot_open = |e: VerbsError| Refusal::Fallback(format!("this node cannot open its device: {e}"));
+    let device = rdma.device.get().map_err(cannot_open)?;
+    // Every lane is made before anything is offered, so a device that fails here is opened
+    // again and the lanes made anew with nothing half sent.
+    let prepared = match prepare_any(&device, conns.len(), config) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            tracing::warn!(error = %e, "rdma: the opened device cannot make lanes; opening it again");
+            rdma.device.forget(&device);
+            let device = rdma.device.get().map_err(cannot_open)?;
+            prepare_any(&device, conns.len(), config)
+                .map_err(|e| Refusal::Fallback(format!("this node cannot make its lanes: {e}")))?
+        }
+    };
+    match prepared {
         #[cfg(feature = "rdma")]
-        AnyDevice::Sideway(ref device) => offer_paths_on(device, conns, config, Lanes::Sideway).await,
+        Prepared::Sideway(prepared) => offer_prepared(prepared, conns, Lanes::Sideway).await,
         #[cfg(any(test, feature = "testkit"))]
-        AnyDevice::Fake(ref device) => offer_paths_on(device, conns, config, Lanes::Fake).await,
+        Prepared::Fake(prepared) => offer_prepared(prepared, conns, Lanes::Fake).await,
     }
 }
 
-/// An RDMA path on each of `conns`, offered with `device`; `wrap` names the device kind.
-async fn offer_paths_on<D: Device>(
+/// One connection's queue pairs and staging, and the handshake offering them.
+type SourceHalf<D> = (SourcePrepared<D>, RdmaHandshake);
+
+/// The source's half of a path per connection, on a device of any kind.
+enum Prepared {
+    #[cfg(feature = "rdma")]
+    Sideway(Vec<SourceHalf<SidewayDevice>>),
+    #[cfg(any(test, feature = "testkit"))]
+    Fake(Vec<SourceHalf<FakeDevice>>),
+}
+
+fn prepare_any(device: &AnyDevice, conns_count: usize, config: PathConfig) -> Result<Prepared, TransferError> {
+    // The device kind is matched once: a build without any kind (neither `rdma` nor
+    // `testkit`) then has no arm at all.
+    match *device {
+        #[cfg(feature = "rdma")]
+        AnyDevice::Sideway(ref device) => prepare_all(device, conns_count, config).map(Prepared::Sideway),
+        #[cfg(any(test, feature = "testkit"))]
+        AnyDevice::Fake(ref device) => prepare_all(device, conns_count, config).map(Prepared::Fake),
+    }
+}
+
+fn prepare_all<D: Device>(
     device: &D,
-    conns: &[Connection],
+    conns_count: usize,
     config: PathConfig,
+) -> Result<Vec<SourceHalf<D>>, TransferError> {
+    (0..conns_count).map(|_| prepare_source(device, config)).collect()
+}
+
+/// Offers each prepared path on its connection; `wrap` names the device kind.
+async fn offer_prepared<D: Device>(
+    prepared: Vec<SourceHalf<D>>,
+    conns: &[Connection],
     wrap: fn(RdmaLanes<D>) -> Lanes,
 ) -> Result<Vec<Lanes>, Refusal> {
     let mut lanes = Vec::with_capacity(conns.len());
-    for conn in conns {
-        lanes.push(wrap(offer_path(device, conn, config).await?));
+    for (conn, half) in conns.iter().zip(prepared) {
+        lanes.push(wrap(offer_path(half, conn).await?));
     }
     Ok(lanes)
 }
 
-/// Offers an RDMA path on `conn`; the lanes the target's answer connected.
-async fn offer_path<D: Device>(device: &D, conn: &Connection, config: PathConfig) -> Result<RdmaLanes<D>, Refusal> {
-    let (prepared, hello) = prepare_source(device, config)
-        .map_err(|e| Refusal::Fallback(format!("this node cannot make its lanes: {e}")))?;
+/// Offers a prepared RDMA path on `conn`; the lanes the target's answer connected.
+async fn offer_path<D: Device>((prepared, hello): SourceHalf<D>, conn: &Connection) -> Result<RdmaLanes<D>, Refusal> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(TransferError::from)?;
     send_handshake(&mut send, &hello).await?;
     let answer = tokio::time::timeout(ANSWER_TIMEOUT, recv_handshake(&mut recv)).await.map_err(|_| {
@@ -349,11 +436,11 @@ pub async fn answer_path(
     let offer = recv_handshake(recv).await?;
     let config = PathConfig::for_chunks(chunk_len_bytes, super::count_u32(ferry_wire::rdma::LANES_MAX));
     let accepted = match &transport.rdma {
-        None => Err("this node's transport is quic".to_owned()),
-        Some(rdma) => match rdma.provider.open() {
-            Err(e) => Err(format!("cannot open the rdma device: {e}")),
-            Ok(device) => accept_any(device, &offer, config).map_err(|e| e.to_string()),
-        },
+        None => Err(match &transport.unavailable {
+            Some(reason) => format!("this node cannot use rdma: {reason}"),
+            None => "this node's transport is quic".to_owned(),
+        }),
+        Some(rdma) => accept_on(&rdma.device, &offer, config),
     };
     let (arrivals, answer) = match accepted {
         Ok((arrivals, answer)) => (Some(arrivals), answer),
@@ -367,15 +454,113 @@ pub async fn answer_path(
     Ok(arrivals)
 }
 
+/// The target's half of a path on the node's device; a device that cannot make it is opened
+/// again, once (an offer the source got wrong says nothing about the device).
+fn accept_on(
+    device: &SharedDevice,
+    offer: &RdmaHandshake,
+    config: PathConfig,
+) -> Result<(Arrivals, RdmaHandshake), String> {
+    let cannot_open = |e: VerbsError| format!("cannot open the rdma device: {e}");
+    let opened = device.get().map_err(cannot_open)?;
+    match accept_any(&opened, offer, config) {
+        Ok(accepted) => Ok(accepted),
+        Err(e @ TransferError::Protocol(_)) => Err(e.to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, "rdma: the opened device cannot make lanes; opening it again");
+            device.forget(&opened);
+            let opened = device.get().map_err(cannot_open)?;
+            accept_any(&opened, offer, config).map_err(|e| e.to_string())
+        }
+    }
+}
+
 fn accept_any(
-    device: AnyDevice,
+    device: &AnyDevice,
     offer: &RdmaHandshake,
     config: PathConfig,
 ) -> Result<(Arrivals, RdmaHandshake), TransferError> {
-    match device {
+    match *device {
         #[cfg(feature = "rdma")]
-        AnyDevice::Sideway(device) => accept_source(&device, offer, config).map(|(a, h)| (Arrivals::Sideway(a), h)),
+        AnyDevice::Sideway(ref device) => accept_source(device, offer, config).map(|(a, h)| (Arrivals::Sideway(a), h)),
         #[cfg(any(test, feature = "testkit"))]
-        AnyDevice::Fake(device) => accept_source(&device, offer, config).map(|(a, h)| (Arrivals::Fake(a), h)),
+        AnyDevice::Fake(ref device) => accept_source(device, offer, config).map(|(a, h)| (Arrivals::Fake(a), h)),
+    }
+}
+
+/// A node's device, opened at its first use and shared by every attempt and connection after
+/// (a context and a protection domain held for the daemon's life, not made per transfer);
+/// opened again once it cannot make a path (a reset, a port gone: a device-level error).
+#[derive(Debug)]
+pub struct SharedDevice {
+    provider: Arc<dyn DeviceProvider>,
+    opened: Mutex<Option<Arc<AnyDevice>>>,
+}
+
+impl SharedDevice {
+    pub fn new(provider: Arc<dyn DeviceProvider>) -> Self {
+        Self { provider, opened: Mutex::new(None) }
+    }
+
+    /// The opened device, opening it if it is not (held, so concurrent first uses open once).
+    pub fn get(&self) -> Result<Arc<AnyDevice>, VerbsError> {
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(device) = &*opened {
+            return Ok(device.clone());
+        }
+        let device = Arc::new(self.provider.open()?);
+        *opened = Some(device.clone());
+        Ok(device)
+    }
+
+    /// `device` failed: the next [`Self::get`] opens the device again (unless another caller
+    /// has already replaced it). Lanes made on it keep it alive until they end.
+    pub fn forget(&self, device: &Arc<AnyDevice>) {
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        if opened.as_ref().is_some_and(|current| Arc::ptr_eq(current, device)) {
+            *opened = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::transfer::rdma::fake::Fabric;
+    use crate::transfer::rdma::verbs::DeviceLimits;
+
+    #[derive(Debug, Default)]
+    struct Counting {
+        fabric: Fabric,
+        opened_count: AtomicU32,
+    }
+
+    impl DeviceProvider for Counting {
+        fn open(&self) -> Result<AnyDevice, VerbsError> {
+            self.opened_count.fetch_add(1, Ordering::SeqCst);
+            let limits = DeviceLimits { max_mr_size_bytes: 1 << 20, max_qp_wr: 64 };
+            FakeProvider { fabric: self.fabric.clone(), limits }.open()
+        }
+    }
+
+    #[test]
+    fn the_device_is_opened_once_and_again_only_after_it_failed() {
+        let provider = Arc::new(Counting::default());
+        let shared = SharedDevice::new(provider.clone());
+        let first = shared.get().unwrap();
+        for _ in 0..5 {
+            assert!(Arc::ptr_eq(&shared.get().unwrap(), &first));
+        }
+        assert_eq!(provider.opened_count.load(Ordering::SeqCst), 1);
+        shared.forget(&first);
+        let second = shared.get().unwrap();
+        assert!(!Arc::ptr_eq(&second, &first));
+        // A late report about the device already replaced changes nothing.
+        shared.forget(&first);
+        assert!(Arc::ptr_eq(&shared.get().unwrap(), &second));
+        assert_eq!(provider.opened_count.load(Ordering::SeqCst), 2);
     }
 }

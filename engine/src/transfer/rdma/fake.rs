@@ -5,7 +5,8 @@
 //! as a NIC does), completes on the writer's queue and consumes one posted receive on the
 //! peer's. [`Faults`] inject what hardware does wrong: a completion in error (the queue pair
 //! then goes to error, as RC does), a lost write (nothing placed, no completion, ever), a lost
-//! queue pair, completions held back for some polls, and receive completions swapped.
+//! queue pair, completions held back for some polls, and receive completions swapped; and
+//! [`Fabric::lose_devices`] loses whole devices (a reset: only a device opened again works).
 //!
 //! What it does not: model timing, packet loss below RC, or memory windows. Built only for
 //! tests and with the `testkit` feature.
@@ -29,6 +30,9 @@ pub struct Faults {
     pub fail_write: Option<u64>,
     /// This write vanishes: nothing is placed, no completion comes on either side.
     pub lose_write: Option<u64>,
+    /// On every queue pair, its Nth write that carries bytes (1 = its first frame) vanishes
+    /// as `lose_write` does: with N a lane's frame count, the lane's last frame.
+    pub lose_payload_write_per_qp: Option<u64>,
     /// From this write on, the queue pair is lost: the write and every later post fail.
     pub lose_qp_at_write: Option<u64>,
     /// Every completion becomes visible only after this many polls of its queue.
@@ -48,6 +52,10 @@ struct State {
     next_key: u32,
     writes_count: u64,
     faults: Faults,
+    /// Devices made so far (each one's number is the count before it).
+    devices_count: u64,
+    /// Devices numbered below this one were lost ([`Fabric::lose_devices`]).
+    devices_lost_below: u64,
 }
 
 #[derive(Debug, Default)]
@@ -55,7 +63,11 @@ struct QpState {
     peer: Option<u32>,
     depth: u32,
     recvs: VecDeque<u64>,
+    /// The device it was made on.
+    device: u64,
     sends_outstanding: u32,
+    /// Writes posted here that carried bytes.
+    payload_writes_count: u64,
     /// Completions and the polls each still waits.
     cq: VecDeque<(Completion, u32)>,
     broken: Option<String>,
@@ -68,7 +80,23 @@ impl Fabric {
 
     /// A device on this fabric.
     pub fn device(&self, limits: DeviceLimits) -> FakeDevice {
-        FakeDevice { fabric: self.clone(), limits }
+        let mut state = self.lock();
+        let number = state.devices_count;
+        state.devices_count += 1;
+        FakeDevice { fabric: self.clone(), limits, number }
+    }
+
+    /// Every device made so far is lost, as after a fatal device error or a reset: its
+    /// registrations and new queue pairs fail, its queue pairs (and their peers) go to error.
+    /// Devices made from now on work.
+    pub fn lose_devices(&self) {
+        let mut state = self.lock();
+        state.devices_lost_below = state.devices_count;
+        let lost: Vec<u32> =
+            state.qps.iter().filter(|(_, qp)| qp.device < state.devices_lost_below).map(|(qpn, _)| *qpn).collect();
+        for qpn in lost {
+            state.break_pair(qpn, "the device was lost");
+        }
     }
 
     /// Changes the faults from now on.
@@ -137,6 +165,17 @@ fn region_base(rkey: u32) -> u64 {
 pub struct FakeDevice {
     fabric: Fabric,
     limits: DeviceLimits,
+    /// Its place among the fabric's devices (a lost device fails every call).
+    number: u64,
+}
+
+impl FakeDevice {
+    fn usable(&self, state: &State) -> Result<(), VerbsError> {
+        if self.number < state.devices_lost_below {
+            return Err(VerbsError::Device("the device was lost (injected)".into()));
+        }
+        Ok(())
+    }
 }
 
 /// A region of a fake device: plain memory.
@@ -191,6 +230,7 @@ impl Device for FakeDevice {
             return Err(VerbsError::Device(format!("{len_bytes} bytes is over max_mr_size")));
         }
         let mut state = self.fabric.lock();
+        self.usable(&state)?;
         let rkey = state.key();
         let memory = Arc::new(Mutex::new(vec![0; super::len_usize(len_bytes)?]));
         state.regions.insert(rkey, memory.clone());
@@ -202,8 +242,9 @@ impl Device for FakeDevice {
             return Err(VerbsError::Device(format!("a queue of {depth} is over max_qp_wr {}", self.limits.max_qp_wr)));
         }
         let mut state = self.fabric.lock();
+        self.usable(&state)?;
         let qpn = state.key();
-        state.qps.insert(qpn, QpState { depth, ..QpState::default() });
+        state.qps.insert(qpn, QpState { depth, device: self.number, ..QpState::default() });
         Ok(FakeQp { fabric: self.fabric.clone(), qpn })
     }
 }
@@ -249,6 +290,10 @@ impl QueuePair for FakeQp {
             return Err(VerbsError::Device("send queue full".into()));
         }
         qp.sends_outstanding += 1;
+        if wr.len_bytes > 0 {
+            qp.payload_writes_count += 1;
+        }
+        let payload_number = qp.payload_writes_count;
         state.writes_count += 1;
         let number = state.writes_count;
         let faults = state.faults.clone();
@@ -256,7 +301,9 @@ impl QueuePair for FakeQp {
             state.break_pair(self.qpn, "the queue pair was lost");
             return Err(VerbsError::QpBroken { qpn: self.qpn, reason: "the queue pair was lost".into() });
         }
-        if faults.lose_write == Some(number) {
+        if faults.lose_write == Some(number)
+            || (wr.len_bytes > 0 && faults.lose_payload_write_per_qp == Some(payload_number))
+        {
             return Ok(());
         }
         let bytes = match wr.local {

@@ -11,6 +11,10 @@
 //! or reconnect: a failed completion, a lost queue pair or a completion that never comes is a
 //! [`TransferError`], and the copy's resume machinery sends the chunk again on a new attempt.
 //!
+//! A lane ends ([`RdmaLane::end`]) only once every write posted on it completed: a write that
+//! vanished with its completion fails the lane at its timeout, so the last frames of a lane
+//! are never taken as sent without the target having them.
+//!
 //! Bounds: at most `slots` frames un-credited per lane; staging buffers from a pool shared by
 //! the lanes; every wait for a completion ends at the lane's timeout.
 
@@ -39,8 +43,9 @@ pub struct RdmaLane<D: Device> {
     pub(super) next_seq: u32,
     /// Frames the target has consumed (from its last credit).
     pub(super) credited_seq: u32,
-    /// Staging buffers of posted writes, by work request id, until their write completes.
-    pub(super) in_flight: VecDeque<(u64, PooledBuffer<D::Region>)>,
+    /// Posted writes, by work request id, until they complete: a frame's with its staging
+    /// buffer, the lane's end without one.
+    pub(super) in_flight: VecDeque<(u64, Option<PooledBuffer<D::Region>>)>,
     pub(super) timeout: Duration,
     pub(super) completions: Vec<Completion>,
 }
@@ -142,28 +147,16 @@ impl<D: Device> ChunkLane for RdmaLane<D> {
                 imm: seq,
             })
             .map_err(verbs_error)?;
-        self.in_flight.push_back((u64::from(seq), buffer));
+        self.in_flight.push_back((u64::from(seq), Some(buffer)));
         self.next_seq = (seq + 1) & SEQ_MASK;
         Ok(())
     }
 
-    /// Posts the end of the lane; a task keeps the staging buffers until their writes complete
-    /// (the device may still be reading them), bounded by the lane's timeout.
+    /// Posts the end of the lane and returns; a task keeps the staging buffers until their
+    /// writes complete (the device may still be reading them), bounded by the lane's timeout,
+    /// and only logs a lane whose writes never completed: the chunk streams use [`Self::end`].
     fn finish(mut self) -> Result<(), TransferError> {
-        let remote = self
-            .slots
-            .first()
-            .map_or(RemoteBuffer { addr: 0, rkey: 0 }, |s| RemoteBuffer { addr: s.addr, rkey: s.rkey });
-        let seq = self.next_seq;
-        let wr = WriteImm {
-            wr_id: u64::from(FINISH_BIT | seq),
-            local: None,
-            local_offset_bytes: 0,
-            len_bytes: 0,
-            remote,
-            imm: FINISH_BIT | seq,
-        };
-        self.qp.post_write_imm(wr).map_err(verbs_error)?;
+        self.post_end()?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| TransferError::Local("an rdma lane finished outside the runtime".into()))?;
         runtime.spawn(async move {
@@ -171,6 +164,45 @@ impl<D: Device> ChunkLane for RdmaLane<D> {
                 tracing::warn!(error = %e, "an rdma lane ended before its last writes completed");
             }
         });
+        Ok(())
+    }
+
+    /// Posts the end of the lane and waits until every write posted on it (its frames and the
+    /// end) completed: a write that never completes (lost on the way, its completion with it)
+    /// fails the lane at its timeout, retryably, so the attempt ends and the copy resumes with
+    /// the frames the target did not get, instead of waiting for them for ever.
+    async fn end(mut self) -> Result<(), TransferError> {
+        self.post_end()?;
+        let mut backoff = Backoff::new(self.timeout);
+        loop {
+            let taken = self.take_completions()?;
+            if self.in_flight.is_empty() {
+                return Ok(());
+            }
+            backoff.wait(taken > 0, "the completions of an rdma lane's last writes").await?;
+        }
+    }
+}
+
+impl<D: Device> RdmaLane<D> {
+    /// Posts the lane's end: a zero-length write whose immediate is the next sequence number
+    /// with [`FINISH_BIT`] set.
+    fn post_end(&mut self) -> Result<(), TransferError> {
+        let remote = self
+            .slots
+            .first()
+            .map_or(RemoteBuffer { addr: 0, rkey: 0 }, |s| RemoteBuffer { addr: s.addr, rkey: s.rkey });
+        let wr_id = u64::from(FINISH_BIT | self.next_seq);
+        let wr = WriteImm {
+            wr_id,
+            local: None,
+            local_offset_bytes: 0,
+            len_bytes: 0,
+            remote,
+            imm: FINISH_BIT | self.next_seq,
+        };
+        self.qp.post_write_imm(wr).map_err(verbs_error)?;
+        self.in_flight.push_back((wr_id, None));
         Ok(())
     }
 }

@@ -4,16 +4,20 @@
 //! up ([`probe_devices`], from `/sys/class/infiniband`, no verbs call), and decides
 //! ([`choose`]): RDMA when it was asked for, built in and a device is usable; otherwise QUIC,
 //! with the reason kept for a loud log line, an event and a metric; or an error when
-//! `require_rdma` is set.
+//! `require_rdma` is set. A transfer that asked for RDMA and ships over QUIC is reported the
+//! same way, and queued in [`FallbackNotices`] for the daemon's per-migration event.
 //!
 //! What it does not: open a device (the `sideway` adapter does) or move chunks.
 //!
 //! Invariants: the decision is a pure function of the settings, the build and the probe, so
 //! every branch is tested here without hardware.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use ferry_wire::MigrationId;
 use serde::{Deserialize, Serialize};
 
 /// Where the kernel lists RDMA devices.
@@ -33,6 +37,11 @@ pub enum TransportSetting {
     Quic,
     Rdma,
 }
+
+/// The device port RDMA uses unless told (`rdma_port`, `ferry copy --rdma-port`).
+pub const RDMA_PORT_DEFAULT: u8 = 1;
+/// The GID table index unless told (`rdma_gid_index`, `ferry copy --rdma-gid-index`).
+pub const RDMA_GID_INDEX_DEFAULT: u8 = 0;
 
 /// Which device, port and GID a node uses for RDMA.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +180,7 @@ pub fn settle(want: TransportSetting, settings: &RdmaSettings) -> Result<Transpo
         Choice::Quic => (TransportSetting::Quic, None, None),
         Choice::Rdma { device } => (TransportSetting::Rdma, None, Some(device)),
         Choice::QuicFallback { reason } => {
-            report_fallback(&reason);
+            report_fallback(&reason, None);
             (TransportSetting::Quic, Some(reason), None)
         }
     };
@@ -179,13 +188,45 @@ pub fn settle(want: TransportSetting, settings: &RdmaSettings) -> Result<Transpo
 }
 
 /// Says loudly that RDMA was asked for and QUIC is used: a warning and the fallback metric
-/// (the daemon also publishes it as an event).
-pub fn report_fallback(reason: &str) {
+/// (the daemon also publishes it as an event). `migration`: the transfer that fell back (none:
+/// the node's start).
+pub fn report_fallback(reason: &str, migration: Option<&MigrationId>) {
     FALLBACKS_TOTAL.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(
-        reason,
-        "RDMA FALLBACK: transport = \"rdma\" was configured but cannot be used; chunks go over QUIC"
-    );
+    match migration {
+        None => tracing::warn!(
+            reason,
+            "RDMA FALLBACK: transport = \"rdma\" was configured but cannot be used; chunks go over QUIC"
+        ),
+        Some(id) => tracing::warn!(
+            migration = %id,
+            reason,
+            "RDMA FALLBACK: this transfer asked for rdma and cannot have it; its chunks go over QUIC"
+        ),
+    }
+}
+
+/// Transfers that asked for RDMA and ship over QUIC, until the daemon publishes them as
+/// `rdma_fallback` events: the migration and why. Clones share one queue.
+#[derive(Debug, Clone, Default)]
+pub struct FallbackNotices(Arc<Mutex<VecDeque<(MigrationId, String)>>>);
+
+/// Notices kept until the daemon's next event tick, at most (the oldest go first; the log
+/// line and the metric count every fallback regardless).
+const FALLBACK_NOTICES_MAX: usize = 64;
+
+impl FallbackNotices {
+    pub fn push(&self, id: &MigrationId, reason: &str) {
+        let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.len() >= FALLBACK_NOTICES_MAX {
+            queue.pop_front();
+        }
+        queue.push_back((id.clone(), reason.to_owned()));
+    }
+
+    /// Every notice not taken yet, oldest first.
+    pub fn take(&self) -> Vec<(MigrationId, String)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect()
+    }
 }
 
 #[cfg(test)]
@@ -207,6 +248,19 @@ mod tests {
         assert!(settle(TransportSetting::Rdma, &settings(None, true)).is_err());
         let quic = settle(TransportSetting::Quic, &settings(None, true)).unwrap();
         assert_eq!((quic.in_use, quic.fallback_reason), (TransportSetting::Quic, None));
+    }
+
+    #[test]
+    fn fallback_notices_keep_the_newest_and_are_taken_once() {
+        let notices = FallbackNotices::default();
+        let shared = notices.clone();
+        for i in 0..FALLBACK_NOTICES_MAX + 3 {
+            shared.push(&MigrationId::new(format!("m-{i}")).unwrap(), "no device");
+        }
+        let taken = notices.take();
+        assert_eq!(taken.len(), FALLBACK_NOTICES_MAX);
+        assert_eq!(taken.first().map(|(id, _)| id.as_str()), Some("m-3"), "the oldest went first");
+        assert!(notices.take().is_empty());
     }
 
     #[test]

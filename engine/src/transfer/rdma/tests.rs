@@ -239,3 +239,29 @@ async fn a_copy_cut_by_a_lost_completion_or_queue_pair_resumes_and_sends_only_wh
         assert_eq!(rig.part(), rig.data);
     }
 }
+
+#[tokio::test]
+async fn a_lane_whose_last_write_vanishes_fails_its_attempt_and_the_copy_resumes() {
+    use crate::transfer::transport_tests::Rig;
+    let config = PathConfig {
+        slots_per_lane: 4,
+        completion_timeout: Duration::from_millis(300),
+        ..PathConfig::for_chunks(64 << 10, 1)
+    };
+    let rig = Rig::new();
+    // One lane carries every chunk; its last frame's write vanishes with its completion (the
+    // lane's end still arrives). The second attempt's queue pair writes one frame only.
+    let faults = Faults { lose_payload_write_per_qp: Some(rig.chunks_count() as u64), ..Faults::default() };
+    let (_fabric, lanes, arrivals) = connected(faults.clone(), config);
+    let first = tokio::time::timeout(Duration::from_secs(20), rig.attempt(lanes, arrivals, 1, &[]))
+        .await
+        .expect("the attempt ended: a lane whose last write vanished must not wait for it for ever");
+    let err = first.source_error.expect("the lane whose last write never completed failed");
+    assert!(matches!(err, TransferError::Timeout(_)) && err.is_transient(), "{err}");
+    assert_eq!(first.written.len(), rig.chunks_count() - 1, "every frame but the lost one was written");
+    let (_fabric, lanes, arrivals) = connected(faults, config);
+    let second = rig.attempt(lanes, arrivals, 1, &first.written).await;
+    assert!(second.source_error.is_none(), "{:?}", second.source_error);
+    assert_eq!(second.written.len(), 1, "only the lost chunk was sent again");
+    assert_eq!(rig.part(), rig.data);
+}
